@@ -12,7 +12,7 @@
 //!     // ... use ns.name; the namespace is deleted when `ns` drops, also on panic.
 //! }
 //! ```
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod audit;
 pub mod controlplane;
