@@ -21,4 +21,5 @@ go get -tool \
   "github.com/letsencrypt/pebble/v2/cmd/pebble@${PEBBLE_VERSION}" \
   "github.com/letsencrypt/pebble/v2/cmd/pebble-challtestsrv@${PEBBLE_VERSION}" \
   "github.com/np-guard/netpol-analyzer/cmd/netpolicy@${NETPOL_VERSION}"
+go mod edit -go=1.26.0   # any Go 1.26 builds it
 go mod tidy
