@@ -1,0 +1,219 @@
+//! The gateway: nginx configuration, Deployment, the one external Service and its
+//! disruption budget.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, PodSpec,
+    PodTemplateSpec, Probe, SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha2::{Digest, Sha256};
+
+use super::service::{container_security_context, pod_security_context};
+use super::{BuildOptions, meta, nginx};
+use crate::model::{CertificateSource, GatewayServiceType, Stack};
+use crate::names::{self, Component};
+
+/// The user id of the nginx-unprivileged image.
+const NGINX_UID: i64 = 101;
+
+pub fn service_account(stack: &Stack) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(stack, names::gateway(&stack.name), Component::Gateway),
+        // nginx never talks to the API server.
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+pub fn config_map(stack: &Stack, options: &BuildOptions) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(stack, names::gateway_config(&stack.name), Component::Gateway),
+        data: Some(BTreeMap::from([(nginx::CONFIG_KEY.to_string(), nginx::render(stack, options))])),
+        ..ConfigMap::default()
+    }
+}
+
+/// The Secret the gateway serves its certificate from.
+pub fn tls_secret_name(stack: &Stack) -> String {
+    match &stack.tls.source {
+        CertificateSource::Secret(name) => name.clone(),
+        CertificateSource::Acme(_) => names::tls_secret(&stack.name),
+    }
+}
+
+fn config_checksum(config: &ConfigMap) -> String {
+    let mut hasher = Sha256::new();
+    for (k, v) in config.data.iter().flatten() {
+        hasher.update(k.as_bytes());
+        hasher.update([0]);
+        hasher.update(v.as_bytes());
+        hasher.update([0]);
+    }
+    format!("{:x}", hasher.finalize())
+}
+
+pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
+    let component = Component::Gateway;
+    let probe = |failure_threshold| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(nginx::HEALTH_PATH.into()),
+            port: IntOrString::Int(nginx::HTTP_PORT),
+            scheme: Some("HTTP".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(5),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    };
+    let port = |name: &str, port| ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    };
+    let mount = |name: &str, path: &str, read_only| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    };
+    let mut security = container_security_context();
+    security.run_as_user = Some(NGINX_UID);
+    security.run_as_group = Some(NGINX_UID);
+    let container = Container {
+        name: "nginx".into(),
+        image: Some(stack.gateway.image.clone()),
+        // Bypasses the image's entrypoint scripts, which write into the read-only root.
+        command: Some(vec!["nginx".into(), "-c".into(), nginx::CONFIG_PATH.into()]),
+        ports: Some(vec![port("http", nginx::HTTP_PORT), port("https", nginx::HTTPS_PORT)]),
+        readiness_probe: Some(probe(2)),
+        liveness_probe: Some(probe(6)),
+        security_context: Some(security),
+        volume_mounts: Some(vec![
+            mount("config", nginx::CONFIG_DIR, true),
+            mount("tls", nginx::TLS_DIR, true),
+            mount("tmp", "/tmp", false),
+        ]),
+        ..Container::default()
+    };
+    let annotations = BTreeMap::from([(names::CONFIG_CHECKSUM_ANNOTATION.to_string(), config_checksum(config))]);
+    Deployment {
+        metadata: meta(stack, names::gateway(&stack.name), component),
+        spec: Some(DeploymentSpec {
+            replicas: Some(stack.gateway.replicas),
+            selector: LabelSelector {
+                match_labels: Some(names::selector(&stack.name, component)),
+                ..LabelSelector::default()
+            },
+            // Never fewer ready gateways than asked for during a roll.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(names::labels(&stack.name, component)),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(names::gateway(&stack.name)),
+                    automount_service_account_token: Some(false),
+                    security_context: Some(pod_security_context()),
+                    containers: vec![container],
+                    termination_grace_period_seconds: Some(30),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "config".into(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: names::gateway_config(&stack.name),
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                        Volume {
+                            name: "tls".into(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(tls_secret_name(stack)),
+                                ..SecretVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                        Volume {
+                            name: "tmp".into(),
+                            empty_dir: Some(EmptyDirVolumeSource {
+                                size_limit: Some(Quantity("256Mi".into())),
+                                ..EmptyDirVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+pub fn service(stack: &Stack) -> Service {
+    let component = Component::Gateway;
+    let port = |name: &str, port, target| ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::Int(target)),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    };
+    let (type_, source_ranges) = match stack.gateway.service_type {
+        GatewayServiceType::LoadBalancer => {
+            let ranges: Vec<String> = stack.gateway.allowed_source_ranges.iter().map(ToString::to_string).collect();
+            ("LoadBalancer", (!ranges.is_empty()).then_some(ranges))
+        }
+        GatewayServiceType::NodePort => ("NodePort", None),
+    };
+    Service {
+        metadata: meta(stack, names::gateway(&stack.name), component),
+        spec: Some(ServiceSpec {
+            type_: Some(type_.into()),
+            selector: Some(names::selector(&stack.name, component)),
+            ports: Some(vec![
+                port("http", 80, nginx::HTTP_PORT),
+                port("https", 443, nginx::HTTPS_PORT),
+            ]),
+            // Keeps the client's address, which rate limiting and allowedSourceRanges need.
+            external_traffic_policy: Some("Local".into()),
+            load_balancer_source_ranges: source_ranges,
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+pub fn pod_disruption_budget(stack: &Stack) -> PodDisruptionBudget {
+    let component = Component::Gateway;
+    PodDisruptionBudget {
+        metadata: meta(stack, names::gateway(&stack.name), component),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(names::selector(&stack.name, component)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}

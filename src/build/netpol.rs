@@ -1,0 +1,224 @@
+//! NetworkPolicies: every stack pod is default-deny in both directions; each allowed edge of
+//! the service graph is then written on both sides (the caller's egress and the callee's
+//! ingress), so the graph holds whichever side a CNI evaluates first.
+//!
+//! The allowed edges are exactly those of "The policy" in API.md:
+//! clients (or `allowedSourceRanges`) -> gateway 8080/8443; gateway -> routed services;
+//! service -> service per `calls` (or all, with `serviceToService: All`); `allowFrom`
+//! services -> backends; every stack pod -> cluster DNS; a service -> its own `egress` CIDRs.
+//! Ports are always numeric, never named.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{meta, nginx};
+use crate::model::{Port, Service, ServiceToService, Stack};
+use crate::names::{self, Component};
+
+/// The namespace and pod labels of the cluster DNS pods (CoreDNS keeps kube-dns's label).
+pub const DNS_NAMESPACE: &str = "kube-system";
+pub const DNS_POD_LABEL: (&str, &str) = ("k8s-app", "kube-dns");
+
+pub fn network_policies(stack: &Stack) -> Vec<NetworkPolicy> {
+    let mut out = vec![default_deny(stack), allow_dns(stack), gateway(stack)];
+    out.extend(stack.services.iter().map(|s| service(stack, s)));
+    out.extend(stack.backends.iter().map(|b| {
+        let selects = b.pod_selector.clone();
+        let ingress = NetworkPolicyIngressRule {
+            from: Some(b.allow_from.iter().map(|s| pods(stack, Component::Service(s))).collect()),
+            ports: Some(tcp(&b.ports)),
+        };
+        policy(
+            stack,
+            names::backend_policy(&stack.name, &b.name),
+            selects,
+            // Only ingress: the backend's own egress is not the stack's to decide.
+            Some(if b.allow_from.is_empty() { vec![] } else { vec![ingress] }),
+            None,
+        )
+    }));
+    out
+}
+
+fn default_deny(stack: &Stack) -> NetworkPolicy {
+    policy(
+        stack,
+        names::default_deny_policy(&stack.name),
+        selector(names::stack_pods(&stack.name)),
+        Some(vec![]),
+        Some(vec![]),
+    )
+}
+
+fn allow_dns(stack: &Stack) -> NetworkPolicy {
+    // Namespace and pod selector in ONE peer: kube-dns pods in kube-system, nothing else.
+    let peer = NetworkPolicyPeer {
+        namespace_selector: Some(selector(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_string(),
+            DNS_NAMESPACE.to_string(),
+        )]))),
+        pod_selector: Some(selector(BTreeMap::from([(DNS_POD_LABEL.0.to_string(), DNS_POD_LABEL.1.to_string())]))),
+        ..NetworkPolicyPeer::default()
+    };
+    let ports = ["UDP", "TCP"]
+        .into_iter()
+        .map(|proto| NetworkPolicyPort {
+            protocol: Some(proto.into()),
+            port: Some(IntOrString::Int(53)),
+            ..NetworkPolicyPort::default()
+        })
+        .collect();
+    policy(
+        stack,
+        names::dns_policy(&stack.name),
+        selector(names::stack_pods(&stack.name)),
+        None,
+        Some(vec![NetworkPolicyEgressRule { to: Some(vec![peer]), ports: Some(ports) }]),
+    )
+}
+
+fn gateway(stack: &Stack) -> NetworkPolicy {
+    let sources = &stack.gateway.allowed_source_ranges;
+    let from = (!sources.is_empty()).then(|| {
+        sources
+            .iter()
+            .map(|cidr| NetworkPolicyPeer {
+                ip_block: Some(IPBlock { cidr: cidr.to_string(), except: None }),
+                ..NetworkPolicyPeer::default()
+            })
+            .collect()
+    });
+    let ingress = NetworkPolicyIngressRule {
+        from,
+        ports: Some(tcp(&[nginx::HTTP_PORT as Port, nginx::HTTPS_PORT as Port])),
+    };
+    let egress = stack
+        .services
+        .iter()
+        .filter(|s| s.route.is_some())
+        .map(|s| NetworkPolicyEgressRule {
+            to: Some(vec![pods(stack, Component::Service(&s.name))]),
+            ports: Some(tcp(&[s.port])),
+        })
+        .collect();
+    policy(
+        stack,
+        names::gateway_policy(&stack.name),
+        selector(names::selector(&stack.name, Component::Gateway)),
+        Some(vec![ingress]),
+        Some(egress),
+    )
+}
+
+/// Services that `svc` may call.
+fn callees<'a>(stack: &'a Stack, svc: &'a Service) -> Vec<&'a Service> {
+    match stack.service_to_service {
+        ServiceToService::All => stack.services.iter().collect(),
+        ServiceToService::Declared => svc.calls.iter().filter_map(|c| stack.service(c)).collect(),
+    }
+}
+
+fn service(stack: &Stack, svc: &Service) -> NetworkPolicy {
+    let mut from = Vec::new();
+    if svc.route.is_some() {
+        from.push(pods(stack, Component::Gateway));
+    }
+    for caller in &stack.services {
+        if callees(stack, caller).iter().any(|c| c.name == svc.name) {
+            from.push(pods(stack, Component::Service(&caller.name)));
+        }
+    }
+    let ingress = if from.is_empty() {
+        vec![]
+    } else {
+        vec![NetworkPolicyIngressRule { from: Some(from), ports: Some(tcp(&[svc.port])) }]
+    };
+
+    let mut egress: Vec<NetworkPolicyEgressRule> = callees(stack, svc)
+        .into_iter()
+        .map(|callee| NetworkPolicyEgressRule {
+            to: Some(vec![pods(stack, Component::Service(&callee.name))]),
+            ports: Some(tcp(&[callee.port])),
+        })
+        .collect();
+    for backend in stack.backends.iter().filter(|b| b.allow_from.contains(&svc.name)) {
+        egress.push(NetworkPolicyEgressRule {
+            to: Some(vec![NetworkPolicyPeer {
+                pod_selector: Some(backend.pod_selector.clone()),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: Some(tcp(&backend.ports)),
+        });
+    }
+    for e in &svc.egress {
+        egress.push(NetworkPolicyEgressRule {
+            to: Some(vec![NetworkPolicyPeer {
+                ip_block: Some(IPBlock { cidr: e.cidr.to_string(), except: None }),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: Some(tcp(&e.ports)),
+        });
+    }
+    policy(
+        stack,
+        names::service_policy(&stack.name, &svc.name),
+        selector(names::selector(&stack.name, Component::Service(&svc.name))),
+        Some(ingress),
+        Some(egress),
+    )
+}
+
+/// A policy with explicit `policyTypes`: a direction is listed exactly when its rules are
+/// given (an empty list of rules denies that direction).
+fn policy(
+    stack: &Stack,
+    name: String,
+    pod_selector: LabelSelector,
+    ingress: Option<Vec<NetworkPolicyIngressRule>>,
+    egress: Option<Vec<NetworkPolicyEgressRule>>,
+) -> NetworkPolicy {
+    let mut types = Vec::new();
+    if ingress.is_some() {
+        types.push("Ingress".to_string());
+    }
+    if egress.is_some() {
+        types.push("Egress".to_string());
+    }
+    NetworkPolicy {
+        metadata: meta(stack, name, Component::Policy),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(pod_selector),
+            policy_types: Some(types),
+            ingress,
+            egress,
+        }),
+    }
+}
+
+fn pods(stack: &Stack, component: Component<'_>) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        pod_selector: Some(selector(names::selector(&stack.name, component))),
+        ..NetworkPolicyPeer::default()
+    }
+}
+
+fn selector(labels: BTreeMap<String, String>) -> LabelSelector {
+    LabelSelector { match_labels: Some(labels), ..LabelSelector::default() }
+}
+
+fn tcp(ports: &[Port]) -> Vec<NetworkPolicyPort> {
+    ports
+        .iter()
+        .map(|p| NetworkPolicyPort {
+            protocol: Some("TCP".into()),
+            port: Some(IntOrString::Int(i32::from(*p))),
+            ..NetworkPolicyPort::default()
+        })
+        .collect()
+}

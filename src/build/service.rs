@@ -1,0 +1,139 @@
+//! Objects for one internal service: its ServiceAccount, hardened Deployment and ClusterIP
+//! Service. Plain HTTP on one port; nothing here can be reached from outside the cluster.
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::meta;
+use crate::model::{self, Stack};
+use crate::names::{self, Component};
+
+pub fn service_account(stack: &Stack, svc: &model::Service) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(stack, svc.name.to_string(), Component::Service(&svc.name)),
+        // The services talk HTTP to each other, never to the API server.
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+pub fn deployment(stack: &Stack, svc: &model::Service) -> Deployment {
+    let component = Component::Service(&svc.name);
+    let selector = names::selector(&stack.name, component);
+    let port = i32::from(svc.port);
+    let probe = |failure_threshold| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(svc.health_path.clone()),
+            port: IntOrString::Int(port),
+            scheme: Some("HTTP".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(10),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: svc.name.to_string(),
+        image: Some(svc.image.clone()),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        env: (!svc.env.is_empty()).then(|| svc.env.clone()),
+        resources: svc.resources.clone(),
+        readiness_probe: Some(probe(3)),
+        liveness_probe: Some(probe(6)),
+        security_context: Some(container_security_context()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(stack, svc.name.to_string(), component),
+        spec: Some(DeploymentSpec {
+            replicas: Some(svc.replicas),
+            selector: LabelSelector { match_labels: Some(selector), ..LabelSelector::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(names::labels(&stack.name, component)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(svc.name.to_string()),
+                    automount_service_account_token: Some(false),
+                    security_context: Some(pod_security_context()),
+                    containers: vec![container],
+                    // A read-only root filesystem still needs somewhere to write temp files.
+                    volumes: Some(vec![Volume {
+                        name: "tmp".into(),
+                        empty_dir: Some(EmptyDirVolumeSource {
+                            size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                                "64Mi".into(),
+                            )),
+                            ..EmptyDirVolumeSource::default()
+                        }),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+pub fn service(stack: &Stack, svc: &model::Service) -> Service {
+    let component = Component::Service(&svc.name);
+    let port = i32::from(svc.port);
+    Service {
+        metadata: meta(stack, svc.name.to_string(), component),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(names::selector(&stack.name, component)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port,
+                target_port: Some(IntOrString::Int(port)),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// Pod-level hardening shared by every pod the operator creates.
+pub(super) fn pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// Container-level hardening shared by every container the operator creates.
+pub(super) fn container_security_context() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+        ..SecurityContext::default()
+    }
+}

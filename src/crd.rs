@@ -1,0 +1,463 @@
+//! The `OpsConductorStack` custom resource (`opsconductor.io/v1alpha1`).
+//!
+//! These types are the user-facing contract (see `../shared/API.md`). The CRD YAML in
+//! `crds/` is generated from them by `opsconductor-operator crd`; rustdoc on every field becomes
+//! `kubectl explain` text, so it is written for the people who write stacks.
+//!
+//! Rules that the API server can check by itself (ranges, lengths, enums, "exactly one of",
+//! unique names) live in the schema and in CEL `x-kubernetes-validations`, so a bad stack is
+//! rejected at admission. Everything else is checked by [`crate::validate`].
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The default image of the gateway: nginx built to run as a non-root user on 8080/8443.
+pub const DEFAULT_GATEWAY_IMAGE: &str = "nginxinc/nginx-unprivileged:1.27-alpine";
+
+/// One stack of internal HTTP services behind one TLS gateway, with the network policy that
+/// keeps it that way.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "opsconductor.io",
+    version = "v1alpha1",
+    kind = "OpsConductorStack",
+    plural = "opsconductorstacks",
+    shortname = "ocs",
+    namespaced,
+    status = "OpsConductorStackStatus",
+    doc = "A stack of internal HTTP services behind one TLS gateway, with certificates, NetworkPolicies and enforcement managed by opsconductor-operator.",
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Services", type_ = "string", json_path = ".status.services.summary"),
+    printcolumn(name = "Host", type_ = "string", json_path = ".spec.gateway.hosts[0]"),
+    printcolumn(name = "Certificate", type_ = "string", json_path = ".status.certificate.state"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.certificate.notAfter"),
+    printcolumn(name = "Violations", type_ = "integer", json_path = ".status.violationCount"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OpsConductorStackSpec {
+    /// The one external entry point of the stack. TLS terminates here; everything behind it
+    /// speaks plain HTTP to ClusterIP Services.
+    pub gateway: GatewaySpec,
+    /// Where the gateway's certificate comes from: exactly one of `acme` or `secretName`.
+    pub tls: TlsSpec,
+    /// The internal services of the stack (1 to 200). Each becomes a Deployment and a
+    /// ClusterIP Service named exactly like the service.
+    #[schemars(length(min = 1, max = 200))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self.all(s, self.exists_one(t, t.name == s.name))",
+         "message": "service names must be unique within the stack"},
+        {"rule": "self.all(s, !has(s.route) || self.exists_one(t, has(t.route) && t.route == s.route))",
+         "message": "routes must be unique within the stack"}
+    ]))]
+    pub services: Vec<ServiceSpec>,
+    /// Existing workloads in the namespace (databases, caches, object stores) that some
+    /// services may reach. The operator does not run them; it only writes the NetworkPolicy
+    /// that admits exactly the services listed in `allowFrom`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub backends: Vec<BackendSpec>,
+    /// How strictly the policy is enforced.
+    #[serde(default)]
+    pub policy: PolicySpec,
+}
+
+/// The TLS gateway (nginx).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// DNS names served by the gateway (1 to 100). The certificate covers all of them; a
+    /// request for any other name is refused during the TLS handshake.
+    #[schemars(length(min = 1, max = 100), inner(length(min = 1, max = 253)))]
+    pub hosts: Vec<String>,
+    /// The nginx image. It must run as a non-root user and listen on 8080 and 8443.
+    #[serde(default = "default_gateway_image")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    /// Number of gateway pods.
+    #[serde(default = "default_gateway_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+    /// How the gateway is exposed: `LoadBalancer` (default) or `NodePort`.
+    #[serde(default)]
+    pub service_type: GatewayServiceType,
+    /// CIDRs allowed to reach ports 80 and 443. Empty means everyone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(max = 43)))]
+    pub allowed_source_ranges: Vec<String>,
+    /// Per-client-address rate limit. Requests beyond it get HTTP 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// The Strict-Transport-Security header sent on every HTTPS response.
+    #[serde(default)]
+    pub hsts: HstsSpec,
+    /// Largest request body the gateway accepts, in nginx size syntax (`10m`, `512k`).
+    /// Larger bodies get HTTP 413.
+    #[serde(default = "default_client_max_body_size")]
+    #[schemars(length(min = 1, max = 16))]
+    pub client_max_body_size: String,
+}
+
+/// How the gateway Service is exposed outside the cluster.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum GatewayServiceType {
+    /// A cloud or bare-metal load balancer (the default).
+    #[default]
+    LoadBalancer,
+    /// A port on every node.
+    NodePort,
+}
+
+/// A token-bucket rate limit per client address.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// Sustained requests per second allowed for one client address.
+    #[schemars(range(min = 1, max = 100000))]
+    pub requests_per_second: i32,
+    /// Requests allowed above the sustained rate in a short burst.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100000))]
+    pub burst: i32,
+}
+
+/// HTTP Strict Transport Security.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HstsSpec {
+    /// How long browsers remember to use HTTPS only, in seconds. 0 tells them to forget.
+    #[serde(default = "default_hsts_max_age")]
+    #[schemars(range(min = 0))]
+    pub max_age_seconds: i64,
+    /// Apply the rule to every subdomain of the hosts too.
+    #[serde(default = "default_true")]
+    pub include_sub_domains: bool,
+    /// Ask to be included in browsers' preload lists. Needs `includeSubDomains` and a
+    /// `maxAgeSeconds` of at least one year.
+    #[serde(default)]
+    pub preload: bool,
+}
+
+impl Default for HstsSpec {
+    fn default() -> Self {
+        Self { max_age_seconds: default_hsts_max_age(), include_sub_domains: true, preload: false }
+    }
+}
+
+/// Where the gateway's certificate comes from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.acme) != has(self.secretName)",
+     "message": "exactly one of tls.acme or tls.secretName must be set"}
+]))]
+pub struct TlsSpec {
+    /// Obtain and renew the certificate from an ACME CA (for example Let's Encrypt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeSpec>,
+    /// Renew this long before the certificate expires (Go duration, e.g. `720h`). By default
+    /// the certificate is renewed at 2/3 of its lifetime, or earlier when the CA's renewal
+    /// information says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub renew_before: Option<String>,
+    /// Use your own `kubernetes.io/tls` Secret in the stack's namespace instead of ACME.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
+}
+
+/// An ACME account and CA.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcmeSpec {
+    /// The CA's ACME directory URL (https).
+    #[schemars(length(min = 1, max = 2048))]
+    pub directory_url: String,
+    /// Contact address registered with the account; the CA may send expiry warnings there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 254))]
+    pub email: Option<String>,
+    /// You accept the CA's terms of service. Must be true: the operator registers no account
+    /// otherwise.
+    #[serde(default)]
+    pub accept_terms_of_service: bool,
+    /// External Account Binding, required by some CAs (ZeroSSL, Google, private CAs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_account_binding: Option<ExternalAccountBinding>,
+    /// A CA bundle (PEM) to trust when talking to a private ACME server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle_secret_ref: Option<SecretKeyRef>,
+    /// The ACME profile to ask the CA for (e.g. `tlsserver`, `shortlived`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub profile: Option<String>,
+}
+
+/// External Account Binding credentials.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalAccountBinding {
+    /// The key identifier given by the CA.
+    #[schemars(length(min = 1, max = 512))]
+    pub key_id: String,
+    /// The Secret key holding the base64url HMAC key given by the CA.
+    pub hmac_key_secret_ref: SecretKeyRef,
+}
+
+/// A key in a Secret of the stack's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// One internal service: a Deployment and a ClusterIP Service, plain HTTP.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// DNS-1035 label, unique in the stack. The Deployment and Service get exactly this name,
+    /// so other services reach it at `http://<name>:<port>`.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Container image.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    /// The HTTP port the container listens on; the Service exposes the same port.
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Number of pods.
+    #[serde(default = "default_service_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    /// Path prefix under which the gateway exposes this service, starting and ending with `/`.
+    /// Absent means internal only: never reachable from outside.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self.startsWith('/') && self.endsWith('/')",
+         "message": "route must start and end with '/'"}
+    ]))]
+    pub route: Option<String>,
+    /// HTTP path used for the readiness and liveness probes.
+    #[serde(default = "default_health_path")]
+    #[schemars(length(min = 1, max = 256))]
+    pub health_path: String,
+    /// Environment variables of the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// CPU and memory requests and limits of the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Services of this stack that this one may call (the service-to-service allow-list).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 200), inner(length(min = 1, max = 63)))]
+    pub calls: Vec<String>,
+    /// Extra egress beyond the stack, e.g. SSH to managed hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub egress: Vec<EgressRule>,
+}
+
+/// Traffic a service may send outside the stack.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct EgressRule {
+    /// Destination network, e.g. `10.20.0.0/16`.
+    #[schemars(length(min = 1, max = 43))]
+    pub cidr: String,
+    /// Destination TCP ports (at least one).
+    #[schemars(length(min = 1, max = 20), inner(range(min = 1, max = 65535)))]
+    pub ports: Vec<i32>,
+}
+
+/// An existing workload in the namespace that some services may reach.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendSpec {
+    /// Name of the backend (DNS-1035 label), used to name its NetworkPolicy.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Selects the backend's pods in the stack's namespace. Must not be empty.
+    pub pod_selector: LabelSelector,
+    /// TCP ports of the backend that the listed services may reach.
+    #[schemars(length(min = 1, max = 20), inner(range(min = 1, max = 65535)))]
+    pub ports: Vec<i32>,
+    /// Services of this stack that may reach the backend. Nothing else can.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 200), inner(length(min = 1, max = 63)))]
+    pub allow_from: Vec<String>,
+}
+
+/// How the policy is enforced.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySpec {
+    /// `Enforce` (default) reverts drift and writes policies; `Audit` only reports.
+    #[serde(default)]
+    pub mode: PolicyMode,
+    /// `Declared` (default): a service reaches only the services in its `calls`.
+    /// `All`: any service of the stack reaches any other.
+    #[serde(default)]
+    pub service_to_service: ServiceToService,
+}
+
+/// Enforcement mode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PolicyMode {
+    /// Revert drift on managed objects and generate policies.
+    #[default]
+    Enforce,
+    /// Report violations and drift only; change nothing that was changed by others.
+    Audit,
+}
+
+/// Which service-to-service traffic is allowed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceToService {
+    /// Only the edges declared in `calls`.
+    #[default]
+    Declared,
+    /// Any service of the stack may call any other.
+    All,
+}
+
+/// What the operator observed and did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OpsConductorStackStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `ServicesReady`, `GatewayReady`, `CertificateReady`, `PolicyEnforced`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Ready and total services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<ServicesStatus>,
+    /// The gateway's ready pods and external address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayStatus>,
+    /// The gateway certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateStatus>,
+    /// Objects in the namespace that break the edge-TLS / internal-HTTP policy (at most 50
+    /// listed; `violationCount` has the total).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub violations: Vec<Violation>,
+    /// Total number of violations found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub violation_count: Option<i32>,
+}
+
+/// Services ready out of the total.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct ServicesStatus {
+    /// Services whose Deployment has all desired replicas ready.
+    pub ready: i32,
+    /// Services in the stack.
+    pub total: i32,
+    /// `ready/total`, as shown by `kubectl get ocs`.
+    pub summary: String,
+}
+
+/// Gateway state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    /// Ready gateway pods.
+    pub ready_replicas: i32,
+    /// External address (load balancer IP or hostname) once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+/// Certificate lifecycle state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum CertificateState {
+    /// No certificate yet.
+    Pending,
+    /// An order is in progress.
+    Issuing,
+    /// A certificate covering all hosts is in use.
+    Valid,
+    /// A renewal order is in progress; the current certificate stays in use.
+    Renewing,
+    /// Issuance keeps failing; see `lastFailureReason`.
+    Failed,
+}
+
+/// The gateway certificate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateStatus {
+    /// Pending, Issuing, Valid, Renewing or Failed.
+    pub state: CertificateState,
+    /// DNS names the current certificate covers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Serial number (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Start of validity (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    /// End of validity (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    /// When the operator will renew (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_time: Option<String>,
+    /// Why issuance is stuck, in plain words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_reason: Option<String>,
+    /// When issuance last failed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<String>,
+    /// Failed attempts since the last success.
+    #[serde(default)]
+    pub failed_attempts: i32,
+}
+
+/// An object that breaks the policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+pub struct Violation {
+    /// Kind of the object.
+    pub kind: String,
+    /// Name of the object.
+    pub name: String,
+    /// What is wrong, in plain words.
+    pub reason: String,
+}
+
+fn default_gateway_image() -> String {
+    DEFAULT_GATEWAY_IMAGE.to_string()
+}
+fn default_gateway_replicas() -> i32 {
+    2
+}
+fn default_client_max_body_size() -> String {
+    "10m".to_string()
+}
+fn default_hsts_max_age() -> i64 {
+    31_536_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_service_port() -> i32 {
+    8000
+}
+fn default_service_replicas() -> i32 {
+    1
+}
+fn default_health_path() -> String {
+    "/health".to_string()
+}

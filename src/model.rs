@@ -1,0 +1,168 @@
+//! The validated model of a stack: what the builders are allowed to see.
+//!
+//! A [`Stack`] can only be made by [`crate::validate::validate`], so every name in it is a
+//! DNS-1035 label, every derived object name fits, every reference points at something that
+//! exists and every CIDR has been parsed. Builders never look at the raw custom resource.
+
+use std::fmt;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+pub use crate::crd::{GatewayServiceType, PolicyMode, ServiceToService};
+
+/// A DNS-1035 label: lowercase letters, digits and `-`, starting with a letter, ending with a
+/// letter or digit, at most 63 characters.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DnsLabel(String);
+
+impl DnsLabel {
+    /// Checks `s` and wraps it. The error says what is wrong, without the field path.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if s.len() > 63 {
+            return Err(format!("{s:?} is longer than 63 characters"));
+        }
+        let bytes = s.as_bytes();
+        if !bytes[0].is_ascii_lowercase() {
+            return Err(format!("{s:?} must start with a lowercase letter (DNS-1035 label)"));
+        }
+        if !bytes[bytes.len() - 1].is_ascii_lowercase() && !bytes[bytes.len() - 1].is_ascii_digit() {
+            return Err(format!("{s:?} must end with a lowercase letter or digit (DNS-1035 label)"));
+        }
+        if let Some(c) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+            return Err(format!(
+                "{s:?} contains {c:?}; only lowercase letters, digits and '-' are allowed (DNS-1035 label)"
+            ));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DnsLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A TCP port, 1 to 65535.
+pub type Port = u16;
+
+/// A validated stack.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stack {
+    pub name: DnsLabel,
+    pub namespace: String,
+    /// The stack's uid once the API server assigned one; owner references need it.
+    pub uid: Option<String>,
+    pub gateway: Gateway,
+    pub tls: Tls,
+    pub services: Vec<Service>,
+    pub backends: Vec<Backend>,
+    pub mode: PolicyMode,
+    pub service_to_service: ServiceToService,
+}
+
+impl Stack {
+    pub fn service(&self, name: &DnsLabel) -> Option<&Service> {
+        self.services.iter().find(|s| &s.name == name)
+    }
+}
+
+/// The validated gateway.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gateway {
+    /// Lowercase DNS names, in the order given.
+    pub hosts: Vec<String>,
+    pub image: String,
+    pub replicas: i32,
+    pub service_type: GatewayServiceType,
+    pub allowed_source_ranges: Vec<IpNet>,
+    pub rate_limit: Option<RateLimit>,
+    pub hsts: Hsts,
+    /// nginx size syntax, checked: digits with an optional k/m/g suffix.
+    pub client_max_body_size: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hsts {
+    pub max_age_seconds: u64,
+    pub include_sub_domains: bool,
+    pub preload: bool,
+}
+
+/// Where the certificate comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CertificateSource {
+    Acme(Acme),
+    /// A user-managed `kubernetes.io/tls` Secret.
+    Secret(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tls {
+    pub source: CertificateSource,
+    pub renew_before: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Acme {
+    pub directory_url: String,
+    pub email: Option<String>,
+    pub external_account_binding: Option<(String, SecretKey)>,
+    pub ca_bundle: Option<SecretKey>,
+    pub profile: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretKey {
+    pub name: String,
+    pub key: String,
+}
+
+/// A validated internal service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub name: DnsLabel,
+    pub image: String,
+    pub port: Port,
+    pub replicas: i32,
+    /// Starts and ends with `/`, made only of URL path characters that are safe in nginx.
+    pub route: Option<String>,
+    pub health_path: String,
+    pub env: Vec<EnvVar>,
+    pub resources: Option<ResourceRequirements>,
+    /// Services this one may call, each one that exists in the stack, no duplicates.
+    pub calls: Vec<DnsLabel>,
+    pub egress: Vec<Egress>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Egress {
+    pub cidr: IpNet,
+    pub ports: Vec<Port>,
+}
+
+/// A validated backend.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backend {
+    pub name: DnsLabel,
+    /// Not empty: an empty selector would select every pod, the stack's own included.
+    pub pod_selector: LabelSelector,
+    pub ports: Vec<Port>,
+    pub allow_from: Vec<DnsLabel>,
+}

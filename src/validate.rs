@@ -1,0 +1,539 @@
+//! Validation: the raw custom resource in, a [`Stack`] or every problem at once out.
+//!
+//! Pure: no client, no clock. Each problem names its field path the way `kubectl explain`
+//! spells it (`spec.services[2].calls[0]: unknown service "user"`), so a user can find it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::crd::{OpsConductorStack, OpsConductorStackSpec};
+use crate::model::{
+    Acme, Backend, CertificateSource, DnsLabel, Egress, Gateway, Hsts, Port, RateLimit, SecretKey, Service, Stack, Tls,
+};
+use crate::names;
+
+/// One problem in a stack, at one field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a stack, in field order.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&lines.join("\n"))
+    }
+}
+
+impl ValidationErrors {
+    /// The messages joined with "; " for a condition message or an Event.
+    pub fn one_line(&self) -> String {
+        self.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    }
+}
+
+/// Collects errors while walking the spec.
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError { path: path.into(), message: message.into() });
+    }
+
+    fn label(&mut self, path: &str, value: &str) -> Option<DnsLabel> {
+        DnsLabel::parse(value).map_err(|e| self.add(path, e)).ok()
+    }
+
+    fn port(&mut self, path: &str, value: i32) -> Option<Port> {
+        match Port::try_from(value) {
+            Ok(p) if p >= 1 => Some(p),
+            _ => {
+                self.add(path, format!("port {value} is out of range 1 to 65535"));
+                None
+            }
+        }
+    }
+
+    fn cidr(&mut self, path: &str, value: &str) -> Option<IpNet> {
+        match value.parse::<IpNet>() {
+            Ok(net) if net.trunc() == net => Some(net),
+            Ok(net) => {
+                self.add(path, format!("{value:?} has host bits set; did you mean {}?", net.trunc()));
+                None
+            }
+            Err(_) => {
+                self.add(path, format!("{value:?} is not a CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)"));
+                None
+            }
+        }
+    }
+}
+
+/// Validates `stack`; `default_namespace` is used when the object has none (offline render).
+pub fn validate(stack: &OpsConductorStack, default_namespace: &str) -> Result<Stack, ValidationErrors> {
+    let mut errs = Errors::default();
+    let raw_name = stack.metadata.name.clone().unwrap_or_default();
+    let name = if raw_name.is_empty() {
+        errs.add("metadata.name", "must be set");
+        None
+    } else {
+        let name = errs.label("metadata.name", &raw_name);
+        let max = names::max_stack_name_len();
+        if raw_name.len() > max {
+            errs.add(
+                "metadata.name",
+                format!(
+                    "{raw_name:?} is {} characters; at most {max} fit, because derived names such as \"{raw_name}-gateway-config\" must stay within 63",
+                    raw_name.len()
+                ),
+            );
+            None
+        } else {
+            name
+        }
+    };
+    let namespace = stack.metadata.namespace.clone().unwrap_or_else(|| default_namespace.to_string());
+    let spec = &stack.spec;
+
+    let gateway = validate_gateway(spec, &mut errs);
+    let tls = validate_tls(spec, &mut errs);
+    let services = validate_services(spec, name.as_ref(), &mut errs);
+    let backends = validate_backends(spec, &services, &mut errs);
+
+    match (name, gateway, tls) {
+        (Some(name), Some(gateway), Some(tls)) if errs.0.is_empty() => Ok(Stack {
+            name,
+            namespace,
+            uid: stack.metadata.uid.clone(),
+            gateway,
+            tls,
+            services,
+            backends,
+            mode: spec.policy.mode,
+            service_to_service: spec.policy.service_to_service,
+        }),
+        _ => Err(ValidationErrors(errs.0)),
+    }
+}
+
+fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Gateway> {
+    let g = &spec.gateway;
+    let before = errs.0.len();
+    if g.hosts.is_empty() || g.hosts.len() > 100 {
+        errs.add("spec.gateway.hosts", format!("needs 1 to 100 hosts, got {}", g.hosts.len()));
+    }
+    let mut seen = BTreeSet::new();
+    let mut hosts = Vec::new();
+    for (i, host) in g.hosts.iter().enumerate() {
+        let path = format!("spec.gateway.hosts[{i}]");
+        match check_host(host) {
+            Ok(h) => {
+                if !seen.insert(h.clone()) {
+                    errs.add(&path, format!("duplicate host {host:?}"));
+                }
+                hosts.push(h);
+            }
+            Err(e) => errs.add(&path, e),
+        }
+    }
+    if g.image.trim().is_empty() {
+        errs.add("spec.gateway.image", "must not be empty");
+    }
+    if !(1..=100).contains(&g.replicas) {
+        errs.add("spec.gateway.replicas", format!("{} is out of range 1 to 100", g.replicas));
+    }
+    let ranges: Vec<IpNet> = g
+        .allowed_source_ranges
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| errs.cidr(&format!("spec.gateway.allowedSourceRanges[{i}]"), r))
+        .collect();
+    let rate_limit = g.rate_limit.as_ref().and_then(|r| {
+        let rps = u32::try_from(r.requests_per_second).ok().filter(|v| *v >= 1);
+        let burst = u32::try_from(r.burst).ok();
+        if rps.is_none() {
+            errs.add("spec.gateway.rateLimit.requestsPerSecond", "must be at least 1");
+        }
+        if burst.is_none() {
+            errs.add("spec.gateway.rateLimit.burst", "must not be negative");
+        }
+        Some(RateLimit { requests_per_second: rps?, burst: burst? })
+    });
+    let max_age = u64::try_from(g.hsts.max_age_seconds).ok();
+    if max_age.is_none() {
+        errs.add("spec.gateway.hsts.maxAgeSeconds", "must not be negative");
+    }
+    if g.hsts.preload && (!g.hsts.include_sub_domains || g.hsts.max_age_seconds < 31_536_000) {
+        errs.add(
+            "spec.gateway.hsts.preload",
+            "preload lists require includeSubDomains: true and maxAgeSeconds of at least 31536000",
+        );
+    }
+    if !is_nginx_size(&g.client_max_body_size) {
+        errs.add(
+            "spec.gateway.clientMaxBodySize",
+            format!("{:?} is not a size like 10m, 512k or 1g", g.client_max_body_size),
+        );
+    }
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(Gateway {
+        hosts,
+        image: g.image.clone(),
+        replicas: g.replicas,
+        service_type: g.service_type,
+        allowed_source_ranges: ranges,
+        rate_limit,
+        hsts: Hsts {
+            max_age_seconds: max_age?,
+            include_sub_domains: g.hsts.include_sub_domains,
+            preload: g.hsts.preload,
+        },
+        client_max_body_size: g.client_max_body_size.to_ascii_lowercase(),
+    })
+}
+
+fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> {
+    let t = &spec.tls;
+    let before = errs.0.len();
+    let renew_before = t.renew_before.as_deref().and_then(|d| match parse_duration(d) {
+        Ok(d) if !d.is_zero() => Some(d),
+        Ok(_) => {
+            errs.add("spec.tls.renewBefore", "must be greater than zero");
+            None
+        }
+        Err(e) => {
+            errs.add("spec.tls.renewBefore", e);
+            None
+        }
+    });
+    let source = match (&t.acme, &t.secret_name) {
+        (Some(_), Some(_)) | (None, None) => {
+            errs.add("spec.tls", "exactly one of tls.acme or tls.secretName must be set");
+            None
+        }
+        (None, Some(secret)) => {
+            if let Err(e) = check_subdomain(secret) {
+                errs.add("spec.tls.secretName", e);
+            }
+            Some(CertificateSource::Secret(secret.clone()))
+        }
+        (Some(acme), None) => {
+            let url = acme.directory_url.trim();
+            if !url.starts_with("https://") || url.len() <= "https://".len() {
+                errs.add(
+                    "spec.tls.acme.directoryUrl",
+                    format!("{:?} must be an https:// URL of an ACME directory", acme.directory_url),
+                );
+            }
+            if !acme.accept_terms_of_service {
+                errs.add(
+                    "spec.tls.acme.acceptTermsOfService",
+                    "must be true: the operator registers an ACME account only after you accept the CA's terms of service",
+                );
+            }
+            if let Some(email) = &acme.email {
+                if !is_email(email) {
+                    errs.add("spec.tls.acme.email", format!("{email:?} is not an email address"));
+                }
+            }
+            let eab = acme.external_account_binding.as_ref().map(|eab| {
+                if eab.key_id.trim().is_empty() {
+                    errs.add("spec.tls.acme.externalAccountBinding.keyId", "must not be empty");
+                }
+                let key = secret_key(errs, "spec.tls.acme.externalAccountBinding.hmacKeySecretRef", &eab.hmac_key_secret_ref);
+                (eab.key_id.clone(), key)
+            });
+            let ca_bundle =
+                acme.ca_bundle_secret_ref.as_ref().map(|r| secret_key(errs, "spec.tls.acme.caBundleSecretRef", r));
+            if let Some(profile) = &acme.profile {
+                if profile.is_empty() || !profile.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                    errs.add("spec.tls.acme.profile", format!("{profile:?} is not a profile name"));
+                }
+            }
+            Some(CertificateSource::Acme(Acme {
+                directory_url: url.to_string(),
+                email: acme.email.clone(),
+                external_account_binding: eab,
+                ca_bundle,
+                profile: acme.profile.clone(),
+            }))
+        }
+    };
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(Tls { source: source?, renew_before })
+}
+
+fn secret_key(errs: &mut Errors, path: &str, r: &crate::crd::SecretKeyRef) -> SecretKey {
+    if let Err(e) = check_subdomain(&r.name) {
+        errs.add(format!("{path}.name"), e);
+    }
+    if r.key.is_empty() || !r.key.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        errs.add(format!("{path}.key"), format!("{:?} is not a valid Secret key", r.key));
+    }
+    SecretKey { name: r.name.clone(), key: r.key.clone() }
+}
+
+fn validate_services(spec: &OpsConductorStackSpec, stack: Option<&DnsLabel>, errs: &mut Errors) -> Vec<Service> {
+    let raw = &spec.services;
+    if raw.is_empty() || raw.len() > 200 {
+        errs.add("spec.services", format!("needs 1 to 200 services, got {}", raw.len()));
+    }
+    let mut first_index: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut route_owner: BTreeMap<&str, usize> = BTreeMap::new();
+    let known: BTreeSet<&str> = raw.iter().map(|s| s.name.as_str()).collect();
+    let reserved = stack.map(names::gateway);
+    let mut out = Vec::new();
+    for (i, s) in raw.iter().enumerate() {
+        let p = format!("spec.services[{i}]");
+        let name = errs.label(&format!("{p}.name"), &s.name);
+        if let Some(j) = first_index.insert(&s.name, i) {
+            errs.add(format!("{p}.name"), format!("duplicate service name {:?} (also spec.services[{j}])", s.name));
+            first_index.insert(&s.name, j);
+        }
+        if reserved.as_deref() == Some(s.name.as_str()) {
+            errs.add(format!("{p}.name"), format!("{:?} is the name of the stack's gateway; choose another", s.name));
+        }
+        if s.image.trim().is_empty() {
+            errs.add(format!("{p}.image"), "must not be empty");
+        }
+        let port = errs.port(&format!("{p}.port"), s.port);
+        if !(0..=1000).contains(&s.replicas) {
+            errs.add(format!("{p}.replicas"), format!("{} is out of range 0 to 1000", s.replicas));
+        }
+        if let Some(route) = &s.route {
+            match check_path(route, true) {
+                Err(e) => errs.add(format!("{p}.route"), e),
+                Ok(()) => {
+                    if let Some(j) = route_owner.insert(route, i) {
+                        errs.add(format!("{p}.route"), format!("route {route:?} is already used by spec.services[{j}]"));
+                        route_owner.insert(route, j);
+                    }
+                }
+            }
+        }
+        if let Err(e) = check_path(&s.health_path, false) {
+            errs.add(format!("{p}.healthPath"), e);
+        }
+        let mut calls = Vec::new();
+        let mut seen_calls = BTreeSet::new();
+        for (k, c) in s.calls.iter().enumerate() {
+            let cp = format!("{p}.calls[{k}]");
+            if !known.contains(c.as_str()) {
+                errs.add(cp, format!("unknown service {c:?}"));
+            } else if !seen_calls.insert(c.as_str()) {
+                errs.add(cp, format!("service {c:?} is listed twice"));
+            } else if let Some(label) = errs.label(&cp, c) {
+                calls.push(label);
+            }
+        }
+        let mut egress = Vec::new();
+        for (k, e) in s.egress.iter().enumerate() {
+            let ep = format!("{p}.egress[{k}]");
+            let cidr = errs.cidr(&format!("{ep}.cidr"), &e.cidr);
+            let ports = ports(errs, &format!("{ep}.ports"), &e.ports);
+            if let (Some(cidr), Some(ports)) = (cidr, ports) {
+                egress.push(Egress { cidr, ports });
+            }
+        }
+        if let (Some(name), Some(port)) = (name, port) {
+            out.push(Service {
+                name,
+                image: s.image.clone(),
+                port,
+                replicas: s.replicas,
+                route: s.route.clone(),
+                health_path: s.health_path.clone(),
+                env: s.env.clone(),
+                resources: s.resources.clone(),
+                calls,
+                egress,
+            });
+        }
+    }
+    out
+}
+
+fn validate_backends(spec: &OpsConductorStackSpec, services: &[Service], errs: &mut Errors) -> Vec<Backend> {
+    let known: BTreeSet<&str> = spec.services.iter().map(|s| s.name.as_str()).collect();
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (i, b) in spec.backends.iter().enumerate() {
+        let p = format!("spec.backends[{i}]");
+        let name = errs.label(&format!("{p}.name"), &b.name);
+        if let Some(j) = seen.insert(&b.name, i) {
+            errs.add(format!("{p}.name"), format!("duplicate backend name {:?} (also spec.backends[{j}])", b.name));
+            seen.insert(&b.name, j);
+        }
+        let sel = &b.pod_selector;
+        let empty = sel.match_labels.as_ref().is_none_or(|m| m.is_empty())
+            && sel.match_expressions.as_ref().is_none_or(|m| m.is_empty());
+        if empty {
+            errs.add(
+                format!("{p}.podSelector"),
+                "must select something: an empty selector matches every pod in the namespace, the stack's own included",
+            );
+        }
+        let ports = ports(errs, &format!("{p}.ports"), &b.ports);
+        let mut allow_from = Vec::new();
+        let mut seen_from = BTreeSet::new();
+        for (k, a) in b.allow_from.iter().enumerate() {
+            let ap = format!("{p}.allowFrom[{k}]");
+            if !known.contains(a.as_str()) {
+                errs.add(ap, format!("unknown service {a:?}"));
+            } else if !seen_from.insert(a.as_str()) {
+                errs.add(ap, format!("service {a:?} is listed twice"));
+            } else if let Some(svc) = services.iter().find(|s| s.name.as_str() == a) {
+                allow_from.push(svc.name.clone());
+            }
+        }
+        if let (Some(name), Some(ports)) = (name, ports) {
+            out.push(Backend { name, pod_selector: b.pod_selector.clone(), ports, allow_from });
+        }
+    }
+    out
+}
+
+fn ports(errs: &mut Errors, path: &str, raw: &[i32]) -> Option<Vec<Port>> {
+    if raw.is_empty() {
+        errs.add(path, "needs at least one port");
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (k, p) in raw.iter().enumerate() {
+        match errs.port(&format!("{path}[{k}]"), *p) {
+            Some(p) if out.contains(&p) => {
+                errs.add(format!("{path}[{k}]"), format!("port {p} is listed twice"));
+                ok = false;
+            }
+            Some(p) => out.push(p),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+/// A host name the certificate can cover with HTTP-01: a lowercase DNS name, no wildcard,
+/// not an IP address.
+fn check_host(host: &str) -> Result<String, String> {
+    if host.starts_with("*.") {
+        return Err(format!("{host:?} is a wildcard; HTTP-01 validation cannot issue wildcard certificates"));
+    }
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!("{host:?} is an IP address; the gateway needs DNS names"));
+    }
+    if host != host.to_ascii_lowercase() {
+        return Err(format!("{host:?} must be lowercase"));
+    }
+    check_subdomain(host)?;
+    if !host.contains('.') {
+        return Err(format!("{host:?} is not a fully qualified DNS name"));
+    }
+    Ok(host.to_string())
+}
+
+/// An RFC 1123 subdomain: dot-separated labels of lowercase letters, digits and `-`.
+fn check_subdomain(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 253 {
+        return Err(format!("{s:?} must be 1 to 253 characters"));
+    }
+    for label in s.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "{s:?} is not a valid DNS name (lowercase letters, digits, '-' and '.', labels of 1 to 63 characters)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A URL path safe to place in nginx configuration and probes. Routes must end with `/`.
+fn check_path(path: &str, route: bool) -> Result<(), String> {
+    if !path.starts_with('/') || (route && !path.ends_with('/')) {
+        return Err(if route {
+            format!("{path:?} must start and end with '/'")
+        } else {
+            format!("{path:?} must start with '/'")
+        });
+    }
+    if path.len() > 256 {
+        return Err("must be at most 256 characters".into());
+    }
+    if path.contains("//") || path.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(format!("{path:?} must not contain empty, '.' or '..' segments"));
+    }
+    if let Some(c) = path.chars().find(|c| !(c.is_ascii_alphanumeric() || "/-._~".contains(*c))) {
+        return Err(format!("{path:?} contains {c:?}; allowed are letters, digits and / - . _ ~"));
+    }
+    Ok(())
+}
+
+fn is_nginx_size(s: &str) -> bool {
+    let digits = s.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G']);
+    let suffix_len = s.len() - digits.len();
+    !digits.is_empty() && suffix_len <= 1 && digits.len() <= 12 && digits.chars().all(|c| c.is_ascii_digit())
+}
+
+fn is_email(s: &str) -> bool {
+    let Some((local, domain)) = s.split_once('@') else { return false };
+    !local.is_empty()
+        && !local.chars().any(|c| c.is_whitespace() || c == '@' || c == ',')
+        && domain.contains('.')
+        && check_subdomain(&domain.to_ascii_lowercase()).is_ok()
+}
+
+/// Parses a Go-style duration such as `720h`, `90m`, `1h30m` or `3600s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 720h, 90m or 1h30m");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            'h' => 3600,
+            'm' if chars.peek() == Some(&'s') => return Err(format!("{s:?}: milliseconds are too fine for renewal")),
+            'm' => 60,
+            's' => 1,
+            'd' => return Err(format!("{s:?}: use hours, e.g. 720h for 30 days")),
+            _ => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        digits.clear();
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+    }
+    if !digits.is_empty() {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
+}
