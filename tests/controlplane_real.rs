@@ -133,19 +133,17 @@ async fn server_side_apply_conflict_between_field_managers() {
         .await
         .expect("forced apply by manager-b");
     assert_eq!(forced.spec.as_ref().unwrap().replicas, Some(3));
-    let managers: Vec<(String, String)> = forced
+    let managers: Vec<(String, serde_json::Value)> = forced
         .metadata
         .managed_fields
         .unwrap_or_default()
         .into_iter()
-        .map(|m| {
-            let fields = m.fields_v1.map(|f| serde_json::to_string(&f.0).unwrap()).unwrap_or_default();
-            (m.manager.unwrap_or_default(), fields)
-        })
+        .map(|m| (m.manager.unwrap_or_default(), m.fields_v1.map(|f| f.0).unwrap_or_default()))
         .collect();
+    // Only the owner of spec.replicas matters (the controller may own status.replicas).
     let owner_of_replicas: Vec<&str> = managers
         .iter()
-        .filter(|(_, f)| f.contains("\"f:replicas\""))
+        .filter(|(_, f)| f.pointer("/f:spec/f:replicas").is_some())
         .map(|(m, _)| m.as_str())
         .collect();
     assert_eq!(owner_of_replicas, vec!["manager-b"], "managedFields: {managers:?}");
@@ -574,4 +572,48 @@ async fn audit_log_counts_writes_per_user() {
     let counts = audit.count_writes_by_user_and_namespace(&after_reads);
     assert_eq!(counts.get(&(user.clone(), n.to_string())), Some(&3), "{counts:?}");
     assert_eq!(counts.get(&("opsc-admin".to_string(), n.to_string())), Some(&1), "{counts:?}");
+}
+
+/// The pinned kubectl built with the control plane talks to it, and `scripts/build-parts tools`
+/// provides helm stamped with the Kubernetes version it was built against.
+#[tokio::test]
+async fn pinned_kubectl_and_helm_work() {
+    let Some(ns) = TestNamespace::new("cli").await else { return };
+    let out = ns.control_plane.kubectl().args(["version", "-o", "json"]).output().expect("run kubectl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["clientVersion"]["gitVersion"], v["serverVersion"]["gitVersion"], "{v}");
+    let out = ns
+        .control_plane
+        .kubectl()
+        .args(["-n", &ns.name, "create", "configmap", "from-kubectl", "--from-literal=a=b"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ns.api::<ConfigMap>().get("from-kubectl").await.expect("kubectl created it");
+
+    let Some(tools) = support::tools_bin_dir() else { return };
+    let chart = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(tools.join("helm"))
+        .args(["create", "c"])
+        .current_dir(chart.path())
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    std::fs::write(chart.path().join("c/templates/kv.yaml"), "# kube {{ .Capabilities.KubeVersion.Version }}\n").unwrap();
+    let out = std::process::Command::new(tools.join("helm"))
+        .args(["template", "c"])
+        .current_dir(chart.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let minor = std::fs::read_to_string(support::controlplane::repo_root().join("tests/controlplane/K8S_VERSION"))
+        .unwrap()
+        .trim()
+        .split('.')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    assert!(rendered.contains(&format!("# kube v1.{minor}.")), "helm must know its Kubernetes version: {rendered}");
 }

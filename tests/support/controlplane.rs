@@ -277,3 +277,51 @@ impl Drop for TestNamespace {
         }
     }
 }
+
+static TOOLS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+fn build_tools() -> Result<PathBuf, String> {
+    let script = repo_root().join("scripts/build-parts");
+    eprintln!("support: locating or building the test tools: {} tools", script.display());
+    let out = Command::new(&script)
+        .arg("tools")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!("`{} tools` failed ({}); its messages are above", script.display(), out.status));
+    }
+    let dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| PathBuf::from(l.trim()))
+        .ok_or_else(|| "`scripts/build-parts tools` printed no directory".to_string())?;
+    for bin in ["helm", "pebble", "pebble-challtestsrv", "netpolicy"] {
+        if !dir.join(bin).is_file() {
+            return Err(format!("{} is missing", dir.join(bin).display()));
+        }
+    }
+    Ok(dir)
+}
+
+/// The directory with helm, pebble, pebble-challtestsrv and netpolicy (built once by
+/// `scripts/build-parts tools`). Same policy as [`control_plane`]: `None` only outside CI with
+/// `OPSC_SKIP_CONTROLPLANE=1`, a panic naming what is missing otherwise.
+pub fn tools_bin_dir() -> Option<&'static Path> {
+    let ci = truthy("CI");
+    if !ci && truthy("OPSC_SKIP_CONTROLPLANE") {
+        eprintln!("support: OPSC_SKIP_CONTROLPLANE=1: skipping a test that needs the real tools");
+        return None;
+    }
+    match TOOLS.get_or_init(build_tools) {
+        Ok(dir) => Some(dir.as_path()),
+        Err(e) => panic!(
+            "the test tools (helm, pebble, pebble-challtestsrv, netpolicy) are not available: {e}. \
+             Build them with `scripts/build-parts tools`, see docs/controlplane.md{}",
+            if ci { "" } else { "; set OPSC_SKIP_CONTROLPLANE=1 to skip these tests explicitly" }
+        ),
+    }
+}
