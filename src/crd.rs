@@ -29,13 +29,37 @@ pub const DEFAULT_GATEWAY_IMAGE: &str = "nginxinc/nginx-unprivileged:1.27-alpine
     namespaced,
     status = "OpsConductorStackStatus",
     doc = "A stack of internal HTTP services behind one TLS gateway, with certificates, NetworkPolicies and enforcement managed by opsconductor-operator.",
-    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
-    printcolumn(name = "Services", type_ = "string", json_path = ".status.services.summary"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "Services",
+        type_ = "string",
+        json_path = ".status.services.summary"
+    ),
     printcolumn(name = "Host", type_ = "string", json_path = ".spec.gateway.hosts[0]"),
-    printcolumn(name = "Certificate", type_ = "string", json_path = ".status.certificate.state"),
-    printcolumn(name = "Expires", type_ = "string", json_path = ".status.certificate.notAfter"),
-    printcolumn(name = "Violations", type_ = "integer", json_path = ".status.violationCount"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Certificate",
+        type_ = "string",
+        json_path = ".status.certificate.state"
+    ),
+    printcolumn(
+        name = "Expires",
+        type_ = "string",
+        json_path = ".status.certificate.notAfter"
+    ),
+    printcolumn(
+        name = "Violations",
+        type_ = "integer",
+        json_path = ".status.violationCount"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OpsConductorStackSpec {
@@ -99,6 +123,37 @@ pub struct GatewaySpec {
     #[serde(default = "default_client_max_body_size")]
     #[schemars(length(min = 1, max = 16))]
     pub client_max_body_size: String,
+    /// Timeouts of the gateway's connections to the services.
+    #[serde(default)]
+    pub timeouts: ProxyTimeouts,
+}
+
+/// Timeouts between the gateway and the services, in seconds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyTimeouts {
+    /// Time to establish a connection to a service.
+    #[serde(default = "default_connect_timeout")]
+    #[schemars(range(min = 1, max = 300))]
+    pub connect_seconds: i32,
+    /// Longest pause between two writes of a request to a service.
+    #[serde(default = "default_io_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub send_seconds: i32,
+    /// Longest pause between two reads of a response from a service.
+    #[serde(default = "default_io_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub read_seconds: i32,
+}
+
+impl Default for ProxyTimeouts {
+    fn default() -> Self {
+        Self {
+            connect_seconds: default_connect_timeout(),
+            send_seconds: default_io_timeout(),
+            read_seconds: default_io_timeout(),
+        }
+    }
 }
 
 /// How the gateway Service is exposed outside the cluster.
@@ -143,7 +198,11 @@ pub struct HstsSpec {
 
 impl Default for HstsSpec {
     fn default() -> Self {
-        Self { max_age_seconds: default_hsts_max_age(), include_sub_domains: true, preload: false }
+        Self {
+            max_age_seconds: default_hsts_max_age(),
+            include_sub_domains: true,
+            preload: false,
+        }
     }
 }
 
@@ -448,6 +507,12 @@ fn default_client_max_body_size() -> String {
 }
 fn default_hsts_max_age() -> i64 {
     31_536_000
+}
+fn default_connect_timeout() -> i32 {
+    15
+}
+fn default_io_timeout() -> i32 {
+    60
 }
 fn default_true() -> bool {
     true

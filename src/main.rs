@@ -43,8 +43,16 @@ fn main() -> ExitCode {
             print!("{}", opsconductor_operator::crd_yaml());
             ExitCode::SUCCESS
         }
-        Command::Render { file, output, namespace, cluster_domain } => {
-            let options = BuildOptions { cluster_domain, ..BuildOptions::default() };
+        Command::Render {
+            file,
+            output,
+            namespace,
+            cluster_domain,
+        } => {
+            let options = BuildOptions {
+                cluster_domain,
+                ..BuildOptions::default()
+            };
             match render::render_file(&file, &namespace, &options, output) {
                 Ok(text) => {
                     print!("{text}");

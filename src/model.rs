@@ -29,12 +29,20 @@ impl DnsLabel {
         }
         let bytes = s.as_bytes();
         if !bytes[0].is_ascii_lowercase() {
-            return Err(format!("{s:?} must start with a lowercase letter (DNS-1035 label)"));
+            return Err(format!(
+                "{s:?} must start with a lowercase letter (DNS-1035 label)"
+            ));
         }
-        if !bytes[bytes.len() - 1].is_ascii_lowercase() && !bytes[bytes.len() - 1].is_ascii_digit() {
-            return Err(format!("{s:?} must end with a lowercase letter or digit (DNS-1035 label)"));
+        if !bytes[bytes.len() - 1].is_ascii_lowercase() && !bytes[bytes.len() - 1].is_ascii_digit()
+        {
+            return Err(format!(
+                "{s:?} must end with a lowercase letter or digit (DNS-1035 label)"
+            ));
         }
-        if let Some(c) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+        {
             return Err(format!(
                 "{s:?} contains {c:?}; only lowercase letters, digits and '-' are allowed (DNS-1035 label)"
             ));
@@ -90,6 +98,15 @@ pub struct Gateway {
     pub hsts: Hsts,
     /// nginx size syntax, checked: digits with an optional k/m/g suffix.
     pub client_max_body_size: String,
+    pub timeouts: Timeouts,
+}
+
+/// Gateway-to-service timeouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub send: Duration,
+    pub read: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

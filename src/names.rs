@@ -38,8 +38,14 @@ impl Component<'_> {
 }
 
 /// The suffixes appended to the stack name. The longest one bounds the stack name's length.
-pub const FIXED_SUFFIXES: &[&str] =
-    &["-gateway", "-gateway-config", "-tls", "-acme-account", "-default-deny", "-allow-dns"];
+pub const FIXED_SUFFIXES: &[&str] = &[
+    "-gateway",
+    "-gateway-config",
+    "-tls",
+    "-acme-account",
+    "-default-deny",
+    "-allow-dns",
+];
 
 /// Longest stack name for which every derived name is still a valid DNS-1035 label.
 pub fn max_stack_name_len() -> usize {

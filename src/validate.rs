@@ -11,7 +11,8 @@ use ipnet::IpNet;
 
 use crate::crd::{OpsConductorStack, OpsConductorStackSpec};
 use crate::model::{
-    Acme, Backend, CertificateSource, DnsLabel, Egress, Gateway, Hsts, Port, RateLimit, SecretKey, Service, Stack, Tls,
+    Acme, Backend, CertificateSource, DnsLabel, Egress, Gateway, Hsts, Port, RateLimit, SecretKey,
+    Service, Stack, Timeouts, Tls,
 };
 use crate::names;
 
@@ -42,7 +43,11 @@ impl fmt::Display for ValidationErrors {
 impl ValidationErrors {
     /// The messages joined with "; " for a condition message or an Event.
     pub fn one_line(&self) -> String {
-        self.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        self.0
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
@@ -52,7 +57,10 @@ struct Errors(Vec<FieldError>);
 
 impl Errors {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError { path: path.into(), message: message.into() });
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
     }
 
     fn label(&mut self, path: &str, value: &str) -> Option<DnsLabel> {
@@ -73,11 +81,17 @@ impl Errors {
         match value.parse::<IpNet>() {
             Ok(net) if net.trunc() == net => Some(net),
             Ok(net) => {
-                self.add(path, format!("{value:?} has host bits set; did you mean {}?", net.trunc()));
+                self.add(
+                    path,
+                    format!("{value:?} has host bits set; did you mean {}?", net.trunc()),
+                );
                 None
             }
             Err(_) => {
-                self.add(path, format!("{value:?} is not a CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)"));
+                self.add(
+                    path,
+                    format!("{value:?} is not a CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)"),
+                );
                 None
             }
         }
@@ -85,7 +99,10 @@ impl Errors {
 }
 
 /// Validates `stack`; `default_namespace` is used when the object has none (offline render).
-pub fn validate(stack: &OpsConductorStack, default_namespace: &str) -> Result<Stack, ValidationErrors> {
+pub fn validate(
+    stack: &OpsConductorStack,
+    default_namespace: &str,
+) -> Result<Stack, ValidationErrors> {
     let mut errs = Errors::default();
     let raw_name = stack.metadata.name.clone().unwrap_or_default();
     let name = if raw_name.is_empty() {
@@ -107,7 +124,11 @@ pub fn validate(stack: &OpsConductorStack, default_namespace: &str) -> Result<St
             name
         }
     };
-    let namespace = stack.metadata.namespace.clone().unwrap_or_else(|| default_namespace.to_string());
+    let namespace = stack
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| default_namespace.to_string());
     let spec = &stack.spec;
 
     let gateway = validate_gateway(spec, &mut errs);
@@ -135,7 +156,10 @@ fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<G
     let g = &spec.gateway;
     let before = errs.0.len();
     if g.hosts.is_empty() || g.hosts.len() > 100 {
-        errs.add("spec.gateway.hosts", format!("needs 1 to 100 hosts, got {}", g.hosts.len()));
+        errs.add(
+            "spec.gateway.hosts",
+            format!("needs 1 to 100 hosts, got {}", g.hosts.len()),
+        );
     }
     let mut seen = BTreeSet::new();
     let mut hosts = Vec::new();
@@ -155,7 +179,10 @@ fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<G
         errs.add("spec.gateway.image", "must not be empty");
     }
     if !(1..=100).contains(&g.replicas) {
-        errs.add("spec.gateway.replicas", format!("{} is out of range 1 to 100", g.replicas));
+        errs.add(
+            "spec.gateway.replicas",
+            format!("{} is out of range 1 to 100", g.replicas),
+        );
     }
     let ranges: Vec<IpNet> = g
         .allowed_source_ranges
@@ -164,15 +191,23 @@ fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<G
         .filter_map(|(i, r)| errs.cidr(&format!("spec.gateway.allowedSourceRanges[{i}]"), r))
         .collect();
     let rate_limit = g.rate_limit.as_ref().and_then(|r| {
-        let rps = u32::try_from(r.requests_per_second).ok().filter(|v| *v >= 1);
+        let rps = u32::try_from(r.requests_per_second)
+            .ok()
+            .filter(|v| *v >= 1);
         let burst = u32::try_from(r.burst).ok();
         if rps.is_none() {
-            errs.add("spec.gateway.rateLimit.requestsPerSecond", "must be at least 1");
+            errs.add(
+                "spec.gateway.rateLimit.requestsPerSecond",
+                "must be at least 1",
+            );
         }
         if burst.is_none() {
             errs.add("spec.gateway.rateLimit.burst", "must not be negative");
         }
-        Some(RateLimit { requests_per_second: rps?, burst: burst? })
+        Some(RateLimit {
+            requests_per_second: rps?,
+            burst: burst?,
+        })
     });
     let max_age = u64::try_from(g.hsts.max_age_seconds).ok();
     if max_age.is_none() {
@@ -187,13 +222,33 @@ fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<G
     if !is_nginx_size(&g.client_max_body_size) {
         errs.add(
             "spec.gateway.clientMaxBodySize",
-            format!("{:?} is not a size like 10m, 512k or 1g", g.client_max_body_size),
+            format!(
+                "{:?} is not a size like 10m, 512k or 1g",
+                g.client_max_body_size
+            ),
         );
     }
+    let mut timeout = |field: &str, value: i32, max: i32| {
+        if (1..=max).contains(&value) {
+            Duration::from_secs(value as u64)
+        } else {
+            errs.add(
+                format!("spec.gateway.timeouts.{field}"),
+                format!("{value} is out of range 1 to {max}"),
+            );
+            Duration::ZERO
+        }
+    };
+    let timeouts = Timeouts {
+        connect: timeout("connectSeconds", g.timeouts.connect_seconds, 300),
+        send: timeout("sendSeconds", g.timeouts.send_seconds, 3600),
+        read: timeout("readSeconds", g.timeouts.read_seconds, 3600),
+    };
     if errs.0.len() != before {
         return None;
     }
     Some(Gateway {
+        timeouts,
         hosts,
         image: g.image.clone(),
         replicas: g.replicas,
@@ -212,20 +267,26 @@ fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<G
 fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> {
     let t = &spec.tls;
     let before = errs.0.len();
-    let renew_before = t.renew_before.as_deref().and_then(|d| match parse_duration(d) {
-        Ok(d) if !d.is_zero() => Some(d),
-        Ok(_) => {
-            errs.add("spec.tls.renewBefore", "must be greater than zero");
-            None
-        }
-        Err(e) => {
-            errs.add("spec.tls.renewBefore", e);
-            None
-        }
-    });
+    let renew_before = t
+        .renew_before
+        .as_deref()
+        .and_then(|d| match parse_duration(d) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                errs.add("spec.tls.renewBefore", "must be greater than zero");
+                None
+            }
+            Err(e) => {
+                errs.add("spec.tls.renewBefore", e);
+                None
+            }
+        });
     let source = match (&t.acme, &t.secret_name) {
         (Some(_), Some(_)) | (None, None) => {
-            errs.add("spec.tls", "exactly one of tls.acme or tls.secretName must be set");
+            errs.add(
+                "spec.tls",
+                "exactly one of tls.acme or tls.secretName must be set",
+            );
             None
         }
         (None, Some(secret)) => {
@@ -239,7 +300,10 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
             if !url.starts_with("https://") || url.len() <= "https://".len() {
                 errs.add(
                     "spec.tls.acme.directoryUrl",
-                    format!("{:?} must be an https:// URL of an ACME directory", acme.directory_url),
+                    format!(
+                        "{:?} must be an https:// URL of an ACME directory",
+                        acme.directory_url
+                    ),
                 );
             }
             if !acme.accept_terms_of_service {
@@ -250,21 +314,40 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
             }
             if let Some(email) = &acme.email {
                 if !is_email(email) {
-                    errs.add("spec.tls.acme.email", format!("{email:?} is not an email address"));
+                    errs.add(
+                        "spec.tls.acme.email",
+                        format!("{email:?} is not an email address"),
+                    );
                 }
             }
             let eab = acme.external_account_binding.as_ref().map(|eab| {
                 if eab.key_id.trim().is_empty() {
-                    errs.add("spec.tls.acme.externalAccountBinding.keyId", "must not be empty");
+                    errs.add(
+                        "spec.tls.acme.externalAccountBinding.keyId",
+                        "must not be empty",
+                    );
                 }
-                let key = secret_key(errs, "spec.tls.acme.externalAccountBinding.hmacKeySecretRef", &eab.hmac_key_secret_ref);
+                let key = secret_key(
+                    errs,
+                    "spec.tls.acme.externalAccountBinding.hmacKeySecretRef",
+                    &eab.hmac_key_secret_ref,
+                );
                 (eab.key_id.clone(), key)
             });
-            let ca_bundle =
-                acme.ca_bundle_secret_ref.as_ref().map(|r| secret_key(errs, "spec.tls.acme.caBundleSecretRef", r));
+            let ca_bundle = acme
+                .ca_bundle_secret_ref
+                .as_ref()
+                .map(|r| secret_key(errs, "spec.tls.acme.caBundleSecretRef", r));
             if let Some(profile) = &acme.profile {
-                if profile.is_empty() || !profile.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                    errs.add("spec.tls.acme.profile", format!("{profile:?} is not a profile name"));
+                if profile.is_empty()
+                    || !profile
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    errs.add(
+                        "spec.tls.acme.profile",
+                        format!("{profile:?} is not a profile name"),
+                    );
                 }
             }
             Some(CertificateSource::Acme(Acme {
@@ -279,23 +362,44 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
     if errs.0.len() != before {
         return None;
     }
-    Some(Tls { source: source?, renew_before })
+    Some(Tls {
+        source: source?,
+        renew_before,
+    })
 }
 
 fn secret_key(errs: &mut Errors, path: &str, r: &crate::crd::SecretKeyRef) -> SecretKey {
     if let Err(e) = check_subdomain(&r.name) {
         errs.add(format!("{path}.name"), e);
     }
-    if r.key.is_empty() || !r.key.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        errs.add(format!("{path}.key"), format!("{:?} is not a valid Secret key", r.key));
+    if r.key.is_empty()
+        || !r
+            .key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        errs.add(
+            format!("{path}.key"),
+            format!("{:?} is not a valid Secret key", r.key),
+        );
     }
-    SecretKey { name: r.name.clone(), key: r.key.clone() }
+    SecretKey {
+        name: r.name.clone(),
+        key: r.key.clone(),
+    }
 }
 
-fn validate_services(spec: &OpsConductorStackSpec, stack: Option<&DnsLabel>, errs: &mut Errors) -> Vec<Service> {
+fn validate_services(
+    spec: &OpsConductorStackSpec,
+    stack: Option<&DnsLabel>,
+    errs: &mut Errors,
+) -> Vec<Service> {
     let raw = &spec.services;
     if raw.is_empty() || raw.len() > 200 {
-        errs.add("spec.services", format!("needs 1 to 200 services, got {}", raw.len()));
+        errs.add(
+            "spec.services",
+            format!("needs 1 to 200 services, got {}", raw.len()),
+        );
     }
     let mut first_index: BTreeMap<&str, usize> = BTreeMap::new();
     let mut route_owner: BTreeMap<&str, usize> = BTreeMap::new();
@@ -306,25 +410,43 @@ fn validate_services(spec: &OpsConductorStackSpec, stack: Option<&DnsLabel>, err
         let p = format!("spec.services[{i}]");
         let name = errs.label(&format!("{p}.name"), &s.name);
         if let Some(j) = first_index.insert(&s.name, i) {
-            errs.add(format!("{p}.name"), format!("duplicate service name {:?} (also spec.services[{j}])", s.name));
+            errs.add(
+                format!("{p}.name"),
+                format!(
+                    "duplicate service name {:?} (also spec.services[{j}])",
+                    s.name
+                ),
+            );
             first_index.insert(&s.name, j);
         }
         if reserved.as_deref() == Some(s.name.as_str()) {
-            errs.add(format!("{p}.name"), format!("{:?} is the name of the stack's gateway; choose another", s.name));
+            errs.add(
+                format!("{p}.name"),
+                format!(
+                    "{:?} is the name of the stack's gateway; choose another",
+                    s.name
+                ),
+            );
         }
         if s.image.trim().is_empty() {
             errs.add(format!("{p}.image"), "must not be empty");
         }
         let port = errs.port(&format!("{p}.port"), s.port);
         if !(0..=1000).contains(&s.replicas) {
-            errs.add(format!("{p}.replicas"), format!("{} is out of range 0 to 1000", s.replicas));
+            errs.add(
+                format!("{p}.replicas"),
+                format!("{} is out of range 0 to 1000", s.replicas),
+            );
         }
         if let Some(route) = &s.route {
             match check_path(route, true) {
                 Err(e) => errs.add(format!("{p}.route"), e),
                 Ok(()) => {
                     if let Some(j) = route_owner.insert(route, i) {
-                        errs.add(format!("{p}.route"), format!("route {route:?} is already used by spec.services[{j}]"));
+                        errs.add(
+                            format!("{p}.route"),
+                            format!("route {route:?} is already used by spec.services[{j}]"),
+                        );
                         route_owner.insert(route, j);
                     }
                 }
@@ -372,7 +494,11 @@ fn validate_services(spec: &OpsConductorStackSpec, stack: Option<&DnsLabel>, err
     out
 }
 
-fn validate_backends(spec: &OpsConductorStackSpec, services: &[Service], errs: &mut Errors) -> Vec<Backend> {
+fn validate_backends(
+    spec: &OpsConductorStackSpec,
+    services: &[Service],
+    errs: &mut Errors,
+) -> Vec<Backend> {
     let known: BTreeSet<&str> = spec.services.iter().map(|s| s.name.as_str()).collect();
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     let mut out = Vec::new();
@@ -380,7 +506,13 @@ fn validate_backends(spec: &OpsConductorStackSpec, services: &[Service], errs: &
         let p = format!("spec.backends[{i}]");
         let name = errs.label(&format!("{p}.name"), &b.name);
         if let Some(j) = seen.insert(&b.name, i) {
-            errs.add(format!("{p}.name"), format!("duplicate backend name {:?} (also spec.backends[{j}])", b.name));
+            errs.add(
+                format!("{p}.name"),
+                format!(
+                    "duplicate backend name {:?} (also spec.backends[{j}])",
+                    b.name
+                ),
+            );
             seen.insert(&b.name, j);
         }
         let sel = &b.pod_selector;
@@ -406,7 +538,12 @@ fn validate_backends(spec: &OpsConductorStackSpec, services: &[Service], errs: &
             }
         }
         if let (Some(name), Some(ports)) = (name, ports) {
-            out.push(Backend { name, pod_selector: b.pod_selector.clone(), ports, allow_from });
+            out.push(Backend {
+                name,
+                pod_selector: b.pod_selector.clone(),
+                ports,
+                allow_from,
+            });
         }
     }
     out
@@ -436,10 +573,14 @@ fn ports(errs: &mut Errors, path: &str, raw: &[i32]) -> Option<Vec<Port>> {
 /// not an IP address.
 fn check_host(host: &str) -> Result<String, String> {
     if host.starts_with("*.") {
-        return Err(format!("{host:?} is a wildcard; HTTP-01 validation cannot issue wildcard certificates"));
+        return Err(format!(
+            "{host:?} is a wildcard; HTTP-01 validation cannot issue wildcard certificates"
+        ));
     }
     if host.parse::<std::net::IpAddr>().is_ok() {
-        return Err(format!("{host:?} is an IP address; the gateway needs DNS names"));
+        return Err(format!(
+            "{host:?} is an IP address; the gateway needs DNS names"
+        ));
     }
     if host != host.to_ascii_lowercase() {
         return Err(format!("{host:?} must be lowercase"));
@@ -459,7 +600,9 @@ fn check_subdomain(s: &str) -> Result<(), String> {
     for label in s.split('.') {
         let ok = !label.is_empty()
             && label.len() <= 63
-            && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && label
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
@@ -484,10 +627,17 @@ fn check_path(path: &str, route: bool) -> Result<(), String> {
         return Err("must be at most 256 characters".into());
     }
     if path.contains("//") || path.split('/').any(|seg| seg == "." || seg == "..") {
-        return Err(format!("{path:?} must not contain empty, '.' or '..' segments"));
+        return Err(format!(
+            "{path:?} must not contain empty, '.' or '..' segments"
+        ));
     }
-    if let Some(c) = path.chars().find(|c| !(c.is_ascii_alphanumeric() || "/-._~".contains(*c))) {
-        return Err(format!("{path:?} contains {c:?}; allowed are letters, digits and / - . _ ~"));
+    if let Some(c) = path
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "/-._~".contains(*c)))
+    {
+        return Err(format!(
+            "{path:?} contains {c:?}; allowed are letters, digits and / - . _ ~"
+        ));
     }
     Ok(())
 }
@@ -495,13 +645,20 @@ fn check_path(path: &str, route: bool) -> Result<(), String> {
 fn is_nginx_size(s: &str) -> bool {
     let digits = s.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G']);
     let suffix_len = s.len() - digits.len();
-    !digits.is_empty() && suffix_len <= 1 && digits.len() <= 12 && digits.chars().all(|c| c.is_ascii_digit())
+    !digits.is_empty()
+        && suffix_len <= 1
+        && digits.len() <= 12
+        && digits.chars().all(|c| c.is_ascii_digit())
 }
 
 fn is_email(s: &str) -> bool {
-    let Some((local, domain)) = s.split_once('@') else { return false };
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
     !local.is_empty()
-        && !local.chars().any(|c| c.is_whitespace() || c == '@' || c == ',')
+        && !local
+            .chars()
+            .any(|c| c.is_whitespace() || c == '@' || c == ',')
         && domain.contains('.')
         && check_subdomain(&domain.to_ascii_lowercase()).is_ok()
 }
@@ -522,7 +679,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         let unit = match c {
             'h' => 3600,
-            'm' if chars.peek() == Some(&'s') => return Err(format!("{s:?}: milliseconds are too fine for renewal")),
+            'm' if chars.peek() == Some(&'s') => {
+                return Err(format!("{s:?}: milliseconds are too fine for renewal"));
+            }
             'm' => 60,
             's' => 1,
             'd' => return Err(format!("{s:?}: use hours, e.g. 720h for 30 days")),
@@ -530,7 +689,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         };
         let n: u64 = digits.parse().map_err(|_| bad())?;
         digits.clear();
-        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
     }
     if !digits.is_empty() {
         return Err(bad());

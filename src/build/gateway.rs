@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, PodSpec,
-    PodTemplateSpec, Probe, SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    HTTPGetAction, PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -34,8 +36,15 @@ pub fn service_account(stack: &Stack) -> ServiceAccount {
 
 pub fn config_map(stack: &Stack, options: &BuildOptions) -> ConfigMap {
     ConfigMap {
-        metadata: meta(stack, names::gateway_config(&stack.name), Component::Gateway),
-        data: Some(BTreeMap::from([(nginx::CONFIG_KEY.to_string(), nginx::render(stack, options))])),
+        metadata: meta(
+            stack,
+            names::gateway_config(&stack.name),
+            Component::Gateway,
+        ),
+        data: Some(BTreeMap::from([(
+            nginx::CONFIG_KEY.to_string(),
+            nginx::render(stack, options),
+        )])),
         ..ConfigMap::default()
     }
 }
@@ -93,7 +102,10 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
         image: Some(stack.gateway.image.clone()),
         // Bypasses the image's entrypoint scripts, which write into the read-only root.
         command: Some(vec!["nginx".into(), "-c".into(), nginx::CONFIG_PATH.into()]),
-        ports: Some(vec![port("http", nginx::HTTP_PORT), port("https", nginx::HTTPS_PORT)]),
+        ports: Some(vec![
+            port("http", nginx::HTTP_PORT),
+            port("https", nginx::HTTPS_PORT),
+        ]),
         readiness_probe: Some(probe(2)),
         liveness_probe: Some(probe(6)),
         security_context: Some(security),
@@ -104,7 +116,10 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
         ]),
         ..Container::default()
     };
-    let annotations = BTreeMap::from([(names::CONFIG_CHECKSUM_ANNOTATION.to_string(), config_checksum(config))]);
+    let annotations = BTreeMap::from([(
+        names::CONFIG_CHECKSUM_ANNOTATION.to_string(),
+        config_checksum(config),
+    )]);
     Deployment {
         metadata: meta(stack, names::gateway(&stack.name), component),
         spec: Some(DeploymentSpec {
@@ -179,7 +194,12 @@ pub fn service(stack: &Stack) -> Service {
     };
     let (type_, source_ranges) = match stack.gateway.service_type {
         GatewayServiceType::LoadBalancer => {
-            let ranges: Vec<String> = stack.gateway.allowed_source_ranges.iter().map(ToString::to_string).collect();
+            let ranges: Vec<String> = stack
+                .gateway
+                .allowed_source_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             ("LoadBalancer", (!ranges.is_empty()).then_some(ranges))
         }
         GatewayServiceType::NodePort => ("NodePort", None),

@@ -34,7 +34,10 @@ pub struct BuildOptions {
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        Self { cluster_domain: "cluster.local".into(), acme_thumbprint: None }
+        Self {
+            cluster_domain: "cluster.local".into(),
+            acme_thumbprint: None,
+        }
     }
 }
 
@@ -57,8 +60,14 @@ impl Bundle {
     /// All objects as JSON values (with apiVersion and kind), in apply order.
     pub fn to_values(&self) -> Vec<serde_json::Value> {
         // Destructured so that a new kind in the bundle cannot be forgotten here.
-        let Bundle { service_accounts, config_maps, network_policies, deployments, services, pod_disruption_budgets } =
-            self;
+        let Bundle {
+            service_accounts,
+            config_maps,
+            network_policies,
+            deployments,
+            services,
+            pod_disruption_budgets,
+        } = self;
         let mut out = Vec::new();
         push_all(&mut out, service_accounts);
         push_all(&mut out, config_maps);
@@ -94,16 +103,24 @@ fn push_all<T: Serialize>(out: &mut Vec<serde_json::Value>, objects: &[T]) {
 pub fn build(stack: &Stack, options: &BuildOptions) -> Bundle {
     let mut bundle = Bundle::default();
     for svc in &stack.services {
-        bundle.service_accounts.push(service::service_account(stack, svc));
+        bundle
+            .service_accounts
+            .push(service::service_account(stack, svc));
         bundle.deployments.push(service::deployment(stack, svc));
         bundle.services.push(service::service(stack, svc));
     }
     let config = gateway::config_map(stack, options);
-    bundle.service_accounts.insert(0, gateway::service_account(stack));
-    bundle.deployments.insert(0, gateway::deployment(stack, &config));
+    bundle
+        .service_accounts
+        .insert(0, gateway::service_account(stack));
+    bundle
+        .deployments
+        .insert(0, gateway::deployment(stack, &config));
     bundle.services.insert(0, gateway::service(stack));
     bundle.config_maps.push(config);
-    bundle.pod_disruption_budgets.push(gateway::pod_disruption_budget(stack));
+    bundle
+        .pod_disruption_budgets
+        .push(gateway::pod_disruption_budget(stack));
     bundle.network_policies = netpol::network_policies(stack);
     bundle
 }

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::networking::v1::{
-    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
-    NetworkPolicySpec,
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -31,7 +31,12 @@ pub fn network_policies(stack: &Stack) -> Vec<NetworkPolicy> {
     out.extend(stack.backends.iter().map(|b| {
         let selects = b.pod_selector.clone();
         let ingress = NetworkPolicyIngressRule {
-            from: Some(b.allow_from.iter().map(|s| pods(stack, Component::Service(s))).collect()),
+            from: Some(
+                b.allow_from
+                    .iter()
+                    .map(|s| pods(stack, Component::Service(s)))
+                    .collect(),
+            ),
             ports: Some(tcp(&b.ports)),
         };
         policy(
@@ -39,7 +44,11 @@ pub fn network_policies(stack: &Stack) -> Vec<NetworkPolicy> {
             names::backend_policy(&stack.name, &b.name),
             selects,
             // Only ingress: the backend's own egress is not the stack's to decide.
-            Some(if b.allow_from.is_empty() { vec![] } else { vec![ingress] }),
+            Some(if b.allow_from.is_empty() {
+                vec![]
+            } else {
+                vec![ingress]
+            }),
             None,
         )
     }));
@@ -63,7 +72,10 @@ fn allow_dns(stack: &Stack) -> NetworkPolicy {
             "kubernetes.io/metadata.name".to_string(),
             DNS_NAMESPACE.to_string(),
         )]))),
-        pod_selector: Some(selector(BTreeMap::from([(DNS_POD_LABEL.0.to_string(), DNS_POD_LABEL.1.to_string())]))),
+        pod_selector: Some(selector(BTreeMap::from([(
+            DNS_POD_LABEL.0.to_string(),
+            DNS_POD_LABEL.1.to_string(),
+        )]))),
         ..NetworkPolicyPeer::default()
     };
     let ports = ["UDP", "TCP"]
@@ -79,7 +91,10 @@ fn allow_dns(stack: &Stack) -> NetworkPolicy {
         names::dns_policy(&stack.name),
         selector(names::stack_pods(&stack.name)),
         None,
-        Some(vec![NetworkPolicyEgressRule { to: Some(vec![peer]), ports: Some(ports) }]),
+        Some(vec![NetworkPolicyEgressRule {
+            to: Some(vec![peer]),
+            ports: Some(ports),
+        }]),
     )
 }
 
@@ -89,7 +104,10 @@ fn gateway(stack: &Stack) -> NetworkPolicy {
         sources
             .iter()
             .map(|cidr| NetworkPolicyPeer {
-                ip_block: Some(IPBlock { cidr: cidr.to_string(), except: None }),
+                ip_block: Some(IPBlock {
+                    cidr: cidr.to_string(),
+                    except: None,
+                }),
                 ..NetworkPolicyPeer::default()
             })
             .collect()
@@ -137,7 +155,10 @@ fn service(stack: &Stack, svc: &Service) -> NetworkPolicy {
     let ingress = if from.is_empty() {
         vec![]
     } else {
-        vec![NetworkPolicyIngressRule { from: Some(from), ports: Some(tcp(&[svc.port])) }]
+        vec![NetworkPolicyIngressRule {
+            from: Some(from),
+            ports: Some(tcp(&[svc.port])),
+        }]
     };
 
     let mut egress: Vec<NetworkPolicyEgressRule> = callees(stack, svc)
@@ -147,7 +168,11 @@ fn service(stack: &Stack, svc: &Service) -> NetworkPolicy {
             ports: Some(tcp(&[callee.port])),
         })
         .collect();
-    for backend in stack.backends.iter().filter(|b| b.allow_from.contains(&svc.name)) {
+    for backend in stack
+        .backends
+        .iter()
+        .filter(|b| b.allow_from.contains(&svc.name))
+    {
         egress.push(NetworkPolicyEgressRule {
             to: Some(vec![NetworkPolicyPeer {
                 pod_selector: Some(backend.pod_selector.clone()),
@@ -159,7 +184,10 @@ fn service(stack: &Stack, svc: &Service) -> NetworkPolicy {
     for e in &svc.egress {
         egress.push(NetworkPolicyEgressRule {
             to: Some(vec![NetworkPolicyPeer {
-                ip_block: Some(IPBlock { cidr: e.cidr.to_string(), except: None }),
+                ip_block: Some(IPBlock {
+                    cidr: e.cidr.to_string(),
+                    except: None,
+                }),
                 ..NetworkPolicyPeer::default()
             }]),
             ports: Some(tcp(&e.ports)),
@@ -209,7 +237,10 @@ fn pods(stack: &Stack, component: Component<'_>) -> NetworkPolicyPeer {
 }
 
 fn selector(labels: BTreeMap<String, String>) -> LabelSelector {
-    LabelSelector { match_labels: Some(labels), ..LabelSelector::default() }
+    LabelSelector {
+        match_labels: Some(labels),
+        ..LabelSelector::default()
+    }
 }
 
 fn tcp(ports: &[Port]) -> Vec<NetworkPolicyPort> {
