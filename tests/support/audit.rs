@@ -47,14 +47,22 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     fn from_json(v: &serde_json::Value) -> Option<AuditEvent> {
-        let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        let s = |p: &str| {
+            v.pointer(p)
+                .and_then(|x| x.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
         if s("/stage") != "ResponseComplete" {
             return None;
         }
         let request_uri = s("/requestURI");
         // With impersonation the apiserver records the real caller in `user` and the identity
         // the request ran as in `impersonatedUser`; count writes by the latter.
-        let (user, impersonated_by) = match v.pointer("/impersonatedUser/username").and_then(|x| x.as_str()) {
+        let (user, impersonated_by) = match v
+            .pointer("/impersonatedUser/username")
+            .and_then(|x| x.as_str())
+        {
             Some(imp) => (imp.to_string(), Some(s("/user/username"))),
             None => (s("/user/username"), None),
         };
@@ -68,7 +76,10 @@ impl AuditEvent {
             subresource: s("/objectRef/subresource"),
             namespace: s("/objectRef/namespace"),
             name: s("/objectRef/name"),
-            code: v.pointer("/responseStatus/code").and_then(|x| x.as_u64()).unwrap_or(0) as u16,
+            code: v
+                .pointer("/responseStatus/code")
+                .and_then(|x| x.as_u64())
+                .unwrap_or(0) as u16,
             dry_run: request_uri.contains("dryRun=All"),
             request_uri,
             user_agent: s("/userAgent"),
@@ -104,7 +115,9 @@ pub struct AuditLog {
 
 impl AuditLog {
     pub fn of(cp: &ControlPlane) -> AuditLog {
-        AuditLog { path: cp.audit_log.clone() }
+        AuditLog {
+            path: cp.audit_log.clone(),
+        }
     }
 
     fn len(&self) -> u64 {
@@ -158,13 +171,23 @@ impl AuditLog {
 
     /// Write events after `mark` that match `filter` (failed writes included: filter with
     /// [`AuditEvent::succeeded`] to leave them out).
-    pub fn writes_since(&self, mark: &AuditMark, filter: impl Fn(&AuditEvent) -> bool) -> Vec<AuditEvent> {
-        self.events_since(mark).into_iter().filter(|e| e.is_write() && filter(e)).collect()
+    pub fn writes_since(
+        &self,
+        mark: &AuditMark,
+        filter: impl Fn(&AuditEvent) -> bool,
+    ) -> Vec<AuditEvent> {
+        self.events_since(mark)
+            .into_iter()
+            .filter(|e| e.is_write() && filter(e))
+            .collect()
     }
 
     /// Counts of write events after `mark`, keyed by (user, namespace); the namespace is empty
     /// for cluster-scoped objects.
-    pub fn count_writes_by_user_and_namespace(&self, mark: &AuditMark) -> BTreeMap<(String, String), usize> {
+    pub fn count_writes_by_user_and_namespace(
+        &self,
+        mark: &AuditMark,
+    ) -> BTreeMap<(String, String), usize> {
         let mut counts = BTreeMap::new();
         for e in self.writes_since(mark, |_| true) {
             *counts.entry((e.user, e.namespace)).or_insert(0) += 1;
@@ -174,7 +197,9 @@ impl AuditLog {
 
     /// Count of write events after `mark` by `user` in `namespace` (`None`: any namespace).
     pub fn count_writes(&self, mark: &AuditMark, user: &str, namespace: Option<&str>) -> usize {
-        self.writes_since(mark, |e| e.user == user && namespace.is_none_or(|n| e.namespace == n))
-            .len()
+        self.writes_since(mark, |e| {
+            e.user == user && namespace.is_none_or(|n| e.namespace == n)
+        })
+        .len()
     }
 }

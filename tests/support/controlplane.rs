@@ -13,8 +13,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -57,7 +57,10 @@ static CONTROL_PLANE: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
 
 fn truthy(var: &str) -> bool {
     matches!(
-        std::env::var(var).as_deref().map(str::to_ascii_lowercase).as_deref(),
+        std::env::var(var)
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
         Ok("1" | "true" | "yes")
     )
 }
@@ -115,9 +118,15 @@ fn bring_up() -> Result<ControlPlane, String> {
         .map(|l| PathBuf::from(l.trim()))
         .ok_or_else(|| "`scripts/controlplane up` printed no kubeconfig path".to_string())?;
     if !kubeconfig.is_file() {
-        return Err(format!("kubeconfig {} does not exist", kubeconfig.display()));
+        return Err(format!(
+            "kubeconfig {} does not exist",
+            kubeconfig.display()
+        ));
     }
-    let state_dir = kubeconfig.parent().map(Path::to_path_buf).unwrap_or_else(state_dir);
+    let state_dir = kubeconfig
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(state_dir);
     let bin_dir = std::fs::read_to_string(state_dir.join("bin-dir"))
         .map(|s| PathBuf::from(s.trim()))
         .map_err(|e| format!("reading {}/bin-dir: {e}", state_dir.display()))?;
@@ -147,7 +156,9 @@ fn state_dir() -> PathBuf {
 pub fn control_plane() -> Option<&'static ControlPlane> {
     let ci = truthy("CI");
     if !ci && truthy("OPSC_SKIP_CONTROLPLANE") {
-        eprintln!("support: OPSC_SKIP_CONTROLPLANE=1: skipping a test that needs the real control plane");
+        eprintln!(
+            "support: OPSC_SKIP_CONTROLPLANE=1: skipping a test that needs the real control plane"
+        );
         return None;
     }
     match CONTROL_PLANE.get_or_init(bring_up) {
@@ -218,9 +229,17 @@ pub fn unique_name(prefix: &str) -> String {
         .collect();
     p.truncate(40);
     let p = p.trim_matches('-');
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let suffix = format!("{:x}{:x}{:x}", std::process::id() % 0xfff, n, nanos % 0xfffff);
+    let suffix = format!(
+        "{:x}{:x}{:x}",
+        std::process::id() % 0xfff,
+        n,
+        nanos % 0xfffff
+    );
     format!("opsc-{p}-{suffix}")
 }
 
@@ -240,7 +259,11 @@ impl TestNamespace {
             .create(&PostParams::default(), &ns)
             .await
             .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
-        Some(TestNamespace { name, client, control_plane })
+        Some(TestNamespace {
+            name,
+            client,
+            control_plane,
+        })
     }
 
     /// `Api<K>` in this namespace.
@@ -260,20 +283,29 @@ impl Drop for TestNamespace {
         let name = self.name.clone();
         let cp = self.control_plane;
         let handle = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async move {
                 let client = Client::try_from(cp.config().await)?;
-                match Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await {
+                match Api::<Namespace>::all(client)
+                    .delete(&name, &DeleteParams::background())
+                    .await
+                {
                     Ok(_) => Ok(()),
                     Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
                     Err(e) => Err(e.into()),
                 }
             })
         });
-        let result: Result<(), Box<dyn std::error::Error + Send + Sync>> =
-            handle.join().unwrap_or_else(|_| Err("namespace cleanup thread panicked".into()));
+        let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = handle
+            .join()
+            .unwrap_or_else(|_| Err("namespace cleanup thread panicked".into()));
         if let Err(e) = result {
-            eprintln!("support: could not delete test namespace {}: {e}", self.name);
+            eprintln!(
+                "support: could not delete test namespace {}: {e}",
+                self.name
+            );
         }
     }
 }
@@ -282,7 +314,10 @@ static TOOLS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 fn build_tools() -> Result<PathBuf, String> {
     let script = repo_root().join("scripts/build-parts");
-    eprintln!("support: locating or building the test tools: {} tools", script.display());
+    eprintln!(
+        "support: locating or building the test tools: {} tools",
+        script.display()
+    );
     let out = Command::new(&script)
         .arg("tools")
         .stdin(Stdio::null())
@@ -291,7 +326,11 @@ fn build_tools() -> Result<PathBuf, String> {
         .output()
         .map_err(|e| format!("running {}: {e}", script.display()))?;
     if !out.status.success() {
-        return Err(format!("`{} tools` failed ({}); its messages are above", script.display(), out.status));
+        return Err(format!(
+            "`{} tools` failed ({}); its messages are above",
+            script.display(),
+            out.status
+        ));
     }
     let dir = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -321,7 +360,11 @@ pub fn tools_bin_dir() -> Option<&'static Path> {
         Err(e) => panic!(
             "the test tools (helm, pebble, pebble-challtestsrv, netpolicy) are not available: {e}. \
              Build them with `scripts/build-parts tools`, see docs/controlplane.md{}",
-            if ci { "" } else { "; set OPSC_SKIP_CONTROLPLANE=1 to skip these tests explicitly" }
+            if ci {
+                ""
+            } else {
+                "; set OPSC_SKIP_CONTROLPLANE=1 to skip these tests explicitly"
+            }
         ),
     }
 }

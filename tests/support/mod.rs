@@ -19,6 +19,6 @@ pub mod controlplane;
 
 pub use audit::{AuditEvent, AuditLog, AuditMark};
 pub use controlplane::{
-    admin_client, client_as, control_plane, eventually, tools_bin_dir, unique_name, ControlPlane,
-    TestNamespace,
+    ControlPlane, TestNamespace, admin_client, client_as, control_plane, eventually, tools_bin_dir,
+    unique_name,
 };
