@@ -699,3 +699,427 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     Ok(Duration::from_secs(total))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn base() -> Value {
+        json!({
+            "apiVersion": "opsconductor.io/v1alpha1",
+            "kind": "OpsConductorStack",
+            "metadata": {"name": "prod", "namespace": "ops"},
+            "spec": {
+                "gateway": {"hosts": ["ops.example.com"]},
+                "tls": {"acme": {"directoryUrl": "https://acme.example/dir", "acceptTermsOfService": true}},
+                "services": [
+                    {"name": "auth", "image": "auth:1", "route": "/api/v1/auth/", "calls": ["users"]},
+                    {"name": "users", "image": "users:1"}
+                ],
+                "backends": [
+                    {"name": "postgres", "podSelector": {"matchLabels": {"app": "postgres"}}, "ports": [5432], "allowFrom": ["auth"]}
+                ]
+            }
+        })
+    }
+
+    fn run(v: Value) -> Result<Stack, ValidationErrors> {
+        let stack: OpsConductorStack = serde_json::from_value(v).expect("test input deserializes");
+        validate(&stack, "default")
+    }
+
+    /// Applies `edit` to the base stack and returns the error lines.
+    fn errors(edit: impl FnOnce(&mut Value)) -> Vec<String> {
+        let mut v = base();
+        edit(&mut v);
+        match run(v) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn assert_error(edit: impl FnOnce(&mut Value), expected: &str) {
+        let errs = errors(edit);
+        assert!(
+            errs.iter().any(|e| e.contains(expected)),
+            "expected an error containing {expected:?}, got {errs:#?}"
+        );
+    }
+
+    #[test]
+    fn base_is_valid_and_defaults_apply() {
+        let stack = run(base()).expect("valid");
+        assert_eq!(stack.name.as_str(), "prod");
+        assert_eq!(stack.namespace, "ops");
+        assert_eq!(stack.gateway.replicas, 2);
+        assert_eq!(stack.gateway.image, crate::crd::DEFAULT_GATEWAY_IMAGE);
+        assert_eq!(stack.gateway.client_max_body_size, "10m");
+        assert_eq!(
+            stack.gateway.hsts,
+            Hsts {
+                max_age_seconds: 31_536_000,
+                include_sub_domains: true,
+                preload: false
+            }
+        );
+        assert_eq!(stack.services[1].port, 8000);
+        assert_eq!(stack.services[1].health_path, "/health");
+        assert_eq!(
+            stack.services[0].calls,
+            vec![DnsLabel::parse("users").unwrap()]
+        );
+        assert_eq!(stack.mode, crate::crd::PolicyMode::Enforce);
+    }
+
+    #[test]
+    fn namespace_defaults_when_missing() {
+        let mut v = base();
+        v["metadata"].as_object_mut().unwrap().remove("namespace");
+        assert_eq!(run(v).unwrap().namespace, "default");
+    }
+
+    #[test]
+    fn stack_name_rules() {
+        assert_error(
+            |v| v["metadata"]["name"] = json!("Prod"),
+            "metadata.name: \"Prod\" must start with a lowercase letter",
+        );
+        assert_error(
+            |v| v["metadata"]["name"] = json!("1prod"),
+            "metadata.name: \"1prod\" must start with a lowercase letter",
+        );
+        assert_error(|v| v["metadata"]["name"] = json!("prod_x"), "contains '_'");
+        assert_error(
+            |v| v["metadata"]["name"] = json!("prod-"),
+            "must end with a lowercase letter or digit",
+        );
+        let long = "a".repeat(names::max_stack_name_len() + 1);
+        assert_error(
+            move |v| v["metadata"]["name"] = json!(long),
+            "derived names such as",
+        );
+        let fits = "a".repeat(names::max_stack_name_len());
+        assert!(errors(move |v| v["metadata"]["name"] = json!(fits)).is_empty());
+    }
+
+    #[test]
+    fn host_rules() {
+        assert_error(
+            |v| v["spec"]["gateway"]["hosts"] = json!([]),
+            "spec.gateway.hosts: needs 1 to 100 hosts, got 0",
+        );
+        let many: Vec<String> = (0..101).map(|i| format!("h{i}.example.com")).collect();
+        assert_error(
+            move |v| v["spec"]["gateway"]["hosts"] = json!(many),
+            "got 101",
+        );
+        let hundred: Vec<String> = (0..100).map(|i| format!("h{i}.example.com")).collect();
+        assert!(errors(move |v| v["spec"]["gateway"]["hosts"] = json!(hundred)).is_empty());
+        assert_error(
+            |v| v["spec"]["gateway"]["hosts"] = json!(["*.example.com"]),
+            "spec.gateway.hosts[0]: \"*.example.com\" is a wildcard",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["hosts"] = json!(["203.0.113.7"]),
+            "is an IP address",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["hosts"] = json!(["Ops.example.com"]),
+            "must be lowercase",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["hosts"] = json!(["ops..example.com"]),
+            "is not a valid DNS name",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["hosts"] = json!(["-ops.example.com"]),
+            "is not a valid DNS name",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["hosts"] = json!(["localhost"]),
+            "not a fully qualified",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["hosts"] = json!(["a.example.com", "a.example.com"]),
+            "spec.gateway.hosts[1]: duplicate host",
+        );
+    }
+
+    #[test]
+    fn gateway_rules() {
+        assert_error(
+            |v| v["spec"]["gateway"]["replicas"] = json!(0),
+            "spec.gateway.replicas: 0 is out of range",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["image"] = json!(" "),
+            "spec.gateway.image: must not be empty",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["allowedSourceRanges"] = json!(["10.0.0.0/33"]),
+            "spec.gateway.allowedSourceRanges[0]: \"10.0.0.0/33\" is not a CIDR",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["allowedSourceRanges"] = json!(["10.0.0.1/8"]),
+            "has host bits set; did you mean 10.0.0.0/8?",
+        );
+        assert!(
+            errors(|v| v["spec"]["gateway"]["allowedSourceRanges"] =
+                json!(["10.0.0.0/8", "2001:db8::/32"]))
+            .is_empty()
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["rateLimit"] = json!({"requestsPerSecond": 0}),
+            "spec.gateway.rateLimit.requestsPerSecond: must be at least 1",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["rateLimit"] = json!({"requestsPerSecond": 5, "burst": -1}),
+            "spec.gateway.rateLimit.burst",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["hsts"] = json!({"maxAgeSeconds": -1}),
+            "spec.gateway.hsts.maxAgeSeconds",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["hsts"] = json!({"preload": true, "includeSubDomains": false}),
+            "spec.gateway.hsts.preload",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["clientMaxBodySize"] = json!("10mb"),
+            "spec.gateway.clientMaxBodySize: \"10mb\"",
+        );
+        assert_error(
+            |v| v["spec"]["gateway"]["clientMaxBodySize"] = json!("10m; evil"),
+            "spec.gateway.clientMaxBodySize",
+        );
+        assert!(errors(|v| v["spec"]["gateway"]["clientMaxBodySize"] = json!("512k")).is_empty());
+        assert_error(
+            |v| v["spec"]["gateway"]["timeouts"] = json!({"connectSeconds": 0}),
+            "spec.gateway.timeouts.connectSeconds: 0 is out of range",
+        );
+    }
+
+    #[test]
+    fn tls_rules() {
+        assert_error(
+            |v| v["spec"]["tls"]["secretName"] = json!("mine"),
+            "spec.tls: exactly one of tls.acme or tls.secretName",
+        );
+        assert_error(|v| v["spec"]["tls"] = json!({}), "spec.tls: exactly one of");
+        assert_error(
+            |v| v["spec"]["tls"]["acme"]["acceptTermsOfService"] = json!(false),
+            "spec.tls.acme.acceptTermsOfService: must be true",
+        );
+        assert_error(
+            |v| v["spec"]["tls"]["acme"]["directoryUrl"] = json!("http://acme.example/dir"),
+            "spec.tls.acme.directoryUrl",
+        );
+        assert_error(
+            |v| v["spec"]["tls"]["acme"]["email"] = json!("not-an-email"),
+            "spec.tls.acme.email",
+        );
+        assert_error(
+            |v| v["spec"]["tls"]["renewBefore"] = json!("30d"),
+            "spec.tls.renewBefore: \"30d\": use hours",
+        );
+        assert_error(
+            |v| v["spec"]["tls"]["renewBefore"] = json!("0h"),
+            "spec.tls.renewBefore: must be greater than zero",
+        );
+        assert_error(
+            |v| {
+                v["spec"]["tls"]["acme"]["externalAccountBinding"] =
+                    json!({"keyId": "", "hmacKeySecretRef": {"name": "Bad_Name", "key": "k"}})
+            },
+            "spec.tls.acme.externalAccountBinding.keyId: must not be empty",
+        );
+        assert_error(
+            |v| {
+                v["spec"]["tls"]["acme"]["externalAccountBinding"] =
+                    json!({"keyId": "k", "hmacKeySecretRef": {"name": "Bad_Name", "key": "k"}})
+            },
+            "spec.tls.acme.externalAccountBinding.hmacKeySecretRef.name",
+        );
+        assert_error(
+            |v| v["spec"]["tls"]["acme"]["caBundleSecretRef"] = json!({"name": "ca", "key": "a/b"}),
+            "spec.tls.acme.caBundleSecretRef.key",
+        );
+        let mut v = base();
+        v["spec"]["tls"] = json!({"secretName": "my-cert", "renewBefore": "1h30m"});
+        let stack = run(v).unwrap();
+        assert_eq!(
+            stack.tls.source,
+            CertificateSource::Secret("my-cert".into())
+        );
+        assert_eq!(stack.tls.renew_before, Some(Duration::from_secs(5400)));
+    }
+
+    #[test]
+    fn service_rules() {
+        assert_error(
+            |v| v["spec"]["services"] = json!([]),
+            "spec.services: needs 1 to 200 services, got 0",
+        );
+        let many: Vec<Value> = (0..201)
+            .map(|i| json!({"name": format!("s{i}"), "image": "x"}))
+            .collect();
+        assert_error(move |v| v["spec"]["services"] = json!(many), "got 201");
+        assert_error(
+            |v| v["spec"]["services"][1]["name"] = json!("auth"),
+            "spec.services[1].name: duplicate service name \"auth\" (also spec.services[0])",
+        );
+        assert_error(
+            |v| v["spec"]["services"][1]["name"] = json!("prod-gateway"),
+            "is the name of the stack's gateway",
+        );
+        assert_error(
+            |v| v["spec"]["services"][1]["name"] = json!("Users"),
+            "spec.services[1].name",
+        );
+        assert_error(
+            |v| v["spec"]["services"][1]["name"] = json!("a".repeat(64)),
+            "longer than 63 characters",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["port"] = json!(0),
+            "spec.services[0].port: port 0 is out of range 1 to 65535",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["port"] = json!(65536),
+            "port 65536 is out of range",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["replicas"] = json!(-1),
+            "spec.services[0].replicas",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["image"] = json!(""),
+            "spec.services[0].image: must not be empty",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["route"] = json!("/api"),
+            "spec.services[0].route: \"/api\" must start and end with '/'",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["route"] = json!("api/"),
+            "must start and end with '/'",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["route"] = json!("/a b/"),
+            "contains ' '",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["route"] = json!("/a;return 200;/"),
+            "contains ';'",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["route"] = json!("/../"),
+            "'..' segments",
+        );
+        assert_error(
+            |v| v["spec"]["services"][1]["route"] = json!("/api/v1/auth/"),
+            "spec.services[1].route: route \"/api/v1/auth/\" is already used by spec.services[0]",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["healthPath"] = json!("health"),
+            "spec.services[0].healthPath",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["calls"] = json!(["user"]),
+            "spec.services[0].calls[0]: unknown service \"user\"",
+        );
+        assert_error(
+            |v| v["spec"]["services"][0]["calls"] = json!(["users", "users"]),
+            "spec.services[0].calls[1]: service \"users\" is listed twice",
+        );
+        assert_error(
+            |v| v["spec"]["services"][1]["egress"] = json!([{"cidr": "nope", "ports": [22]}]),
+            "spec.services[1].egress[0].cidr",
+        );
+        assert_error(
+            |v| v["spec"]["services"][1]["egress"] = json!([{"cidr": "10.0.0.0/8", "ports": []}]),
+            "spec.services[1].egress[0].ports: needs at least one port",
+        );
+        assert_error(
+            |v| {
+                v["spec"]["services"][1]["egress"] =
+                    json!([{"cidr": "10.0.0.0/8", "ports": [22, 70000]}])
+            },
+            "spec.services[1].egress[0].ports[1]: port 70000",
+        );
+        assert_error(
+            |v| {
+                v["spec"]["services"][1]["egress"] =
+                    json!([{"cidr": "10.0.0.0/8", "ports": [22, 22]}])
+            },
+            "ports[1]: port 22 is listed twice",
+        );
+    }
+
+    #[test]
+    fn backend_rules() {
+        assert_error(
+            |v| v["spec"]["backends"][0]["allowFrom"] = json!(["nobody"]),
+            "spec.backends[0].allowFrom[0]: unknown service \"nobody\"",
+        );
+        assert_error(
+            |v| v["spec"]["backends"][0]["podSelector"] = json!({}),
+            "spec.backends[0].podSelector: must select something",
+        );
+        assert_error(
+            |v| v["spec"]["backends"][0]["ports"] = json!([]),
+            "spec.backends[0].ports: needs at least one port",
+        );
+        assert_error(
+            |v| v["spec"]["backends"][0]["name"] = json!("PG"),
+            "spec.backends[0].name",
+        );
+        assert_error(
+            |v| {
+                let b = v["spec"]["backends"][0].clone();
+                v["spec"]["backends"].as_array_mut().unwrap().push(b);
+            },
+            "spec.backends[1].name: duplicate backend name \"postgres\"",
+        );
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let errs = errors(|v| {
+            v["metadata"]["name"] = json!("Bad");
+            v["spec"]["gateway"]["hosts"] = json!(["*.x.com"]);
+            v["spec"]["services"][0]["calls"] = json!(["ghost"]);
+            v["spec"]["services"][1]["port"] = json!(0);
+            v["spec"]["backends"][0]["allowFrom"] = json!(["phantom"]);
+        });
+        assert_eq!(errs.len(), 5, "{errs:#?}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("720h").unwrap(),
+            Duration::from_secs(720 * 3600)
+        );
+        assert_eq!(
+            parse_duration("1h30m15s").unwrap(),
+            Duration::from_secs(5415)
+        );
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("10ms").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn dns_labels() {
+        assert!(DnsLabel::parse("a").is_ok());
+        assert!(DnsLabel::parse("a-1").is_ok());
+        assert!(DnsLabel::parse("").is_err());
+        assert!(DnsLabel::parse("a.b").is_err());
+        assert!(DnsLabel::parse(&"a".repeat(63)).is_ok());
+        assert!(DnsLabel::parse(&"a".repeat(64)).is_err());
+    }
+}
