@@ -30,6 +30,13 @@ pub struct BuildOptions {
     /// The ACME account key's JWK thumbprint (RFC 7638), once the account exists. The
     /// gateway answers HTTP-01 challenges with `<token>.<thumbprint>` (stateless mode).
     pub acme_thumbprint: Option<String>,
+    /// The cluster DNS server (the `kube-system/kube-dns` Service's ClusterIP, port 53), which
+    /// the operator looks up at reconcile time. With it, the gateway resolves service names
+    /// per request: it starts while a Service is missing and follows a re-created Service's
+    /// new ClusterIP, at the cost of upstream keepalive on nginx before 1.27.3. Without it,
+    /// names are resolved once at startup (kept-alive upstream connections, but nginx refuses
+    /// to start while any routed Service is missing). See `docs/gateway.md`.
+    pub dns_resolver: Option<std::net::SocketAddr>,
 }
 
 impl Default for BuildOptions {
@@ -37,6 +44,7 @@ impl Default for BuildOptions {
         Self {
             cluster_domain: "cluster.local".into(),
             acme_thumbprint: None,
+            dns_resolver: None,
         }
     }
 }
