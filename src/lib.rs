@@ -5,10 +5,13 @@
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod controller;
 pub mod crd;
+pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod render;
+pub mod server;
 pub mod validate;
 
 use kube::CustomResourceExt;

@@ -3,9 +3,17 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use opsconductor_operator::build::BuildOptions;
+use opsconductor_operator::controller::{self, RunOptions};
+use opsconductor_operator::metrics::Metrics;
 use opsconductor_operator::render::{self, Format};
+use opsconductor_operator::server::{self, Health};
 
 /// Edge TLS, internal HTTP, enforced: a Kubernetes operator for OpsConductorStack.
 #[derive(Parser)]
@@ -34,11 +42,65 @@ enum Command {
         #[arg(long, env = "OPSC_CLUSTER_DOMAIN", default_value = "cluster.local")]
         cluster_domain: String,
     },
+    /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
+    Run {
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, env = "OPSC_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: String,
+        /// Log format.
+        #[arg(long, env = "OPSC_LOG_FORMAT", value_enum, default_value = "text")]
+        log_format: LogFormat,
+        /// The cluster's DNS domain, used in the gateway's upstream addresses.
+        #[arg(long, env = "OPSC_CLUSTER_DOMAIN", default_value = "cluster.local")]
+        cluster_domain: String,
+        /// Seconds between periodic re-checks of every stack (watches catch changes sooner).
+        #[arg(long, env = "OPSC_RESYNC_SECONDS", default_value_t = 300)]
+        resync_seconds: u64,
+        /// Apply every object on every reconcile instead of only what differs from the
+        /// watch caches. For benchmarks only: it multiplies the writes to the API server.
+        #[arg(long, hide = true, env = "OPSC_APPLY_ALWAYS")]
+        apply_always: bool,
+        /// DNS server (IP or IP:port) the gateway uses to resolve service names per request;
+        /// `auto` looks up the kube-dns Service, `none` resolves names once at gateway start.
+        #[arg(long, env = "OPSC_DNS_RESOLVER", default_value = "auto")]
+        dns_resolver: String,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run {
+            metrics_addr,
+            log_format,
+            cluster_domain,
+            resync_seconds,
+            apply_always,
+            dns_resolver,
+        } => {
+            init_logging(log_format);
+            let options = RunOptions {
+                cluster_domain,
+                compare_before_apply: !apply_always,
+                resync: Duration::from_secs(resync_seconds.max(10)),
+                dns_resolver: None,
+            };
+            let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
+            match runtime.block_on(run(metrics_addr, options, dns_resolver)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Crd => {
             print!("{}", opsconductor_operator::crd_yaml());
             ExitCode::SUCCESS
@@ -64,5 +126,64 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(
+    metrics_addr: String,
+    mut options: RunOptions,
+    dns_resolver: String,
+) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context(
+        "cannot build a Kubernetes client from the kubeconfig or the in-cluster configuration",
+    )?;
+    options.dns_resolver = match dns_resolver.as_str() {
+        "none" => None,
+        "auto" => controller::discover_dns(&client).await,
+        addr => Some(
+            addr.parse::<std::net::SocketAddr>()
+                .or_else(|_| {
+                    addr.parse::<std::net::IpAddr>()
+                        .map(|ip| std::net::SocketAddr::new(ip, 53))
+                })
+                .with_context(|| {
+                    format!("--dns-resolver {addr:?} is not an IP address, IP:port, auto or none")
+                })?,
+        ),
+    };
+    tracing::info!(dns_resolver = ?options.dns_resolver, "gateway DNS resolution");
+    let listener = tokio::net::TcpListener::bind(&metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?;
+    tracing::info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    let health = Arc::new(Health {
+        ready: AtomicBool::new(false),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let server = tokio::spawn(server::serve(listener, health.clone()));
+    controller::run(client, options, health, shutdown_signal()).await;
+    server.abort();
+    Ok(())
+}
+
+/// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received, shutting down"),
     }
 }

@@ -1,0 +1,331 @@
+//! Writes: server-side apply of the desired bundle, skipping what already holds, and pruning
+//! of what is no longer desired. The only module of the controller that changes children.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::sync::Mutex;
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use super::{Context, Error};
+use crate::build::Bundle;
+use crate::crd::PolicyMode;
+use crate::names;
+
+/// Why an object was (or would have been) written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Cause {
+    /// It did not exist yet.
+    Created,
+    /// The stack's spec (or the operator's idea of it) changed.
+    Updated,
+    /// Someone else changed or deleted it after the stack had converged.
+    Drift,
+}
+
+/// What one apply pass did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// (cause, kind, name) of every write.
+    pub written: Vec<(Cause, &'static str, String)>,
+    /// (kind, name, what) of drift seen in Audit mode and left alone.
+    pub drift_reported: Vec<(&'static str, String)>,
+    /// (kind, name) of deleted objects.
+    pub pruned: Vec<(&'static str, String)>,
+}
+
+/// What the last apply of each object produced, so a lagging watch cache is not mistaken for
+/// drift and a field that never settles cannot cause a write loop.
+#[derive(Default)]
+pub struct AppliedLog {
+    entries: Mutex<HashMap<(&'static str, String, String), (String, [u8; 32])>>,
+}
+
+impl AppliedLog {
+    fn get(&self, key: &(&'static str, String, String)) -> Option<(String, [u8; 32])> {
+        self.entries.lock().unwrap().get(key).cloned()
+    }
+    fn put(&self, key: (&'static str, String, String), rv: String, hash: [u8; 32]) {
+        self.entries.lock().unwrap().insert(key, (rv, hash));
+    }
+    fn forget(&self, key: &(&'static str, String, String)) {
+        self.entries.lock().unwrap().remove(key);
+    }
+}
+
+/// Everything an apply pass needs to know about the stack.
+pub struct Target<'a> {
+    pub namespace: &'a str,
+    pub stack_name: &'a str,
+    pub stack_uid: &'a str,
+    pub mode: PolicyMode,
+    /// The stack's current generation was already fully applied once: a difference now is
+    /// drift, not a spec change.
+    pub converged: bool,
+}
+
+/// Applies the bundle in its apply order, then prunes what is no longer desired.
+pub async fn apply_bundle(
+    ctx: &Context,
+    target: &Target<'_>,
+    bundle: &Bundle,
+) -> Result<Report, Error> {
+    let mut report = Report::default();
+    // Destructured so that a new kind in the bundle cannot be forgotten here. The order is
+    // the bundle's: identities and configuration, NetworkPolicies before any pod can start,
+    // then workloads, Services and disruption budgets.
+    let Bundle {
+        service_accounts,
+        config_maps,
+        network_policies,
+        deployments,
+        services,
+        pod_disruption_budgets,
+    } = bundle;
+    let s = &ctx.stores;
+    apply_kind(
+        ctx,
+        target,
+        &s.service_accounts,
+        service_accounts,
+        false,
+        &mut report,
+    )
+    .await?;
+    apply_kind(ctx, target, &s.config_maps, config_maps, false, &mut report).await?;
+    apply_kind(
+        ctx,
+        target,
+        &s.network_policies,
+        network_policies,
+        true,
+        &mut report,
+    )
+    .await?;
+    apply_kind(ctx, target, &s.deployments, deployments, false, &mut report).await?;
+    apply_kind(ctx, target, &s.services, services, false, &mut report).await?;
+    apply_kind(
+        ctx,
+        target,
+        &s.pod_disruption_budgets,
+        pod_disruption_budgets,
+        false,
+        &mut report,
+    )
+    .await?;
+
+    // Prune in reverse order: exposure goes first, identities last.
+    prune_kind(
+        ctx,
+        target,
+        &s.pod_disruption_budgets,
+        pod_disruption_budgets,
+        &mut report,
+    )
+    .await?;
+    prune_kind(ctx, target, &s.services, services, &mut report).await?;
+    prune_kind(ctx, target, &s.deployments, deployments, &mut report).await?;
+    prune_kind(
+        ctx,
+        target,
+        &s.network_policies,
+        network_policies,
+        &mut report,
+    )
+    .await?;
+    prune_kind(ctx, target, &s.config_maps, config_maps, &mut report).await?;
+    prune_kind(
+        ctx,
+        target,
+        &s.service_accounts,
+        service_accounts,
+        &mut report,
+    )
+    .await?;
+    Ok(report)
+}
+
+trait Child:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+impl<K> Child for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+fn kind_of<K: Child>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "ServiceAccount" => "ServiceAccount",
+        "ConfigMap" => "ConfigMap",
+        "NetworkPolicy" => "NetworkPolicy",
+        "Deployment" => "Deployment",
+        "Service" => "Service",
+        "PodDisruptionBudget" => "PodDisruptionBudget",
+        _ => "Object",
+    }
+}
+
+fn holds(exact: bool, actual: &serde_json::Value, desired: &serde_json::Value) -> bool {
+    if exact {
+        super::diff::holds_exactly(actual, desired)
+    } else {
+        super::diff::holds(actual, desired)
+    }
+}
+
+async fn apply_kind<K: Child>(
+    ctx: &Context,
+    target: &Target<'_>,
+    store: &Store<K>,
+    desired: &[K],
+    exact: bool,
+    report: &mut Report,
+) -> Result<(), Error> {
+    let kind = kind_of::<K>();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), target.namespace);
+    for object in desired {
+        let name = object.name_any();
+        let key = (kind, target.namespace.to_string(), name.clone());
+        let desired_json = serde_json::to_value(object)?;
+        let hash: [u8; 32] = Sha256::digest(desired_json.to_string().as_bytes()).into();
+        let last = ctx.applied.get(&key);
+        let mut actual = store
+            .get(&ObjectRef::new(&name).within(target.namespace))
+            .map(|o| (*o).clone());
+
+        if ctx.options.compare_before_apply {
+            let cached_holds = actual.as_ref().map(|a| {
+                holds(
+                    exact,
+                    &serde_json::to_value(a).unwrap_or_default(),
+                    &desired_json,
+                )
+            });
+            if cached_holds == Some(true) {
+                continue;
+            }
+            // We applied exactly this before: the cache may simply not have seen our write
+            // yet. A read (never a write) settles it.
+            if last.as_ref().is_some_and(|(_, h)| *h == hash) {
+                actual = api.get_opt(&name).await?;
+                if let Some(fresh) = &actual {
+                    if holds(exact, &serde_json::to_value(fresh)?, &desired_json) {
+                        continue;
+                    }
+                    // Our own last write, unchanged since: a field that never reads back as
+                    // sent. Writing again would loop; leave it.
+                    if fresh.resource_version() == last.as_ref().map(|(rv, _)| rv.clone()) {
+                        continue;
+                    }
+                }
+            }
+        }
+
+        let cause = match (&actual, target.converged) {
+            (None, false) => Cause::Created,
+            (Some(_), false) => Cause::Updated,
+            (_, true) if last.as_ref().is_some_and(|(_, h)| *h != hash) => Cause::Updated,
+            (_, true) => Cause::Drift,
+        };
+        if cause == Cause::Drift && target.mode == PolicyMode::Audit {
+            report.drift_reported.push((kind, name));
+            continue;
+        }
+        let mut applied = api
+            .patch(
+                &name,
+                &PatchParams::apply(names::MANAGER).force(),
+                &Patch::Apply(object),
+            )
+            .await?;
+        if exact && !holds(true, &serde_json::to_value(&applied)?, &desired_json) {
+            // Someone else owns additions inside a spec that must be exactly ours (e.g. an
+            // extra label in a NetworkPolicy's podSelector): apply cannot remove fields of
+            // other managers, a replace does.
+            let mut replacement = object.clone();
+            replacement.meta_mut().resource_version = applied.resource_version();
+            applied = api
+                .replace(
+                    &name,
+                    &PostParams {
+                        field_manager: Some(names::MANAGER.into()),
+                        ..PostParams::default()
+                    },
+                    &replacement,
+                )
+                .await?;
+        }
+        ctx.applied
+            .put(key, applied.resource_version().unwrap_or_default(), hash);
+        ctx.metrics.inc(
+            "opsconductor_objects_applied_total",
+            &[
+                ("kind", kind),
+                (
+                    "cause",
+                    match cause {
+                        Cause::Created => "created",
+                        Cause::Updated => "updated",
+                        Cause::Drift => "drift",
+                    },
+                ),
+            ],
+        );
+        report.written.push((cause, kind, name));
+    }
+    Ok(())
+}
+
+async fn prune_kind<K: Child>(
+    ctx: &Context,
+    target: &Target<'_>,
+    store: &Store<K>,
+    desired: &[K],
+    report: &mut Report,
+) -> Result<(), Error> {
+    let kind = kind_of::<K>();
+    let wanted: BTreeSet<String> = desired.iter().map(ResourceExt::name_any).collect();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), target.namespace);
+    for object in store.state() {
+        let ours = object.namespace().as_deref() == Some(target.namespace)
+            && object.labels().get(names::STACK_LABEL).map(String::as_str) == Some(target.stack_name)
+            // Labels can be copied; only an owner reference to this very stack makes it ours.
+            && object.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == target.stack_uid);
+        let name = object.name_any();
+        if !ours || wanted.contains(&name) || object.meta().deletion_timestamp.is_some() {
+            continue;
+        }
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        ctx.applied
+            .forget(&(kind, target.namespace.to_string(), name.clone()));
+        ctx.metrics
+            .inc("opsconductor_objects_pruned_total", &[("kind", kind)]);
+        report.pruned.push((kind, name));
+    }
+    Ok(())
+}

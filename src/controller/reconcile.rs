@@ -1,0 +1,416 @@
+//! One reconcile of one stack, as a pipeline:
+//!
+//! 1. gather   — the stack from the watch; the caches of its objects (no request)
+//! 2. validate — into the model; an invalid spec stops here and changes nothing running
+//! 3. build    — the desired bundle (pure)
+//! 4. apply    — server-side apply of what differs, prune what is no longer desired (writes)
+//! 5. status   — observe readiness, compute the status, write it only when it changed
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+
+use super::apply::{self, Cause, Report, Target};
+use super::status::{self, Observed, Verdict};
+use super::{Context, Error, reference, stack_key};
+use crate::build::{self, BuildOptions};
+use crate::crd::{
+    CertificateState, CertificateStatus, OpsConductorStack, OpsConductorStackStatus, PolicyMode,
+};
+use crate::model::{CertificateSource, Stack};
+use crate::names;
+use crate::validate;
+
+pub async fn reconcile(stack: Arc<OpsConductorStack>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&stack, &ctx).await;
+    ctx.metrics.observe_reconcile(started.elapsed());
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .inc("opsconductor_reconciles_total", &[("result", outcome)]);
+    if result.is_ok() {
+        ctx.failures.lock().unwrap().remove(&stack_key(&stack));
+    }
+    result
+}
+
+async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Action, Error> {
+    // 1. gather
+    if stack.meta().deletion_timestamp.is_some() {
+        // Owner references hand everything to the garbage collector.
+        return Ok(Action::await_change());
+    }
+    let namespace = stack.namespace().ok_or(Error::NoNamespace)?;
+    ctx.stores.wait_ready().await;
+
+    // 2. validate
+    let model = match validate::validate(stack, &namespace) {
+        Ok(model) => model,
+        Err(errors) => {
+            invalid_spec(stack, ctx, &errors.one_line()).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    // 3. build
+    let options = BuildOptions {
+        cluster_domain: ctx.options.cluster_domain.clone(),
+        acme_thumbprint: None,
+        dns_resolver: ctx.options.dns_resolver,
+    };
+    let bundle = build::build(&model, &options);
+
+    // 4. apply
+    let generation = stack.meta().generation;
+    let converged = generation.is_some()
+        && stack.status.as_ref().and_then(|s| s.observed_generation) == generation;
+    let uid = stack.uid().unwrap_or_default();
+    let target = Target {
+        namespace: &namespace,
+        stack_name: model.name.as_str(),
+        stack_uid: &uid,
+        mode: model.mode,
+        converged,
+    };
+    let report = apply::apply_bundle(ctx, &target, &bundle).await?;
+    publish_report(stack, ctx, &report).await;
+
+    // 5. status
+    let observed = observe(stack, ctx, &model, &report, bundle.network_policies.len()).await?;
+    let new_status = status::compute(stack.status.as_ref(), &observed, Timestamp::now());
+    audit_drift_event(stack, ctx, &new_status).await;
+    write_status(stack, ctx, new_status).await?;
+    Ok(Action::requeue(ctx.options.resync))
+}
+
+/// Ready=False/InvalidSpec with every problem; nothing else is touched. The Event is sent
+/// only when the message changes, not on every retry.
+async fn invalid_spec(
+    stack: &OpsConductorStack,
+    ctx: &Context,
+    message: &str,
+) -> Result<(), Error> {
+    let before = status::condition(stack.status.as_ref(), status::READY);
+    let changed = before.is_none_or(|c| c.reason != "InvalidSpec" || c.message != message);
+    if changed {
+        tracing::warn!(stack = %stack_key(stack), %message, "invalid spec");
+        publish(
+            stack,
+            ctx,
+            EventType::Warning,
+            "InvalidSpec",
+            "Validate",
+            message,
+        )
+        .await;
+    }
+    let new_status = status::invalid(
+        stack.status.as_ref(),
+        stack.meta().generation,
+        message,
+        Timestamp::now(),
+    );
+    write_status(stack, ctx, new_status).await
+}
+
+async fn publish_report(stack: &OpsConductorStack, ctx: &Context, report: &Report) {
+    let list = |cause: Cause| -> Vec<String> {
+        report
+            .written
+            .iter()
+            .filter(|(c, _, _)| *c == cause)
+            .map(|(_, k, n)| format!("{k}/{n}"))
+            .collect()
+    };
+    let created = list(Cause::Created);
+    if !created.is_empty() {
+        publish(
+            stack,
+            ctx,
+            EventType::Normal,
+            "Created",
+            "Apply",
+            &format!("created {}", created.join(", ")),
+        )
+        .await;
+    }
+    let updated = list(Cause::Updated);
+    if !updated.is_empty() {
+        publish(
+            stack,
+            ctx,
+            EventType::Normal,
+            "Updated",
+            "Apply",
+            &format!("updated {}", updated.join(", ")),
+        )
+        .await;
+    }
+    let reverted = list(Cause::Drift);
+    if !reverted.is_empty() {
+        ctx.metrics.add(
+            "opsconductor_drift_total",
+            &[("action", "reverted")],
+            reverted.len() as u64,
+        );
+        let note = format!("reverted changes made by others to {}", reverted.join(", "));
+        tracing::info!(stack = %stack_key(stack), %note, "drift reverted");
+        publish(
+            stack,
+            ctx,
+            EventType::Warning,
+            "DriftReverted",
+            "Revert",
+            &note,
+        )
+        .await;
+    }
+    if !report.pruned.is_empty() {
+        let names: Vec<String> = report
+            .pruned
+            .iter()
+            .map(|(k, n)| format!("{k}/{n}"))
+            .collect();
+        publish(
+            stack,
+            ctx,
+            EventType::Normal,
+            "Pruned",
+            "Delete",
+            &format!("deleted {}", names.join(", ")),
+        )
+        .await;
+    }
+}
+
+/// In Audit mode, drift is reported: an Event when the set of drifted objects changes.
+async fn audit_drift_event(
+    stack: &OpsConductorStack,
+    ctx: &Context,
+    new_status: &OpsConductorStackStatus,
+) {
+    let before = status::condition(stack.status.as_ref(), status::POLICY_ENFORCED);
+    let after = status::condition(Some(new_status), status::POLICY_ENFORCED);
+    if let Some(after) = after {
+        if after.reason == "DriftDetected" && before.is_none_or(|b| b.message != after.message) {
+            ctx.metrics
+                .inc("opsconductor_drift_total", &[("action", "reported")]);
+            publish(
+                stack,
+                ctx,
+                EventType::Warning,
+                "DriftDetected",
+                "Audit",
+                &after.message,
+            )
+            .await;
+        }
+    }
+}
+
+async fn publish(
+    stack: &OpsConductorStack,
+    ctx: &Context,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
+    let mut note = note.to_string();
+    if note.len() > 1000 {
+        let mut cut = 997;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &reference(stack)).await {
+        tracing::warn!(error = %e, reason, "cannot publish event");
+    }
+}
+
+/// Reads readiness from the caches (and the user's TLS Secret, when there is one).
+async fn observe(
+    stack: &OpsConductorStack,
+    ctx: &Context,
+    model: &Stack,
+    report: &Report,
+    policies: usize,
+) -> Result<Observed, Error> {
+    let ns = model.namespace.as_str();
+    let deployment_ready = |name: &str| -> (bool, i32) {
+        let Some(d) = ctx.stores.deployments.get(&ObjectRef::new(name).within(ns)) else {
+            return (false, 0);
+        };
+        let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let st = d.status.clone().unwrap_or_default();
+        let ready = st.ready_replicas.unwrap_or(0);
+        let current = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
+        (current && ready >= want, ready)
+    };
+    let mut not_ready = Vec::new();
+    for svc in &model.services {
+        if !deployment_ready(svc.name.as_str()).0 {
+            not_ready.push(svc.name.to_string());
+        }
+    }
+    let gateway_name = names::gateway(&model.name);
+    let (_, gateway_ready) = deployment_ready(&gateway_name);
+    let gateway_address = ctx
+        .stores
+        .services
+        .get(&ObjectRef::new(&gateway_name).within(ns))
+        .and_then(|s| {
+            let ingress = s
+                .status
+                .as_ref()?
+                .load_balancer
+                .as_ref()?
+                .ingress
+                .as_ref()?
+                .first()?
+                .clone();
+            ingress.ip.or(ingress.hostname)
+        });
+    let (certificate, certificate_verdict) = certificate(ctx, model).await?;
+
+    let policy_verdict = if !report.drift_reported.is_empty() {
+        let names: Vec<String> = report
+            .drift_reported
+            .iter()
+            .map(|(k, n)| format!("{k}/{n}"))
+            .collect();
+        Verdict::not(
+            "DriftDetected",
+            format!(
+                "policy mode Audit: changed by others and left as they are: {}",
+                names.join(", ")
+            ),
+        )
+    } else if model.mode == PolicyMode::Audit {
+        Verdict::ok(
+            "Audited",
+            format!(
+                "{policies} NetworkPolicies in place; mode Audit reports drift without reverting it"
+            ),
+        )
+    } else {
+        Verdict::ok(
+            "Enforced",
+            format!("{policies} NetworkPolicies in place; every stack pod is default-deny"),
+        )
+    };
+    let total = model.services.len() as i32;
+    Ok(Observed {
+        generation: stack.meta().generation,
+        services_ready: total - not_ready.len() as i32,
+        services_total: total,
+        not_ready_services: not_ready,
+        gateway_ready_replicas: gateway_ready,
+        gateway_desired_replicas: model.gateway.replicas,
+        gateway_address,
+        certificate,
+        certificate_verdict,
+        policy_verdict,
+        violations: vec![],
+    })
+}
+
+async fn certificate(ctx: &Context, model: &Stack) -> Result<(CertificateStatus, Verdict), Error> {
+    let mut cert = CertificateStatus {
+        state: CertificateState::Pending,
+        hosts: vec![],
+        serial: None,
+        not_before: None,
+        not_after: None,
+        renewal_time: None,
+        last_failure_reason: None,
+        last_failure_time: None,
+        failed_attempts: 0,
+    };
+    let verdict = match &model.tls.source {
+        CertificateSource::Secret(name) => {
+            let secret = Api::<Secret>::namespaced(ctx.client.clone(), &model.namespace)
+                .get_opt(name)
+                .await?;
+            let has = |key: &str| {
+                secret
+                    .as_ref()
+                    .and_then(|s| s.data.as_ref())
+                    .is_some_and(|d| d.contains_key(key))
+            };
+            if has("tls.crt") && has("tls.key") {
+                cert.state = CertificateState::Valid;
+                cert.hosts = model.gateway.hosts.clone();
+                Verdict::ok(
+                    "SecretPresent",
+                    format!("serving the certificate in Secret {name} (managed by you)"),
+                )
+            } else if secret.is_some() {
+                cert.state = CertificateState::Failed;
+                cert.last_failure_reason =
+                    Some(format!("Secret {name} has no tls.crt and tls.key"));
+                Verdict::not(
+                    "SecretInvalid",
+                    format!("Secret {name} has no tls.crt and tls.key"),
+                )
+            } else {
+                cert.last_failure_reason = Some(format!("Secret {name} does not exist"));
+                Verdict::not(
+                    "SecretMissing",
+                    format!(
+                        "Secret {name} does not exist in namespace {}",
+                        model.namespace
+                    ),
+                )
+            }
+        }
+        CertificateSource::Acme(_) => Verdict::not(
+            "AcmeNotAvailable",
+            "ACME issuance is not part of this build yet; the gateway waits for Secret "
+                .to_string()
+                + &names::tls_secret(&model.name),
+        ),
+    };
+    Ok((cert, verdict))
+}
+
+/// Writes the status with server-side apply, only when it differs from what is stored.
+async fn write_status(
+    stack: &OpsConductorStack,
+    ctx: &Context,
+    new_status: OpsConductorStackStatus,
+) -> Result<(), Error> {
+    if stack.status.as_ref() == Some(&new_status) {
+        return Ok(());
+    }
+    let api: Api<OpsConductorStack> =
+        Api::namespaced(ctx.client.clone(), &stack.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": OpsConductorStack::api_version(&()),
+        "kind": OpsConductorStack::kind(&()),
+        "status": new_status,
+    });
+    api.patch_status(
+        &stack.name_any(),
+        &PatchParams::apply(names::MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! The stack's status as a value: observations in, `OpsConductorStackStatus` out.
+//!
+//! Pure: the clock is passed in. A condition keeps its `lastTransitionTime` while its status
+//! does not change, so an unchanged stack computes an identical status and causes no write.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::{
+    CertificateState, CertificateStatus, GatewayStatus, OpsConductorStackStatus, ServicesStatus,
+    Violation,
+};
+
+pub const READY: &str = "Ready";
+pub const SERVICES_READY: &str = "ServicesReady";
+pub const GATEWAY_READY: &str = "GatewayReady";
+pub const CERTIFICATE_READY: &str = "CertificateReady";
+pub const POLICY_ENFORCED: &str = "PolicyEnforced";
+
+/// Most violations listed in status; `violationCount` has the total.
+pub const MAX_LISTED_VIOLATIONS: usize = 50;
+
+/// One condition as computed this round, before timestamps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub ok: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+impl Verdict {
+    pub fn ok(reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+    pub fn not(reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What the controller observed about one stack this round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    pub generation: Option<i64>,
+    /// Names of services whose Deployment has all desired replicas ready, and the total.
+    pub services_ready: i32,
+    pub services_total: i32,
+    pub not_ready_services: Vec<String>,
+    pub gateway_ready_replicas: i32,
+    pub gateway_desired_replicas: i32,
+    pub gateway_address: Option<String>,
+    pub certificate: CertificateStatus,
+    pub certificate_verdict: Verdict,
+    pub policy_verdict: Verdict,
+    pub violations: Vec<Violation>,
+}
+
+/// The status for a stack whose spec is valid.
+pub fn compute(
+    previous: Option<&OpsConductorStackStatus>,
+    observed: &Observed,
+    now: Timestamp,
+) -> OpsConductorStackStatus {
+    let services = if observed.services_ready == observed.services_total {
+        Verdict::ok(
+            "AllReady",
+            format!(
+                "{0}/{0} services have every replica ready",
+                observed.services_total
+            ),
+        )
+    } else {
+        Verdict::not(
+            "Progressing",
+            format!(
+                "{}/{} services ready; waiting for: {}",
+                observed.services_ready,
+                observed.services_total,
+                observed.not_ready_services.join(", ")
+            ),
+        )
+    };
+    let gateway = if observed.gateway_ready_replicas >= observed.gateway_desired_replicas {
+        Verdict::ok(
+            "AllReady",
+            format!("{} gateway pods ready", observed.gateway_ready_replicas),
+        )
+    } else if observed.gateway_ready_replicas > 0 {
+        Verdict::not(
+            "Degraded",
+            format!(
+                "{}/{} gateway pods ready",
+                observed.gateway_ready_replicas, observed.gateway_desired_replicas
+            ),
+        )
+    } else {
+        Verdict::not(
+            "Unavailable",
+            format!("0/{} gateway pods ready", observed.gateway_desired_replicas),
+        )
+    };
+    let parts = [
+        (SERVICES_READY, services),
+        (GATEWAY_READY, gateway),
+        (CERTIFICATE_READY, observed.certificate_verdict.clone()),
+        (POLICY_ENFORCED, observed.policy_verdict.clone()),
+    ];
+    let failing: Vec<&str> = parts
+        .iter()
+        .filter(|(_, v)| !v.ok)
+        .map(|(t, _)| *t)
+        .collect();
+    let ready = if failing.is_empty() {
+        Verdict::ok(
+            "AllReady",
+            "services, gateway, certificate and policy are all in place",
+        )
+    } else {
+        Verdict::not("NotReady", format!("not yet: {}", failing.join(", ")))
+    };
+    let mut verdicts = vec![(READY, ready)];
+    verdicts.extend(parts);
+    let mut violations = observed.violations.clone();
+    violations.sort();
+    let count = violations.len();
+    violations.truncate(MAX_LISTED_VIOLATIONS);
+    OpsConductorStackStatus {
+        observed_generation: observed.generation,
+        conditions: conditions(previous, &verdicts, observed.generation, now),
+        services: Some(ServicesStatus {
+            ready: observed.services_ready,
+            total: observed.services_total,
+            summary: format!("{}/{}", observed.services_ready, observed.services_total),
+        }),
+        gateway: Some(GatewayStatus {
+            ready_replicas: observed.gateway_ready_replicas,
+            address: observed.gateway_address.clone(),
+        }),
+        certificate: Some(observed.certificate.clone()),
+        violations,
+        violation_count: Some(count as i32),
+    }
+}
+
+/// The status for a stack whose spec failed validation: Ready=False/InvalidSpec with every
+/// problem; the rest of the previous status (what is running) is kept as it was.
+pub fn invalid(
+    previous: Option<&OpsConductorStackStatus>,
+    generation: Option<i64>,
+    message: &str,
+    now: Timestamp,
+) -> OpsConductorStackStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    let mut verdicts = vec![(READY, Verdict::not("InvalidSpec", message))];
+    // Keep the other conditions as they were: nothing was changed.
+    for c in previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default()
+    {
+        if c.type_ != READY {
+            verdicts.push((
+                leak_type(&c.type_),
+                Verdict {
+                    ok: c.status == "True",
+                    reason: c.reason.clone(),
+                    message: c.message.clone(),
+                },
+            ));
+        }
+    }
+    status.conditions = conditions(previous, &verdicts, generation, now);
+    status.observed_generation = generation;
+    if status.certificate.is_none() {
+        status.certificate = Some(CertificateStatus {
+            state: CertificateState::Pending,
+            hosts: vec![],
+            serial: None,
+            not_before: None,
+            not_after: None,
+            renewal_time: None,
+            last_failure_reason: None,
+            last_failure_time: None,
+            failed_attempts: 0,
+        });
+    }
+    status
+}
+
+fn leak_type(t: &str) -> &'static str {
+    match t {
+        SERVICES_READY => SERVICES_READY,
+        GATEWAY_READY => GATEWAY_READY,
+        CERTIFICATE_READY => CERTIFICATE_READY,
+        POLICY_ENFORCED => POLICY_ENFORCED,
+        _ => READY,
+    }
+}
+
+fn conditions(
+    previous: Option<&OpsConductorStackStatus>,
+    verdicts: &[(&str, Verdict)],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    verdicts
+        .iter()
+        .map(|(type_, v)| {
+            let status = if v.ok { "True" } else { "False" };
+            let before = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == *type_));
+            let last_transition_time = match before {
+                Some(c) if c.status == status => c.last_transition_time.clone(),
+                _ => Time(now),
+            };
+            Condition {
+                type_: type_.to_string(),
+                status: status.into(),
+                reason: v.reason.clone(),
+                message: v.message.clone(),
+                last_transition_time,
+                observed_generation: generation,
+            }
+        })
+        .collect()
+}
+
+/// The condition of `type_` in `status`, if any.
+pub fn condition<'a>(
+    status: Option<&'a OpsConductorStackStatus>,
+    type_: &str,
+) -> Option<&'a Condition> {
+    status?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observed() -> Observed {
+        Observed {
+            generation: Some(3),
+            services_ready: 2,
+            services_total: 2,
+            not_ready_services: vec![],
+            gateway_ready_replicas: 2,
+            gateway_desired_replicas: 2,
+            gateway_address: None,
+            certificate: CertificateStatus {
+                state: CertificateState::Valid,
+                hosts: vec!["a.example.com".into()],
+                serial: None,
+                not_before: None,
+                not_after: None,
+                renewal_time: None,
+                last_failure_reason: None,
+                last_failure_time: None,
+                failed_attempts: 0,
+            },
+            certificate_verdict: Verdict::ok("Valid", "ok"),
+            policy_verdict: Verdict::ok("Enforced", "ok"),
+            violations: vec![],
+        }
+    }
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn all_good_is_ready() {
+        let s = compute(None, &observed(), t(100));
+        let ready = condition(Some(&s), READY).unwrap();
+        assert_eq!(ready.status, "True");
+        assert_eq!(ready.observed_generation, Some(3));
+        assert_eq!(s.services.unwrap().summary, "2/2");
+        assert_eq!(s.violation_count, Some(0));
+    }
+
+    #[test]
+    fn unchanged_observations_give_an_identical_status() {
+        let first = compute(None, &observed(), t(100));
+        let second = compute(Some(&first), &observed(), t(200));
+        assert_eq!(first, second, "timestamps only move on a transition");
+    }
+
+    #[test]
+    fn a_failing_part_explains_itself_and_moves_the_transition_time() {
+        let first = compute(None, &observed(), t(100));
+        let mut o = observed();
+        o.services_ready = 1;
+        o.not_ready_services = vec!["users".into()];
+        let second = compute(Some(&first), &o, t(200));
+        let ready = condition(Some(&second), READY).unwrap();
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.message, "not yet: ServicesReady");
+        assert_eq!(ready.last_transition_time, Time(t(200)));
+        let services = condition(Some(&second), SERVICES_READY).unwrap();
+        assert_eq!(services.message, "1/2 services ready; waiting for: users");
+        let gateway = condition(Some(&second), GATEWAY_READY).unwrap();
+        assert_eq!(gateway.last_transition_time, Time(t(100)));
+    }
+
+    #[test]
+    fn violations_are_capped_and_counted() {
+        let mut o = observed();
+        o.violations = (0..60)
+            .map(|i| Violation {
+                kind: "Service".into(),
+                name: format!("s{i:02}"),
+                reason: "r".into(),
+            })
+            .collect();
+        let s = compute(None, &o, t(1));
+        assert_eq!(s.violations.len(), MAX_LISTED_VIOLATIONS);
+        assert_eq!(s.violation_count, Some(60));
+    }
+
+    #[test]
+    fn invalid_spec_keeps_what_runs() {
+        let good = compute(None, &observed(), t(100));
+        let bad = invalid(
+            Some(&good),
+            Some(4),
+            "spec.services[0].port: port 0 is out of range",
+            t(200),
+        );
+        let ready = condition(Some(&bad), READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert_eq!(bad.services, good.services);
+        assert_eq!(
+            condition(Some(&bad), SERVICES_READY).unwrap().status,
+            "True"
+        );
+        assert_eq!(bad.observed_generation, Some(4));
+    }
+}

@@ -1,0 +1,172 @@
+//! Prometheus metrics of the operator, in the text exposition format.
+//!
+//! A handful of counters and one histogram, kept by hand: label values are bounded (kinds,
+//! reasons from a fixed set), never free-form strings.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the reconcile duration histogram, in seconds.
+const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// (metric name, sorted label pairs) -> value
+    counters: BTreeMap<(&'static str, Vec<(&'static str, String)>), u64>,
+    gauges: BTreeMap<(&'static str, Vec<(&'static str, String)>), f64>,
+    reconcile_buckets: Vec<u64>,
+    reconcile_sum: f64,
+    reconcile_count: u64,
+}
+
+const HELP: &[(&str, &str, &str)] = &[
+    (
+        "opsconductor_reconciles_total",
+        "counter",
+        "Reconciles of stacks, by result.",
+    ),
+    (
+        "opsconductor_reconcile_errors_total",
+        "counter",
+        "Failed reconciles, by reason.",
+    ),
+    (
+        "opsconductor_objects_applied_total",
+        "counter",
+        "Server-side applies of managed objects, by kind and cause.",
+    ),
+    (
+        "opsconductor_objects_pruned_total",
+        "counter",
+        "Managed objects deleted because the stack no longer wants them, by kind.",
+    ),
+    (
+        "opsconductor_drift_total",
+        "counter",
+        "Changes by others to managed objects, by kind and action (reverted or reported).",
+    ),
+    (
+        "opsconductor_stacks",
+        "gauge",
+        "Stacks known to the operator, by readiness.",
+    ),
+    (
+        "opsconductor_violations",
+        "gauge",
+        "Policy violations found in stack namespaces, per stack.",
+    ),
+];
+
+impl Metrics {
+    pub fn inc(&self, name: &'static str, labels: &[(&'static str, &str)]) {
+        self.add(name, labels, 1);
+    }
+
+    pub fn add(&self, name: &'static str, labels: &[(&'static str, &str)], n: u64) {
+        let key = (
+            name,
+            labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        );
+        *self.inner.lock().unwrap().counters.entry(key).or_default() += n;
+    }
+
+    pub fn set(&self, name: &'static str, labels: &[(&'static str, &str)], value: f64) {
+        let key = (
+            name,
+            labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        );
+        self.inner.lock().unwrap().gauges.insert(key, value);
+    }
+
+    pub fn observe_reconcile(&self, d: Duration) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.reconcile_buckets.is_empty() {
+            inner.reconcile_buckets = vec![0; BUCKETS.len()];
+        }
+        let secs = d.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                inner.reconcile_buckets[i] += 1;
+            }
+        }
+        inner.reconcile_sum += secs;
+        inner.reconcile_count += 1;
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let inner = self.inner.lock().unwrap();
+        let mut out = String::new();
+        for (name, kind, help) in HELP {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for ((n, labels), v) in &inner.counters {
+                if n == name {
+                    let _ = writeln!(out, "{name}{} {v}", fmt_labels(labels));
+                }
+            }
+            for ((n, labels), v) in &inner.gauges {
+                if n == name {
+                    let _ = writeln!(out, "{name}{} {v}", fmt_labels(labels));
+                }
+            }
+        }
+        let name = "opsconductor_reconcile_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time spent in one reconcile.\n# TYPE {name} histogram"
+        );
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let n = inner.reconcile_buckets.get(i).copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}",
+            inner.reconcile_count
+        );
+        let _ = writeln!(out, "{name}_sum {}", inner.reconcile_sum);
+        let _ = writeln!(out, "{name}_count {}", inner.reconcile_count);
+        out
+    }
+}
+
+fn fmt_labels(labels: &[(&'static str, String)]) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histogram() {
+        let m = Metrics::default();
+        m.inc("opsconductor_reconciles_total", &[("result", "ok")]);
+        m.inc("opsconductor_reconciles_total", &[("result", "ok")]);
+        m.observe_reconcile(Duration::from_millis(30));
+        let text = m.render();
+        assert!(
+            text.contains("opsconductor_reconciles_total{result=\"ok\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("opsconductor_reconcile_duration_seconds_bucket{le=\"0.05\"} 1"));
+        assert!(text.contains("opsconductor_reconcile_duration_seconds_bucket{le=\"0.025\"} 0"));
+        assert!(text.contains("opsconductor_reconcile_duration_seconds_count 1"));
+    }
+}
