@@ -85,9 +85,22 @@ fn stack_strategy() -> impl Strategy<Value = Value> {
 }
 
 fn selects(policy: &NetworkPolicy, labels: &BTreeMap<String, String>) -> bool {
-    let sel = policy.spec.as_ref().unwrap().pod_selector.as_ref().cloned().unwrap_or_default();
-    assert!(sel.match_expressions.is_none(), "the builders use matchLabels only");
-    sel.match_labels.unwrap_or_default().iter().all(|(k, v)| labels.get(k) == Some(v))
+    let sel = policy
+        .spec
+        .as_ref()
+        .unwrap()
+        .pod_selector
+        .as_ref()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        sel.match_expressions.is_none(),
+        "the builders use matchLabels only"
+    );
+    sel.match_labels
+        .unwrap_or_default()
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
 }
 
 fn is_default_deny_both_ways(policy: &NetworkPolicy) -> bool {
@@ -167,7 +180,7 @@ proptest! {
                 prop_assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
                 prop_assert!(spec.ports.iter().flatten().all(|p| p.node_port.is_none()));
             }
-            prop_assert!(spec.external_ips.is_none());
+            prop_assert!(spec.external_ips.as_ref().is_none_or(|ips| ips.is_empty()));
             prop_assert!(spec.load_balancer_ip.is_none());
         }
         prop_assert_eq!(bundle.services.iter().filter(|s| s.spec.as_ref().unwrap().type_.as_deref() != Some("ClusterIP")).count(), 1);

@@ -145,6 +145,10 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
                 spec: Some(PodSpec {
                     service_account_name: Some(names::gateway(&stack.name)),
                     automount_service_account_token: Some(false),
+                    // Explicit, so that the operator owns these fields and reverts a change.
+                    host_network: Some(false),
+                    host_pid: Some(false),
+                    host_ipc: Some(false),
                     security_context: Some(pod_security_context()),
                     containers: vec![container],
                     termination_grace_period_seconds: Some(30),
@@ -208,6 +212,7 @@ pub fn service(stack: &Stack) -> Service {
         metadata: meta(stack, names::gateway(&stack.name), component),
         spec: Some(ServiceSpec {
             type_: Some(type_.into()),
+            external_ips: Some(vec![]),
             selector: Some(names::selector(&stack.name, component)),
             ports: Some(vec![
                 port("http", 80, nginx::HTTP_PORT),

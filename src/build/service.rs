@@ -76,6 +76,10 @@ pub fn deployment(stack: &Stack, svc: &model::Service) -> Deployment {
                 spec: Some(PodSpec {
                     service_account_name: Some(svc.name.to_string()),
                     automount_service_account_token: Some(false),
+                    // Explicit, so that the operator owns these fields and reverts a change.
+                    host_network: Some(false),
+                    host_pid: Some(false),
+                    host_ipc: Some(false),
                     security_context: Some(pod_security_context()),
                     containers: vec![container],
                     // A read-only root filesystem still needs somewhere to write temp files.
@@ -107,6 +111,9 @@ pub fn service(stack: &Stack, svc: &model::Service) -> Service {
         metadata: meta(stack, svc.name.to_string(), component),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
+            // Explicitly empty, so that the operator owns the field and removes any address
+            // someone adds: an external IP would expose the service outside the gateway.
+            external_ips: Some(vec![]),
             selector: Some(names::selector(&stack.name, component)),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
