@@ -277,14 +277,18 @@ fn plain_http_server(w: &mut String, stack: &Stack, options: &BuildOptions) {
 
 fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
     let g = &stack.gateway;
+    let headers = security_headers(stack);
     let _ = writeln!(
         w,
         r#"
-    # Unknown or missing SNI: the TLS handshake is refused, no certificate is shown.
+    # Unknown or missing SNI: the TLS handshake is refused, no certificate is shown. A request
+    # whose Host header names no configured host lands here too, on a session opened for one.
     server {{
         listen {HTTPS_PORT} ssl http2 default_server;
         listen [::]:{HTTPS_PORT} ssl http2 default_server;
         ssl_reject_handshake on;
+{headers}
+        return 421;
     }}
 
     server {{
@@ -299,13 +303,8 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
         }}
 
         # Set here and nowhere below: a location with its own add_header would drop all of these.
-        add_header Strict-Transport-Security "{hsts}" always;
-        add_header X-Content-Type-Options "nosniff" always;
-        add_header X-Frame-Options "DENY" always;
-        add_header Referrer-Policy "strict-origin-when-cross-origin" always;
-        add_header X-Request-ID $request_id always;"#,
+{headers}"#,
         hosts = g.hosts.join(" "),
-        hsts = hsts_value(stack),
     );
     if let Some(rl) = g.rate_limit {
         let _ = writeln!(
@@ -383,6 +382,18 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
         );
     }
     let _ = writeln!(w, "    }}");
+}
+
+/// The headers of every HTTPS response, errors included (`always`).
+fn security_headers(stack: &Stack) -> String {
+    format!(
+        r#"        add_header Strict-Transport-Security "{hsts}" always;
+        add_header X-Content-Type-Options "nosniff" always;
+        add_header X-Frame-Options "DENY" always;
+        add_header Referrer-Policy "strict-origin-when-cross-origin" always;
+        add_header X-Request-ID $request_id always;"#,
+        hsts = hsts_value(stack)
+    )
 }
 
 fn hsts_value(stack: &Stack) -> String {
@@ -574,7 +585,9 @@ spec:
         ] {
             let conf = render(&stack(yaml), &options);
             assert!(!conf.contains("return 200 \"$1."));
-            assert!(conf.contains("location /.well-known/acme-challenge/ {\n            return 404;"));
+            assert!(
+                conf.contains("location /.well-known/acme-challenge/ {\n            return 404;")
+            );
         }
     }
 

@@ -1,0 +1,662 @@
+//! The gateway with real nginx: the configuration exactly as the operator renders it into the
+//! gateway ConfigMap, run by the machine's nginx (Debian's 1.22) on loopback, with small HTTP
+//! backends standing in for the services. How names are mapped and ports chosen is described
+//! in `tests/gateway_support/mod.rs` and `docs/gateway.md`.
+//!
+//! Needs `nginx`, `openssl` and `curl` (and `unshare` as root for the startup-resolution
+//! tests). Under `CI=true` a missing tool fails; elsewhere `OPSC_SKIP_NGINX=1` skips.
+
+mod gateway_support;
+
+use std::net::Ipv4Addr;
+
+use gateway_support::{
+    Backend, Dns, Gateway, Layout, OldTlsServer, Resolution, curl_many, rendered_config,
+    tools_present,
+};
+use opsconductor_operator::build::{BuildOptions, nginx};
+
+const HOST: &str = "shop.example.test";
+const OTHER_HOST: &str = "api.shop.example.test";
+const THUMBPRINT: &str = "9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI";
+const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// The in-cluster name the gateway uses for service `name` of the test stacks.
+fn fqdn(name: &str) -> String {
+    format!("{name}.shop.svc.cluster.local")
+}
+
+fn options() -> BuildOptions {
+    BuildOptions {
+        acme_thumbprint: Some(THUMBPRINT.into()),
+        ..BuildOptions::default()
+    }
+}
+
+/// The test stack: two hosts, ACME, a 1 KiB body limit, two routed services (one at `/`),
+/// an internal-only one, and optional extra lines under `gateway:` and `services:`.
+fn stack_yaml(auth_port: u16, web_port: u16, gateway_extra: &str, services_extra: &str) -> String {
+    format!(
+        r#"apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata: {{name: edge, namespace: shop}}
+spec:
+  gateway:
+    hosts: [{HOST}, {OTHER_HOST}]
+    clientMaxBodySize: 1k
+    hsts: {{maxAgeSeconds: 63072000, includeSubDomains: true, preload: true}}
+{gateway_extra}  tls:
+    acme: {{directoryUrl: "https://acme.invalid/directory", acceptTermsOfService: true}}
+  services:
+    - {{name: auth, image: example/auth:1, port: {auth_port}, route: /api/v1/auth/}}
+    - {{name: web, image: example/web:1, port: {web_port}, route: /}}
+    - {{name: internal, image: example/internal:1, port: 9999}}
+{services_extra}"#
+    )
+}
+
+/// DNS, two backends and a gateway resolving names per request (the operator's mode).
+struct Setup {
+    dns: Dns,
+    auth: Backend,
+    web: Backend,
+    gw: Gateway,
+}
+
+fn setup(gateway_extra: &str) -> Setup {
+    let dns = Dns::start();
+    let auth = Backend::start("auth");
+    let web = Backend::start("web");
+    dns.insert(&fqdn("auth"), LOCALHOST);
+    dns.insert(&fqdn("web"), LOCALHOST);
+    dns.insert(&fqdn("internal"), LOCALHOST);
+    let yaml = stack_yaml(auth.port, web.port, gateway_extra, "");
+    let gw = Gateway::start(&yaml, options(), Resolution::Dns(&dns), &[HOST, OTHER_HOST]);
+    Setup { dns, auth, web, gw }
+}
+
+fn assert_security_headers(r: &gateway_support::Response, what: &str) {
+    let expect = [
+        (
+            "strict-transport-security",
+            "max-age=63072000; includeSubDomains; preload",
+        ),
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "strict-origin-when-cross-origin"),
+    ];
+    for (name, value) in expect {
+        assert_eq!(
+            r.header(name),
+            Some(value),
+            "{what}: header {name} in {:?}",
+            r.headers
+        );
+    }
+    assert_eq!(
+        r.header("server"),
+        Some("nginx"),
+        "{what}: no version shown"
+    );
+}
+
+#[test]
+fn each_route_reaches_its_backend_with_the_prefix_and_forwarded_headers() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let r = s.gw.curl_https(
+        HOST,
+        "/api/v1/auth/login?next=%2Fhome",
+        &[
+            "-H",
+            "X-Forwarded-For: 203.0.113.9",
+            "-H",
+            "Forwarded: for=evil",
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = r.json();
+    assert_eq!(seen["backend"], "auth");
+    assert_eq!(seen["path"], "/api/v1/auth/login?next=%2Fhome");
+    let h = &seen["headers"];
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], HOST);
+    assert_eq!(h["host"], HOST);
+    // The edge does not pass on what the client claims about earlier hops.
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert!(h.get("forwarded").is_none(), "{h}");
+    // HTTP/1.1 upstream, Connection emptied (keepalive-capable), one id on both sides.
+    assert!(h.get("connection").is_none(), "{h}");
+    let id = h["x-request-id"].as_str().unwrap();
+    assert_eq!(id.len(), 32, "{id}");
+    assert_eq!(r.header("x-request-id"), Some(id));
+    assert_eq!(r.header("x-powered-by"), None, "backend detail leaked");
+    assert_security_headers(&r, "routed response");
+
+    let r = s.gw.curl_https(OTHER_HOST, "/static/app.js", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["backend"], "web");
+    assert_eq!(r.json()["path"], "/static/app.js");
+    assert_eq!(r.json()["headers"]["host"], OTHER_HOST);
+    // The longest prefix wins: /api/v1/authx is not under /api/v1/auth/.
+    assert_eq!(
+        s.gw.curl_https(HOST, "/api/v1/authx", &[]).json()["backend"],
+        "web"
+    );
+    assert!(s.auth.connections() >= 1 && s.web.connections() >= 1);
+    // Internal-only services have no route and no upstream.
+    let conf = std::fs::read_to_string(s.gw.layout.config_path()).unwrap();
+    assert!(!conf.contains(&fqdn("internal")));
+    assert!(
+        s.dns.queries() > 0,
+        "names were resolved through the resolver"
+    );
+}
+
+#[test]
+fn plain_http_redirects_everything_but_acme_challenges_and_health() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let r = s.gw.curl_http(HOST, "/api/v1/auth/login?x=1&y=2");
+    assert_eq!(r.status, 308);
+    assert_eq!(
+        r.header("location"),
+        Some("https://shop.example.test/api/v1/auth/login?x=1&y=2")
+    );
+    let r = s.gw.curl_http(OTHER_HOST, "/");
+    assert_eq!(r.status, 308);
+    assert_eq!(r.header("location"), Some("https://api.shop.example.test/"));
+
+    let token = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
+    let r =
+        s.gw.curl_http(HOST, &format!("/.well-known/acme-challenge/{token}"));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, format!("{token}.{THUMBPRINT}"));
+    // Not a token: not answered, and not redirected either.
+    let r = s.gw.curl_http(HOST, "/.well-known/acme-challenge/a/b");
+    assert_eq!(r.status, 308, "a nested path is no challenge: redirected");
+    let r = s.gw.curl_http(HOST, "/healthz");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    assert_eq!(s.auth.connections() + s.web.connections(), 0);
+}
+
+#[test]
+fn acme_path_without_a_thumbprint_is_not_redirected() {
+    if !tools_present(false) {
+        return;
+    }
+    let dns = Dns::start();
+    let yaml = stack_yaml(1, 2, "", "");
+    let gw = Gateway::start(
+        &yaml,
+        BuildOptions::default(),
+        Resolution::Dns(&dns),
+        &[HOST, OTHER_HOST],
+    );
+    let r = gw.curl_http(HOST, "/.well-known/acme-challenge/abc");
+    assert_eq!(r.status, 404);
+    assert_eq!(gw.curl_http(HOST, "/x").status, 308);
+}
+
+#[test]
+fn security_headers_are_on_every_https_response() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let ok = s.gw.curl_https(HOST, "/", &[]);
+    assert_eq!(ok.status, 200);
+    assert_security_headers(&ok, "200 from a backend");
+    let big = "x".repeat(4096);
+    let too_big =
+        s.gw.curl_https(HOST, "/upload", &["--data-binary", &big, "-H", "Expect:"]);
+    assert_eq!(too_big.status, 413);
+    assert_security_headers(&too_big, "413");
+    let wrong_host =
+        s.gw.curl_https(HOST, "/", &["-H", &format!("Host: {OTHER_HOST}")]);
+    assert_eq!(wrong_host.status, 421);
+    assert_security_headers(&wrong_host, "421");
+    let h2 = s.gw.curl_https(HOST, "/", &["--http2"]);
+    assert_eq!(h2.version, "HTTP/2");
+    assert_security_headers(&h2, "HTTP/2");
+}
+
+#[test]
+fn only_tls_1_2_and_1_3_with_the_chosen_ciphers_and_curves() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let sni = ["-servername", HOST];
+    for (flag, name) in [("-tls1", "TLS 1.0"), ("-tls1_1", "TLS 1.1")] {
+        // The client can speak it: a server that allows it completes the handshake.
+        let old = OldTlsServer::start(&s.gw.layout, flag);
+        let (ok, out) = gateway_support::s_client(
+            &format!("127.0.0.1:{}", old.port),
+            &s.gw.layout.permissive_openssl_conf(),
+            &[flag, "-cipher", "DEFAULT@SECLEVEL=0", "-servername", HOST],
+            b"",
+        );
+        assert!(
+            ok,
+            "control: {name} against a permissive server failed:\n{out}"
+        );
+        let (ok, out) = s.gw.s_client(
+            &[flag, "-cipher", "DEFAULT@SECLEVEL=0", sni[0], sni[1]],
+            b"",
+        );
+        assert!(!ok, "{name} was accepted:\n{out}");
+    }
+    let (ok, out) = s.gw.s_client(&["-tls1_2", "-brief", sni[0], sni[1]], b"");
+    assert!(ok, "{out}");
+    assert!(out.contains("Protocol version: TLSv1.2"), "{out}");
+    let suite = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Ciphersuite: "))
+        .unwrap_or_else(|| panic!("no suite in {out}"));
+    assert!(
+        nginx::TLS12_CIPHERS.split(':').any(|c| c == suite),
+        "{suite} is not in the intermediate list"
+    );
+    assert!(out.contains("X25519"), "X25519 preferred:\n{out}");
+    let (ok, out) = s.gw.s_client(&["-tls1_3", "-brief", sni[0], sni[1]], b"");
+    assert!(ok, "{out}");
+    assert!(out.contains("Protocol version: TLSv1.3"), "{out}");
+    // A CBC suite from outside the intermediate list is refused.
+    let (ok, out) = s.gw.s_client(
+        &[
+            "-tls1_2",
+            "-cipher",
+            "ECDHE-ECDSA-AES128-SHA",
+            sni[0],
+            sni[1],
+        ],
+        b"",
+    );
+    assert!(!ok, "a non-AEAD suite was accepted:\n{out}");
+    // Curves: P-256 accepted, P-384 alone refused.
+    let (ok, out) = s.gw.s_client(
+        &["-tls1_3", "-groups", "P-256", "-brief", sni[0], sni[1]],
+        b"",
+    );
+    assert!(ok && out.contains("prime256v1"), "{out}");
+    let (ok, out) =
+        s.gw.s_client(&["-tls1_3", "-groups", "P-384", sni[0], sni[1]], b"");
+    assert!(!ok, "P-384 was accepted:\n{out}");
+}
+
+#[test]
+fn http2_is_negotiated_with_alpn() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let (ok, out) =
+        s.gw.s_client(&["-alpn", "h2,http/1.1", "-servername", HOST], b"");
+    assert!(ok, "{out}");
+    assert!(out.contains("ALPN protocol: h2"), "{out}");
+    let r = s.gw.curl_https(HOST, "/api/v1/auth/x", &["--http2"]);
+    assert_eq!((r.version.as_str(), r.status), ("HTTP/2", 200));
+    // Upstream stays HTTP/1.1.
+    assert_eq!(r.json()["backend"], "auth");
+}
+
+#[test]
+fn unknown_or_missing_sni_is_refused_in_the_handshake_and_host_must_match_sni() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let (ok, out) = s.gw.s_client(&["-servername", "evil.example.test"], b"");
+    assert!(!ok, "unknown SNI accepted:\n{out}");
+    assert!(
+        !out.contains("BEGIN CERTIFICATE") && !out.contains("subject="),
+        "a certificate was shown for an unknown name:\n{out}"
+    );
+    let (ok, out) = s.gw.s_client(&["-noservername"], b"");
+    assert!(!ok, "missing SNI accepted:\n{out}");
+    let (ok, out) = s.gw.s_client(&["-servername", OTHER_HOST], b"");
+    assert!(ok, "a configured host was refused:\n{out}");
+
+    let r =
+        s.gw.curl_https(HOST, "/", &["-H", "Host: evil.example.test"]);
+    assert_eq!(r.status, 421);
+    let r =
+        s.gw.curl_https(HOST, "/", &["-H", &format!("Host: {OTHER_HOST}")]);
+    assert_eq!(r.status, 421, "another configured host over this session");
+    assert_eq!(s.web.connections(), 0, "nothing reached a backend");
+}
+
+#[test]
+fn a_body_above_the_limit_gets_413() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let small = "y".repeat(1000);
+    let r = s.gw.curl_https(
+        HOST,
+        "/api/v1/auth/upload",
+        &["--data-binary", &small, "-H", "Expect:"],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 1000);
+    let big = "y".repeat(1025);
+    let r = s.gw.curl_https(
+        HOST,
+        "/api/v1/auth/upload",
+        &["--data-binary", &big, "-H", "Expect:"],
+    );
+    assert_eq!(r.status, 413);
+    assert_eq!(s.auth.connections(), 1, "the large body never reached auth");
+}
+
+#[test]
+fn a_websocket_upgrade_passes_through() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let request = format!(
+        "GET /api/v1/auth/socket HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\nping\n"
+    );
+    let (_, out) = s.gw.s_client(
+        &["-quiet", "-servername", HOST, "-alpn", "http/1.1"],
+        request.as_bytes(),
+    );
+    assert!(out.contains("HTTP/1.1 101 Switching Protocols"), "{out}");
+    assert!(out.contains("X-Backend: auth"), "{out}");
+    assert!(out.contains("X-Saw-Connection-Upgrade: true"), "{out}");
+    assert!(
+        out.contains("echo:ping"),
+        "no data through the tunnel:\n{out}"
+    );
+}
+
+#[test]
+fn a_burst_beyond_the_rate_limit_gets_429_with_retry_after() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("    rateLimit: {requestsPerSecond: 1, burst: 3}\n");
+    let url = s.gw.https_url(HOST, "/api/v1/auth/x");
+    let resolve = format!("{HOST}:{}:127.0.0.1", s.gw.layout.https_port);
+    let cert = s.gw.layout.cert().display().to_string();
+    let mut args = vec!["--resolve", &resolve, "--cacert", &cert];
+    // Twenty requests on one connection, as fast as curl sends them: at 1 r/s with a burst
+    // of 3, at most 3 + (seconds elapsed) of them can pass.
+    for _ in 0..20 {
+        args.push(&url);
+    }
+    let responses = curl_many(&args);
+    assert_eq!(responses.len(), 20);
+    let passed = responses.iter().filter(|r| r.status == 200).count();
+    let limited: Vec<_> = responses.iter().filter(|r| r.status == 429).collect();
+    assert!(passed >= 3, "the burst must pass: {passed}");
+    assert_eq!(passed + limited.len(), 20);
+    assert!(!limited.is_empty(), "nothing was limited");
+    for r in &limited {
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert_security_headers(r, "429");
+    }
+    for r in responses.iter().filter(|r| r.status == 200) {
+        assert_eq!(r.header("retry-after"), None);
+    }
+    assert!(s.auth.connections() >= 1);
+}
+
+#[test]
+fn a_missing_service_does_not_stop_the_others_and_is_served_once_it_exists() {
+    if !tools_present(false) {
+        return;
+    }
+    let dns = Dns::start();
+    let auth = Backend::start("auth");
+    let web = Backend::start("web");
+    let ghost = Backend::start("ghost");
+    dns.insert(&fqdn("auth"), LOCALHOST);
+    dns.insert(&fqdn("web"), LOCALHOST);
+    // No DNS name for "ghost" yet: its Service does not exist.
+    let yaml = stack_yaml(
+        auth.port,
+        web.port,
+        "",
+        &format!(
+            "    - {{name: ghost, image: example/ghost:1, port: {}, route: /ghost/}}\n",
+            ghost.port
+        ),
+    );
+    let gw = Gateway::start(&yaml, options(), Resolution::Dns(&dns), &[HOST]);
+    assert_eq!(gw.curl_https(HOST, "/api/v1/auth/a", &[]).status, 200);
+    assert_eq!(gw.curl_https(HOST, "/", &[]).status, 200);
+    let r = gw.curl_https(HOST, "/ghost/a", &[]);
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_security_headers(&r, "502");
+    assert!(gw.error_log().contains("could not be resolved"));
+    // The Service appears: the same nginx, not reloaded, serves it once its negative cache
+    // entry expires (resolver valid=10s). Polled; no assertion on how long it takes.
+    dns.insert(&fqdn("ghost"), LOCALHOST);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let r = gw.curl_https(HOST, "/ghost/a", &[]);
+        if r.status == 200 {
+            assert_eq!(r.json()["backend"], "ghost");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ghost never became reachable: {r:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert_eq!(gw.curl_https(HOST, "/api/v1/auth/b", &[]).status, 200);
+}
+
+#[test]
+fn startup_resolution_keeps_upstream_connections_alive_but_needs_every_name() {
+    if !tools_present(true) {
+        return;
+    }
+    let auth = Backend::start("auth");
+    let web = Backend::start("web");
+    let yaml = stack_yaml(auth.port, web.port, "", "");
+    let hosts = vec![(fqdn("auth"), LOCALHOST), (fqdn("web"), LOCALHOST)];
+    let gw = Gateway::start(&yaml, options(), Resolution::Hosts(hosts.clone()), &[HOST]);
+    let resolve = format!("{HOST}:{}:127.0.0.1", gw.layout.https_port);
+    let cert = gw.layout.cert().display().to_string();
+    let url = gw.https_url(HOST, "/api/v1/auth/k");
+    let mut args = vec!["--resolve", &resolve, "--cacert", &cert];
+    for _ in 0..20 {
+        args.push(&url);
+    }
+    let responses = curl_many(&args);
+    assert!(responses.iter().all(|r| r.status == 200));
+    // One client connection, one nginx worker: the upstream connection is reused.
+    assert!(
+        auth.connections() <= 2,
+        "20 requests opened {} upstream connections",
+        auth.connections()
+    );
+    let first = responses[0].json()["connection"].clone();
+    assert_eq!(responses[19].json()["connection"], first);
+
+    // The price: a name that does not resolve stops nginx from starting at all.
+    let layout = Layout::new();
+    layout.install_config(&rendered_config(&yaml, &options()));
+    layout.make_certificate(&[HOST]);
+    let out = layout.nginx_test(Some(&hosts[..1]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("host not found in upstream"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn per_request_resolution_opens_an_upstream_connection_per_request() {
+    // The documented trade-off of the operator's mode on nginx < 1.27.3 (docs/gateway.md).
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let resolve = format!("{HOST}:{}:127.0.0.1", s.gw.layout.https_port);
+    let cert = s.gw.layout.cert().display().to_string();
+    let url = s.gw.https_url(HOST, "/api/v1/auth/k");
+    let mut args = vec!["--resolve", &resolve, "--cacert", &cert];
+    for _ in 0..10 {
+        args.push(&url);
+    }
+    let responses = curl_many(&args);
+    assert!(responses.iter().all(|r| r.status == 200));
+    assert_eq!(s.auth.connections(), 10);
+}
+
+#[test]
+fn the_access_log_is_one_json_object_per_request_on_stdout() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    s.gw.curl_https(
+        HOST,
+        "/api/v1/auth/log-me?q=\"x\"",
+        &["-A", "agent \"quoted\""],
+    );
+    s.gw.curl_http(HOST, "/plain");
+    // nginx writes the line after the response; poll the file briefly.
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines =
+            s.gw.access_log()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>();
+        if lines.len() >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let entries: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let tls = &entries[0];
+    assert_eq!(tls["status"], 200);
+    assert_eq!(tls["host"], HOST);
+    assert_eq!(tls["sni"], HOST);
+    assert_eq!(tls["tls"], "TLSv1.3");
+    assert_eq!(tls["user_agent"], "agent \"quoted\"");
+    assert_eq!(tls["upstream_status"], "200");
+    assert_eq!(entries[1]["status"], 308);
+    assert!(
+        !s.gw.error_log().contains("[error]"),
+        "{}",
+        s.gw.error_log()
+    );
+}
+
+#[test]
+fn tls_1_2_sessions_resume_from_the_cache_without_tickets() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let sess = s.gw.layout.path("session.pem");
+    let sess = sess.to_str().unwrap();
+    let (ok, out) =
+        s.gw.s_client(&["-tls1_2", "-servername", HOST, "-sess_out", sess], b"");
+    assert!(ok, "{out}");
+    assert!(
+        !out.contains("TLS session ticket:"),
+        "a stateless ticket was issued:\n{out}"
+    );
+    let (ok, out) =
+        s.gw.s_client(&["-tls1_2", "-servername", HOST, "-sess_in", sess], b"");
+    assert!(ok, "{out}");
+    assert!(out.contains("Reused, TLSv1.2"), "not resumed:\n{out}");
+}
+
+#[test]
+fn nginx_accepts_the_configuration_of_every_example() {
+    if !tools_present(true) {
+        return;
+    }
+    let dns = Dns::start();
+    let mut examples: Vec<_> = std::fs::read_dir(gateway_support::root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    examples.sort();
+    assert!(examples.len() >= 3);
+    let mut stacks: Vec<(String, String)> = examples
+        .iter()
+        .map(|p| (p.display().to_string(), std::fs::read_to_string(p).unwrap()))
+        .collect();
+    // And the largest gateway the spec allows: 100 hosts, the longest a DNS name can be.
+    let label = "a".repeat(63);
+    let hosts: Vec<String> = (0..100)
+        .map(|i| {
+            format!(
+                "h{i:02}{}.{label}.{label}.{}.com",
+                &label[..60],
+                &label[..57]
+            )
+        })
+        .collect();
+    assert_eq!(hosts[0].len(), 253);
+    stacks.push((
+        "100 hosts of 253 characters".into(),
+        format!(
+            "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\nmetadata: {{name: big}}\n\
+             spec:\n  gateway:\n    hosts: [{}]\n  tls: {{secretName: c}}\n  services:\n\
+             \x20   - {{name: web, image: x, route: /}}\n",
+            hosts.join(", ")
+        ),
+    ));
+    for (name, yaml) in &stacks {
+        let stack = opsconductor_operator::render::parse_stack(name, yaml).unwrap();
+        let model = opsconductor_operator::validate::validate(&stack, "default").unwrap();
+        let names: Vec<(String, Ipv4Addr)> = model
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    format!("{}.{}.svc.cluster.local", s.name, model.namespace),
+                    LOCALHOST,
+                )
+            })
+            .collect();
+        let hosts: Vec<&str> = model.gateway.hosts.iter().map(String::as_str).collect();
+        let resolver = BuildOptions {
+            dns_resolver: Some(dns.addr),
+            ..options()
+        };
+        for (mode, opts, hosts_file) in [
+            ("per-request resolution", resolver, None),
+            ("startup resolution", options(), Some(&names[..])),
+        ] {
+            let layout = Layout::new();
+            layout.install_config(&rendered_config(yaml, &opts));
+            layout.make_certificate(&hosts[..hosts.len().min(20)]);
+            let out = layout.nginx_test(hosts_file);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && stderr.contains("test is successful"),
+                "{name} ({mode}): nginx -t failed:\n{stderr}"
+            );
+            assert!(
+                !stderr.contains("[warn]") && !stderr.contains("[emerg]"),
+                "{name} ({mode}): nginx warns:\n{stderr}"
+            );
+        }
+    }
+}

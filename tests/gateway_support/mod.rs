@@ -1,0 +1,887 @@
+//! Real nginx for the gateway tests: the configuration exactly as the operator renders it into
+//! the gateway ConfigMap, a certificate made by `openssl`, small HTTP backends on loopback
+//! standing in for the services, and one of two ways to map in-cluster names to loopback
+//! without touching the machine's `/etc/hosts`:
+//!
+//! - [`Dns`]: a tiny DNS server on a loopback port, given to the operator's builder as the
+//!   cluster DNS address ([`BuildOptions::dns_resolver`]), exactly as the operator passes the
+//!   kube-dns ClusterIP. nginx then resolves names per request through it.
+//! - [`Resolution::Hosts`]: for the startup-resolution mode (no resolver), nginx runs in a
+//!   private mount namespace (`unshare -m`, root only) with a generated hosts file bind-mounted
+//!   over `/etc/hosts`.
+//!
+//! The only changes made to the rendered text: the mount-path prefixes and `/tmp` point into a
+//! temp dir, and the listen ports 8080/8443 become free loopback ports (the machine may be
+//! using 8080; a network namespace would also hide nginx from the test's own clients).
+//!
+//! Processes are stopped by their PID when their guard drops, also when a test fails.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use opsconductor_operator::build::{BuildOptions, nginx};
+use opsconductor_operator::render::bundle_for;
+
+/// Whether the real-nginx tests can run here. Under `CI=true` a missing tool fails the test
+/// with a message naming it; elsewhere, `OPSC_SKIP_NGINX=1` skips explicitly, and a missing
+/// tool without it fails too (nothing is skipped silently).
+pub fn tools_present(need_unshare: bool) -> bool {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let skip = std::env::var("OPSC_SKIP_NGINX").is_ok_and(|v| v == "1");
+    if skip && !ci {
+        eprintln!("OPSC_SKIP_NGINX=1: skipping a real-nginx test");
+        return false;
+    }
+    let mut missing = Vec::new();
+    for (tool, args, package) in [
+        ("nginx", &["-v"][..], "nginx"),
+        ("openssl", &["version"][..], "openssl"),
+        ("curl", &["--version"][..], "curl"),
+    ] {
+        let ok = Command::new(tool)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            missing.push(format!("{tool} (Debian package {package})"));
+        }
+    }
+    if need_unshare && !unshare_works() {
+        missing.push(
+            "a private mount namespace (`unshare -m` with `mount --bind`, util-linux, as root)"
+                .into(),
+        );
+    }
+    if !missing.is_empty() {
+        panic!(
+            "the real-nginx gateway tests need: {}. Install them (scripts/install-nginx), or \
+             outside CI set OPSC_SKIP_NGINX=1 to skip these tests explicitly.",
+            missing.join(", ")
+        );
+    }
+    true
+}
+
+fn unshare_works() -> bool {
+    Command::new("unshare")
+        .args(["-m", "sh", "-c", "mount --bind /etc/hosts /etc/hosts"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A free TCP port on 127.0.0.1 (the listener is closed again; nginx binds it next).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn ipv6_loopback() -> bool {
+    TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// Sends SIGTERM (nginx's fast shutdown: the master stops its workers) and reaps the child.
+fn terminate(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DNS
+
+/// A minimal authoritative DNS server on 127.0.0.1 (UDP): A records for the names it knows,
+/// an empty answer for their other types (AAAA), NXDOMAIN for every other name. Names can be
+/// added while it runs, like a Service being created.
+pub struct Dns {
+    pub addr: SocketAddr,
+    names: Arc<Mutex<HashMap<String, Ipv4Addr>>>,
+    queries: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Dns {
+    pub fn start() -> Dns {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let names: Arc<Mutex<HashMap<String, Ipv4Addr>>> = Arc::default();
+        let queries = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (names, queries, stop) = (names.clone(), queries.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    queries.fetch_add(1, Ordering::Relaxed);
+                    if let Some(reply) = answer(&buf[..n], &names.lock().unwrap()) {
+                        let _ = socket.send_to(&reply, peer);
+                    }
+                }
+            })
+        };
+        Dns {
+            addr,
+            names,
+            queries,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn insert(&self, name: &str, ip: Ipv4Addr) {
+        self.names
+            .lock()
+            .unwrap()
+            .insert(name.to_ascii_lowercase(), ip);
+    }
+
+    pub fn queries(&self) -> usize {
+        self.queries.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One DNS reply for one query (RFC 1035, section 4.1), or None for what is not a query.
+fn answer(query: &[u8], names: &HashMap<String, Ipv4Addr>) -> Option<Vec<u8>> {
+    if query.len() < 12 || query[2] & 0x80 != 0 {
+        return None;
+    }
+    let mut pos = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *query.get(pos)? as usize;
+        pos += 1;
+        if len == 0 {
+            break;
+        }
+        if len & 0xC0 != 0 {
+            return None;
+        }
+        labels.push(String::from_utf8_lossy(query.get(pos..pos + len)?).to_ascii_lowercase());
+        pos += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(pos)?, *query.get(pos + 1)?]);
+    let question_end = pos + 4;
+    let question = query.get(12..question_end)?;
+    let name = labels.join(".");
+    let found = names.get(&name).copied();
+    let mut reply = Vec::with_capacity(question_end + 16);
+    reply.extend_from_slice(&query[0..2]);
+    // QR, the query's opcode and RD, AA; RA; rcode 0 or 3 (NXDOMAIN).
+    reply.push(0x80 | (query[2] & 0x79) | 0x04);
+    reply.push(0x80 | if found.is_some() { 0 } else { 3 });
+    let answers: u16 = (found.is_some() && qtype == 1).into();
+    reply.extend_from_slice(&[0, 1]);
+    reply.extend_from_slice(&answers.to_be_bytes());
+    reply.extend_from_slice(&[0, 0, 0, 0]);
+    reply.extend_from_slice(question);
+    if let (Some(ip), 1) = (found, answers) {
+        reply.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
+        reply.extend_from_slice(&5u32.to_be_bytes());
+        reply.extend_from_slice(&[0, 4]);
+        reply.extend_from_slice(&ip.octets());
+    }
+    Some(reply)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+
+/// A small HTTP/1.1 server standing in for one service. Each response is JSON describing the
+/// request as received (method, path, headers, body length, which connection). A request
+/// asking for a WebSocket upgrade gets `101`, after which the backend answers one line
+/// `echo:<line>` and closes.
+pub struct Backend {
+    pub name: String,
+    pub port: u16,
+    connections: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    pub fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (connections, stop, name) = (connections.clone(), stop.clone(), name.to_string());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let n = connections.fetch_add(1, Ordering::Relaxed) + 1;
+                            let name = name.clone();
+                            thread::spawn(move || serve(stream, &name, n));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            });
+        }
+        Backend {
+            name: name.into(),
+            port,
+            connections,
+            stop,
+        }
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve(stream: TcpStream, name: &str, connection: usize) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut headers = BTreeMap::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").to_string();
+        let body_len: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; body_len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        if headers
+            .get("upgrade")
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        {
+            let connection_upgrade = headers
+                .get("connection")
+                .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"));
+            let _ = write!(
+                out,
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 X-Backend: {name}\r\nX-Saw-Connection-Upgrade: {connection_upgrade}\r\n\r\n"
+            );
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = writeln!(out, "echo:{}", line.trim_end());
+            let _ = out.flush();
+            return;
+        }
+        let description = serde_json::json!({
+            "backend": name,
+            "connection": connection,
+            "method": method,
+            "path": path,
+            "headers": headers,
+            "body_len": body_len,
+        })
+        .to_string();
+        let close = headers
+            .get("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let _ = write!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             X-Powered-By: test-backend\r\n{}\r\n{description}",
+            description.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        let _ = out.flush();
+        if close {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway
+
+/// How the gateway finds the services' addresses.
+pub enum Resolution<'a> {
+    /// The operator's per-request mode: `resolver` pointing at this DNS server.
+    Dns(&'a Dns),
+    /// The startup mode (no resolver): names mapped through a private `/etc/hosts`.
+    Hosts(Vec<(String, Ipv4Addr)>),
+}
+
+/// The rendered `nginx.conf` of `stack_yaml`, read from the gateway ConfigMap of the bundle
+/// built through the crate's public API. Also checks that the gateway Deployment mounts and
+/// runs exactly the paths the test rewrites.
+pub fn rendered_config(stack_yaml: &str, options: &BuildOptions) -> String {
+    let bundle = bundle_for("test-stack.yaml", stack_yaml, "default", options)
+        .unwrap_or_else(|e| panic!("the test stack is invalid: {e}"));
+    let deployment = serde_json::to_value(&bundle.deployments[0]).unwrap();
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["command"],
+        serde_json::json!(["nginx", "-c", nginx::CONFIG_PATH]),
+        "the gateway must run the configuration the test runs"
+    );
+    let mounts: Vec<&str> = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    for dir in [nginx::CONFIG_DIR, nginx::TLS_DIR, nginx::TMP_DIR] {
+        assert!(mounts.contains(&dir), "{dir} is not mounted: {mounts:?}");
+    }
+    let config_map = bundle
+        .config_maps
+        .iter()
+        .find(|c| {
+            c.data
+                .as_ref()
+                .is_some_and(|d| d.contains_key(nginx::CONFIG_KEY))
+        })
+        .expect("a ConfigMap holding nginx.conf");
+    config_map.data.as_ref().unwrap()[nginx::CONFIG_KEY].clone()
+}
+
+/// Paths of one nginx run: `<dir>/config/nginx.conf`, `<dir>/tls/tls.{crt,key}`, `<dir>/tmp`.
+pub struct Layout {
+    pub dir: tempfile::TempDir,
+    pub http_port: u16,
+    pub https_port: u16,
+}
+
+impl Layout {
+    pub fn new() -> Layout {
+        let dir = tempfile::Builder::new()
+            .prefix("opsc-gateway-")
+            .tempdir()
+            .unwrap();
+        for sub in ["config", "tls", "tmp"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        // nginx's workers run as an unprivileged user when the test runs as root: they must
+        // reach the temp dirs.
+        let _ = Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(dir.path())
+            .status();
+        let _ = Command::new("chmod")
+            .arg("a+rwx")
+            .arg(dir.path().join("tmp"))
+            .status();
+        Layout {
+            dir,
+            http_port: free_port(),
+            https_port: free_port(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path("config/nginx.conf")
+    }
+
+    /// Rewrites the mount-path prefixes, `/tmp` and the listen ports; nothing else.
+    pub fn install_config(&self, rendered: &str) {
+        let d = self.dir.path().display();
+        let v6 = ipv6_loopback();
+        // /tmp first: the temp dir itself may live under /tmp.
+        let mut text = rendered
+            .replace(&format!(" {}/", nginx::TMP_DIR), &format!(" {d}/tmp/"))
+            .replace(nginx::CONFIG_DIR, &format!("{d}/config"))
+            .replace(nginx::TLS_DIR, &format!("{d}/tls"));
+        let mut out = String::new();
+        for line in text.lines() {
+            let t = line.trim_start();
+            let rewritten = if let Some(rest) = t.strip_prefix("listen ") {
+                let (port, options) = rest.split_once(&[' ', ';'][..]).unwrap();
+                let ipv6 = port.starts_with("[::]:");
+                let port = port.trim_start_matches("[::]:");
+                let new_port = match port.parse::<i32>().unwrap() {
+                    p if p == nginx::HTTP_PORT => self.http_port,
+                    p if p == nginx::HTTPS_PORT => self.https_port,
+                    p => panic!("unexpected listen port {p}"),
+                };
+                let sep = &rest[rest.find(&[' ', ';'][..]).unwrap()..][..1];
+                match (ipv6, v6) {
+                    (true, false) => continue,
+                    (true, true) => format!("listen [::1]:{new_port}{sep}{options}"),
+                    (false, _) => format!("listen 127.0.0.1:{new_port}{sep}{options}"),
+                }
+            } else {
+                t.to_string()
+            };
+            let indent = &line[..line.len() - t.len()];
+            out.push_str(indent);
+            out.push_str(&rewritten);
+            out.push('\n');
+        }
+        text = out;
+        let outside = text.replace(&d.to_string(), "<dir>");
+        assert!(
+            !outside.contains("/etc/opsconductor") && !outside.contains(" /tmp/"),
+            "a pod path was left in the configuration:\n{outside}"
+        );
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    /// A self-signed ECDSA P-256 certificate for `hosts`, as the Secret's tls.crt/tls.key.
+    pub fn make_certificate(&self, hosts: &[&str]) {
+        let san: Vec<String> = hosts.iter().map(|h| format!("DNS:{h}")).collect();
+        let out = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .arg("ec_paramgen_curve:P-256")
+            .args(["-nodes", "-days", "2", "-subj"])
+            .arg("/CN=opsconductor gateway test")
+            .arg("-addext")
+            .arg(format!("subjectAltName={}", san.join(",")))
+            .arg("-keyout")
+            .arg(self.path("tls/tls.key"))
+            .arg("-out")
+            .arg(self.path("tls/tls.crt"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = Command::new("chmod")
+            .arg("a+r")
+            .arg(self.path("tls/tls.key"))
+            .status();
+    }
+
+    pub fn cert(&self) -> PathBuf {
+        self.path("tls/tls.crt")
+    }
+
+    /// The nginx command line for this layout, wrapped in a private mount namespace with its
+    /// own `/etc/hosts` when `hosts` is given.
+    fn nginx_command(&self, hosts: Option<&[(String, Ipv4Addr)]>, extra: &[&str]) -> Command {
+        let mut args: Vec<String> = vec![
+            "-p".into(),
+            self.dir.path().display().to_string(),
+            "-e".into(),
+            "stderr".into(),
+            "-c".into(),
+            self.config_path().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut cmd = match hosts {
+            None => {
+                let mut c = Command::new("nginx");
+                c.args(&args);
+                c
+            }
+            Some(entries) => {
+                let hosts_file = self.path("hosts");
+                let mut text = String::from("127.0.0.1 localhost\n::1 localhost\n");
+                for (name, ip) in entries {
+                    text.push_str(&format!("{ip} {name}\n"));
+                }
+                std::fs::write(&hosts_file, text).unwrap();
+                let mut c = Command::new("unshare");
+                // unshare execs sh, which execs nginx: the child's PID is nginx's.
+                c.args([
+                    "-m",
+                    "sh",
+                    "-c",
+                    "mount --bind \"$0\" /etc/hosts && exec nginx \"$@\"",
+                ])
+                .arg(&hosts_file)
+                .args(&args);
+                c
+            }
+        };
+        // As in the gateway image: no distribution-wide OpenSSL policy on top of nginx.conf,
+        // so that the TLS settings under test are nginx.conf's alone.
+        cmd.env("OPENSSL_CONF", self.permissive_openssl_conf());
+        cmd
+    }
+
+    /// An OpenSSL configuration that sets nothing (Debian's raises the minimum protocol).
+    pub fn permissive_openssl_conf(&self) -> PathBuf {
+        let p = self.path("openssl.cnf");
+        if !p.exists() {
+            std::fs::write(&p, "# intentionally empty\n").unwrap();
+        }
+        p
+    }
+
+    /// `nginx -t` on the installed configuration.
+    pub fn nginx_test(&self, hosts: Option<&[(String, Ipv4Addr)]>) -> Output {
+        self.nginx_command(hosts, &["-t"]).output().unwrap()
+    }
+}
+
+/// A running nginx serving the rendered gateway configuration.
+pub struct Gateway {
+    pub layout: Layout,
+    child: Child,
+    pub hosts: Vec<String>,
+}
+
+impl Gateway {
+    /// Renders `stack_yaml` with `options` (plus the DNS server, in DNS mode), installs the
+    /// configuration and a certificate for `hosts`, starts nginx and waits until it listens.
+    pub fn start(
+        stack_yaml: &str,
+        options: BuildOptions,
+        resolution: Resolution<'_>,
+        hosts: &[&str],
+    ) -> Gateway {
+        let mut options = options;
+        let host_entries = match resolution {
+            Resolution::Dns(dns) => {
+                options.dns_resolver = Some(dns.addr);
+                None
+            }
+            Resolution::Hosts(entries) => {
+                options.dns_resolver = None;
+                Some(entries)
+            }
+        };
+        let rendered = rendered_config(stack_yaml, &options);
+        let layout = Layout::new();
+        layout.install_config(&rendered);
+        layout.make_certificate(hosts);
+        let child = layout
+            .nginx_command(host_entries.as_deref(), &[])
+            .stdout(std::fs::File::create(layout.path("access.log")).unwrap())
+            .stderr(std::fs::File::create(layout.path("error.log")).unwrap())
+            .spawn()
+            .expect("nginx starts");
+        let mut gw = Gateway {
+            layout,
+            child,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        };
+        gw.wait_listening();
+        gw
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "nginx exited ({status}) before listening:\n{}",
+                    self.error_log()
+                );
+            }
+            let up = |p: u16| TcpStream::connect(("127.0.0.1", p)).is_ok();
+            if up(self.layout.http_port) && up(self.layout.https_port) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not listen within 30 s:\n{}",
+                self.error_log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.layout.path("error.log")).unwrap_or_default()
+    }
+
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.layout.path("access.log")).unwrap_or_default()
+    }
+
+    pub fn https_url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.layout.https_port)
+    }
+
+    /// curl to the HTTPS port, trusting the test certificate, `host` resolved to loopback.
+    pub fn curl_https(&self, host: &str, path: &str, extra: &[&str]) -> Response {
+        let resolve = format!("{host}:{}:127.0.0.1", self.layout.https_port);
+        let cert = self.layout.cert().display().to_string();
+        let mut args = vec!["--resolve", &resolve, "--cacert", &cert];
+        args.extend_from_slice(extra);
+        let url = self.https_url(host, path);
+        args.push(&url);
+        curl(&args)
+    }
+
+    /// curl to the plain HTTP port with `Host: host`.
+    pub fn curl_http(&self, host: &str, path: &str) -> Response {
+        let url = format!("http://127.0.0.1:{}{path}", self.layout.http_port);
+        let host_header = format!("Host: {host}");
+        curl(&["-H", &host_header, &url])
+    }
+
+    /// `openssl s_client` to the HTTPS port; stdin is `input`, the output is stdout+stderr.
+    pub fn s_client(&self, args: &[&str], input: &[u8]) -> (bool, String) {
+        s_client(
+            &format!("127.0.0.1:{}", self.layout.https_port),
+            &self.layout.permissive_openssl_conf(),
+            args,
+            input,
+        )
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+        if thread::panicking() {
+            eprintln!(
+                "--- nginx error log ---\n{}\n--- access log ---\n{}",
+                self.error_log(),
+                self.access_log()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// One HTTP response as curl saw it (the last one, after any 1xx).
+#[derive(Debug)]
+pub struct Response {
+    pub version: String,
+    pub status: u16,
+    /// Lowercase names; repeated headers joined with ", ".
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// Written by curl after each response, to split several responses of one run.
+const END_MARK: &str = "\n--opsc-end-of-response--\n";
+
+/// Runs curl with `-sS -i` and parses the response. Guarded against hanging by curl's own
+/// `--max-time`: a guard, not an assertion on time.
+pub fn curl(args: &[&str]) -> Response {
+    let mut responses = curl_many(args);
+    assert_eq!(responses.len(), 1, "{responses:?}");
+    responses.remove(0)
+}
+
+/// Every response of one curl run, e.g. `curl URL URL URL` (one connection, reused).
+pub fn curl_many(args: &[&str]) -> Vec<Response> {
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "60", "-w", END_MARK])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut parts: Vec<&str> = text.split(END_MARK).collect();
+    assert_eq!(parts.pop(), Some(""), "curl output ends with the mark");
+    parts.into_iter().map(parse_response).collect()
+}
+
+fn parse_response(text: &str) -> Response {
+    let mut rest = text;
+    loop {
+        let (head, body) = rest
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no header block in {text:?}"));
+        let mut lines = head.lines();
+        let status_line = lines.next().unwrap();
+        let mut parts = status_line.split_whitespace();
+        let version = parts.next().unwrap().to_string();
+        let status: u16 = parts.next().unwrap().parse().unwrap();
+        if (100..200).contains(&status) && body.starts_with("HTTP/") {
+            rest = body;
+            continue;
+        }
+        let mut headers = BTreeMap::new();
+        for line in lines {
+            if let Some((k, v)) = line.split_once(':') {
+                headers
+                    .entry(k.trim().to_ascii_lowercase())
+                    .and_modify(|e: &mut String| {
+                        e.push_str(", ");
+                        e.push_str(v.trim());
+                    })
+                    .or_insert_with(|| v.trim().to_string());
+            }
+        }
+        return Response {
+            version,
+            status,
+            headers,
+            body: body.to_string(),
+        };
+    }
+}
+
+/// `openssl s_client -connect addr ARGS`, with `input` on stdin. Returns whether it exited
+/// successfully and its stdout and stderr.
+pub fn s_client(addr: &str, openssl_conf: &Path, args: &[&str], input: &[u8]) -> (bool, String) {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", addr])
+        .args(args)
+        .env("OPENSSL_CONF", openssl_conf)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl runs");
+    let pid = child.id();
+    let done = Arc::new(AtomicBool::new(false));
+    // A hang guard: s_client waits for the server to close; nothing asserts on time.
+    let watchdog = {
+        let done = done.clone();
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(50));
+            }
+            if !done.load(Ordering::Relaxed) {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        })
+    };
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(input);
+    }
+    let out = child.wait_with_output().unwrap();
+    done.store(true, Ordering::Relaxed);
+    let _ = watchdog.join();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `openssl s_server` accepting only TLS 1.0 or 1.1 (OpenSSL security level 0): proves that
+/// the client side of the protocol-version test can speak the old versions at all.
+pub struct OldTlsServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl OldTlsServer {
+    pub fn start(layout: &Layout, version_flag: &str) -> OldTlsServer {
+        let port = free_port();
+        let mut child = Command::new("openssl")
+            .args(["s_server", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(layout.cert())
+            .arg("-key")
+            .arg(layout.path("tls/tls.key"))
+            .args([version_flag, "-cipher", "DEFAULT@SECLEVEL=0", "-quiet"])
+            .env("OPENSSL_CONF", layout.permissive_openssl_conf())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Watch the listening sockets rather than connecting (a probe would be a client).
+        while !listening(port) {
+            if let Ok(Some(s)) = child.try_wait() {
+                panic!("openssl s_server exited: {s}");
+            }
+            assert!(Instant::now() < deadline, "s_server did not listen");
+            thread::sleep(Duration::from_millis(50));
+        }
+        OldTlsServer { port, child }
+    }
+}
+
+impl Drop for OldTlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether something listens on 127.0.0.1:port, from /proc/net/tcp.
+fn listening(port: u16) -> bool {
+    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| t.contains(&needle))
+}
