@@ -139,13 +139,15 @@ fn everyone_v4() -> Peer {
     cidr_peer("0.0.0.0/0")
 }
 
+/// (pod, pod-is-source, connection, address family)
+type RangeKey = (String, bool, Conn, u8);
+
 /// Canonical form: single ports instead of short port ranges, and for each (pod, direction,
 /// connection) the address ranges merged, so that however the analyzer partitions the address
 /// space the same allowed set compares equal.
 fn canonical(facts: impl IntoIterator<Item = Fact>) -> Facts {
     let mut out = Facts::new();
-    // (pod, pod-is-source, conn, family) -> ranges
-    let mut ranges: BTreeMap<(String, bool, Conn, u8), Vec<(u128, u128)>> = BTreeMap::new();
+    let mut ranges: BTreeMap<RangeKey, Vec<(u128, u128)>> = BTreeMap::new();
     for fact in facts {
         let conns = match &fact.conn {
             Conn::Ports { proto, lo, hi } if hi - lo < 1024 => (*lo..=*hi)
