@@ -116,6 +116,40 @@ impl Error {
     }
 }
 
+/// Backoff of the watches after an error (an API server restart, a dropped connection):
+/// 250 ms, doubling up to 4 s, reset after a success. Short on purpose: drift must be seen
+/// again within seconds once the API server is back, and one operator's re-watches are light.
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(4);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = (current * 2).min(Self::MAX);
+        Some(current)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// Retry delay after `failures` consecutive failures: 1 s, 2 s, 4 s, ... capped at 5 minutes.
 pub fn backoff(failures: u32) -> Duration {
     Duration::from_secs(1u64 << failures.saturating_sub(1).min(9)).min(Duration::from_secs(300))
@@ -163,9 +197,20 @@ pub async fn run(
         ($kind:ty) => {{
             let (reader, writer) = reflector::store::<$kind>();
             let stream = watcher(Api::<$kind>::all(client.clone()), managed.clone())
-                .default_backoff()
+                .backoff(WatchBackoff::default())
                 .reflect(writer)
-                .touched_objects();
+                .touched_objects()
+                // A failing watch retries on its own backoff; its errors must not reach the
+                // controller, whose trigger backoff would otherwise pause every watch.
+                .filter_map(|event| async move {
+                    match event {
+                        Ok(object) => Some(Ok(object)),
+                        Err(error) => {
+                            tracing::warn!(kind = stringify!($kind), %error, "watch failed; retrying");
+                            None
+                        }
+                    }
+                });
             (reader, stream)
         }};
     }
@@ -211,6 +256,7 @@ pub async fn run(
 
     let stacks = Api::<OpsConductorStack>::all(client);
     Controller::new(stacks, watcher::Config::default().any_semantic())
+        .trigger_backoff(WatchBackoff::default())
         .with_config(
             kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)),
         )
@@ -250,6 +296,16 @@ fn reference(stack: &OpsConductorStack) -> k8s_openapi::api::core::v1::ObjectRef
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_backoff_is_short_and_resets() {
+        use kube::runtime::utils::Backoff as _;
+        let mut b = WatchBackoff::default();
+        let first: Vec<u128> = b.by_ref().take(6).map(|d| d.as_millis()).collect();
+        assert_eq!(first, [250, 500, 1000, 2000, 4000, 4000]);
+        b.reset();
+        assert_eq!(b.next(), Some(Duration::from_millis(250)));
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
