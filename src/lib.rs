@@ -4,6 +4,7 @@
 //! [`validate`] into [`model`], [`build`] the desired objects, and [`render`] them offline.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod audit;
 pub mod build;
 pub mod controller;
