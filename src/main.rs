@@ -64,6 +64,10 @@ enum Command {
         /// `auto` looks up the kube-dns Service, `none` resolves names once at gateway start.
         #[arg(long, env = "OPSC_DNS_RESOLVER", default_value = "auto")]
         dns_resolver: String,
+        /// Shut down cleanly when standard input reaches end of file: for a supervisor (or a
+        /// test harness) that wants the operator to stop when it goes away.
+        #[arg(long, hide = true)]
+        exit_on_stdin_eof: bool,
     },
 }
 
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
             resync_seconds,
             apply_always,
             dns_resolver,
+            exit_on_stdin_eof,
         } => {
             init_logging(log_format);
             let options = RunOptions {
@@ -92,7 +97,7 @@ fn main() -> ExitCode {
                 dns_resolver: None,
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
-            match runtime.block_on(run(metrics_addr, options, dns_resolver)) {
+            match runtime.block_on(run(metrics_addr, options, dns_resolver, exit_on_stdin_eof)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -145,6 +150,7 @@ async fn run(
     metrics_addr: String,
     mut options: RunOptions,
     dns_resolver: String,
+    exit_on_stdin_eof: bool,
 ) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context(
         "cannot build a Kubernetes client from the kubeconfig or the in-cluster configuration",
@@ -173,17 +179,30 @@ async fn run(
         metrics: Arc::new(Metrics::default()),
     });
     let server = tokio::spawn(server::serve(listener, health.clone()));
-    controller::run(client, options, health, shutdown_signal()).await;
+    controller::run(client, options, health, shutdown_signal(exit_on_stdin_eof)).await;
     server.abort();
     Ok(())
 }
 
-/// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM (the kubelet stopping the pod), Ctrl-C, or, when asked, the end of
+/// standard input.
+async fn shutdown_signal(exit_on_stdin_eof: bool) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("a SIGTERM handler installs");
+    let stdin_closed = async move {
+        if !exit_on_stdin_eof {
+            return std::future::pending().await;
+        }
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        while tokio::io::AsyncReadExt::read(&mut stdin, &mut buf)
+            .await
+            .is_ok_and(|n| n > 0)
+        {}
+    };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received, shutting down"),
+        _ = stdin_closed => tracing::info!("standard input closed, shutting down"),
     }
 }

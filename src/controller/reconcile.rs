@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -153,41 +153,57 @@ async fn publish_report(stack: &OpsConductorStack, ctx: &Context, report: &Repor
         )
         .await;
     }
-    let reverted = list(Cause::Drift);
-    if !reverted.is_empty() {
-        ctx.metrics.add(
-            "opsconductor_drift_total",
-            &[("action", "reverted")],
-            reverted.len() as u64,
-        );
-        let note = format!("reverted changes made by others to {}", reverted.join(", "));
-        tracing::info!(stack = %stack_key(stack), %note, "drift reverted");
-        publish(
-            stack,
-            ctx,
-            EventType::Warning,
-            "DriftReverted",
-            "Revert",
-            &note,
-        )
-        .await;
+    // One Event per object for drift and pruning: Events with the same reason about the same
+    // objects are folded into one series, so a per-object `related` keeps each one visible.
+    for (cause, kind, name) in &report.written {
+        if *cause == Cause::Drift {
+            ctx.metrics.inc(
+                "opsconductor_drift_total",
+                &[("kind", kind), ("action", "reverted")],
+            );
+            let note = format!("reverted changes made by others to {kind}/{name}");
+            tracing::info!(stack = %stack_key(stack), %note, "drift reverted");
+            publish_about(
+                stack,
+                ctx,
+                EventType::Warning,
+                "DriftReverted",
+                "Revert",
+                &note,
+                related(stack, kind, name),
+            )
+            .await;
+        }
     }
-    if !report.pruned.is_empty() {
-        let names: Vec<String> = report
-            .pruned
-            .iter()
-            .map(|(k, n)| format!("{k}/{n}"))
-            .collect();
-        publish(
+    for (kind, name) in &report.pruned {
+        let note = format!("deleted {kind}/{name}: the stack no longer wants it");
+        publish_about(
             stack,
             ctx,
             EventType::Normal,
             "Pruned",
             "Delete",
-            &format!("deleted {}", names.join(", ")),
+            &note,
+            related(stack, kind, name),
         )
         .await;
     }
+}
+
+fn related(stack: &OpsConductorStack, kind: &str, name: &str) -> Option<ObjectReference> {
+    let api_version = match kind {
+        "Deployment" => "apps/v1",
+        "NetworkPolicy" => "networking.k8s.io/v1",
+        "PodDisruptionBudget" => "policy/v1",
+        _ => "v1",
+    };
+    Some(ObjectReference {
+        api_version: Some(api_version.into()),
+        kind: Some(kind.into()),
+        name: Some(name.into()),
+        namespace: stack.namespace(),
+        ..ObjectReference::default()
+    })
 }
 
 /// In Audit mode, drift is reported: an Event when the set of drifted objects changes.
@@ -200,8 +216,10 @@ async fn audit_drift_event(
     let after = status::condition(Some(new_status), status::POLICY_ENFORCED);
     if let Some(after) = after {
         if after.reason == "DriftDetected" && before.is_none_or(|b| b.message != after.message) {
-            ctx.metrics
-                .inc("opsconductor_drift_total", &[("action", "reported")]);
+            ctx.metrics.inc(
+                "opsconductor_drift_total",
+                &[("kind", "any"), ("action", "reported")],
+            );
             publish(
                 stack,
                 ctx,
@@ -223,6 +241,18 @@ async fn publish(
     action: &str,
     note: &str,
 ) {
+    publish_about(stack, ctx, type_, reason, action, note, None).await;
+}
+
+async fn publish_about(
+    stack: &OpsConductorStack,
+    ctx: &Context,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+    secondary: Option<ObjectReference>,
+) {
     let mut note = note.to_string();
     if note.len() > 1000 {
         let mut cut = 997;
@@ -237,7 +267,7 @@ async fn publish(
         reason: reason.into(),
         note: Some(note),
         action: action.into(),
-        secondary: None,
+        secondary,
     };
     if let Err(e) = ctx.recorder.publish(&event, &reference(stack)).await {
         tracing::warn!(error = %e, reason, "cannot publish event");

@@ -16,6 +16,7 @@
 
 pub mod audit;
 pub mod controlplane;
+pub mod operator;
 
 pub use audit::{AuditEvent, AuditLog, AuditMark};
 pub use controlplane::{
