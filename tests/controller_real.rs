@@ -710,3 +710,138 @@ async fn status_and_printer_columns_explain_the_state() {
     // EXPIRES cell is empty, so the next word is VIOLATIONS.
     assert_eq!(row[5], "0", "{text}");
 }
+
+#[tokio::test]
+async fn violations_by_other_objects_are_reported_and_cleared() {
+    let Some(op) = operator().await else { return };
+    let Some(ns) = TestNamespace::new("violations").await else {
+        return;
+    };
+    apply_stack(&ns.client, &example("minimal.yaml", &ns.name)).await;
+    converged(&ns.client, &ns.name, "hello").await;
+
+    // The operator marks the namespace for the admission guardrails.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ns.client.clone());
+    let marker = namespaces
+        .get(&ns.name)
+        .await
+        .unwrap()
+        .metadata
+        .labels
+        .unwrap_or_default()
+        .get("opsconductor.io/protected")
+        .cloned();
+    assert_eq!(marker.as_deref(), Some("enforce"));
+
+    // Someone else's NodePort Service and an Ingress, next to the stack.
+    let services: Api<Service> = ns.api();
+    let legacy = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "legacy-admin"},
+        "spec": {"type": "NodePort", "selector": {"app": "legacy"}, "ports": [{"port": 80}]}});
+    services
+        .patch(
+            "legacy-admin",
+            &PatchParams::apply("someone-else"),
+            &Patch::Apply(&legacy),
+        )
+        .await
+        .unwrap();
+    let ingresses: Api<k8s_openapi::api::networking::v1::Ingress> = ns.api();
+    let ingress = json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "shortcut"},
+        "spec": {"defaultBackend": {"service": {"name": "web", "port": {"number": 8000}}}}});
+    ingresses
+        .patch(
+            "shortcut",
+            &PatchParams::apply("someone-else"),
+            &Patch::Apply(&ingress),
+        )
+        .await
+        .unwrap();
+
+    let api: Api<OpsConductorStack> = Api::namespaced(ns.client.clone(), &ns.name);
+    let status = eventually("both violations in status", WAIT, || async {
+        let s = api.get("hello").await.ok()?.status?;
+        (s.violation_count == Some(2)).then_some(s)
+    })
+    .await;
+    let found: Vec<(String, String)> = status
+        .violations
+        .iter()
+        .map(|v| (v.kind.clone(), v.name.clone()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("Ingress".to_string(), "shortcut".to_string()),
+            ("Service".into(), "legacy-admin".into())
+        ]
+    );
+    assert!(
+        status.violations[1].reason.contains("NodePort"),
+        "{:?}",
+        status.violations[1]
+    );
+    let policy = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "PolicyEnforced")
+        .unwrap();
+    assert_eq!(
+        (policy.status.as_str(), policy.reason.as_str()),
+        ("False", "ViolationsFound")
+    );
+    let events = eventually("PolicyViolation events", WAIT, || async {
+        let e = events_with_reason(&ns.client, &ns.name, "PolicyViolation").await;
+        (e.len() == 2).then_some(e.join("\n"))
+    })
+    .await;
+    assert!(
+        events.contains("legacy-admin") && events.contains("shortcut"),
+        "{events}"
+    );
+    assert!(op.metric("opsconductor_violations{stack=") >= 2.0);
+    // Nothing the operator does not manage is modified or deleted.
+    assert_eq!(
+        services
+            .get("legacy-admin")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .type_
+            .as_deref(),
+        Some("NodePort")
+    );
+
+    // Fixed: the violations disappear.
+    services
+        .delete("legacy-admin", &DeleteParams::default())
+        .await
+        .unwrap();
+    ingresses
+        .delete("shortcut", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the violations to clear", WAIT, || async {
+        let s = api.get("hello").await.ok()?.status?;
+        let policy = s.conditions.iter().find(|c| c.type_ == "PolicyEnforced")?;
+        (s.violation_count == Some(0) && s.violations.is_empty() && policy.status == "True")
+            .then_some(())
+    })
+    .await;
+    let resolved = events_with_reason(&ns.client, &ns.name, "ViolationResolved").await;
+    assert_eq!(resolved.len(), 2, "{resolved:?}");
+
+    // The last stack gone, the marker goes too.
+    api.delete("hello", &DeleteParams::default()).await.unwrap();
+    eventually("the namespace marker to be removed", WAIT, || async {
+        let labels = namespaces
+            .get(&ns.name)
+            .await
+            .ok()?
+            .metadata
+            .labels
+            .unwrap_or_default();
+        (!labels.contains_key("opsconductor.io/protected")).then_some(())
+    })
+    .await;
+}

@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::runtime::{Controller, WatchStreamExt, controller::Action};
 use kube::{Api, Client, Resource};
@@ -64,6 +64,17 @@ pub struct Stores {
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub pod_disruption_budgets: Store<PodDisruptionBudget>,
+    /// Everything in stack namespaces that the violation audit looks at, managed or not.
+    pub audit: AuditStores,
+}
+
+/// Caches of every Service, Pod, Ingress and NetworkPolicy, for the violation audit.
+pub struct AuditStores {
+    pub services: Store<Service>,
+    pub pods: Store<Pod>,
+    pub ingresses: Store<Ingress>,
+    pub network_policies: Store<NetworkPolicy>,
+    pub namespaces: Store<Namespace>,
 }
 
 impl Stores {
@@ -75,6 +86,11 @@ impl Stores {
         let _ = self.deployments.wait_until_ready().await;
         let _ = self.services.wait_until_ready().await;
         let _ = self.pod_disruption_budgets.wait_until_ready().await;
+        let _ = self.audit.services.wait_until_ready().await;
+        let _ = self.audit.pods.wait_until_ready().await;
+        let _ = self.audit.ingresses.wait_until_ready().await;
+        let _ = self.audit.network_policies.wait_until_ready().await;
+        let _ = self.audit.namespaces.wait_until_ready().await;
     }
 }
 
@@ -85,6 +101,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
     pub options: RunOptions,
+    /// The controller's own cache of stacks (to find the stacks of a namespace).
+    pub stacks: Store<OpsConductorStack>,
     applied: apply::AppliedLog,
     /// Consecutive failures per stack (namespace/name), for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -194,9 +212,12 @@ pub async fn run(
     ));
 
     macro_rules! child_watch {
-        ($kind:ty) => {{
+        ($kind:ty) => {
+            child_watch!($kind, managed.clone())
+        };
+        ($kind:ty, $config:expr) => {{
             let (reader, writer) = reflector::store::<$kind>();
-            let stream = watcher(Api::<$kind>::all(client.clone()), managed.clone())
+            let stream = watcher(Api::<$kind>::all(client.clone()), $config)
                 .backoff(WatchBackoff::default())
                 .reflect(writer)
                 .touched_objects()
@@ -220,6 +241,16 @@ pub async fn run(
     let (deployments, deploy_stream) = child_watch!(Deployment);
     let (services, svc_stream) = child_watch!(Service);
     let (pod_disruption_budgets, pdb_stream) = child_watch!(PodDisruptionBudget);
+    // The audit sees everything in the namespaces, not only what the operator manages.
+    let everything = watcher::Config::default().any_semantic();
+    let (audit_services, audit_svc_stream) = child_watch!(Service, everything.clone());
+    let (audit_pods, audit_pod_stream) = child_watch!(Pod, everything.clone());
+    let (audit_ingresses, audit_ing_stream) = child_watch!(Ingress, everything.clone());
+    let (audit_policies, audit_np_stream) = child_watch!(NetworkPolicy, everything.clone());
+    let (namespaces, ns_stream) = child_watch!(Namespace, everything.clone());
+    let stacks = Api::<OpsConductorStack>::all(client.clone());
+    let controller = Controller::new(stacks, watcher::Config::default().any_semantic());
+    let stack_store = controller.store();
 
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -238,8 +269,16 @@ pub async fn run(
             deployments,
             services,
             pod_disruption_budgets,
+            audit: AuditStores {
+                services: audit_services,
+                pods: audit_pods,
+                ingresses: audit_ingresses,
+                network_policies: audit_policies,
+                namespaces,
+            },
         },
         options,
+        stacks: stack_store.clone(),
         applied: apply::AppliedLog::default(),
         failures: Mutex::default(),
     });
@@ -254,8 +293,23 @@ pub async fn run(
         });
     }
 
-    let stacks = Api::<OpsConductorStack>::all(client);
-    Controller::new(stacks, watcher::Config::default().any_semantic())
+    // An object anywhere in a namespace concerns every stack of that namespace.
+    let in_namespace = move |namespace: Option<String>| {
+        stack_store
+            .state()
+            .into_iter()
+            .filter(|s| s.metadata.namespace == namespace)
+            .map(|s| ObjectRef::from_obj(&*s))
+            .collect::<Vec<_>>()
+    };
+    let (n1, n2, n3, n4) = (
+        in_namespace.clone(),
+        in_namespace.clone(),
+        in_namespace.clone(),
+        in_namespace.clone(),
+    );
+    tokio::spawn(namespace_markers(client.clone(), ctx.clone()));
+    controller
         .trigger_backoff(WatchBackoff::default())
         .with_config(
             kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)),
@@ -266,6 +320,12 @@ pub async fn run(
         .owns_stream(deploy_stream)
         .owns_stream(svc_stream)
         .owns_stream(pdb_stream)
+        .watches_stream(audit_svc_stream, move |o| n1(o.metadata.namespace.clone()))
+        .watches_stream(audit_pod_stream, move |o| n2(o.metadata.namespace.clone()))
+        .watches_stream(audit_ing_stream, move |o| n3(o.metadata.namespace.clone()))
+        .watches_stream(audit_np_stream, move |o| n4(o.metadata.namespace.clone()))
+        // Namespaces only feed the cache (for the admission marker); they trigger nothing.
+        .watches_stream(ns_stream, |_| Vec::<ObjectRef<OpsConductorStack>>::new())
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -275,6 +335,91 @@ pub async fn run(
         })
         .await;
     tracing::info!("controller stopped");
+}
+
+/// Field manager of the namespace marker label, apart from the operator's main one so that
+/// applying it never touches anything else on the Namespace.
+pub const MARKER_MANAGER: &str = "opsconductor-operator-namespace-marker";
+
+/// Sets the admission marker label of `namespace` from the policy modes of its stacks, or
+/// removes it when no stack is left. Writes only when the label must change.
+pub async fn sync_namespace_marker(
+    ctx: &Context,
+    namespace: &str,
+    modes: Vec<crate::crd::PolicyMode>,
+) -> Result<(), Error> {
+    use kube::api::{Patch, PatchParams};
+    let wanted = crate::admission::marker_value(modes);
+    let current = ctx
+        .stores
+        .audit
+        .namespaces
+        .get(&ObjectRef::new(namespace))
+        .and_then(|ns| {
+            ns.metadata
+                .labels
+                .as_ref()?
+                .get(crate::admission::PROTECTED_LABEL)
+                .cloned()
+        });
+    if current.as_deref() == wanted {
+        return Ok(());
+    }
+    let labels = match wanted {
+        Some(v) => serde_json::json!({ crate::admission::PROTECTED_LABEL: v }),
+        None => serde_json::json!({}),
+    };
+    let patch = serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": { "name": namespace, "labels": labels },
+    });
+    Api::<Namespace>::all(ctx.client.clone())
+        .patch(
+            namespace,
+            &PatchParams::apply(MARKER_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    tracing::info!(namespace, marker = ?wanted, "namespace admission marker updated");
+    Ok(())
+}
+
+/// Removes or downgrades the marker when stacks are deleted (a deleted stack is never
+/// reconciled again, so its namespace is handled here).
+async fn namespace_markers(client: Client, ctx: Arc<Context>) {
+    use kube::runtime::watcher::Event;
+    let stream = watcher(
+        Api::<OpsConductorStack>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .backoff(WatchBackoff::default());
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        let Ok(Event::Delete(stack)) = event else {
+            continue;
+        };
+        let Some(ns) = stack.metadata.namespace.clone() else {
+            continue;
+        };
+        let remaining = match Api::<OpsConductorStack>::namespaced(client.clone(), &ns)
+            .list(&Default::default())
+            .await
+        {
+            Ok(list) => list.items,
+            Err(e) => {
+                tracing::warn!(namespace = %ns, error = %e, "cannot list stacks to update the namespace marker");
+                continue;
+            }
+        };
+        let modes = remaining
+            .iter()
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .map(|s| s.spec.policy.mode)
+            .collect();
+        if let Err(e) = sync_namespace_marker(&ctx, &ns, modes).await {
+            tracing::warn!(namespace = %ns, error = %e, "cannot update the namespace marker");
+        }
+    }
 }
 
 /// The ClusterIP of the cluster DNS Service (`kube-system/kube-dns`, the name CoreDNS keeps),

@@ -81,11 +81,51 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
     };
     let report = apply::apply_bundle(ctx, &target, &bundle).await?;
     publish_report(stack, ctx, &report).await;
+    let modes = ctx
+        .stacks
+        .state()
+        .iter()
+        .filter(|s| {
+            s.metadata.namespace.as_deref() == Some(namespace.as_str())
+                && s.metadata.deletion_timestamp.is_none()
+        })
+        .map(|s| s.spec.policy.mode)
+        .chain([model.mode])
+        .collect();
+    super::sync_namespace_marker(ctx, &namespace, modes).await?;
 
     // 5. status
-    let observed = observe(stack, ctx, &model, &report, bundle.network_policies.len()).await?;
+    let violations = violations(ctx, &model, &bundle, &report);
+    let mut observed = observe(stack, ctx, &model, &report, bundle.network_policies.len()).await?;
+    if !violations.is_empty() && observed.policy_verdict.ok {
+        let listed: Vec<String> = violations
+            .iter()
+            .take(3)
+            .map(|v| format!("{} {} ({})", v.kind, v.name, v.reason))
+            .collect();
+        let more = if violations.len() > 3 {
+            format!(" and {} more", violations.len() - 3)
+        } else {
+            String::new()
+        };
+        observed.policy_verdict = Verdict::not(
+            "ViolationsFound",
+            format!(
+                "{} object(s) in the namespace break the policy: {}{more}",
+                violations.len(),
+                listed.join("; ")
+            ),
+        );
+    }
+    ctx.metrics.set(
+        "opsconductor_violations",
+        &[("stack", &stack_key(stack))],
+        violations.len() as f64,
+    );
+    observed.violations = violations;
     let new_status = status::compute(stack.status.as_ref(), &observed, Timestamp::now());
     audit_drift_event(stack, ctx, &new_status).await;
+    violation_events(stack, ctx, &new_status).await;
     write_status(stack, ctx, new_status).await?;
     Ok(Action::requeue(ctx.options.resync))
 }
@@ -193,7 +233,10 @@ async fn publish_report(stack: &OpsConductorStack, ctx: &Context, report: &Repor
 fn related(stack: &OpsConductorStack, kind: &str, name: &str) -> Option<ObjectReference> {
     let api_version = match kind {
         "Deployment" => "apps/v1",
-        "NetworkPolicy" => "networking.k8s.io/v1",
+        "NetworkPolicy" | "Ingress" => "networking.k8s.io/v1",
+        "HTTPRoute" | "GRPCRoute" | "TLSRoute" | "TCPRoute" | "UDPRoute" => {
+            "gateway.networking.k8s.io/v1"
+        }
         "PodDisruptionBudget" => "policy/v1",
         _ => "v1",
     };
@@ -204,6 +247,89 @@ fn related(stack: &OpsConductorStack, kind: &str, name: &str) -> Option<ObjectRe
         namespace: stack.namespace(),
         ..ObjectReference::default()
     })
+}
+
+/// What breaks the policy in the stack's namespace, from the audit caches. Managed objects
+/// written in this very pass are left out: the cache has not seen the write yet.
+fn violations(
+    ctx: &Context,
+    model: &Stack,
+    bundle: &build::Bundle,
+    report: &Report,
+) -> Vec<crate::crd::Violation> {
+    fn in_ns<K: Resource<DynamicType = ()> + Clone>(
+        store: &kube::runtime::reflector::Store<K>,
+        ns: &str,
+    ) -> Vec<K> {
+        store
+            .state()
+            .iter()
+            .filter(|o| o.meta().namespace.as_deref() == Some(ns))
+            .map(|o| (**o).clone())
+            .collect()
+    }
+    let ns = model.namespace.as_str();
+    let a = &ctx.stores.audit;
+    let found = crate::audit::Found {
+        services: in_ns(&a.services, ns),
+        pods: in_ns(&a.pods, ns),
+        ingresses: in_ns(&a.ingresses, ns),
+        network_policies: in_ns(&a.network_policies, ns),
+        routes: vec![],
+    };
+    let just_written: Vec<(&str, &str)> = report
+        .written
+        .iter()
+        .map(|(_, k, n)| (*k, n.as_str()))
+        .collect();
+    crate::audit::audit(model, bundle, &found)
+        .into_iter()
+        .filter(|v| !just_written.contains(&(v.kind.as_str(), v.name.as_str())))
+        .collect()
+}
+
+/// An Event for each violation that appeared, and for each that was fixed.
+async fn violation_events(
+    stack: &OpsConductorStack,
+    ctx: &Context,
+    new_status: &OpsConductorStackStatus,
+) {
+    let before: Vec<crate::crd::Violation> = stack
+        .status
+        .as_ref()
+        .map(|s| s.violations.clone())
+        .unwrap_or_default();
+    for v in new_status.violations.iter().filter(|v| !before.contains(v)) {
+        let note = format!("{} {}: {}", v.kind, v.name, v.reason);
+        publish_about(
+            stack,
+            ctx,
+            EventType::Warning,
+            "PolicyViolation",
+            "Audit",
+            &note,
+            related(stack, &v.kind, &v.name),
+        )
+        .await;
+    }
+    for v in before.iter().filter(|v| {
+        !new_status
+            .violations
+            .iter()
+            .any(|n| n.kind == v.kind && n.name == v.name)
+    }) {
+        let note = format!("{} {} no longer breaks the policy", v.kind, v.name);
+        publish_about(
+            stack,
+            ctx,
+            EventType::Normal,
+            "ViolationResolved",
+            "Audit",
+            &note,
+            related(stack, &v.kind, &v.name),
+        )
+        .await;
+    }
 }
 
 /// In Audit mode, drift is reported: an Event when the set of drifted objects changes.
