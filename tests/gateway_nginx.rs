@@ -667,3 +667,41 @@ fn nginx_accepts_the_configuration_of_every_example() {
         }
     }
 }
+
+/// Not a test: writes the gateway configuration for `scripts/bench-gateway`, rendered by the
+/// operator's builder exactly as for the tests. Reads OPSC_BENCH_DIR (with config/, tls/,
+/// tmp/), OPSC_BENCH_BACKEND_PORT, OPSC_BENCH_HTTP_PORT, OPSC_BENCH_HTTPS_PORT and, for the
+/// per-request resolution mode, OPSC_BENCH_DNS (address of a DNS server).
+#[test]
+#[ignore = "run by scripts/bench-gateway"]
+fn write_bench_config() {
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
+    let port = |name: &str| var(name).parse::<u16>().unwrap();
+    let yaml = format!(
+        r#"apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata: {{name: bench, namespace: shop}}
+spec:
+  gateway:
+    hosts: [{HOST}]
+  tls: {{secretName: bench-cert}}
+  services:
+    - {{name: web, image: example/web:1, port: {}, route: /}}
+"#,
+        port("OPSC_BENCH_BACKEND_PORT")
+    );
+    let options = BuildOptions {
+        dns_resolver: std::env::var("OPSC_BENCH_DNS")
+            .ok()
+            .map(|a| a.parse().expect("OPSC_BENCH_DNS is host:port")),
+        ..BuildOptions::default()
+    };
+    let dir = std::path::PathBuf::from(var("OPSC_BENCH_DIR"));
+    let text = gateway_support::local_config(
+        &rendered_config(&yaml, &options),
+        &dir,
+        port("OPSC_BENCH_HTTP_PORT"),
+        port("OPSC_BENCH_HTTPS_PORT"),
+    );
+    std::fs::write(dir.join("config/nginx.conf"), text).unwrap();
+}

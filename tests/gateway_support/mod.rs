@@ -451,45 +451,7 @@ impl Layout {
 
     /// Rewrites the mount-path prefixes, `/tmp` and the listen ports; nothing else.
     pub fn install_config(&self, rendered: &str) {
-        let d = self.dir.path().display();
-        let v6 = ipv6_loopback();
-        // /tmp first: the temp dir itself may live under /tmp.
-        let mut text = rendered
-            .replace(&format!(" {}/", nginx::TMP_DIR), &format!(" {d}/tmp/"))
-            .replace(nginx::CONFIG_DIR, &format!("{d}/config"))
-            .replace(nginx::TLS_DIR, &format!("{d}/tls"));
-        let mut out = String::new();
-        for line in text.lines() {
-            let t = line.trim_start();
-            let rewritten = if let Some(rest) = t.strip_prefix("listen ") {
-                let (port, options) = rest.split_once(&[' ', ';'][..]).unwrap();
-                let ipv6 = port.starts_with("[::]:");
-                let port = port.trim_start_matches("[::]:");
-                let new_port = match port.parse::<i32>().unwrap() {
-                    p if p == nginx::HTTP_PORT => self.http_port,
-                    p if p == nginx::HTTPS_PORT => self.https_port,
-                    p => panic!("unexpected listen port {p}"),
-                };
-                let sep = &rest[rest.find(&[' ', ';'][..]).unwrap()..][..1];
-                match (ipv6, v6) {
-                    (true, false) => continue,
-                    (true, true) => format!("listen [::1]:{new_port}{sep}{options}"),
-                    (false, _) => format!("listen 127.0.0.1:{new_port}{sep}{options}"),
-                }
-            } else {
-                t.to_string()
-            };
-            let indent = &line[..line.len() - t.len()];
-            out.push_str(indent);
-            out.push_str(&rewritten);
-            out.push('\n');
-        }
-        text = out;
-        let outside = text.replace(&d.to_string(), "<dir>");
-        assert!(
-            !outside.contains("/etc/opsconductor") && !outside.contains(" /tmp/"),
-            "a pod path was left in the configuration:\n{outside}"
-        );
+        let text = local_config(rendered, self.dir.path(), self.http_port, self.https_port);
         std::fs::write(self.config_path(), text).unwrap();
     }
 
@@ -581,6 +543,51 @@ impl Layout {
     pub fn nginx_test(&self, hosts: Option<&[(String, Ipv4Addr)]>) -> Output {
         self.nginx_command(hosts, &["-t"]).output().unwrap()
     }
+}
+
+/// The rendered configuration for a local run rooted at `dir` (`config/`, `tls/`, `tmp/`):
+/// the mount-path prefixes and `/tmp` point into `dir`, and the listen ports become
+/// `http_port`/`https_port` on loopback (`[::1]` only where the machine has IPv6). Nothing
+/// else changes.
+pub fn local_config(rendered: &str, dir: &Path, http_port: u16, https_port: u16) -> String {
+    let d = dir.display();
+    let v6 = ipv6_loopback();
+    // /tmp first: the temp dir itself may live under /tmp.
+    let text = rendered
+        .replace(&format!(" {}/", nginx::TMP_DIR), &format!(" {d}/tmp/"))
+        .replace(nginx::CONFIG_DIR, &format!("{d}/config"))
+        .replace(nginx::TLS_DIR, &format!("{d}/tls"));
+    let mut out = String::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        let rewritten = if let Some(rest) = t.strip_prefix("listen ") {
+            let (port, options) = rest.split_once(&[' ', ';'][..]).unwrap();
+            let ipv6 = port.starts_with("[::]:");
+            let port = port.trim_start_matches("[::]:");
+            let new_port = match port.parse::<i32>().unwrap() {
+                p if p == nginx::HTTP_PORT => http_port,
+                p if p == nginx::HTTPS_PORT => https_port,
+                p => panic!("unexpected listen port {p}"),
+            };
+            let sep = &rest[rest.find(&[' ', ';'][..]).unwrap()..][..1];
+            match (ipv6, v6) {
+                (true, false) => continue,
+                (true, true) => format!("listen [::1]:{new_port}{sep}{options}"),
+                (false, _) => format!("listen 127.0.0.1:{new_port}{sep}{options}"),
+            }
+        } else {
+            t.to_string()
+        };
+        out.push_str(&line[..line.len() - t.len()]);
+        out.push_str(&rewritten);
+        out.push('\n');
+    }
+    let outside = out.replace(&d.to_string(), "<dir>");
+    assert!(
+        !outside.contains("/etc/opsconductor") && !outside.contains(" /tmp/"),
+        "a pod path was left in the configuration:\n{outside}"
+    );
+    out
 }
 
 /// A running nginx serving the rendered gateway configuration.
