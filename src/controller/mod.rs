@@ -20,6 +20,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::DynamicObject;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
@@ -75,6 +76,8 @@ pub struct AuditStores {
     pub ingresses: Store<Ingress>,
     pub network_policies: Store<NetworkPolicy>,
     pub namespaces: Store<Namespace>,
+    /// Gateway API routes, one cache per route kind the API server served at startup.
+    pub routes: Vec<(String, Store<DynamicObject>)>,
 }
 
 impl Stores {
@@ -91,6 +94,9 @@ impl Stores {
         let _ = self.audit.ingresses.wait_until_ready().await;
         let _ = self.audit.network_policies.wait_until_ready().await;
         let _ = self.audit.namespaces.wait_until_ready().await;
+        for (_, store) in &self.audit.routes {
+            let _ = store.wait_until_ready().await;
+        }
     }
 }
 
@@ -249,8 +255,48 @@ pub async fn run(
     let (audit_policies, audit_np_stream) = child_watch!(NetworkPolicy, everything.clone());
     let (namespaces, ns_stream) = child_watch!(Namespace, everything.clone());
     let stacks = Api::<OpsConductorStack>::all(client.clone());
-    let controller = Controller::new(stacks, watcher::Config::default().any_semantic());
+    let mut controller = Controller::new(stacks, watcher::Config::default().any_semantic());
     let stack_store = controller.store();
+    // An object anywhere in a namespace concerns every stack of that namespace.
+    let in_namespace = {
+        let stack_store = stack_store.clone();
+        move |namespace: Option<String>| {
+            stack_store
+                .state()
+                .into_iter()
+                .filter(|s| s.metadata.namespace == namespace)
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        }
+    };
+    // Gateway API routes are watched when the API server serves them at startup (restart the
+    // operator after installing the Gateway API).
+    let mut routes = Vec::new();
+    for (kind, resource) in served_route_kinds(&client).await {
+        let writer = reflector::store::Writer::new(resource.clone());
+        let reader = writer.as_reader();
+        let stream = watcher(
+            Api::<DynamicObject>::all_with(client.clone(), &resource),
+            everything.clone(),
+        )
+        .backoff(WatchBackoff::default())
+        .reflect(writer)
+        .touched_objects()
+        .filter_map(|event| async move {
+            event
+                .map_err(|e| tracing::warn!(error = %e, "route watch failed; retrying"))
+                .ok()
+                .map(Ok)
+        });
+        let mapper = in_namespace.clone();
+        controller = controller.watches_stream_with(
+            stream,
+            move |o: DynamicObject| mapper(o.metadata.namespace.clone()),
+            resource,
+        );
+        tracing::info!(%kind, "watching Gateway API routes for the violation audit");
+        routes.push((kind, reader));
+    }
 
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -275,6 +321,7 @@ pub async fn run(
                 ingresses: audit_ingresses,
                 network_policies: audit_policies,
                 namespaces,
+                routes,
             },
         },
         options,
@@ -293,15 +340,6 @@ pub async fn run(
         });
     }
 
-    // An object anywhere in a namespace concerns every stack of that namespace.
-    let in_namespace = move |namespace: Option<String>| {
-        stack_store
-            .state()
-            .into_iter()
-            .filter(|s| s.metadata.namespace == namespace)
-            .map(|s| ObjectRef::from_obj(&*s))
-            .collect::<Vec<_>>()
-    };
     let (n1, n2, n3, n4) = (
         in_namespace.clone(),
         in_namespace.clone(),
@@ -335,6 +373,32 @@ pub async fn run(
         })
         .await;
     tracing::info!("controller stopped");
+}
+
+/// The Gateway API route kinds the API server serves, in their preferred version.
+async fn served_route_kinds(client: &Client) -> Vec<(String, kube::discovery::ApiResource)> {
+    let groups: Vec<&str> = crate::audit::GATEWAY_ROUTE_KINDS
+        .iter()
+        .map(|(g, _, _)| *g)
+        .collect();
+    let discovery = match kube::Discovery::new(client.clone())
+        .filter(&groups)
+        .run()
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "API discovery failed; Gateway API routes are not audited");
+            return vec![];
+        }
+    };
+    crate::audit::GATEWAY_ROUTE_KINDS
+        .iter()
+        .filter_map(|(group, kind, _)| {
+            let (resource, _) = discovery.get(group)?.recommended_kind(kind)?;
+            Some((kind.to_string(), resource))
+        })
+        .collect()
 }
 
 /// Field manager of the namespace marker label, apart from the operator's main one so that

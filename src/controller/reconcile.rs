@@ -275,7 +275,18 @@ fn violations(
         pods: in_ns(&a.pods, ns),
         ingresses: in_ns(&a.ingresses, ns),
         network_policies: in_ns(&a.network_policies, ns),
-        routes: vec![],
+        routes: a
+            .routes
+            .iter()
+            .flat_map(|(kind, store)| {
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|o| o.metadata.namespace.as_deref() == Some(ns))
+                    .map(|o| crate::audit::Route::from_dynamic(kind, &o))
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
     };
     let just_written: Vec<(&str, &str)> = report
         .written
