@@ -4,11 +4,13 @@
 //! [`validate`] into [`model`], [`build`] the desired objects, and [`render`] them offline.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod admission;
 pub mod audit;
 pub mod build;
 pub mod controller;
 pub mod crd;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod names;
