@@ -618,42 +618,52 @@ impl Gateway {
             }
         };
         let rendered = rendered_config(stack_yaml, &options);
-        let layout = Layout::new();
-        layout.install_config(&rendered);
-        layout.make_certificate(hosts);
-        let child = layout
-            .nginx_command(host_entries.as_deref(), &[])
-            .stdout(std::fs::File::create(layout.path("access.log")).unwrap())
-            .stderr(std::fs::File::create(layout.path("error.log")).unwrap())
-            .spawn()
-            .expect("nginx starts");
-        let mut gw = Gateway {
-            layout,
-            child,
-            hosts: hosts.iter().map(|h| h.to_string()).collect(),
-        };
-        gw.wait_listening();
-        gw
+        // A free port can be taken by someone else between the probe and nginx's bind: then
+        // nginx exits with "Address already in use", and another pair of ports is tried.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let layout = Layout::new();
+            layout.install_config(&rendered);
+            layout.make_certificate(hosts);
+            let child = layout
+                .nginx_command(host_entries.as_deref(), &[])
+                .stdout(std::fs::File::create(layout.path("access.log")).unwrap())
+                .stderr(std::fs::File::create(layout.path("error.log")).unwrap())
+                .spawn()
+                .expect("nginx starts");
+            let mut gw = Gateway {
+                layout,
+                child,
+                hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            };
+            match gw.wait_listening() {
+                Ok(()) => return gw,
+                Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
-    fn wait_listening(&mut self) {
+    fn wait_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
+                return Err(format!(
                     "nginx exited ({status}) before listening:\n{}",
                     self.error_log()
-                );
+                ));
             }
             let up = |p: u16| TcpStream::connect(("127.0.0.1", p)).is_ok();
             if up(self.layout.http_port) && up(self.layout.https_port) {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not listen within 30 s:\n{}",
-                self.error_log()
-            );
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "nginx did not listen within 30 s:\n{}",
+                    self.error_log()
+                ));
+            }
             thread::sleep(Duration::from_millis(50));
         }
     }
