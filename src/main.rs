@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use opsconductor_operator::build::BuildOptions;
 use opsconductor_operator::controller::{self, RunOptions};
+use opsconductor_operator::leader;
 use opsconductor_operator::metrics::Metrics;
 use opsconductor_operator::render::{self, Format};
 use opsconductor_operator::server::{self, Health};
@@ -68,6 +69,8 @@ enum Command {
         /// test harness) that wants the operator to stop when it goes away.
         #[arg(long, hide = true)]
         exit_on_stdin_eof: bool,
+        #[command(flatten)]
+        election: leader::ElectionArgs,
     },
 }
 
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
             apply_always,
             dns_resolver,
             exit_on_stdin_eof,
+            election,
         } => {
             init_logging(log_format);
             let options = RunOptions {
@@ -97,7 +101,13 @@ fn main() -> ExitCode {
                 dns_resolver: None,
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
-            match runtime.block_on(run(metrics_addr, options, dns_resolver, exit_on_stdin_eof)) {
+            match runtime.block_on(run(
+                metrics_addr,
+                options,
+                dns_resolver,
+                exit_on_stdin_eof,
+                election,
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -151,6 +161,7 @@ async fn run(
     mut options: RunOptions,
     dns_resolver: String,
     exit_on_stdin_eof: bool,
+    election: leader::ElectionArgs,
 ) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context(
         "cannot build a Kubernetes client from the kubeconfig or the in-cluster configuration",
@@ -179,9 +190,19 @@ async fn run(
         metrics: Arc::new(Metrics::default()),
     });
     let server = tokio::spawn(server::serve(listener, health.clone()));
-    controller::run(client, options, health, shutdown_signal(exit_on_stdin_eof)).await;
+    // Only the holder of the leader Lease runs the controller (without --leader-election: this
+    // process, at once); a standby serves the endpoint above meanwhile.
+    let election = leader::Config::from_args(&election, &client)?;
+    let result = leader::run_elected(
+        &client.clone(),
+        election,
+        &health.clone(),
+        shutdown_signal(exit_on_stdin_eof),
+        |stop| controller::run(client, options, health, stop),
+    )
+    .await;
     server.abort();
-    Ok(())
+    Ok(result?)
 }
 
 /// Resolves on SIGTERM (the kubelet stopping the pod), Ctrl-C, or, when asked, the end of
