@@ -26,7 +26,12 @@ struct Inner {
     reconcile_buckets: Vec<u64>,
     reconcile_sum: f64,
     reconcile_count: u64,
+    /// ACME request latency by request type: (buckets, sum, count).
+    acme_latency: BTreeMap<String, (Vec<u64>, f64, u64)>,
 }
+
+/// Upper bounds of the ACME request latency histogram, in seconds.
+const ACME_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
 const HELP: &[(&str, &str, &str)] = &[
     (
@@ -63,6 +68,26 @@ const HELP: &[(&str, &str, &str)] = &[
         "opsconductor_violations",
         "gauge",
         "Policy violations found in stack namespaces, per stack.",
+    ),
+    (
+        "opsconductor_acme_requests_total",
+        "counter",
+        "Requests to ACME CAs, by type (newOrder, finalize, ..., and order for a whole order) and outcome (ok, problem, rate-limited, error).",
+    ),
+    (
+        "opsconductor_certificate_not_after_seconds",
+        "gauge",
+        "Expiry of the gateway certificate in use (Unix time), per stack.",
+    ),
+    (
+        "opsconductor_certificate_renewal_seconds",
+        "gauge",
+        "When the operator will renew (or retry) the gateway certificate (Unix time), per stack.",
+    ),
+    (
+        "opsconductor_certificate_ready",
+        "gauge",
+        "1 when a valid certificate covering every gateway host is in use, per stack.",
     ),
 ];
 
@@ -102,6 +127,36 @@ impl Metrics {
         inner.reconcile_count += 1;
     }
 
+    /// Counts one ACME request of `kind` with `outcome` and records its latency.
+    pub fn observe_acme(&self, kind: &'static str, outcome: &'static str, d: Duration) {
+        self.inc(
+            "opsconductor_acme_requests_total",
+            &[("type", kind), ("outcome", outcome)],
+        );
+        let mut inner = self.inner.lock().unwrap();
+        let entry = inner
+            .acme_latency
+            .entry(kind.to_string())
+            .or_insert_with(|| (vec![0; ACME_BUCKETS.len()], 0.0, 0));
+        let secs = d.as_secs_f64();
+        for (i, le) in ACME_BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                entry.0[i] += 1;
+            }
+        }
+        entry.1 += secs;
+        entry.2 += 1;
+    }
+
+    /// Drops every gauge sample carrying `label=value` (a deleted stack).
+    pub fn forget(&self, label: &'static str, value: &str) {
+        self.inner
+            .lock()
+            .unwrap()
+            .gauges
+            .retain(|(_, labels), _| !labels.iter().any(|(k, v)| *k == label && v == value));
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let inner = self.inner.lock().unwrap();
@@ -135,6 +190,19 @@ impl Metrics {
         );
         let _ = writeln!(out, "{name}_sum {}", inner.reconcile_sum);
         let _ = writeln!(out, "{name}_count {}", inner.reconcile_count);
+        let name = "opsconductor_acme_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Latency of requests to ACME CAs, by type.\n# TYPE {name} histogram"
+        );
+        for (kind, (buckets, sum, count)) in &inner.acme_latency {
+            for (i, le) in ACME_BUCKETS.iter().enumerate() {
+                let _ = writeln!(out, "{name}_bucket{{type=\"{kind}\",le=\"{le}\"}} {}", buckets[i]);
+            }
+            let _ = writeln!(out, "{name}_bucket{{type=\"{kind}\",le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{type=\"{kind}\"}} {sum}");
+            let _ = writeln!(out, "{name}_count{{type=\"{kind}\"}} {count}");
+        }
         out
     }
 }
@@ -168,5 +236,28 @@ mod tests {
         assert!(text.contains("opsconductor_reconcile_duration_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("opsconductor_reconcile_duration_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("opsconductor_reconcile_duration_seconds_count 1"));
+    }
+
+    #[test]
+    fn renders_acme_requests_and_latency() {
+        let m = Metrics::default();
+        m.observe_acme("newOrder", "ok", Duration::from_millis(80));
+        m.observe_acme("newOrder", "rate-limited", Duration::from_millis(20));
+        m.set(
+            "opsconductor_certificate_ready",
+            &[("stack", "ns/prod")],
+            1.0,
+        );
+        let text = m.render();
+        assert!(text.contains(
+            "opsconductor_acme_requests_total{type=\"newOrder\",outcome=\"rate-limited\"} 1"
+        ));
+        assert!(text.contains(
+            "opsconductor_acme_request_duration_seconds_bucket{type=\"newOrder\",le=\"0.05\"} 1"
+        ));
+        assert!(text.contains("opsconductor_acme_request_duration_seconds_count{type=\"newOrder\"} 2"));
+        assert!(text.contains("opsconductor_certificate_ready{stack=\"ns/prod\"} 1"));
+        m.forget("stack", "ns/prod");
+        assert!(!m.render().contains("stack=\"ns/prod\""));
     }
 }

@@ -1,13 +1,41 @@
-//! ACME certificates for the gateway: renewal policy, certificate checks, account, orders.
+//! ACME certificates for the gateway: renewal policy, certificate checks, account, orders,
+//! and the [`Manager`] the controller asks once per reconcile.
 //!
 //! - [`policy`]: when to order and when to retry (pure, clock passed in);
 //! - [`cert`]: inspecting a `kubernetes.io/tls` Secret's contents, keys, CSRs, the bootstrap
-//!   certificate.
+//!   certificate;
+//! - [`account`]: the account Secret, registration, the CA's HTTP client, the thumbprint;
+//! - [`order`]: one order, HTTP-01 through the gateway behind the [`order::Solver`] interface.
+//!
+//! Reconcile never waits for the CA: [`Manager::reconcile`] reads the Secrets, decides with
+//! [`policy`], starts at most one background job per stack (an order, or an ARI check) and
+//! reports what it knows. The job writes the Secret `<stack>-tls` when it succeeds, and
+//! records its failure and the next attempt otherwise. See `docs/acme.md`.
 
+pub mod account;
 pub mod cert;
+pub mod order;
 pub mod policy;
 
-use std::time::SystemTime;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+
+use crate::crd::{CertificateState, CertificateStatus};
+use crate::metrics::Metrics;
+use crate::model::{Acme, Stack};
+use crate::names::{self, Component};
+use policy::{Backoff, Current, Decision, Why, Window};
+
+/// Annotation on `<stack>-tls`: sha256 of what the operator wrote, to notice changes by others.
+pub const DIGEST_ANNOTATION: &str = "opsconductor.io/certificate-sha256";
+/// Annotation on `<stack>-tls`: `temporary` for the bootstrap certificate, `acme` otherwise.
+pub const SOURCE_ANNOTATION: &str = "opsconductor.io/certificate-source";
 
 /// `t` as RFC 3339 in UTC, to the second (`2027-01-27T10:00:00Z`).
 pub fn rfc3339(t: SystemTime) -> String {
@@ -18,4 +46,1208 @@ pub fn rfc3339(t: SystemTime) -> String {
     k8s_openapi::jiff::Timestamp::from_second(secs)
         .map(|ts| ts.to_string())
         .unwrap_or_default()
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures
+
+/// What went wrong, in a bounded set (for metrics and Event reasons).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The gateway does not answer the challenge (self-check, before the CA is asked).
+    ChallengeUnreachable,
+    /// The CA tried the challenge and failed.
+    ChallengeFailed,
+    /// No answer from the CA, or a TLS or HTTP error talking to it.
+    CaUnreachable,
+    /// The CA said `rateLimited`.
+    RateLimited,
+    /// The CA refused or invalidated the order.
+    OrderInvalid,
+    /// The CA no longer knows the stored account.
+    AccountUnknown,
+    /// The CA refused the account.
+    AccountRefused,
+    /// The CA returned a certificate that fails the checks.
+    BadCertificate,
+    /// A referenced Secret is missing or unusable.
+    Config,
+    /// The Kubernetes API failed.
+    Kube,
+    Internal,
+}
+
+impl FailureKind {
+    pub fn reason(self) -> &'static str {
+        match self {
+            FailureKind::ChallengeUnreachable => "ChallengeUnreachable",
+            FailureKind::ChallengeFailed => "ChallengeFailed",
+            FailureKind::CaUnreachable => "CAUnreachable",
+            FailureKind::RateLimited => "RateLimited",
+            FailureKind::OrderInvalid => "OrderInvalid",
+            FailureKind::AccountUnknown => "AccountUnknown",
+            FailureKind::AccountRefused => "AccountRefused",
+            FailureKind::BadCertificate => "BadCertificate",
+            FailureKind::Config => "ConfigurationError",
+            FailureKind::Kube => "KubernetesError",
+            FailureKind::Internal => "InternalError",
+        }
+    }
+}
+
+/// A failed attempt: its kind, plain words, and the CA's `Retry-After` when it sent one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+    pub retry_after: Option<SystemTime>,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn config(message: impl Into<String>) -> Failure {
+        Failure::new(FailureKind::Config, message)
+    }
+
+    pub fn kube(message: impl Into<String>) -> Failure {
+        Failure::new(FailureKind::Kube, message)
+    }
+
+    /// Classifies an instant-acme error met while doing `step`.
+    pub fn from_acme(step: &str, e: instant_acme::Error, http: &account::CaClient) -> Failure {
+        use instant_acme::Error as E;
+        match e {
+            E::Api(p) if order::is_type(&p, "rateLimited") => {
+                let retry_after = http.last_retry_after();
+                let until = retry_after
+                    .map(|t| format!("rate-limited until {}", rfc3339(t)))
+                    .unwrap_or_else(|| "rate-limited".into());
+                Failure {
+                    kind: FailureKind::RateLimited,
+                    message: format!("{until}: {} (while {step})", order::problem_text(&p)),
+                    retry_after,
+                }
+            }
+            E::Api(p) if order::is_type(&p, "accountDoesNotExist") => Failure::new(
+                FailureKind::AccountUnknown,
+                format!(
+                    "the CA does not know the stored account: {} (while {step})",
+                    order::problem_text(&p)
+                ),
+            ),
+            E::Api(p) if step.contains("account") => Failure::new(
+                FailureKind::AccountRefused,
+                format!(
+                    "the CA refused the account: {} (while {step})",
+                    order::problem_text(&p)
+                ),
+            ),
+            E::Api(p) if p.status.is_some_and(|s| s >= 500) => Failure {
+                kind: FailureKind::CaUnreachable,
+                message: format!("CA unavailable: {} (while {step})", order::problem_text(&p)),
+                retry_after: http.last_retry_after(),
+            },
+            E::Api(p) => Failure::new(
+                FailureKind::OrderInvalid,
+                format!("order invalid: {} (while {step})", order::problem_text(&p)),
+            ),
+            E::Timeout(_) => Failure::new(
+                FailureKind::CaUnreachable,
+                format!("CA unreachable: the CA did not finish in time (while {step})"),
+            ),
+            other => Failure::new(
+                FailureKind::CaUnreachable,
+                format!(
+                    "CA unreachable: {} (while {step})",
+                    order::error_chain(&other)
+                ),
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+
+/// Settings of the ACME engine.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub cluster_domain: String,
+    /// Where the operator reaches the gateway's port 80 for the self-check. Default:
+    /// `http://<stack>-gateway.<namespace>.svc.<cluster domain>`. `{stack}` and `{namespace}`
+    /// are replaced. Env `OPSC_ACME_GATEWAY_URL`.
+    pub gateway_url: Option<String>,
+    /// Env `OPSC_ACME_BACKOFF_FIRST_SECONDS`, `OPSC_ACME_BACKOFF_CAP_SECONDS`.
+    pub backoff: Backoff,
+    /// How long the self-check waits for the gateway to answer (a gateway that is still
+    /// rolling out the configuration with the thumbprint). Env `OPSC_ACME_SELF_CHECK_SECONDS`.
+    pub self_check_patience: Duration,
+    /// Bounds on how often renewal information is fetched again. Env
+    /// `OPSC_ACME_ARI_MIN_SECONDS`, `OPSC_ACME_ARI_MAX_SECONDS`.
+    pub ari_min: Duration,
+    pub ari_max: Duration,
+    /// How soon reconcile looks again while a job runs.
+    pub poll_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            cluster_domain: "cluster.local".into(),
+            gateway_url: None,
+            backoff: Backoff::DEFAULT,
+            self_check_patience: Duration::from_secs(180),
+            ari_min: Duration::from_secs(60),
+            ari_max: Duration::from_secs(6 * 3600),
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Config {
+    /// The defaults, with the `OPSC_ACME_*` environment variables applied.
+    pub fn from_env(cluster_domain: &str) -> Config {
+        let secs = |var: &str| -> Option<Duration> {
+            std::env::var(var)
+                .ok()?
+                .parse::<f64>()
+                .ok()
+                .filter(|v| *v >= 0.0)
+                .map(Duration::from_secs_f64)
+        };
+        let d = Config::default();
+        Config {
+            cluster_domain: cluster_domain.to_string(),
+            gateway_url: std::env::var("OPSC_ACME_GATEWAY_URL")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            backoff: Backoff {
+                first: secs("OPSC_ACME_BACKOFF_FIRST_SECONDS").unwrap_or(d.backoff.first),
+                cap: secs("OPSC_ACME_BACKOFF_CAP_SECONDS").unwrap_or(d.backoff.cap),
+            },
+            self_check_patience: secs("OPSC_ACME_SELF_CHECK_SECONDS")
+                .unwrap_or(d.self_check_patience),
+            ari_min: secs("OPSC_ACME_ARI_MIN_SECONDS").unwrap_or(d.ari_min),
+            ari_max: secs("OPSC_ACME_ARI_MAX_SECONDS").unwrap_or(d.ari_max),
+            poll_interval: d.poll_interval,
+        }
+    }
+
+    fn gateway_url(&self, stack: &Stack) -> String {
+        match &self.gateway_url {
+            Some(template) => template
+                .replace("{stack}", stack.name.as_str())
+                .replace("{namespace}", &stack.namespace),
+            None => format!(
+                "http://{}.{}.svc.{}",
+                names::gateway(&stack.name),
+                stack.namespace,
+                self.cluster_domain
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The manager
+
+/// An Event to publish about the stack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// What one reconcile learns about the certificate.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub status: CertificateStatus,
+    /// CertificateReady: a valid certificate covering every host is in use.
+    pub ok: bool,
+    /// Bounded reason for the condition.
+    pub reason: &'static str,
+    /// Plain words for the condition.
+    pub message: String,
+    /// The ACME account's JWK thumbprint, once known: goes into the gateway configuration.
+    pub thumbprint: Option<String>,
+    /// Look again after this long (an order runs, a retry or a renewal is due).
+    pub requeue_after: Option<Duration>,
+    /// Events for changes since the last reconcile.
+    pub events: Vec<CertEvent>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Job {
+    Order,
+    RenewalInfo,
+}
+
+/// A certificate the operator wrote and checked.
+#[derive(Clone)]
+struct Good {
+    crt: String,
+    key: String,
+    leaf: cert::Leaf,
+}
+
+struct AriState {
+    serial: String,
+    window: Option<Window>,
+    next_check: SystemTime,
+}
+
+#[derive(Default)]
+struct State {
+    /// What the orders depend on; a change resets the backoff and cancels a running order.
+    fingerprint: String,
+    task: Option<(Job, tokio::task::JoinHandle<()>)>,
+    thumbprint: Option<String>,
+    failures: u32,
+    failure: Option<(Failure, SystemTime)>,
+    next_attempt: Option<SystemTime>,
+    good: Option<Good>,
+    ari: Option<AriState>,
+    events: Vec<CertEvent>,
+    /// (state, reason) last reported, for Events on changes only.
+    announced: Option<(CertificateState, &'static str)>,
+}
+
+impl State {
+    fn running(&self) -> Option<Job> {
+        self.task
+            .as_ref()
+            .filter(|(_, handle)| !handle.is_finished())
+            .map(|(job, _)| *job)
+    }
+}
+
+/// The ACME engine of the controller: one state per stack, at most one job per stack.
+pub struct Manager {
+    config: Config,
+    metrics: Arc<Metrics>,
+    stacks: Mutex<HashMap<String, Arc<Mutex<State>>>>,
+}
+
+/// What a background job needs.
+#[derive(Clone)]
+struct JobContext {
+    client: Client,
+    stack: Stack,
+    acme: Acme,
+    config: Config,
+    metrics: Arc<Metrics>,
+    state: Arc<Mutex<State>>,
+}
+
+fn stack_key(stack: &Stack) -> String {
+    format!("{}/{}", stack.namespace, stack.name)
+}
+
+fn fingerprint(stack: &Stack, acme: &Acme) -> String {
+    let mut hosts: Vec<String> = stack
+        .gateway
+        .hosts
+        .iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    hosts.sort();
+    format!(
+        "{}|{:?}|{:?}|{:?}|{}",
+        acme.directory_url,
+        acme.profile,
+        acme.external_account_binding,
+        acme.ca_bundle,
+        hosts.join(",")
+    )
+}
+
+impl Manager {
+    pub fn new(config: Config, metrics: Arc<Metrics>) -> Manager {
+        Manager {
+            config,
+            metrics,
+            stacks: Mutex::default(),
+        }
+    }
+
+    fn state(&self, key: &str) -> Arc<Mutex<State>> {
+        self.stacks
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets a deleted stack: stops its job and drops its metrics.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let key = format!("{namespace}/{name}");
+        if let Some(state) = self.stacks.lock().unwrap().remove(&key)
+            && let Some((_, handle)) = state.lock().unwrap().task.take()
+        {
+            handle.abort();
+        }
+        self.metrics.forget("stack", &key);
+    }
+
+    /// One look at the certificate of an ACME stack. Talks to the API server (the two
+    /// Secrets), never to the CA; starts a background job when one is due.
+    pub async fn reconcile(
+        &self,
+        client: &Client,
+        stack: &Stack,
+        acme: &Acme,
+        now: SystemTime,
+    ) -> Result<Report, kube::Error> {
+        let key = stack_key(stack);
+        let state = self.state(&key);
+        let fp = fingerprint(stack, acme);
+        {
+            let mut st = state.lock().unwrap();
+            if st.fingerprint != fp {
+                if !st.fingerprint.is_empty() {
+                    if let Some((job, handle)) = st.task.take() {
+                        tracing::info!(stack = %key, ?job, "ACME settings or hosts changed; cancelling the running job");
+                        handle.abort();
+                    }
+                    st.failures = 0;
+                    st.failure = None;
+                    st.next_attempt = None;
+                    st.thumbprint = None;
+                }
+                st.fingerprint = fp;
+            }
+        }
+
+        // The account's thumbprint, from the stored key (no CA request).
+        let known = state.lock().unwrap().thumbprint.clone();
+        let thumbprint = match known {
+            Some(t) => Some(t),
+            None => {
+                let stored = account::read(client, stack).await?;
+                let t = stored
+                    .filter(|s| s.directory.as_deref() == Some(acme.directory_url.as_str()))
+                    .map(|s| s.thumbprint);
+                state.lock().unwrap().thumbprint.clone_from(&t);
+                t
+            }
+        };
+
+        // The certificate in use.
+        let mut events = Vec::new();
+        let current = self
+            .examine(client, stack, &state, now, &mut events)
+            .await?;
+        let renew_before = stack.tls.renew_before;
+
+        let mut st = state.lock().unwrap();
+        let ari = match (&current, &st.ari) {
+            (Examined::Issued(leaf), Some(a)) if a.serial == leaf.facts.serial => a.window,
+            _ => None,
+        };
+        let policy_current = match &current {
+            Examined::Temporary => Current::Temporary,
+            Examined::Broken(reason, _) => Current::Broken(reason),
+            Examined::Issued(leaf) => Current::Issued(&leaf.facts),
+        };
+        let decision = policy::decide(
+            policy_current,
+            &stack.gateway.hosts,
+            renew_before,
+            ari.as_ref(),
+            now,
+        );
+        let in_use: Option<&cert::Leaf> = match &current {
+            Examined::Issued(leaf) => Some(leaf),
+            Examined::Broken(_, Some(leaf)) => Some(leaf),
+            _ => None,
+        };
+        let serving_valid = in_use.is_some_and(|leaf| {
+            now < leaf.facts.not_after && cert::uncovered(leaf, &stack.gateway.hosts).is_empty()
+        });
+        let running = st.running();
+        let mut requeue: Option<Duration>;
+        let mut renewal_time = None;
+        let (state_now, reason, mut message) = match &decision {
+            Decision::Wait { renewal_time: at } => {
+                renewal_time = Some(*at);
+                requeue = Some(at.duration_since(now).unwrap_or_default());
+                // Renewal information for the certificate in use, when due.
+                if let Examined::Issued(leaf) = &current
+                    && let Some(ari_id) = leaf.ari_id.clone()
+                {
+                    let due = st
+                        .ari
+                        .as_ref()
+                        .filter(|a| a.serial == leaf.facts.serial)
+                        .map(|a| a.next_check);
+                    match due {
+                        Some(next) if next > now => {
+                            requeue =
+                                requeue.min(Some(next.duration_since(now).unwrap_or_default()));
+                        }
+                        _ if running.is_none() => {
+                            let ctx = self.job_context(client, stack, acme, &state);
+                            let serial = leaf.facts.serial.clone();
+                            let handle = tokio::spawn(renewal_info_job(ctx, serial, ari_id));
+                            st.task = Some((Job::RenewalInfo, handle));
+                            requeue = Some(self.config.poll_interval);
+                        }
+                        _ => requeue = Some(self.config.poll_interval),
+                    }
+                }
+                let leaf = in_use.expect("Wait only for an issued certificate");
+                (
+                    CertificateState::Valid,
+                    "Issued",
+                    format!(
+                        "certificate {} for {} valid until {}; renewal at {}",
+                        leaf.facts.serial,
+                        leaf.facts.hosts.join(", "),
+                        rfc3339(leaf.facts.not_after),
+                        rfc3339(*at)
+                    ),
+                )
+            }
+            Decision::Issue(why) => {
+                let busy_state = if serving_valid {
+                    CertificateState::Renewing
+                } else {
+                    CertificateState::Issuing
+                };
+                match (running, st.next_attempt) {
+                    (Some(Job::Order), _) => {
+                        requeue = Some(self.config.poll_interval);
+                        (
+                            busy_state,
+                            "Ordering",
+                            format!("ordering a certificate: {}", why.describe()),
+                        )
+                    }
+                    (Some(Job::RenewalInfo), _) => {
+                        requeue = Some(self.config.poll_interval);
+                        (
+                            busy_state,
+                            "Ordering",
+                            format!("about to order a certificate: {}", why.describe()),
+                        )
+                    }
+                    (None, Some(next)) if next > now => {
+                        renewal_time = Some(next);
+                        requeue = Some(next.duration_since(now).unwrap_or_default());
+                        let (failure, _) = st
+                            .failure
+                            .clone()
+                            .expect("a next attempt follows a failure");
+                        let state_now = if serving_valid {
+                            CertificateState::Renewing
+                        } else {
+                            CertificateState::Failed
+                        };
+                        (
+                            state_now,
+                            failure.kind.reason(),
+                            format!(
+                                "{} failed {} time(s): {}; next attempt at {}",
+                                if serving_valid { "renewal" } else { "issuance" },
+                                st.failures,
+                                failure.message,
+                                rfc3339(next)
+                            ),
+                        )
+                    }
+                    (None, _) => {
+                        let ctx = self.job_context(client, stack, acme, &state);
+                        let replaces = match (&current, why) {
+                            (Examined::Issued(leaf), Why::Due { .. }) => leaf.ari_id.clone(),
+                            _ => None,
+                        };
+                        tracing::info!(stack = %key, why = %why.describe(), "starting an ACME order");
+                        let handle = tokio::spawn(order_job(ctx, why.clone(), replaces));
+                        st.task = Some((Job::Order, handle));
+                        requeue = Some(self.config.poll_interval);
+                        (
+                            busy_state,
+                            "Ordering",
+                            format!("ordering a certificate: {}", why.describe()),
+                        )
+                    }
+                }
+            }
+        };
+        if matches!(current, Examined::Temporary) {
+            message = format!(
+                "serving a temporary self-signed certificate until the first issuance; {message}"
+            );
+        }
+        if st.thumbprint.is_none() {
+            st.thumbprint.clone_from(&thumbprint);
+        }
+        let ok = serving_valid && state_now != CertificateState::Failed;
+        let (failure, failure_time) = match &st.failure {
+            Some((f, at)) => (Some(f.message.clone()), Some(rfc3339(*at))),
+            None => (None, None),
+        };
+        let status = CertificateStatus {
+            state: state_now,
+            hosts: in_use.map(|l| l.facts.hosts.clone()).unwrap_or_default(),
+            serial: in_use.map(|l| l.facts.serial.clone()),
+            not_before: in_use.map(|l| rfc3339(l.facts.not_before)),
+            not_after: in_use.map(|l| rfc3339(l.facts.not_after)),
+            renewal_time: renewal_time.map(rfc3339),
+            last_failure_reason: failure,
+            last_failure_time: failure_time,
+            failed_attempts: st.failures as i32,
+        };
+
+        // Events: what the jobs did, then the state when it changed.
+        events.append(&mut st.events);
+        if st.announced != Some((state_now, reason)) {
+            let routine = matches!(
+                (st.announced, state_now),
+                (
+                    Some((CertificateState::Renewing | CertificateState::Issuing, _)),
+                    CertificateState::Valid
+                )
+            );
+            // "Issued" after an order is announced by the job's CertificateIssued Event.
+            if !routine && reason != "Ordering" {
+                events.push(CertEvent {
+                    warning: matches!(state_now, CertificateState::Failed)
+                        || (state_now == CertificateState::Renewing && reason != "Ordering"),
+                    reason: match state_now {
+                        CertificateState::Valid => "CertificateValid",
+                        CertificateState::Failed => "IssuanceFailing",
+                        CertificateState::Renewing => "RenewalFailing",
+                        CertificateState::Issuing => "Issuing",
+                        CertificateState::Pending => "Pending",
+                    },
+                    note: message.clone(),
+                });
+            }
+            st.announced = Some((state_now, reason));
+        }
+        drop(st);
+
+        let label = [("stack", key.as_str())];
+        self.metrics.set(
+            "opsconductor_certificate_ready",
+            &label,
+            if ok { 1.0 } else { 0.0 },
+        );
+        if let Some(leaf) = in_use {
+            self.metrics.set(
+                "opsconductor_certificate_not_after_seconds",
+                &label,
+                unix(leaf.facts.not_after),
+            );
+        }
+        if let Some(at) = renewal_time {
+            self.metrics
+                .set("opsconductor_certificate_renewal_seconds", &label, unix(at));
+        }
+        Ok(Report {
+            status,
+            ok,
+            reason,
+            message,
+            thumbprint,
+            requeue_after: requeue.map(|d| d.max(Duration::from_millis(500))),
+            events,
+        })
+    }
+
+    fn job_context(
+        &self,
+        client: &Client,
+        stack: &Stack,
+        acme: &Acme,
+        state: &Arc<Mutex<State>>,
+    ) -> JobContext {
+        JobContext {
+            client: client.clone(),
+            stack: stack.clone(),
+            acme: acme.clone(),
+            config: self.config.clone(),
+            metrics: self.metrics.clone(),
+            state: state.clone(),
+        }
+    }
+
+    /// Reads `<stack>-tls` and says what is in use: writes the bootstrap certificate when
+    /// there is none, and restores the last good certificate when someone changed it.
+    async fn examine(
+        &self,
+        client: &Client,
+        stack: &Stack,
+        state: &Arc<Mutex<State>>,
+        now: SystemTime,
+        events: &mut Vec<CertEvent>,
+    ) -> Result<Examined, kube::Error> {
+        let name = names::tls_secret(&stack.name);
+        let api: Api<Secret> = Api::namespaced(client.clone(), &stack.namespace);
+        let Some(secret) = api.get_opt(&name).await? else {
+            let (crt, key) = cert::bootstrap(&stack.gateway.hosts, now)
+                .map_err(|e| kube::Error::Service(e.to_string().into()))?;
+            write_tls_secret(client, stack, &crt, &key, true).await?;
+            events.push(CertEvent {
+                warning: false,
+                reason: "TemporaryCertificate",
+                note: format!(
+                    "wrote a temporary self-signed certificate to Secret {name} so the gateway can \
+                     start; it is replaced after the first issuance"
+                ),
+            });
+            return Ok(Examined::Temporary);
+        };
+        let data = secret.data.clone().unwrap_or_default();
+        let field = |k: &str| data.get(k).map(|b| b.0.clone()).unwrap_or_default();
+        let (crt, key) = (field("tls.crt"), field("tls.key"));
+        let recorded = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DIGEST_ANNOTATION))
+            .cloned();
+        let untouched = recorded.as_deref() == Some(cert::content_digest(&crt, &key).as_str());
+        let parsed = cert::parse_chain(&crt).and_then(|leaf| {
+            if cert::key_matches(&leaf, &key)? {
+                Ok(leaf)
+            } else {
+                Err(cert::CertError::KeyMismatch)
+            }
+        });
+        if untouched {
+            return Ok(match parsed {
+                Ok(leaf) if leaf.temporary => Examined::Temporary,
+                Ok(leaf) => {
+                    let mut st = state.lock().unwrap();
+                    if st
+                        .good
+                        .as_ref()
+                        .is_none_or(|g| g.leaf.facts.serial != leaf.facts.serial)
+                    {
+                        st.good = Some(Good {
+                            crt: String::from_utf8_lossy(&crt).into_owned(),
+                            key: String::from_utf8_lossy(&key).into_owned(),
+                            leaf: leaf.clone(),
+                        });
+                    }
+                    Examined::Issued(leaf)
+                }
+                Err(e) => Examined::Broken(e.to_string(), None),
+            });
+        }
+        // Changed by someone else.
+        let what = match &parsed {
+            Ok(leaf) => format!("it now holds certificate {}", leaf.facts.serial),
+            Err(e) => format!("its content is unusable: {e}"),
+        };
+        let good = state.lock().unwrap().good.clone();
+        if let Some(good) = good.filter(|g| now < g.leaf.facts.not_after) {
+            write_tls_secret(client, stack, &good.crt, &good.key, false).await?;
+            events.push(CertEvent {
+                warning: true,
+                reason: "CertificateRepaired",
+                note: format!(
+                    "Secret {name} was changed by someone else ({what}); restored certificate {}",
+                    good.leaf.facts.serial
+                ),
+            });
+            return Ok(Examined::Issued(good.leaf));
+        }
+        events.push(CertEvent {
+            warning: true,
+            reason: "CertificateTampered",
+            note: format!(
+                "Secret {name} was changed by someone else ({what}) and the operator holds no \
+                 copy of its own certificate; ordering a new one"
+            ),
+        });
+        match parsed {
+            // It still serves; keep it in place while a new certificate is ordered.
+            Ok(leaf) if !leaf.temporary => Ok(Examined::Broken(
+                format!("Secret {name} was changed by someone else"),
+                Some(leaf),
+            )),
+            _ => {
+                let (crt, key) = cert::bootstrap(&stack.gateway.hosts, now)
+                    .map_err(|e| kube::Error::Service(e.to_string().into()))?;
+                write_tls_secret(client, stack, &crt, &key, true).await?;
+                Ok(Examined::Broken(
+                    format!("Secret {name} was changed by someone else: {what}"),
+                    None,
+                ))
+            }
+        }
+    }
+}
+
+/// What `<stack>-tls` holds.
+enum Examined {
+    Temporary,
+    /// Unusable or not the operator's; the leaf when it still serves.
+    Broken(String, Option<cert::Leaf>),
+    Issued(cert::Leaf),
+}
+
+/// Writes `<stack>-tls` (server-side apply): the chain, the key, the digest of both.
+async fn write_tls_secret(
+    client: &Client,
+    stack: &Stack,
+    crt: &str,
+    key: &str,
+    temporary: bool,
+) -> Result<(), kube::Error> {
+    let name = names::tls_secret(&stack.name);
+    let mut meta = crate::build::meta(stack, name.clone(), Component::Gateway);
+    meta.annotations = Some(BTreeMap::from([
+        (
+            DIGEST_ANNOTATION.to_string(),
+            cert::content_digest(crt.as_bytes(), key.as_bytes()),
+        ),
+        (
+            SOURCE_ANNOTATION.to_string(),
+            if temporary { "temporary" } else { "acme" }.to_string(),
+        ),
+    ]));
+    let secret = Secret {
+        metadata: meta,
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_string(), ByteString(crt.as_bytes().to_vec())),
+            ("tls.key".to_string(), ByteString(key.as_bytes().to_vec())),
+        ])),
+        ..Secret::default()
+    };
+    let mut value = serde_json::to_value(&secret).map_err(kube::Error::SerdeError)?;
+    value["apiVersion"] = "v1".into();
+    value["kind"] = "Secret".into();
+    Api::<Secret>::namespaced(client.clone(), &stack.namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(names::MANAGER).force(),
+            &Patch::Apply(&value),
+        )
+        .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs
+
+async fn ca_client(ctx: &JobContext) -> Result<account::CaClient, Failure> {
+    let bundle = match &ctx.acme.ca_bundle {
+        Some(r) => Some(
+            account::secret_value(&ctx.client, &ctx.stack.namespace, r, "caBundleSecretRef")
+                .await?,
+        ),
+        None => None,
+    };
+    account::CaClient::new(bundle.as_deref())
+}
+
+/// One order, from account to written Secret; records the outcome in the state.
+async fn order_job(ctx: JobContext, why: Why, replaces: Option<String>) {
+    let started = Instant::now();
+    let result = order_once(&ctx, replaces).await;
+    let now = SystemTime::now();
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .observe_acme("order", outcome, started.elapsed());
+    let mut st = ctx.state.lock().unwrap();
+    match result {
+        Ok((good, took)) => {
+            tracing::info!(
+                stack = %stack_key(&ctx.stack),
+                serial = %good.leaf.facts.serial,
+                seconds = took.as_secs_f64(),
+                "certificate issued and written"
+            );
+            st.events.push(CertEvent {
+                warning: false,
+                reason: "CertificateIssued",
+                note: format!(
+                    "issued certificate {} for {} valid until {} ({}); order to Secret in {:.1} s",
+                    good.leaf.facts.serial,
+                    good.leaf.facts.hosts.join(", "),
+                    rfc3339(good.leaf.facts.not_after),
+                    why.describe(),
+                    took.as_secs_f64()
+                ),
+            });
+            st.good = Some(good);
+            st.failures = 0;
+            st.failure = None;
+            st.next_attempt = None;
+            st.ari = None;
+        }
+        Err(failure) => {
+            st.failures += 1;
+            let next =
+                policy::next_attempt(now, st.failures, &ctx.config.backoff, failure.retry_after);
+            tracing::warn!(
+                stack = %stack_key(&ctx.stack),
+                kind = failure.kind.reason(),
+                message = %failure.message,
+                failures = st.failures,
+                next_attempt = %rfc3339(next),
+                "ACME order failed"
+            );
+            let repeated = st
+                .failure
+                .as_ref()
+                .is_some_and(|(f, _)| f.message == failure.message);
+            if !repeated {
+                st.events.push(CertEvent {
+                    warning: true,
+                    reason: failure.kind.reason(),
+                    note: format!("{}; next attempt at {}", failure.message, rfc3339(next)),
+                });
+            }
+            st.next_attempt = Some(next);
+            st.failure = Some((failure, now));
+        }
+    }
+}
+
+async fn order_once(
+    ctx: &JobContext,
+    replaces: Option<String>,
+) -> Result<(Good, Duration), Failure> {
+    let http = ca_client(ctx).await?;
+    let mut ready = account::load_or_register(&ctx.client, &ctx.stack, &ctx.acme, &http).await?;
+    ctx.state.lock().unwrap().thumbprint = Some(ready.thumbprint.clone());
+    let solver = order::GatewaySolver::new(
+        ctx.config.gateway_url(&ctx.stack),
+        ctx.config.self_check_patience,
+    );
+    let request = order::Request {
+        hosts: ctx.stack.gateway.hosts.clone(),
+        profile: ctx.acme.profile.clone(),
+        replaces,
+        key_algorithm: cert::KeyAlgorithm::default(),
+    };
+    let started = Instant::now();
+    let mut attempt = order::issue(
+        &ready.account,
+        &http,
+        &solver,
+        &ready.thumbprint,
+        &request,
+        &ctx.metrics,
+        SystemTime::now,
+    )
+    .await;
+    if let Err(f) = &attempt
+        && f.kind == FailureKind::AccountUnknown
+    {
+        // The CA forgot the account (a CA reset): register again with the same key, so the
+        // thumbprint, and with it the gateway's configuration, stays the same.
+        tracing::warn!(stack = %stack_key(&ctx.stack), message = %f.message, "registering the account again");
+        let stored = account::read(&ctx.client, &ctx.stack)
+            .await
+            .map_err(|e| Failure::kube(format!("reading the ACME account Secret: {e}")))?;
+        ready =
+            account::register(&ctx.client, &ctx.stack, &ctx.acme, &http, stored.as_ref()).await?;
+        ctx.state.lock().unwrap().thumbprint = Some(ready.thumbprint.clone());
+        attempt = order::issue(
+            &ready.account,
+            &http,
+            &solver,
+            &ready.thumbprint,
+            &request,
+            &ctx.metrics,
+            SystemTime::now,
+        )
+        .await;
+    }
+    let issued = attempt?;
+    write_tls_secret(
+        &ctx.client,
+        &ctx.stack,
+        &issued.chain_pem,
+        &issued.key_pem,
+        false,
+    )
+    .await
+    .map_err(|e| {
+        Failure::kube(format!(
+            "writing Secret {}: {e}",
+            names::tls_secret(&ctx.stack.name)
+        ))
+    })?;
+    Ok((
+        Good {
+            crt: issued.chain_pem,
+            key: issued.key_pem,
+            leaf: issued.leaf,
+        },
+        started.elapsed(),
+    ))
+}
+
+/// Fetches the CA's renewal window for the certificate `serial`.
+async fn renewal_info_job(ctx: JobContext, serial: String, ari_id: String) {
+    let now = SystemTime::now();
+    let result = async {
+        let http = ca_client(&ctx).await?;
+        let Some(stored) = account::read(&ctx.client, &ctx.stack)
+            .await
+            .map_err(|e| Failure::kube(e.to_string()))?
+        else {
+            return Err(Failure::config("no ACME account yet"));
+        };
+        let account = instant_acme::Account::builder_with_http(Box::new(http.clone()))
+            .from_credentials(
+                serde_json::from_str(&stored.credentials_json)
+                    .map_err(|e| Failure::config(e.to_string()))?,
+            )
+            .await
+            .map_err(|e| Failure::from_acme("reading the CA's directory", e, &http))?;
+        let (aki, serial_b64) = ari_id.split_once('.').unwrap_or_default();
+        let id = instant_acme::CertificateIdentifier {
+            authority_key_identifier: aki.to_string().into(),
+            serial: serial_b64.to_string().into(),
+        };
+        order::timed(&ctx.metrics, "renewalInfo", account.renewal_info(&id))
+            .await
+            .map_err(|e| Failure::from_acme("fetching renewal information", e, &http))
+    }
+    .await;
+    let mut st = ctx.state.lock().unwrap();
+    let (window, retry) = match result {
+        Ok((info, retry)) => {
+            let at = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+            let window = Window {
+                start: at(info.suggested_window.start.unix_timestamp()),
+                end: at(info.suggested_window.end.unix_timestamp()),
+            };
+            tracing::info!(
+                stack = %stack_key(&ctx.stack),
+                %serial,
+                start = %rfc3339(window.start),
+                end = %rfc3339(window.end),
+                "renewal information"
+            );
+            (Some(window), Some(retry))
+        }
+        // No ARI at this CA, or it failed: the default schedule applies; ask again later.
+        Err(f) => {
+            tracing::debug!(stack = %stack_key(&ctx.stack), message = %f.message, "no renewal information");
+            (
+                st.ari
+                    .as_ref()
+                    .filter(|a| a.serial == serial)
+                    .and_then(|a| a.window),
+                None,
+            )
+        }
+    };
+    let wait = policy::ari_recheck(retry, ctx.config.ari_min, ctx.config.ari_max);
+    st.ari = Some(AriState {
+        serial,
+        window,
+        next_check: now + wait,
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// A user's own Secret
+
+/// The status of a user-managed certificate Secret (`tls.secretName`), checked with
+/// [`cert::inspect`]: (status, ok, reason, message).
+pub fn user_secret_status(
+    secret: Option<&Secret>,
+    name: &str,
+    namespace: &str,
+    hosts: &[String],
+    now: SystemTime,
+) -> (CertificateStatus, bool, &'static str, String) {
+    let mut status = CertificateStatus {
+        state: CertificateState::Pending,
+        hosts: vec![],
+        serial: None,
+        not_before: None,
+        not_after: None,
+        renewal_time: None,
+        last_failure_reason: None,
+        last_failure_time: None,
+        failed_attempts: 0,
+    };
+    let Some(secret) = secret else {
+        let message = format!("Secret {name} does not exist in namespace {namespace}");
+        status.last_failure_reason = Some(message.clone());
+        return (status, false, "SecretMissing", message);
+    };
+    let data = secret.data.clone().unwrap_or_default();
+    let (Some(crt), Some(key)) = (data.get("tls.crt"), data.get("tls.key")) else {
+        let message = format!("Secret {name} has no tls.crt and tls.key");
+        status.state = CertificateState::Failed;
+        status.last_failure_reason = Some(message.clone());
+        return (status, false, "SecretInvalid", message);
+    };
+    if let Ok(leaf) = cert::parse_chain(&crt.0) {
+        status.hosts = leaf.facts.hosts.clone();
+        status.serial = Some(leaf.facts.serial.clone());
+        status.not_before = Some(rfc3339(leaf.facts.not_before));
+        status.not_after = Some(rfc3339(leaf.facts.not_after));
+    }
+    match cert::inspect(&crt.0, &key.0, hosts, now) {
+        Ok(leaf) => {
+            status.state = CertificateState::Valid;
+            let message = format!(
+                "serving certificate {} from Secret {name} (managed by you), valid until {}",
+                leaf.facts.serial,
+                rfc3339(leaf.facts.not_after)
+            );
+            (status, true, "SecretPresent", message)
+        }
+        // A key format ring cannot read (PKCS#1, SEC1) is not the user's error.
+        Err(cert::CertError::Key(_)) if status.serial.is_some() => {
+            status.state = CertificateState::Valid;
+            let message = format!(
+                "serving the certificate in Secret {name} (managed by you); its key is not in \
+                 PKCS#8 form, so the key match was not checked"
+            );
+            (status, true, "SecretPresent", message)
+        }
+        Err(e) => {
+            let message = format!("Secret {name}: {e}");
+            status.state = CertificateState::Failed;
+            status.last_failure_reason = Some(message.clone());
+            (status, false, "SecretInvalid", message)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_secrets_show_serial_and_expiry_or_say_what_is_wrong() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let hosts = vec!["a.example".to_string()];
+        let (crt, key) = cert::bootstrap(&hosts, now).unwrap();
+        let secret = |crt: &str, key: &str| Secret {
+            data: Some(BTreeMap::from([
+                ("tls.crt".to_string(), ByteString(crt.as_bytes().to_vec())),
+                ("tls.key".to_string(), ByteString(key.as_bytes().to_vec())),
+            ])),
+            ..Secret::default()
+        };
+        let (status, ok, reason, _) =
+            user_secret_status(Some(&secret(&crt, &key)), "mine", "ns", &hosts, now);
+        assert!(ok, "{status:?}");
+        assert_eq!(reason, "SecretPresent");
+        assert_eq!(status.state, CertificateState::Valid);
+        assert!(status.serial.is_some());
+        assert_eq!(
+            status.not_after,
+            Some(rfc3339(now + cert::BOOTSTRAP_LIFETIME))
+        );
+
+        let other = vec!["b.example".to_string()];
+        let (status, ok, _, message) =
+            user_secret_status(Some(&secret(&crt, &key)), "mine", "ns", &other, now);
+        assert!(!ok);
+        assert_eq!(status.state, CertificateState::Failed);
+        assert_eq!(
+            message,
+            "Secret mine: the certificate does not cover b.example"
+        );
+
+        let (_, ok, reason, message) = user_secret_status(None, "mine", "ns", &hosts, now);
+        assert!(!ok);
+        assert_eq!(reason, "SecretMissing");
+        assert_eq!(message, "Secret mine does not exist in namespace ns");
+    }
+
+    #[test]
+    fn the_gateway_url_defaults_to_the_service_and_can_be_templated() {
+        let stack = crate::validate::validate(
+            &serde_yaml::from_str(
+                "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\nmetadata: {name: prod, namespace: ops}\nspec:\n  gateway: {hosts: [a.example]}\n  tls: {acme: {directoryUrl: 'https://ca.test/dir', acceptTermsOfService: true}}\n  services: [{name: web, image: web:1, route: /}]\n",
+            )
+            .unwrap(),
+            "ops",
+        )
+        .unwrap();
+        let config = Config::default();
+        assert_eq!(
+            config.gateway_url(&stack),
+            "http://prod-gateway.ops.svc.cluster.local"
+        );
+        let templated = Config {
+            gateway_url: Some("http://127.0.0.1:8080/{namespace}/{stack}".into()),
+            ..Config::default()
+        };
+        assert_eq!(
+            templated.gateway_url(&stack),
+            "http://127.0.0.1:8080/ops/prod"
+        );
+    }
+
+    #[test]
+    fn failures_are_put_in_plain_words() {
+        let http = account::CaClient::new(None).unwrap();
+        let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+            "type": "urn:ietf:params:acme:error:rateLimited",
+            "detail": "too many certificates for this name",
+            "status": 429
+        }))
+        .unwrap();
+        let f = Failure::from_acme(
+            "placing the order",
+            instant_acme::Error::Api(problem),
+            &http,
+        );
+        assert_eq!(f.kind, FailureKind::RateLimited);
+        assert_eq!(
+            f.message,
+            "rate-limited: too many certificates for this name (rateLimited) (while placing the order)"
+        );
+        let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+            "type": "urn:ietf:params:acme:error:rejectedIdentifier",
+            "detail": "name is blocked",
+            "status": 400
+        }))
+        .unwrap();
+        let f = Failure::from_acme(
+            "placing the order",
+            instant_acme::Error::Api(problem),
+            &http,
+        );
+        assert_eq!(f.kind, FailureKind::OrderInvalid);
+        assert!(
+            f.message.starts_with("order invalid: name is blocked"),
+            "{}",
+            f.message
+        );
+        let f = Failure::from_acme(
+            "reading the CA's directory",
+            instant_acme::Error::Other("connection refused".into()),
+            &http,
+        );
+        assert_eq!(f.kind, FailureKind::CaUnreachable);
+        assert_eq!(
+            f.message,
+            "CA unreachable: connection refused (while reading the CA's directory)"
+        );
+    }
 }
