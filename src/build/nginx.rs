@@ -110,9 +110,10 @@ fn http_settings(w: &mut String, stack: &Stack) {
     tcp_nopush on;
     keepalive_timeout 65s;
     client_max_body_size {body};
-    # Fits the longest host names (DNS allows 253 characters; nginx's default, about 50).
+    # Fit the longest host names (DNS allows 253 characters; nginx's defaults, about 50).
     server_names_hash_bucket_size {bucket};
     server_names_hash_max_size 1024;
+    map_hash_bucket_size {bucket};
     client_body_temp_path {TMP_DIR}/client_body;
     proxy_temp_path {TMP_DIR}/proxy;
     fastcgi_temp_path {TMP_DIR}/fastcgi;
@@ -134,9 +135,21 @@ fn http_settings(w: &mut String, stack: &Stack) {
     map $http_upgrade $opsconductor_connection {{
         default upgrade;
         ''      '';
-    }}"#,
+    }}
+
+    # The configured host the client named in SNI, in lower case (map keys match
+    # case-insensitively; $ssl_server_name is as the client sent it).
+    map $ssl_server_name $opsconductor_sni_host {{
+        hostnames;
+        default "";
+{sni_hosts}    }}"#,
         body = g.client_max_body_size,
         bucket = server_names_hash_bucket_size(longest_host),
+        sni_hosts = g
+            .hosts
+            .iter()
+            .map(|h| format!("        {h} {h};\n"))
+            .collect::<String>(),
     );
     if let Some(rl) = g.rate_limit {
         let _ = writeln!(
@@ -151,10 +164,10 @@ fn http_settings(w: &mut String, stack: &Stack) {
     }
 }
 
-/// nginx stores each server name with a pointer and two bytes of overhead, 8-byte aligned,
-/// plus a terminating pointer per bucket, and rounds the bucket size up to a cache line.
-/// Room for two of the longest names per bucket lets nginx find a table size quickly even
-/// with the 100 hosts the spec allows.
+/// Hash bucket size for the server names and the SNI map alike. nginx stores each name with
+/// a pointer and two bytes of overhead, 8-byte aligned, plus a terminating pointer per
+/// bucket, and rounds the bucket size up to a cache line. Room for two of the longest names
+/// per bucket lets nginx find a table size quickly even with the 100 hosts the spec allows.
 fn server_names_hash_bucket_size(longest_name: usize) -> usize {
     let element = (8 + longest_name + 2).div_ceil(8) * 8;
     (2 * element + 8).div_ceil(64) * 64
@@ -298,7 +311,7 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
 
         # The Host header must name the host the TLS session was opened for (a client that
         # coalesced connections retries on a new one, RFC 9110 section 15.5.20).
-        if ($host != $ssl_server_name) {{
+        if ($host != $opsconductor_sni_host) {{
             return 421;
         }}
 
