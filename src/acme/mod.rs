@@ -201,6 +201,10 @@ pub struct Config {
     pub ari_max: Duration,
     /// How soon reconcile looks again while a job runs.
     pub poll_interval: Duration,
+    /// The longest a stack goes without a look at its certificate Secret (which the operator
+    /// does not watch): bounds how long a change by someone else goes unnoticed. Env
+    /// `OPSC_ACME_RECHECK_SECONDS`.
+    pub recheck: Duration,
 }
 
 impl Default for Config {
@@ -213,6 +217,7 @@ impl Default for Config {
             ari_min: Duration::from_secs(60),
             ari_max: Duration::from_secs(6 * 3600),
             poll_interval: Duration::from_secs(2),
+            recheck: Duration::from_secs(60),
         }
     }
 }
@@ -243,6 +248,7 @@ impl Config {
             ari_min: secs("OPSC_ACME_ARI_MIN_SECONDS").unwrap_or(d.ari_min),
             ari_max: secs("OPSC_ACME_ARI_MAX_SECONDS").unwrap_or(d.ari_max),
             poll_interval: d.poll_interval,
+            recheck: secs("OPSC_ACME_RECHECK_SECONDS").unwrap_or(d.recheck),
         }
     }
 
@@ -666,7 +672,11 @@ impl Manager {
             reason,
             message,
             thumbprint,
-            requeue_after: requeue.map(|d| d.max(Duration::from_millis(500))),
+            requeue_after: Some(
+                requeue
+                    .unwrap_or(self.config.recheck)
+                    .clamp(Duration::from_millis(500), self.config.recheck),
+            ),
             events,
         })
     }

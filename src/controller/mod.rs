@@ -109,6 +109,8 @@ pub struct Context {
     pub options: RunOptions,
     /// The controller's own cache of stacks (to find the stacks of a namespace).
     pub stacks: Store<OpsConductorStack>,
+    /// ACME issuance and renewal of the gateway certificates.
+    pub acme: crate::acme::Manager,
     applied: apply::AppliedLog,
     /// Consecutive failures per stack (namespace/name), for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -324,6 +326,10 @@ pub async fn run(
                 routes,
             },
         },
+        acme: crate::acme::Manager::new(
+            crate::acme::Config::from_env(&options.cluster_domain),
+            health.metrics.clone(),
+        ),
         options,
         stacks: stack_store.clone(),
         applied: apply::AppliedLog::default(),

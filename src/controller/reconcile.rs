@@ -22,7 +22,7 @@ use super::status::{self, Observed, Verdict};
 use super::{Context, Error, reference, stack_key};
 use crate::build::{self, BuildOptions};
 use crate::crd::{
-    CertificateState, CertificateStatus, OpsConductorStack, OpsConductorStackStatus, PolicyMode,
+    CertificateStatus, OpsConductorStack, OpsConductorStackStatus, PolicyMode,
 };
 use crate::model::{CertificateSource, Stack};
 use crate::names;
@@ -45,6 +45,8 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
     // 1. gather
     if stack.meta().deletion_timestamp.is_some() {
         // Owner references hand everything to the garbage collector.
+        ctx.acme
+            .forget(&stack.namespace().unwrap_or_default(), &stack.name_any());
         return Ok(Action::await_change());
     }
     let namespace = stack.namespace().ok_or(Error::NoNamespace)?;
@@ -59,10 +61,12 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
         }
     };
 
-    // 3. build
+    // 3. build (the certificate first: the gateway answers ACME challenges with the
+    // account's thumbprint; the ACME engine never waits for the CA here)
+    let certificate = certificate(stack, ctx, &model).await?;
     let options = BuildOptions {
         cluster_domain: ctx.options.cluster_domain.clone(),
-        acme_thumbprint: None,
+        acme_thumbprint: certificate.thumbprint.clone(),
         dns_resolver: ctx.options.dns_resolver,
     };
     let bundle = build::build(&model, &options);
@@ -96,7 +100,23 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
 
     // 5. status
     let violations = violations(ctx, &model, &bundle, &report);
-    let mut observed = observe(stack, ctx, &model, &report, bundle.network_policies.len()).await?;
+    for event in &certificate.events {
+        let type_ = if event.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(stack, ctx, type_, event.reason, "Certificate", &event.note).await;
+    }
+    let mut observed = observe(
+        stack,
+        ctx,
+        &model,
+        &report,
+        bundle.network_policies.len(),
+        (certificate.status, certificate.verdict),
+    )
+    .await?;
     if !violations.is_empty() && observed.policy_verdict.ok {
         let listed: Vec<String> = violations
             .iter()
@@ -127,7 +147,10 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
     audit_drift_event(stack, ctx, &new_status).await;
     violation_events(stack, ctx, &new_status).await;
     write_status(stack, ctx, new_status).await?;
-    Ok(Action::requeue(ctx.options.resync))
+    let requeue = certificate
+        .requeue_after
+        .map_or(ctx.options.resync, |d| d.min(ctx.options.resync));
+    Ok(Action::requeue(requeue))
 }
 
 /// Ready=False/InvalidSpec with every problem; nothing else is touched. The Event is sent
@@ -418,6 +441,7 @@ async fn observe(
     model: &Stack,
     report: &Report,
     policies: usize,
+    (certificate, certificate_verdict): (CertificateStatus, Verdict),
 ) -> Result<Observed, Error> {
     let ns = model.namespace.as_str();
     let deployment_ready = |name: &str| -> (bool, i32) {
@@ -454,7 +478,6 @@ async fn observe(
                 .clone();
             ingress.ip.or(ingress.hostname)
         });
-    let (certificate, certificate_verdict) = certificate(ctx, model).await?;
 
     let policy_verdict = if !report.drift_reported.is_empty() {
         let names: Vec<String> = report
@@ -498,63 +521,66 @@ async fn observe(
     })
 }
 
-async fn certificate(ctx: &Context, model: &Stack) -> Result<(CertificateStatus, Verdict), Error> {
-    let mut cert = CertificateStatus {
-        state: CertificateState::Pending,
-        hosts: vec![],
-        serial: None,
-        not_before: None,
-        not_after: None,
-        renewal_time: None,
-        last_failure_reason: None,
-        last_failure_time: None,
-        failed_attempts: 0,
-    };
-    let verdict = match &model.tls.source {
+/// The certificate's status, its condition, the ACME thumbprint for the gateway, when to
+/// look again and the Events to publish.
+struct Certificate {
+    status: CertificateStatus,
+    verdict: Verdict,
+    thumbprint: Option<String>,
+    requeue_after: Option<std::time::Duration>,
+    events: Vec<crate::acme::CertEvent>,
+}
+
+/// ACME stacks: the ACME engine (reads and writes the stack's certificate Secrets, starts
+/// orders in the background). A user's Secret: read and checked (chain, key, hosts, expiry).
+async fn certificate(
+    stack: &OpsConductorStack,
+    ctx: &Context,
+    model: &Stack,
+) -> Result<Certificate, Error> {
+    let now = std::time::SystemTime::now();
+    match &model.tls.source {
         CertificateSource::Secret(name) => {
             let secret = Api::<Secret>::namespaced(ctx.client.clone(), &model.namespace)
                 .get_opt(name)
                 .await?;
-            let has = |key: &str| {
-                secret
-                    .as_ref()
-                    .and_then(|s| s.data.as_ref())
-                    .is_some_and(|d| d.contains_key(key))
-            };
-            if has("tls.crt") && has("tls.key") {
-                cert.state = CertificateState::Valid;
-                cert.hosts = model.gateway.hosts.clone();
-                Verdict::ok(
-                    "SecretPresent",
-                    format!("serving the certificate in Secret {name} (managed by you)"),
-                )
-            } else if secret.is_some() {
-                cert.state = CertificateState::Failed;
-                cert.last_failure_reason =
-                    Some(format!("Secret {name} has no tls.crt and tls.key"));
-                Verdict::not(
-                    "SecretInvalid",
-                    format!("Secret {name} has no tls.crt and tls.key"),
-                )
+            let (status, ok, reason, message) = crate::acme::user_secret_status(
+                secret.as_ref(),
+                name,
+                &model.namespace,
+                &model.gateway.hosts,
+                now,
+            );
+            let verdict = if ok {
+                Verdict::ok(reason, message)
             } else {
-                cert.last_failure_reason = Some(format!("Secret {name} does not exist"));
-                Verdict::not(
-                    "SecretMissing",
-                    format!(
-                        "Secret {name} does not exist in namespace {}",
-                        model.namespace
-                    ),
-                )
-            }
+                Verdict::not(reason, message)
+            };
+            Ok(Certificate {
+                status,
+                verdict,
+                thumbprint: None,
+                requeue_after: None,
+                events: vec![],
+            })
         }
-        CertificateSource::Acme(_) => Verdict::not(
-            "AcmeNotAvailable",
-            "ACME issuance is not part of this build yet; the gateway waits for Secret "
-                .to_string()
-                + &names::tls_secret(&model.name),
-        ),
-    };
-    Ok((cert, verdict))
+        CertificateSource::Acme(acme) => {
+            let report = ctx.acme.reconcile(&ctx.client, model, acme, now).await?;
+            tracing::debug!(stack = %stack_key(stack), state = ?report.status.state, message = %report.message, "certificate");
+            let verdict = if report.ok {
+                Verdict::ok(report.reason, report.message)
+            } else {
+                Verdict::not(report.reason, report.message)
+            };
+            Ok(Certificate {
+                status: report.status,
+                verdict,
+                thumbprint: report.thumbprint,
+                requeue_after: report.requeue_after,
+                events: report.events,
+            })
+        }
+    }
 }
 
 /// Writes the status with server-side apply, only when it differs from what is stored.
