@@ -638,11 +638,17 @@ async fn status_and_printer_columns_explain_the_state() {
     assert_eq!(first.services.as_ref().unwrap().summary, "0/2");
 
     // The user's certificate appears.
+    // A real certificate: the operator checks chain, key and hosts of a user's Secret.
+    let (crt, key) = opsconductor_operator::acme::cert::bootstrap(
+        &stack.spec.gateway.hosts,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
     let secrets: Api<Secret> = ns.api();
     secrets
         .patch("hello-cert", &PatchParams::apply("opsconductor-tests"), &Patch::Apply(json!({
             "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls", "metadata": {"name": "hello-cert"},
-            "stringData": {"tls.crt": "placeholder", "tls.key": "placeholder"}})))
+            "stringData": {"tls.crt": crt, "tls.key": key}})))
         .await
         .unwrap();
     // Stand in for the kubelet: every pod the ReplicaSets created reports Running and Ready;
@@ -706,9 +712,10 @@ async fn status_and_printer_columns_explain_the_state() {
         ["hello", "True", "2/2", "hello.example.com", "Valid"],
         "{text}"
     );
-    // No notAfter is known for a user Secret yet (certificate parsing comes with ACME): the
-    // EXPIRES cell is empty, so the next word is VIOLATIONS.
-    assert_eq!(row[5], "0", "{text}");
+    // EXPIRES: the notAfter parsed from the user's certificate (shown as a relative time),
+    // then VIOLATIONS.
+    assert_ne!(row[5], "0", "{text}");
+    assert_eq!(row[6], "0", "{text}");
 }
 
 #[tokio::test]
