@@ -572,7 +572,7 @@ fn the_access_log_is_one_json_object_per_request_on_stdout() {
 }
 
 #[test]
-fn tls_1_2_sessions_resume_from_the_cache_without_tickets() {
+fn tls_1_2_and_1_3_sessions_resume_from_the_cache_without_stateless_tickets() {
     if !tools_present(false) {
         return;
     }
@@ -590,6 +590,37 @@ fn tls_1_2_sessions_resume_from_the_cache_without_tickets() {
         s.gw.s_client(&["-tls1_2", "-servername", HOST, "-sess_in", sess], b"");
     assert!(ok, "{out}");
     assert!(out.contains("Reused, TLSv1.2"), "not resumed:\n{out}");
+
+    // TLS 1.3: with stateless tickets off, OpenSSL sends tickets that name a cache entry.
+    // A request keeps the first connection open until the ticket has arrived.
+    let request = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+    let sess13 = s.gw.layout.path("session13.pem");
+    let sess13 = sess13.to_str().unwrap();
+    let (_, out) = s.gw.s_client(
+        &[
+            "-tls1_3",
+            "-servername",
+            HOST,
+            "-sess_out",
+            sess13,
+            "-ign_eof",
+        ],
+        request.as_bytes(),
+    );
+    assert!(out.contains("HTTP/1.1 200 OK"), "{out}");
+    let (_, out) = s.gw.s_client(
+        &[
+            "-tls1_3",
+            "-servername",
+            HOST,
+            "-sess_in",
+            sess13,
+            "-ign_eof",
+        ],
+        request.as_bytes(),
+    );
+    assert!(out.contains("Reused, TLSv1.3"), "not resumed:\n{out}");
+    assert!(out.contains("HTTP/1.1 200 OK"), "{out}");
 }
 
 #[test]
