@@ -312,13 +312,11 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
                     "must be true: the operator registers an ACME account only after you accept the CA's terms of service",
                 );
             }
-            if let Some(email) = &acme.email {
-                if !is_email(email) {
-                    errs.add(
-                        "spec.tls.acme.email",
-                        format!("{email:?} is not an email address"),
-                    );
-                }
+            if let Some(email) = acme.email.as_ref().filter(|e| !is_email(e)) {
+                errs.add(
+                    "spec.tls.acme.email",
+                    format!("{email:?} is not an email address"),
+                );
             }
             let eab = acme.external_account_binding.as_ref().map(|eab| {
                 if eab.key_id.trim().is_empty() {
@@ -338,17 +336,17 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
                 .ca_bundle_secret_ref
                 .as_ref()
                 .map(|r| secret_key(errs, "spec.tls.acme.caBundleSecretRef", r));
-            if let Some(profile) = &acme.profile {
-                if profile.is_empty()
-                    || !profile
+            let bad_profile = |p: &&String| {
+                p.is_empty()
+                    || !p
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                {
-                    errs.add(
-                        "spec.tls.acme.profile",
-                        format!("{profile:?} is not a profile name"),
-                    );
-                }
+            };
+            if let Some(profile) = acme.profile.as_ref().filter(bad_profile) {
+                errs.add(
+                    "spec.tls.acme.profile",
+                    format!("{profile:?} is not a profile name"),
+                );
             }
             Some(CertificateSource::Acme(Acme {
                 directory_url: url.to_string(),

@@ -44,17 +44,20 @@ pub struct Report {
 /// drift and a field that never settles cannot cause a write loop.
 #[derive(Default)]
 pub struct AppliedLog {
-    entries: Mutex<HashMap<(&'static str, String, String), (String, [u8; 32])>>,
+    entries: Mutex<HashMap<ObjectKey, (String, [u8; 32])>>,
 }
 
+/// (kind, namespace, name) of a managed object.
+type ObjectKey = (&'static str, String, String);
+
 impl AppliedLog {
-    fn get(&self, key: &(&'static str, String, String)) -> Option<(String, [u8; 32])> {
+    fn get(&self, key: &ObjectKey) -> Option<(String, [u8; 32])> {
         self.entries.lock().unwrap().get(key).cloned()
     }
-    fn put(&self, key: (&'static str, String, String), rv: String, hash: [u8; 32]) {
+    fn put(&self, key: ObjectKey, rv: String, hash: [u8; 32]) {
         self.entries.lock().unwrap().insert(key, (rv, hash));
     }
-    fn forget(&self, key: &(&'static str, String, String)) {
+    fn forget(&self, key: &ObjectKey) {
         self.entries.lock().unwrap().remove(key);
     }
 }
