@@ -397,17 +397,17 @@ fn a_burst_beyond_the_rate_limit_gets_429_with_retry_after() {
     let resolve = format!("{HOST}:{}:127.0.0.1", s.gw.layout.https_port);
     let cert = s.gw.layout.cert().display().to_string();
     let mut args = vec!["--resolve", &resolve, "--cacert", &cert];
-    // Twenty requests on one connection, as fast as curl sends them: at 1 r/s with a burst
+    // Forty requests on one connection, as fast as curl sends them: at 1 r/s with a burst
     // of 3, at most 3 + (seconds elapsed) of them can pass.
-    for _ in 0..20 {
+    for _ in 0..40 {
         args.push(&url);
     }
     let responses = curl_many(&args);
-    assert_eq!(responses.len(), 20);
+    assert_eq!(responses.len(), 40);
     let passed = responses.iter().filter(|r| r.status == 200).count();
     let limited: Vec<_> = responses.iter().filter(|r| r.status == 429).collect();
     assert!(passed >= 3, "the burst must pass: {passed}");
-    assert_eq!(passed + limited.len(), 20);
+    assert_eq!(passed + limited.len(), 40);
     assert!(!limited.is_empty(), "nothing was limited");
     for r in &limited {
         assert_eq!(r.header("retry-after"), Some("1"));
