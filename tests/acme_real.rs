@@ -1,0 +1,299 @@
+//! ACME against a real ACME server: pebble (built from its Go module) validating HTTP-01
+//! through real nginx running the gateway configuration the operator wrote, the operator
+//! binary talking to the real control plane.
+//!
+//! Each test has its own pebble, DNS server, nginx and operator; the tests run one at a time
+//! (one operator per test, so that no two operators work on the same stacks).
+//!
+//! Under `CI=true` a missing part (control plane, pebble, nginx, openssl, curl) fails the
+//! test with a message naming it.
+
+mod acme_support;
+#[allow(dead_code)]
+mod gateway_support;
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use acme_support::{ChallTestSrv, GatewayRunner, Operator, Pebble, PebbleOptions};
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use opsconductor_operator::acme::cert;
+use opsconductor_operator::crd::{CertificateState, CertificateStatus, OpsConductorStack};
+use serde_json::json;
+use support::{TestNamespace, eventually};
+
+/// Only one ACME test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const STACK: &str = "shop";
+/// A guard against hangs, never an assertion on speed.
+const WAIT: Duration = Duration::from_secs(120);
+
+struct World {
+    ns: TestNamespace,
+    tools: &'static Path,
+    dns: ChallTestSrv,
+    pebble: Pebble,
+    gateway: GatewayRunner,
+    upstream_dns: gateway_support::Dns,
+    _backend: gateway_support::Backend,
+    operator: Option<Operator>,
+    env: Vec<(&'static str, String)>,
+}
+
+impl World {
+    /// Everything but the operator: a namespace with the pebble CA bundle Secret, pebble,
+    /// its DNS, a backend for the one service, and the gateway runner.
+    async fn new(prefix: &str, validity_seconds: u64, nonce_reject: u32) -> Option<World> {
+        if !acme_support::parts_present() {
+            return None;
+        }
+        let ns = TestNamespace::new(prefix).await?;
+        let tools = support::tools_bin_dir()?;
+        support::operator::install_crd(ns.control_plane).await;
+        let gateway = GatewayRunner::start(ns.client.clone(), &ns.name, STACK);
+        let dns = ChallTestSrv::start(tools);
+        let pebble = Pebble::start(
+            tools,
+            dns.dns_port,
+            PebbleOptions {
+                validity_seconds,
+                http_port: gateway.http_port(),
+                nonce_reject,
+            },
+        );
+        let secrets: Api<Secret> = ns.api();
+        secrets
+            .patch(
+                "pebble-ca",
+                &PatchParams::apply("opsconductor-tests"),
+                &Patch::Apply(json!({
+                    "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pebble-ca"},
+                    "stringData": {"ca.crt": pebble.tls_ca_pem}
+                })),
+            )
+            .await
+            .unwrap();
+        let upstream_dns = gateway_support::Dns::start();
+        let backend = gateway_support::Backend::start("web");
+        upstream_dns.insert(
+            &format!("web.{}.svc.cluster.local", ns.name),
+            std::net::Ipv4Addr::LOCALHOST,
+        );
+        let env = vec![
+            (
+                "OPSC_ACME_GATEWAY_URL",
+                format!("http://127.0.0.1:{}", gateway.http_port()),
+            ),
+            ("OPSC_ACME_BACKOFF_FIRST_SECONDS", "2".to_string()),
+            ("OPSC_ACME_BACKOFF_CAP_SECONDS", "16".to_string()),
+            ("OPSC_ACME_SELF_CHECK_SECONDS", "20".to_string()),
+            ("OPSC_ACME_RECHECK_SECONDS", "3".to_string()),
+            ("OPSC_ACME_ARI_MIN_SECONDS", "1".to_string()),
+            ("OPSC_ACME_ARI_MAX_SECONDS", "3".to_string()),
+        ];
+        Some(World {
+            ns,
+            tools,
+            dns,
+            pebble,
+            gateway,
+            upstream_dns,
+            _backend: backend,
+            operator: None,
+            env,
+        })
+    }
+
+    fn start_operator(&mut self) {
+        self.operator = None;
+        let resolver = self.upstream_dns.addr.to_string();
+        self.operator = Some(Operator::start(self.ns.control_plane, &self.env, &resolver));
+    }
+
+    fn operator(&self) -> &Operator {
+        self.operator.as_ref().unwrap()
+    }
+
+    fn client(&self) -> &Client {
+        &self.ns.client
+    }
+
+    fn stack(&self, hosts: &[&str]) -> OpsConductorStack {
+        serde_json::from_value(json!({
+            "apiVersion": "opsconductor.io/v1alpha1",
+            "kind": "OpsConductorStack",
+            "metadata": {"name": STACK, "namespace": self.ns.name},
+            "spec": {
+                "gateway": {"hosts": hosts, "replicas": 1},
+                "tls": {"acme": {
+                    "directoryUrl": self.pebble.directory_url(),
+                    "email": "ops@shop.test",
+                    "acceptTermsOfService": true,
+                    "caBundleSecretRef": {"name": "pebble-ca", "key": "ca.crt"},
+                }},
+                "services": [{"name": "web", "image": "web:1", "route": "/", "port": self._backend.port}],
+            }
+        }))
+        .unwrap()
+    }
+
+    async fn apply(&self, hosts: &[&str]) {
+        support::operator::apply_stack(self.client(), &self.stack(hosts)).await;
+    }
+
+    async fn certificate(&self) -> Option<CertificateStatus> {
+        let api: Api<OpsConductorStack> = self.ns.api();
+        api.get(STACK).await.ok()?.status?.certificate
+    }
+
+    /// Waits until the status shows a Valid certificate whose serial satisfies `accept`.
+    async fn valid(
+        &self,
+        what: &str,
+        accept: impl Fn(&CertificateStatus) -> bool,
+    ) -> CertificateStatus {
+        eventually(what, WAIT, || async {
+            let c = self.certificate().await?;
+            (c.state == CertificateState::Valid && c.serial.is_some() && accept(&c)).then_some(c)
+        })
+        .await
+    }
+
+    async fn tls_secret(&self) -> Secret {
+        self.ns
+            .api::<Secret>()
+            .get(&format!("{STACK}-tls"))
+            .await
+            .unwrap()
+    }
+
+    async fn events(&self) -> Vec<(String, String)> {
+        let api: Api<Event> = self.ns.api();
+        api.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect()
+    }
+}
+
+fn secret_chain(secret: &Secret) -> (Vec<u8>, Vec<u8>) {
+    let data = secret.data.clone().unwrap();
+    (data["tls.crt"].0.clone(), data["tls.key"].0.clone())
+}
+
+fn hosts(h: &[&str]) -> Vec<String> {
+    h.iter().map(|s| s.to_string()).collect()
+}
+
+/// The Secret holds a full chain, a key that matches, every host; nginx serves it.
+async fn assert_secret_serves(w: &World, names: &[&str], serial: &str) {
+    let (crt, key) = secret_chain(&w.tls_secret().await);
+    let leaf = cert::inspect(&crt, &key, &hosts(names), SystemTime::now()).unwrap();
+    assert_eq!(leaf.facts.serial, serial);
+    assert!(
+        leaf.chain_len >= 2,
+        "full chain expected, got {}",
+        leaf.chain_len
+    );
+    assert!(!leaf.temporary);
+    let expected = serial.trim_start_matches('0').to_string();
+    eventually("nginx to serve the new certificate", WAIT, || async {
+        (w.gateway.served_serial(names[0]).as_deref() == Some(expected.as_str())).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_issuance_through_the_real_http01_path_then_account_reuse_and_a_host_change() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut w) = World::new("acme-issue", 90 * 86_400, 0).await else {
+        return;
+    };
+    w.start_operator();
+    let applied = Instant::now();
+    w.apply(&["shop.test", "www.shop.test"]).await;
+
+    // A temporary certificate first, so the gateway can start.
+    let early = eventually("the bootstrap Secret", WAIT, || async {
+        w.ns.api::<Secret>()
+            .get_opt(&format!("{STACK}-tls"))
+            .await
+            .ok()?
+    })
+    .await;
+    let (crt, _) = secret_chain(&early);
+    let bootstrap = cert::parse_chain(&crt).unwrap();
+    let issued = w.valid("a Valid certificate", |_| true).await;
+    let elapsed = applied.elapsed();
+    let serial = issued.serial.clone().unwrap();
+    assert!(bootstrap.temporary || bootstrap.facts.serial == serial);
+    assert_eq!(issued.hosts, ["shop.test", "www.shop.test"]);
+    assert_eq!(issued.failed_attempts, 0);
+    assert!(issued.renewal_time.is_some() && issued.not_after.is_some());
+    assert_secret_serves(&w, &["shop.test", "www.shop.test"], &serial).await;
+    let events = w.events().await;
+    let issued_event = events
+        .iter()
+        .find(|(r, _)| r == "CertificateIssued")
+        .unwrap_or_else(|| panic!("a CertificateIssued Event: {events:?}"));
+    eprintln!(
+        "MEASURED: stack applied to Valid status in {:.2} s; operator: {}",
+        elapsed.as_secs_f64(),
+        issued_event.1
+    );
+    assert!(events.iter().any(|(r, _)| r == "TemporaryCertificate"));
+    let op = w.operator();
+    assert!(op.metric("opsconductor_acme_requests_total{type=\"newOrder\",outcome=\"ok\"}") >= 1.0);
+    assert!(
+        op.metric("opsconductor_acme_requests_total{type=\"challengeReady\",outcome=\"ok\"}")
+            >= 2.0
+    );
+    let ready_metric = format!(
+        "opsconductor_certificate_ready{{stack=\"{}/{STACK}\"}}",
+        w.ns.name
+    );
+    eventually("the ready metric", WAIT, || async {
+        (op.metric(&ready_metric) == 1.0).then_some(())
+    })
+    .await;
+
+    // The account is kept in its Secret and reused after a restart: the same account URL.
+    let account_secret = |w: &World| {
+        let api: Api<Secret> = w.ns.api();
+        async move {
+            let s = api.get(&format!("{STACK}-acme-account")).await.unwrap();
+            String::from_utf8(s.data.unwrap()["credentials.json"].0.clone()).unwrap()
+        }
+    };
+    let before: serde_json::Value = serde_json::from_str(&account_secret(&w).await).unwrap();
+    w.start_operator();
+    // A host change: a new order for all three hosts, with the same account.
+    w.apply(&["shop.test", "www.shop.test", "api.shop.test"])
+        .await;
+    let reissued = w
+        .valid("a certificate for the new host", |c| c.hosts.len() == 3)
+        .await;
+    assert_ne!(reissued.serial, issued.serial);
+    assert_secret_serves(
+        &w,
+        &["shop.test", "www.shop.test", "api.shop.test"],
+        reissued.serial.as_deref().unwrap(),
+    )
+    .await;
+    let after: serde_json::Value = serde_json::from_str(&account_secret(&w).await).unwrap();
+    assert_eq!(before["id"], after["id"], "the account was reused");
+    let registrations = w.pebble.log().matches("accounts in memory").count();
+    assert_eq!(
+        registrations,
+        1,
+        "one account registration at the CA:\n{}",
+        w.pebble.log()
+    );
+}
