@@ -1,0 +1,543 @@
+//! Leader election (src/leader.rs) with two real operator processes against the real control
+//! plane: only the Lease holder reconciles; a standby takes over within the lease duration when
+//! the leader is killed, at once when it is stopped (it releases the Lease), and a leader that
+//! cannot renew steps down before a standby may start.
+//!
+//! Each operator runs as its own user, so the audit log tells their writes apart. The users may
+//! read cluster-wide (the controller watches every namespace) but write only in the test's own
+//! namespaces: the operators cannot touch other tests' stacks, and other tests' operators are
+//! told apart by their user names.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::DeleteParams;
+use kube::{Api, Client};
+use opsconductor_operator::crd::OpsConductorStack;
+use serde_json::{Value, json};
+use support::operator::{apply_stack, example, http_get, install_crd};
+use support::{AuditLog, ControlPlane, TestNamespace, eventually};
+
+/// The defaults of `run --leader-election`, which the chart uses too.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+const RETRY_PERIOD: Duration = Duration::from_secs(2);
+
+/// An operator process with leader election, stopped (SIGKILL) when dropped.
+struct Candidate {
+    name: &'static str,
+    user: String,
+    child: Child,
+    metrics_addr: String,
+    log: PathBuf,
+}
+
+impl Candidate {
+    fn start(cp: &ControlPlane, name: &'static str, user: &str, lease_ns: &str) -> Self {
+        let dir = cp.state_dir.join("leader-election-tests");
+        std::fs::create_dir_all(&dir).unwrap();
+        let unique = format!("{name}-{}-{lease_ns}", std::process::id());
+        let mut kc: Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&cp.kubeconfig).unwrap()).unwrap();
+        for u in kc["users"].as_array_mut().unwrap() {
+            u["user"]["as"] = json!(user);
+            u["user"]["as-groups"] = json!(["system:authenticated"]);
+        }
+        let kubeconfig = dir.join(format!("kubeconfig-{unique}"));
+        std::fs::write(&kubeconfig, serde_yaml::to_string(&kc).unwrap()).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let metrics_addr = format!("127.0.0.1:{port}");
+        let log = dir.join(format!("operator-{unique}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
+            .args([
+                "run",
+                "--metrics-addr",
+                &metrics_addr,
+                "--dns-resolver",
+                "none",
+                "--log-format",
+                "json",
+                "--leader-election",
+                "--leader-election-namespace",
+                lease_ns,
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAME", name)
+            .env("RUST_LOG", "info,opsconductor_operator=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("the operator binary starts");
+        eprintln!(
+            "leader_election: operator {name} (pid {}) as {user}, log {}",
+            child.id(),
+            log.display()
+        );
+        Self {
+            name,
+            user: user.to_string(),
+            child,
+            metrics_addr,
+            log,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn ready(&self) -> bool {
+        http_get(&self.metrics_addr, "/readyz").is_some_and(|b| b.starts_with("ok"))
+    }
+
+    /// The sum of the samples whose line starts with `prefix`.
+    fn metric(&self, prefix: &str) -> f64 {
+        http_get(&self.metrics_addr, "/metrics")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {}", self.child.id());
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "operator {} did not exit within {timeout:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Candidate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Cluster-scoped RBAC of a test, deleted when dropped.
+struct Rbac {
+    cp: &'static ControlPlane,
+    objects: Vec<String>,
+}
+
+impl Drop for Rbac {
+    fn drop(&mut self) {
+        let mut args = vec![
+            "delete".to_string(),
+            "--ignore-not-found".into(),
+            "--wait=false".into(),
+        ];
+        args.extend(self.objects.iter().cloned());
+        let _ = self.cp.kubectl().args(&args).output();
+    }
+}
+
+fn kubectl_apply(cp: &ControlPlane, docs: &[Value]) {
+    let yaml: String = docs
+        .iter()
+        .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+        .collect();
+    let mut child = cp
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Read everything the controller watches, cluster-wide; write only the stack's namespace (and
+/// its marker label) and the Lease. One RoleBinding per user for the Lease, so a test can take
+/// one user's Lease access away.
+fn grant(cp: &'static ControlPlane, users: &[&str], lease_ns: &str, stack_ns: &str) -> Rbac {
+    let name = format!("opsc-leader-test-{stack_ns}");
+    let subjects: Vec<Value> = users
+        .iter()
+        .map(|u| json!({"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": u}))
+        .collect();
+    let mut docs = vec![
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name},
+            "rules": [
+                {"apiGroups": ["*"], "resources": ["*"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": [""], "resources": ["namespaces"], "resourceNames": [stack_ns], "verbs": ["patch"]},
+            ],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": subjects,
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "everything", "namespace": stack_ns},
+            "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "everything", "namespace": stack_ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "everything"},
+            "subjects": subjects,
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "leases", "namespace": lease_ns},
+            "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}],
+        }),
+    ];
+    for (i, s) in subjects.iter().enumerate() {
+        docs.push(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": format!("leases-{i}"), "namespace": lease_ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "leases"},
+            "subjects": [s],
+        }));
+    }
+    kubectl_apply(cp, &docs);
+    Rbac {
+        cp,
+        objects: vec![
+            format!("clusterrole/{name}"),
+            format!("clusterrolebinding/{name}"),
+        ],
+    }
+}
+
+fn user(ns: &str, name: &str) -> String {
+    format!("opsc-leader-test:{ns}:{name}")
+}
+
+/// The Lease's holder, or "" when it has none (or does not exist yet).
+async fn holder(leases: &Api<Lease>) -> String {
+    leases
+        .get_opt("opsconductor-operator")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec?.holder_identity)
+        .unwrap_or_default()
+}
+
+async fn wait_for_holder(
+    leases: &Api<Lease>,
+    candidate: &Candidate,
+    timeout: Duration,
+) -> Duration {
+    let start = Instant::now();
+    let prefix = format!("{}_", candidate.name);
+    eventually(
+        &format!("operator {} to hold the Lease", candidate.name),
+        timeout,
+        || async { holder(leases).await.starts_with(&prefix).then_some(()) },
+    )
+    .await;
+    start.elapsed()
+}
+
+async fn converged(client: &Client, ns: &str) {
+    let stacks: Api<OpsConductorStack> = Api::namespaced(client.clone(), ns);
+    eventually("the stack to converge", Duration::from_secs(60), || {
+        let stacks = stacks.clone();
+        async move {
+            let s = stacks.get("prod").await.ok()?;
+            let observed = s.status.as_ref()?.observed_generation;
+            (observed.is_some() && observed == s.metadata.generation).then_some(())
+        }
+    })
+    .await;
+}
+
+/// Writes per user in `ns` since `mark`, successful ones only.
+fn writers(audit: &AuditLog, mark: &support::AuditMark, ns: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for e in audit.writes_since(mark, |e| e.namespace == ns && e.succeeded()) {
+        *out.entry(e.user).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
+    let Some(lease_ns) = TestNamespace::new("leader").await else {
+        return;
+    };
+    let stack_ns = TestNamespace::new("leader-stack").await.unwrap();
+    let cp = lease_ns.control_plane;
+    install_crd(cp).await;
+    let (user_a, user_b) = (user(&lease_ns.name, "a"), user(&lease_ns.name, "b"));
+    let _rbac = grant(cp, &[&user_a, &user_b], &lease_ns.name, &stack_ns.name);
+    let leases: Api<Lease> = lease_ns.api();
+    let audit = AuditLog::of(cp);
+
+    let mut a = Candidate::start(cp, "leader-a", &user_a, &lease_ns.name);
+    wait_for_holder(&leases, &a, Duration::from_secs(30)).await;
+    let b = Candidate::start(cp, "leader-b", &user_b, &lease_ns.name);
+    // The standby is up, ready (it is ready to take over) and waiting.
+    eventually(
+        "the standby to be ready",
+        Duration::from_secs(30),
+        || async { b.ready().then_some(()) },
+    )
+    .await;
+    eventually(
+        "the standby to see the leader",
+        Duration::from_secs(10),
+        || async { b.log_text().contains("another replica leads").then_some(()) },
+    )
+    .await;
+    eventually(
+        "the leader's caches to sync",
+        Duration::from_secs(30),
+        || async { a.ready().then_some(()) },
+    )
+    .await;
+
+    // Only the leader reconciles.
+    let mark = audit.mark();
+    apply_stack(
+        &stack_ns.client,
+        &example("opsconductor.yaml", &stack_ns.name),
+    )
+    .await;
+    converged(&stack_ns.client, &stack_ns.name).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let w = writers(&audit, &mark, &stack_ns.name);
+    assert!(
+        w.get(&user_a).copied().unwrap_or(0) >= 35,
+        "the leader made too few writes: {w:?}"
+    );
+    assert_eq!(w.get(&user_b), None, "the standby wrote: {w:?}");
+    assert!(a.metric("opsconductor_reconciles_total") >= 1.0);
+    assert_eq!(b.metric("opsconductor_reconciles_total"), 0.0);
+    assert!(holder(&leases).await.starts_with("leader-a_"));
+    let transitions_before = leases
+        .get("opsconductor-operator")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .lease_transitions
+        .unwrap_or(0);
+
+    // Kill the leader: no release, the Lease must expire.
+    a.signal("-KILL");
+    a.wait_exit(Duration::from_secs(5));
+    let took = wait_for_holder(&leases, &b, LEASE_DURATION * 2).await;
+    eprintln!(
+        "leader_election: the standby took over {:.1}s after the leader was killed (lease {}s, retry {}s)",
+        took.as_secs_f64(),
+        LEASE_DURATION.as_secs(),
+        RETRY_PERIOD.as_secs()
+    );
+    // The standby last saw the Lease change at most one retry period before the kill, and
+    // polls once per retry period.
+    assert!(
+        took <= LEASE_DURATION + RETRY_PERIOD + Duration::from_secs(1),
+        "takeover took {took:?}"
+    );
+    assert!(
+        took >= LEASE_DURATION - RETRY_PERIOD - Duration::from_secs(1),
+        "the standby took a live Lease after {took:?}"
+    );
+    let lease = leases
+        .get("opsconductor-operator")
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    assert_eq!(lease.lease_transitions, Some(transitions_before + 1));
+
+    // The new leader reconciles: drift is reverted by b.
+    eventually(
+        "the new leader's caches to sync",
+        Duration::from_secs(30),
+        || async { b.ready().then_some(()) },
+    )
+    .await;
+    let mark = audit.mark();
+    let policies: Api<NetworkPolicy> = stack_ns.api();
+    policies
+        .delete("prod-default-deny", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the new leader to restore the deleted NetworkPolicy",
+        Duration::from_secs(30),
+        || {
+            let policies = policies.clone();
+            async move {
+                policies
+                    .get_opt("prod-default-deny")
+                    .await
+                    .ok()?
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
+    let w = writers(&audit, &mark, &stack_ns.name);
+    assert!(w.get(&user_b).copied().unwrap_or(0) >= 1, "{w:?}");
+    assert_eq!(w.get(&user_a), None, "{w:?}");
+    assert!(b.log_text().contains("acquired the Lease"));
+}
+
+#[tokio::test]
+async fn a_stopped_leader_releases_the_lease_for_an_immediate_handover() {
+    let Some(lease_ns) = TestNamespace::new("leader-term").await else {
+        return;
+    };
+    let stack_ns = TestNamespace::new("leader-term-stack").await.unwrap();
+    let cp = lease_ns.control_plane;
+    install_crd(cp).await;
+    let (user_a, user_b) = (user(&lease_ns.name, "a"), user(&lease_ns.name, "b"));
+    let _rbac = grant(cp, &[&user_a, &user_b], &lease_ns.name, &stack_ns.name);
+    let leases: Api<Lease> = lease_ns.api();
+
+    let mut a = Candidate::start(cp, "term-a", &user_a, &lease_ns.name);
+    wait_for_holder(&leases, &a, Duration::from_secs(30)).await;
+    let b = Candidate::start(cp, "term-b", &user_b, &lease_ns.name);
+    eventually(
+        "the standby to see the leader",
+        Duration::from_secs(30),
+        || async { b.log_text().contains("another replica leads").then_some(()) },
+    )
+    .await;
+
+    a.signal("-TERM");
+    let took = wait_for_holder(&leases, &b, LEASE_DURATION).await;
+    eprintln!(
+        "leader_election: the standby took over {:.1}s after SIGTERM to the leader",
+        took.as_secs_f64()
+    );
+    assert!(
+        took <= RETRY_PERIOD + Duration::from_secs(2),
+        "a released Lease should be taken at the next retry, took {took:?}"
+    );
+    let status = a.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "the stopped leader exited with {status}");
+    let log = a.log_text();
+    assert!(log.contains("released the Lease"), "{log}");
+    // The controller had stopped before the release.
+    let stopped = log.find("controller stopped").expect("controller stopped");
+    assert!(stopped < log.find("released the Lease").unwrap(), "{log}");
+}
+
+#[tokio::test]
+async fn a_leader_that_cannot_renew_steps_down_before_a_standby_starts() {
+    let Some(lease_ns) = TestNamespace::new("leader-renew").await else {
+        return;
+    };
+    let stack_ns = TestNamespace::new("leader-renew-stack").await.unwrap();
+    let cp = lease_ns.control_plane;
+    install_crd(cp).await;
+    let (user_a, user_b) = (user(&lease_ns.name, "a"), user(&lease_ns.name, "b"));
+    let _rbac = grant(cp, &[&user_a, &user_b], &lease_ns.name, &stack_ns.name);
+    let leases: Api<Lease> = lease_ns.api();
+
+    let mut a = Candidate::start(cp, "renew-a", &user_a, &lease_ns.name);
+    wait_for_holder(&leases, &a, Duration::from_secs(30)).await;
+    let b = Candidate::start(cp, "renew-b", &user_b, &lease_ns.name);
+    eventually(
+        "the standby to see the leader",
+        Duration::from_secs(30),
+        || async { b.log_text().contains("another replica leads").then_some(()) },
+    )
+    .await;
+
+    // Take the leader's access to the Lease away: its renewals fail from now on.
+    let bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> = lease_ns.api();
+    bindings
+        .delete("leases-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    let cut = Instant::now();
+    let status = a.wait_exit(RENEW_DEADLINE + RETRY_PERIOD * 2 + Duration::from_secs(5));
+    let stepped_down = cut.elapsed();
+    assert!(
+        !status.success(),
+        "a leader that lost its Lease must exit non-zero"
+    );
+    let log = a.log_text();
+    assert!(log.contains("lost the leader Lease"), "{log}");
+    assert!(log.contains("renew deadline"), "{log}");
+    // It stopped while the Lease was still valid for everyone else...
+    assert!(
+        stepped_down < LEASE_DURATION,
+        "the leader stepped down only after {stepped_down:?}"
+    );
+    // ...and the standby took over only after the Lease had expired.
+    let took = wait_for_holder(&leases, &b, LEASE_DURATION * 2).await + stepped_down;
+    eprintln!(
+        "leader_election: leader stepped down after {:.1}s without renewals; standby took over after {:.1}s",
+        stepped_down.as_secs_f64(),
+        took.as_secs_f64()
+    );
+    assert!(took >= stepped_down);
+    assert!(took >= LEASE_DURATION - RETRY_PERIOD * 2, "took {took:?}");
+}
+
+#[test]
+fn the_dockerfile_builds_with_scripts_build_static_into_scratch() {
+    let dockerfile =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"))
+            .unwrap();
+    assert!(dockerfile.contains("scripts/build-static"));
+    assert!(dockerfile.contains("\nFROM scratch\n"));
+    assert!(dockerfile.contains("\nUSER 65532:65532\n"));
+    assert!(dockerfile.contains("ca-certificates.crt"));
+    let ignore =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".dockerignore"))
+            .unwrap();
+    for copied in ["Cargo.toml", "Cargo.lock", "src/", "scripts/build-static"] {
+        assert!(
+            ignore.contains(&format!("!{copied}")),
+            "{copied} is not in the build context"
+        );
+    }
+}
