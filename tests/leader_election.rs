@@ -33,7 +33,6 @@ const RETRY_PERIOD: Duration = Duration::from_secs(2);
 /// An operator process with leader election, stopped (SIGKILL) when dropped.
 struct Candidate {
     name: &'static str,
-    user: String,
     child: Child,
     metrics_addr: String,
     log: PathBuf,
@@ -87,7 +86,6 @@ impl Candidate {
         );
         Self {
             name,
-            user: user.to_string(),
             child,
             metrics_addr,
             log,
