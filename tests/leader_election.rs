@@ -337,11 +337,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
 
     // Only the leader reconciles.
     let mark = audit.mark();
-    apply_stack(
-        &stack_ns.client,
-        &example("opsconductor.yaml", &stack_ns.name),
-    )
-    .await;
+    apply_stack(&stack_ns.client, &offline_example(&stack_ns.name)).await;
     converged(&stack_ns.client, &stack_ns.name).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let w = writers(&audit, &mark, &stack_ns.name);
@@ -538,4 +534,19 @@ fn the_dockerfile_builds_with_scripts_build_static_into_scratch() {
             "{copied} is not in the build context"
         );
     }
+}
+
+/// The full example stack, with its ACME directory on a loopback port where nothing listens:
+/// the operator must not reach out to a real CA from a test (it writes the bootstrap
+/// certificate and reports the CA as unreachable).
+fn offline_example(namespace: &str) -> OpsConductorStack {
+    let mut stack = example("opsconductor.yaml", namespace);
+    stack
+        .spec
+        .tls
+        .acme
+        .as_mut()
+        .expect("the example uses ACME")
+        .directory_url = "https://127.0.0.1:9/directory".into();
+    stack
 }

@@ -441,7 +441,7 @@ fn the_operators_network_policy_admits_only_metrics_and_reaches_only_what_it_nee
         np["ingress"],
         json!([{"ports": [{"port": 8080, "protocol": "TCP"}]}])
     );
-    // Out: the API server, ACME over HTTPS, DNS. Nothing else.
+    // Out: the API server, ACME over HTTPS, the gateways' HTTP port, DNS. Nothing else.
     let egress = np["egress"].as_array().unwrap();
     let ports: Vec<Value> = egress.iter().map(|r| r["ports"].clone()).collect();
     assert_eq!(
@@ -449,11 +449,19 @@ fn the_operators_network_policy_admits_only_metrics_and_reaches_only_what_it_nee
         [
             json!([{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]),
             json!([{"port": 443, "protocol": "TCP"}]),
+            json!([{"port": 8080, "protocol": "TCP"}]),
             json!([{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]),
         ]
     );
+    // The ACME self-check reaches only the stacks' gateway pods.
     assert_eq!(
-        egress[2]["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        egress[2]["to"],
+        json!([{"namespaceSelector": {}, "podSelector": {"matchLabels": {
+            "app.kubernetes.io/managed-by": "opsconductor-operator",
+            "app.kubernetes.io/component": "gateway"}}}])
+    );
+    assert_eq!(
+        egress[3]["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
         "kube-system"
     );
 
@@ -1119,11 +1127,7 @@ async fn the_charts_rbac_is_enough_to_reconcile_a_full_stack() {
     .await;
 
     let started = Instant::now();
-    let stack = apply_stack(
-        &stack_ns.client,
-        &example("opsconductor.yaml", &stack_ns.name),
-    )
-    .await;
+    let stack = apply_stack(&stack_ns.client, &offline_example(&stack_ns.name)).await;
     let uid = stack.uid().unwrap();
     let expected = rendered_objects(&stack);
     assert_eq!(expected.len(), 35);
@@ -1168,7 +1172,11 @@ async fn the_charts_rbac_is_enough_to_reconcile_a_full_stack() {
     );
 
     // Every write the operator made was allowed, and it made them as the ServiceAccount.
-    let writes = audit.writes_since(&mark, |e| e.user == user);
+    // (Only in this test's namespaces: the operator also reconciles other tests' stacks, and
+    // writes into their terminating namespaces are refused for that reason, not by RBAC.)
+    let writes = audit.writes_since(&mark, |e| {
+        e.user == user && (e.namespace == stack_ns.name || e.namespace == release_ns.name)
+    });
     let denied: Vec<String> = writes
         .iter()
         .filter(|e| e.code >= 400 && e.code != 404 && e.code != 409)
@@ -1211,6 +1219,13 @@ async fn the_charts_rbac_is_enough_to_reconcile_a_full_stack() {
             .iter()
             .any(|e| e.resource == "opsconductorstacks" && e.subresource == "status"),
         "no status write by the ServiceAccount"
+    );
+    // The bootstrap certificate (ACME cannot reach its CA here): Secrets are written too.
+    assert!(
+        writes
+            .iter()
+            .any(|e| e.resource == "secrets" && e.name == "prod-tls" && e.succeeded()),
+        "no write of Secret prod-tls by the ServiceAccount"
     );
     assert!(
         writes
@@ -1311,4 +1326,19 @@ async fn a_missing_permission_fails_loudly_and_names_it() {
         )
         .await;
     }
+}
+
+/// The full example stack, with its ACME directory on a loopback port where nothing listens:
+/// the operator must not reach out to a real CA from a test (it writes the bootstrap
+/// certificate and reports the CA as unreachable).
+fn offline_example(namespace: &str) -> OpsConductorStack {
+    let mut stack = example("opsconductor.yaml", namespace);
+    stack
+        .spec
+        .tls
+        .acme
+        .as_mut()
+        .expect("the example uses ACME")
+        .directory_url = "https://127.0.0.1:9/directory".into();
+    stack
 }
