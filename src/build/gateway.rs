@@ -25,6 +25,27 @@ use crate::names::{self, Component};
 /// The user id of the nginx-unprivileged image.
 const NGINX_UID: i64 = 101;
 
+/// The gateway container's command (POSIX sh, as in the alpine-based nginx image): nginx in
+/// the foreground as PID 1, and a small loop beside it that reloads nginx gracefully when the
+/// mounted certificate changes. The kubelet updates a Secret volume in place (an atomic
+/// symlink swap), so a renewed certificate reaches running pods without a restart; the reload
+/// starts new workers with it while the old ones finish their requests. Configuration changes
+/// still roll the pods (the checksum annotation). See `docs/acme.md`.
+pub const RELOAD_ON_CERTIFICATE_CHANGE: &str = r#"tls=/etc/opsconductor/tls
+conf=/etc/opsconductor/config/nginx.conf
+digest() { cat "$tls/tls.crt" "$tls/tls.key" 2>/dev/null | cksum; }
+(
+  last=$(digest)
+  while sleep 2; do
+    now=$(digest)
+    if [ "$now" != "$last" ]; then
+      nginx -s reload -c "$conf" && last=$now
+    fi
+  done
+) &
+exec nginx -c "$conf"
+"#;
+
 pub fn service_account(stack: &Stack) -> ServiceAccount {
     ServiceAccount {
         metadata: meta(stack, names::gateway(&stack.name), Component::Gateway),
@@ -101,7 +122,12 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
         name: "nginx".into(),
         image: Some(stack.gateway.image.clone()),
         // Bypasses the image's entrypoint scripts, which write into the read-only root.
-        command: Some(vec!["nginx".into(), "-c".into(), nginx::CONFIG_PATH.into()]),
+        command: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            RELOAD_ON_CERTIFICATE_CHANGE.into(),
+            "opsconductor-gateway".into(),
+        ]),
         ports: Some(vec![
             port("http", nginx::HTTP_PORT),
             port("https", nginx::HTTPS_PORT),
@@ -240,5 +266,17 @@ pub fn pod_disruption_budget(stack: &Stack) -> PodDisruptionBudget {
             ..PodDisruptionBudgetSpec::default()
         }),
         ..PodDisruptionBudget::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reload_script_names_the_mounted_paths() {
+        assert!(RELOAD_ON_CERTIFICATE_CHANGE.contains(&format!("tls={}\n", nginx::TLS_DIR)));
+        assert!(RELOAD_ON_CERTIFICATE_CHANGE.contains(&format!("conf={}\n", nginx::CONFIG_PATH)));
+        assert!(RELOAD_ON_CERTIFICATE_CHANGE.ends_with("exec nginx -c \"$conf\"\n"));
     }
 }

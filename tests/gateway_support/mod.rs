@@ -382,10 +382,14 @@ pub fn rendered_config(stack_yaml: &str, options: &BuildOptions) -> String {
         .unwrap_or_else(|e| panic!("the test stack is invalid: {e}"));
     let deployment = serde_json::to_value(&bundle.deployments[0]).unwrap();
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(
-        container["command"],
-        serde_json::json!(["nginx", "-c", nginx::CONFIG_PATH]),
-        "the gateway must run the configuration the test runs"
+    // `sh -c <script>`: nginx in the foreground with the configuration the test runs, and a
+    // certificate reload loop beside it (tests/acme_real.rs runs that script).
+    let script = container["command"][2].as_str().unwrap_or_default();
+    assert_eq!(container["command"][0], "sh");
+    assert!(
+        script.contains(&format!("conf={}\n", nginx::CONFIG_PATH))
+            && script.ends_with("exec nginx -c \"$conf\"\n"),
+        "the gateway must run the configuration the test runs: {script}"
     );
     let mounts: Vec<&str> = container["volumeMounts"]
         .as_array()
