@@ -14,6 +14,7 @@ mod gateway_support;
 mod support;
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use acme_support::{ChallTestSrv, GatewayRunner, Operator, Pebble, PebbleOptions};
@@ -295,5 +296,196 @@ async fn first_issuance_through_the_real_http01_path_then_account_reuse_and_a_ho
         1,
         "one account registration at the CA:\n{}",
         w.pebble.log()
+    );
+}
+
+/// The rollout of a renewed certificate into running gateway pods, proven with real nginx
+/// running the gateway container's own command (the reload loop of `src/build/gateway.rs`):
+/// under continuous HTTPS load, the Secret volume is updated the way the kubelet does it (an
+/// atomic swap of the `..data` symlink); nginx must serve the new certificate and no request
+/// may fail. No control plane or CA is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_rolls_into_running_nginx_without_a_failed_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    if !acme_support::parts_present() {
+        return;
+    }
+    let host = "roll.test";
+    let dns = gateway_support::Dns::start();
+    let backend = gateway_support::Backend::start("web");
+    dns.insert(
+        "web.default.svc.cluster.local",
+        std::net::Ipv4Addr::LOCALHOST,
+    );
+    let yaml = format!(
+        "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\nmetadata: {{name: roll}}\n\
+         spec:\n  gateway: {{hosts: [{host}]}}\n  tls: {{secretName: roll-cert}}\n  services:\n\
+         \x20   - {{name: web, image: web:1, route: /, port: {}}}\n",
+        backend.port
+    );
+    let options = opsconductor_operator::build::BuildOptions {
+        dns_resolver: Some(dns.addr),
+        ..Default::default()
+    };
+    let bundle =
+        opsconductor_operator::render::bundle_for("roll.yaml", &yaml, "default", &options).unwrap();
+    let config = bundle.config_maps[0].data.as_ref().unwrap()["nginx.conf"].clone();
+    let deployment = serde_json::to_value(&bundle.deployments[0]).unwrap();
+    let command = &deployment["spec"]["template"]["spec"]["containers"][0]["command"];
+    assert_eq!(command[0], "sh");
+    let script = command[2].as_str().unwrap().to_string();
+
+    let layout = gateway_support::Layout::new();
+    layout.install_config(&config);
+    // The kubelet's Secret volume: tls.crt -> ..data/tls.crt, ..data -> ..<version>.
+    let tls = layout.path("tls");
+    let version = |name: &str, crt: &str, key: &str| {
+        let dir = tls.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("tls.crt"), crt).unwrap();
+        std::fs::write(dir.join("tls.key"), key).unwrap();
+        std::os::unix::fs::symlink(name, tls.join("..data_tmp")).unwrap();
+        std::fs::rename(tls.join("..data_tmp"), tls.join("..data")).unwrap();
+    };
+    let names = vec![host.to_string()];
+    let (crt1, key1) = cert::bootstrap(&names, SystemTime::now()).unwrap();
+    let (crt2, key2) = cert::bootstrap(&names, SystemTime::now()).unwrap();
+    let serial = |crt: &str| cert::parse_chain(crt.as_bytes()).unwrap().facts.serial;
+    let (old_serial, new_serial) = (serial(&crt1), serial(&crt2));
+    version("..v1", &crt1, &key1);
+    for f in ["tls.crt", "tls.key"] {
+        std::os::unix::fs::symlink(format!("..data/{f}"), tls.join(f)).unwrap();
+    }
+    let dir = layout.dir.path().display().to_string();
+    let local_script = script
+        .replace("/etc/opsconductor/tls", &format!("{dir}/tls"))
+        .replace("/etc/opsconductor/config", &format!("{dir}/config"))
+        .replace("nginx -", "nginx -e stderr -");
+    let mut gateway = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&local_script)
+        .env("OPENSSL_CONF", layout.permissive_openssl_conf())
+        .stdout(std::fs::File::create(layout.path("access.log")).unwrap())
+        .stderr(std::fs::File::create(layout.path("error.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let https = layout.https_port;
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", https)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let served = || {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl s_client -connect 127.0.0.1:{https} -servername {host} </dev/null 2>/dev/null | openssl x509 -noout -serial"
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_start_matches("serial=")
+            .to_ascii_lowercase()
+            .trim_start_matches('0')
+            .to_string()
+    };
+    assert_eq!(served(), old_serial.trim_start_matches('0'));
+
+    // Continuous load: 3 clients, each a loop of curl runs of 20 requests over one kept-alive
+    // connection, plus one client opening a new connection per request.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let url = format!("https://{host}:{https}/c{i}");
+        let resolve = format!("{host}:{https}:127.0.0.1");
+        clients.push(std::thread::spawn(move || {
+            let per_run = if i == 3 { 1 } else { 20 };
+            // Bounded: at most 2000 runs per client, and it stops when told.
+            for _ in 0..2000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut args = vec![
+                    "-sk".to_string(),
+                    "--max-time".into(),
+                    "30".into(),
+                    "--resolve".into(),
+                    resolve.clone(),
+                    "-w".into(),
+                    "%{http_code}\\n".into(),
+                ];
+                for _ in 0..per_run {
+                    args.extend(["-o".to_string(), "/dev/null".to_string(), url.clone()]);
+                }
+                let out = std::process::Command::new("curl")
+                    .args(&args)
+                    .output()
+                    .unwrap();
+                let codes = String::from_utf8_lossy(&out.stdout).to_string();
+                let good = codes.lines().filter(|c| *c == "200").count();
+                ok.fetch_add(good, Ordering::Relaxed);
+                if !out.status.success() || good != per_run {
+                    let mut note = format!(
+                        "client {i}: exit {:?}, codes {codes:?}, {}",
+                        out.status.code(),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    note.truncate(400);
+                    failed.lock().unwrap().push(note);
+                }
+            }
+        }));
+    }
+    let wait_for = |n: usize| {
+        let deadline = Instant::now() + WAIT;
+        while ok.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "the load did not get going");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(200);
+    let before_swap = ok.load(Ordering::Relaxed);
+    version("..v2", &crt2, &key2);
+    let deadline = Instant::now() + WAIT;
+    while served() != new_serial.trim_start_matches('0') {
+        assert!(
+            Instant::now() < deadline,
+            "nginx still serves the old certificate:\n{}",
+            std::fs::read_to_string(layout.path("error.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let at_switch = ok.load(Ordering::Relaxed);
+    wait_for(at_switch + 400);
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-QUIT", &gateway.id().to_string()])
+        .status();
+    let _ = gateway.wait();
+    let error_log = std::fs::read_to_string(layout.path("error.log")).unwrap_or_default();
+    let total = ok.load(Ordering::Relaxed);
+    let failures = failed.lock().unwrap().clone();
+    eprintln!(
+        "MEASURED: certificate rollout under load: {total} requests ({before_swap} before the swap, \
+         {} after nginx served the new certificate), {} failed",
+        total - at_switch,
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "failed requests: {failures:#?}\n{error_log}"
+    );
+    assert!(
+        error_log.contains("reconfiguring") || error_log.contains("signal process started"),
+        "nginx was reloaded, not restarted:\n{error_log}"
     );
 }
