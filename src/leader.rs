@@ -30,7 +30,7 @@
 //! never became ready would stall every rolling update of a Deployment with `maxUnavailable:
 //! 0`. On becoming leader the process reports not ready until its watch caches are synced, as a
 //! single operator does. `/healthz` is 200 in both roles. The gauge `opsconductor_leader` is 1
-//! on the leader and 0 on a standby.
+//! on the leader (and on a process without leader election) and 0 on a standby.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -390,6 +390,8 @@ where
         let _ = shutdown_tx.send(true);
     });
     let Some(config) = config else {
+        // Without an election this process is the only one, so it leads.
+        set_leader(health, true);
         work(Box::pin(wait_true(shutdown_rx))).await;
         return Ok(());
     };
