@@ -77,6 +77,8 @@ pub struct PebbleOptions {
     pub http_port: u16,
     /// `PEBBLE_WFE_NONCEREJECT`: percent of good nonces refused.
     pub nonce_reject: u32,
+    /// `PEBBLE_VA_SLEEPTIME`: the validation waits up to this many seconds (none: no wait).
+    pub va_sleep: Option<u32>,
 }
 
 pub struct Pebble {
@@ -151,7 +153,16 @@ impl Pebble {
             .arg(&config_path)
             .arg("-dnsserver")
             .arg(format!("127.0.0.1:{}", self.dns_port))
-            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env(
+                if self.options.va_sleep.is_some() {
+                    "PEBBLE_VA_SLEEPTIME"
+                } else {
+                    "PEBBLE_VA_NOSLEEP"
+                },
+                self.options
+                    .va_sleep
+                    .map_or("1".to_string(), |s| s.to_string()),
+            )
             .env(
                 "PEBBLE_WFE_NONCEREJECT",
                 self.options.nonce_reject.to_string(),
