@@ -36,7 +36,7 @@ const WAIT: Duration = Duration::from_secs(120);
 struct World {
     ns: TestNamespace,
     tools: &'static Path,
-    dns: ChallTestSrv,
+    _dns: ChallTestSrv,
     pebble: Pebble,
     gateway: GatewayRunner,
     upstream_dns: gateway_support::Dns,
@@ -110,7 +110,7 @@ impl World {
         Some(World {
             ns,
             tools,
-            dns,
+            _dns: dns,
             pebble,
             gateway,
             upstream_dns,
