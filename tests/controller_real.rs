@@ -399,21 +399,31 @@ async fn drift_is_reverted_in_enforce_mode() {
         .await,
     );
 
-    let events = events_with_reason(&ns.client, &ns.name, "DriftReverted").await;
-    let all = events.join("\n");
-    for object in [
+    // The Event is published right after the revert: wait for it rather than race it.
+    let objects = [
         "Service/auth",
         "Service/users",
         "NetworkPolicy/prod-svc-auth",
         "NetworkPolicy/prod-svc-users",
         "Deployment/jobs",
         "ConfigMap/prod-gateway-config",
-    ] {
-        assert!(
-            all.contains(object),
-            "no DriftReverted event names {object}:\n{all}"
-        );
-    }
+    ];
+    let all = eventually(
+        "a DriftReverted Event for every reverted object",
+        WAIT,
+        || async {
+            let all = events_with_reason(&ns.client, &ns.name, "DriftReverted")
+                .await
+                .join("\n");
+            objects.iter().all(|o| all.contains(o)).then_some(all)
+        },
+    )
+    .await;
+    assert!(
+        all.lines()
+            .all(|l| l.starts_with("reverted changes made by others to ")),
+        "{all}"
+    );
     eprintln!("drift reverted after (as seen by polling): {times:?}");
 }
 
