@@ -254,6 +254,21 @@ pub struct AcmeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub profile: Option<String>,
+    /// Key type of the certificate; a new key is generated for every issuance.
+    #[serde(default)]
+    pub key_algorithm: KeyAlgorithm,
+}
+
+/// Private key type of the gateway certificate.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum KeyAlgorithm {
+    /// ECDSA on curve P-256 (the default): fast handshakes, accepted everywhere.
+    #[default]
+    #[serde(rename = "ECDSA-P256")]
+    EcdsaP256,
+    /// ECDSA on curve P-384.
+    #[serde(rename = "ECDSA-P384")]
+    EcdsaP384,
 }
 
 /// External Account Binding credentials.

@@ -60,9 +60,9 @@ const HELP: &[(&str, &str, &str)] = &[
         "Changes by others to managed objects, by kind and action (reverted or reported).",
     ),
     (
-        "opsconductor_stacks",
+        "opsconductor_leader",
         "gauge",
-        "Stacks known to the operator, by readiness.",
+        "1 while this process leads (or runs without leader election), 0 on a standby.",
     ),
     (
         "opsconductor_violations",
@@ -197,7 +197,11 @@ impl Metrics {
         );
         for (kind, (buckets, sum, count)) in &inner.acme_latency {
             for (i, le) in ACME_BUCKETS.iter().enumerate() {
-                let _ = writeln!(out, "{name}_bucket{{type=\"{kind}\",le=\"{le}\"}} {}", buckets[i]);
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{type=\"{kind}\",le=\"{le}\"}} {}",
+                    buckets[i]
+                );
             }
             let _ = writeln!(out, "{name}_bucket{{type=\"{kind}\",le=\"+Inf\"}} {count}");
             let _ = writeln!(out, "{name}_sum{{type=\"{kind}\"}} {sum}");
@@ -255,7 +259,9 @@ mod tests {
         assert!(text.contains(
             "opsconductor_acme_request_duration_seconds_bucket{type=\"newOrder\",le=\"0.05\"} 1"
         ));
-        assert!(text.contains("opsconductor_acme_request_duration_seconds_count{type=\"newOrder\"} 2"));
+        assert!(
+            text.contains("opsconductor_acme_request_duration_seconds_count{type=\"newOrder\"} 2")
+        );
         assert!(text.contains("opsconductor_certificate_ready{stack=\"ns/prod\"} 1"));
         m.forget("stack", "ns/prod");
         assert!(!m.render().contains("stack=\"ns/prod\""));

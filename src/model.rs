@@ -143,6 +143,7 @@ pub struct Acme {
     pub external_account_binding: Option<(String, SecretKey)>,
     pub ca_bundle: Option<SecretKey>,
     pub profile: Option<String>,
+    pub key_algorithm: crate::crd::KeyAlgorithm,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -354,6 +354,7 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
                 external_account_binding: eab,
                 ca_bundle,
                 profile: acme.profile.clone(),
+                key_algorithm: acme.key_algorithm,
             }))
         }
     };
@@ -768,6 +769,16 @@ mod tests {
             vec![DnsLabel::parse("users").unwrap()]
         );
         assert_eq!(stack.mode, crate::crd::PolicyMode::Enforce);
+        let CertificateSource::Acme(acme) = &stack.tls.source else {
+            panic!("acme")
+        };
+        assert_eq!(acme.key_algorithm, crate::crd::KeyAlgorithm::EcdsaP256);
+        let mut v = base();
+        v["spec"]["tls"]["acme"]["keyAlgorithm"] = json!("ECDSA-P384");
+        let CertificateSource::Acme(acme) = run(v).unwrap().tls.source else {
+            panic!("acme")
+        };
+        assert_eq!(acme.key_algorithm, crate::crd::KeyAlgorithm::EcdsaP384);
     }
 
     #[test]

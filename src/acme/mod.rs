@@ -372,9 +372,10 @@ fn fingerprint(stack: &Stack, acme: &Acme) -> String {
         .collect();
     hosts.sort();
     format!(
-        "{}|{:?}|{:?}|{:?}|{}",
+        "{}|{:?}|{:?}|{:?}|{:?}|{}",
         acme.directory_url,
         acme.profile,
+        acme.key_algorithm,
         acme.external_account_binding,
         acme.ca_bundle,
         hosts.join(",")
@@ -950,7 +951,10 @@ async fn order_once(
         hosts: ctx.stack.gateway.hosts.clone(),
         profile: ctx.acme.profile.clone(),
         replaces,
-        key_algorithm: cert::KeyAlgorithm::default(),
+        key_algorithm: match ctx.acme.key_algorithm {
+            crate::crd::KeyAlgorithm::EcdsaP256 => cert::KeyAlgorithm::EcdsaP256,
+            crate::crd::KeyAlgorithm::EcdsaP384 => cert::KeyAlgorithm::EcdsaP384,
+        },
     };
     let started = Instant::now();
     let mut attempt = order::issue(
