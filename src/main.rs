@@ -99,6 +99,9 @@ fn main() -> ExitCode {
                 compare_before_apply: !apply_always,
                 resync: Duration::from_secs(resync_seconds.max(10)),
                 dns_resolver: None,
+                operator_namespace: std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|n| !n.is_empty()),
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(run(

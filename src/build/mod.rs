@@ -37,6 +37,10 @@ pub struct BuildOptions {
     /// names are resolved once at startup (kept-alive upstream connections, but nginx refuses
     /// to start while any routed Service is missing). See `docs/gateway.md`.
     pub dns_resolver: Option<std::net::SocketAddr>,
+    /// The namespace the operator runs in, when known (in-cluster). With
+    /// `allowedSourceRanges`, the gateway's NetworkPolicy then also admits the operator's pods
+    /// on 8080 for the ACME self-check.
+    pub operator_namespace: Option<String>,
 }
 
 impl Default for BuildOptions {
@@ -45,6 +49,7 @@ impl Default for BuildOptions {
             cluster_domain: "cluster.local".into(),
             acme_thumbprint: None,
             dns_resolver: None,
+            operator_namespace: None,
         }
     }
 }
@@ -129,7 +134,8 @@ pub fn build(stack: &Stack, options: &BuildOptions) -> Bundle {
     bundle
         .pod_disruption_budgets
         .push(gateway::pod_disruption_budget(stack));
-    bundle.network_policies = netpol::network_policies(stack);
+    bundle.network_policies =
+        netpol::network_policies(stack, options.operator_namespace.as_deref());
     bundle
 }
 

@@ -25,8 +25,12 @@ use crate::names::{self, Component};
 pub const DNS_NAMESPACE: &str = "kube-system";
 pub const DNS_POD_LABEL: (&str, &str) = ("k8s-app", "kube-dns");
 
-pub fn network_policies(stack: &Stack) -> Vec<NetworkPolicy> {
-    let mut out = vec![default_deny(stack), allow_dns(stack), gateway(stack)];
+pub fn network_policies(stack: &Stack, operator_namespace: Option<&str>) -> Vec<NetworkPolicy> {
+    let mut out = vec![
+        default_deny(stack),
+        allow_dns(stack),
+        gateway(stack, operator_namespace),
+    ];
     out.extend(stack.services.iter().map(|s| service(stack, s)));
     out.extend(stack.backends.iter().map(|b| {
         let selects = b.pod_selector.clone();
@@ -98,7 +102,13 @@ fn allow_dns(stack: &Stack) -> NetworkPolicy {
     )
 }
 
-fn gateway(stack: &Stack) -> NetworkPolicy {
+/// Labels every operator pod of the Helm chart carries, whatever the release is called.
+pub const OPERATOR_POD_LABELS: [(&str, &str); 2] = [
+    ("app.kubernetes.io/component", "operator"),
+    ("app.kubernetes.io/part-of", "opsconductor"),
+];
+
+fn gateway(stack: &Stack, operator_namespace: Option<&str>) -> NetworkPolicy {
     let sources = &stack.gateway.allowed_source_ranges;
     let from = (!sources.is_empty()).then(|| {
         sources
@@ -112,10 +122,31 @@ fn gateway(stack: &Stack) -> NetworkPolicy {
             })
             .collect()
     });
-    let ingress = NetworkPolicyIngressRule {
+    let mut ingress = vec![NetworkPolicyIngressRule {
         from,
         ports: Some(tcp(&[nginx::HTTP_PORT as Port, nginx::HTTPS_PORT as Port])),
-    };
+    }];
+    // With source ranges, the operator's own ACME self-check (a GET of the challenge path on
+    // port 8080 through the gateway Service) would be cut off: let the operator's pods in.
+    let acme = matches!(stack.tls.source, crate::model::CertificateSource::Acme(_));
+    if let (true, false, Some(ns)) = (acme, sources.is_empty(), operator_namespace) {
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(vec![NetworkPolicyPeer {
+                namespace_selector: Some(selector(BTreeMap::from([(
+                    "kubernetes.io/metadata.name".to_string(),
+                    ns.to_string(),
+                )]))),
+                pod_selector: Some(selector(
+                    OPERATOR_POD_LABELS
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                )),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: Some(tcp(&[nginx::HTTP_PORT as Port])),
+        });
+    }
     let egress = stack
         .services
         .iter()
@@ -129,7 +160,7 @@ fn gateway(stack: &Stack) -> NetworkPolicy {
         stack,
         names::gateway_policy(&stack.name),
         selector(names::selector(&stack.name, Component::Gateway)),
-        Some(vec![ingress]),
+        Some(ingress),
         Some(egress),
     )
 }
@@ -252,4 +283,73 @@ fn tcp(ports: &[Port]) -> Vec<NetworkPolicyPort> {
             ..NetworkPolicyPort::default()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::OpsConductorStack;
+
+    fn stack(tls: &str, ranges: &str) -> Stack {
+        let yaml = format!(
+            "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\nmetadata: {{name: s, namespace: ns}}\n\
+             spec:\n  gateway: {{hosts: [a.example.com], allowedSourceRanges: {ranges}}}\n  tls: {tls}\n\
+             \x20 services: [{{name: web, image: w, route: /}}]\n"
+        );
+        let cr: OpsConductorStack = serde_yaml::from_str(&yaml).unwrap();
+        crate::validate::validate(&cr, "ns").unwrap()
+    }
+
+    fn gateway_ingress(stack: &Stack, operator_ns: Option<&str>) -> Vec<NetworkPolicyIngressRule> {
+        let policies = network_policies(stack, operator_ns);
+        let gw = policies
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some("s-gateway"))
+            .unwrap();
+        gw.spec.as_ref().unwrap().ingress.clone().unwrap()
+    }
+
+    const ACME: &str =
+        "{acme: {directoryUrl: 'https://ca.example/dir', acceptTermsOfService: true}}";
+
+    #[test]
+    fn the_acme_self_check_passes_source_ranges_from_the_operator_pods_only() {
+        let rules = gateway_ingress(&stack(ACME, "[192.0.2.0/24]"), Some("opsconductor-system"));
+        assert_eq!(rules.len(), 2);
+        let peer = &rules[1].from.as_ref().unwrap()[0];
+        let ns = peer
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap();
+        assert_eq!(ns["kubernetes.io/metadata.name"], "opsconductor-system");
+        assert_eq!(
+            peer.pod_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["app.kubernetes.io/component"],
+            "operator"
+        );
+        assert_eq!(rules[1].ports.as_ref().unwrap().len(), 1, "8080 only");
+    }
+
+    #[test]
+    fn no_extra_rule_without_source_ranges_acme_or_a_known_operator_namespace() {
+        assert_eq!(
+            gateway_ingress(&stack(ACME, "[]"), Some("opsconductor-system")).len(),
+            1
+        );
+        assert_eq!(
+            gateway_ingress(&stack("{secretName: c}", "[192.0.2.0/24]"), Some("o")).len(),
+            1
+        );
+        assert_eq!(
+            gateway_ingress(&stack(ACME, "[192.0.2.0/24]"), None).len(),
+            1
+        );
+    }
 }

@@ -44,6 +44,9 @@ pub struct RunOptions {
     /// The cluster DNS server the gateway resolves service names with at request time
     /// (see [`crate::build::BuildOptions::dns_resolver`]).
     pub dns_resolver: Option<std::net::SocketAddr>,
+    /// The operator's own namespace (`POD_NAMESPACE`, set by the chart), for the gateway
+    /// NetworkPolicy rule that lets the ACME self-check through `allowedSourceRanges`.
+    pub operator_namespace: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -53,6 +56,7 @@ impl Default for RunOptions {
             compare_before_apply: true,
             resync: Duration::from_secs(300),
             dns_resolver: None,
+            operator_namespace: None,
         }
     }
 }

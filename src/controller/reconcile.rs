@@ -21,9 +21,7 @@ use super::apply::{self, Cause, Report, Target};
 use super::status::{self, Observed, Verdict};
 use super::{Context, Error, reference, stack_key};
 use crate::build::{self, BuildOptions};
-use crate::crd::{
-    CertificateStatus, OpsConductorStack, OpsConductorStackStatus, PolicyMode,
-};
+use crate::crd::{CertificateStatus, OpsConductorStack, OpsConductorStackStatus, PolicyMode};
 use crate::model::{CertificateSource, Stack};
 use crate::names;
 use crate::validate;
@@ -68,6 +66,7 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
         cluster_domain: ctx.options.cluster_domain.clone(),
         acme_thumbprint: certificate.thumbprint.clone(),
         dns_resolver: ctx.options.dns_resolver,
+        operator_namespace: ctx.options.operator_namespace.clone(),
     };
     let bundle = build::build(&model, &options);
 
