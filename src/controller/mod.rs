@@ -25,7 +25,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::runtime::{Controller, WatchStreamExt, controller::Action};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::crd::OpsConductorStack;
 use crate::metrics::Metrics;
@@ -118,6 +118,8 @@ pub struct Context {
     applied: apply::AppliedLog,
     /// Consecutive failures per stack (namespace/name), for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The violations last announced by Events, per stack, so none is announced twice.
+    announced_violations: Mutex<HashMap<String, Vec<crate::crd::Violation>>>,
 }
 
 /// Errors of one reconcile. Each has a bounded `reason()` for metrics and Events.
@@ -231,6 +233,9 @@ pub async fn run(
             let (reader, writer) = reflector::store::<$kind>();
             let stream = watcher(Api::<$kind>::all(client.clone()), $config)
                 .backoff(WatchBackoff::default())
+                // managedFields are never read and are often the largest part of an object:
+                // dropped before caching, they cut the operator's memory.
+                .modify(|o| o.managed_fields_mut().clear())
                 .reflect(writer)
                 .touched_objects()
                 // A failing watch retries on its own backoff; its errors must not reach the
@@ -286,6 +291,7 @@ pub async fn run(
             everything.clone(),
         )
         .backoff(WatchBackoff::default())
+        .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer)
         .touched_objects()
         .filter_map(|event| async move {
@@ -338,6 +344,7 @@ pub async fn run(
         stacks: stack_store.clone(),
         applied: apply::AppliedLog::default(),
         failures: Mutex::default(),
+        announced_violations: Mutex::default(),
     });
 
     {

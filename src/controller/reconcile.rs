@@ -327,11 +327,21 @@ async fn violation_events(
     ctx: &Context,
     new_status: &OpsConductorStackStatus,
 ) {
-    let before: Vec<crate::crd::Violation> = stack
-        .status
-        .as_ref()
-        .map(|s| s.violations.clone())
-        .unwrap_or_default();
+    // What this process last announced for the stack; the stack's own status is only the
+    // starting point after a restart, as the cached stack can lag our last status write.
+    let before: Vec<crate::crd::Violation> = {
+        let mut announced = ctx.announced_violations.lock().unwrap();
+        let key = stack_key(stack);
+        let before = announced.get(&key).cloned().unwrap_or_else(|| {
+            stack
+                .status
+                .as_ref()
+                .map(|s| s.violations.clone())
+                .unwrap_or_default()
+        });
+        announced.insert(key, new_status.violations.clone());
+        before
+    };
     for v in new_status.violations.iter().filter(|v| !before.contains(v)) {
         let note = format!("{} {}: {}", v.kind, v.name, v.reason);
         publish_about(
