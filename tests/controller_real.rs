@@ -7,67 +7,21 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::json;
-use support::operator::{OPERATOR_USER, apply_stack, example, operator};
+use support::operator::{
+    OPERATOR_USER, apply_stack, example, operator, owned_objects, rendered_objects,
+};
 use support::{AuditLog, TestNamespace, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Names of every object the stack owns, as "Kind/name".
-async fn owned_objects(client: &Client, ns: &str, uid: &str) -> BTreeSet<String> {
-    async fn names<K>(client: &Client, ns: &str, uid: &str, kind: &str, out: &mut BTreeSet<String>)
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
-        let api: Api<K> = Api::namespaced(client.clone(), ns);
-        for o in api.list(&ListParams::default()).await.unwrap() {
-            if o.owner_references()
-                .iter()
-                .any(|r| r.uid == uid && r.controller == Some(true))
-            {
-                out.insert(format!("{kind}/{}", o.name_any()));
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    names::<ServiceAccount>(client, ns, uid, "ServiceAccount", &mut out).await;
-    names::<ConfigMap>(client, ns, uid, "ConfigMap", &mut out).await;
-    names::<NetworkPolicy>(client, ns, uid, "NetworkPolicy", &mut out).await;
-    names::<Deployment>(client, ns, uid, "Deployment", &mut out).await;
-    names::<Service>(client, ns, uid, "Service", &mut out).await;
-    names::<PodDisruptionBudget>(client, ns, uid, "PodDisruptionBudget", &mut out).await;
-    out
-}
-
-/// What `render` says the stack consists of.
-fn rendered_objects(stack: &OpsConductorStack) -> BTreeSet<String> {
-    let model = opsconductor_operator::validate::validate(stack, "unused").unwrap();
-    let bundle = opsconductor_operator::build::build(&model, &Default::default());
-    bundle
-        .to_values()
-        .iter()
-        .map(|o| {
-            format!(
-                "{}/{}",
-                o["kind"].as_str().unwrap(),
-                o["metadata"]["name"].as_str().unwrap()
-            )
-        })
-        .collect()
-}
 
 /// Waits until the stack's status describes its current generation.
 async fn converged(client: &Client, ns: &str, name: &str) -> OpsConductorStack {

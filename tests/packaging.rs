@@ -26,16 +26,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::ListParams;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use opsconductor_operator::admission::{self, OperatorIdentity};
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::{Value, json};
-use support::operator::{apply_stack, example, http_get, install_crd};
+use support::operator::{
+    apply_stack, example, http_get, install_crd, owned_objects, rendered_objects,
+};
 use support::{AuditLog, ControlPlane, TestNamespace, eventually, tools_bin_dir};
 
 const CHART: &str = "charts/opsconductor-operator";
@@ -828,50 +830,6 @@ impl Drop for OperatorProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Names of every object the stack owns, as "Kind/name".
-async fn owned_objects(client: &Client, ns: &str, uid: &str) -> BTreeSet<String> {
-    async fn names<K>(client: &Client, ns: &str, uid: &str, out: &mut BTreeSet<String>)
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
-        let api: Api<K> = Api::namespaced(client.clone(), ns);
-        for o in api.list(&ListParams::default()).await.unwrap() {
-            if o.owner_references()
-                .iter()
-                .any(|r| r.uid == uid && r.controller == Some(true))
-            {
-                out.insert(format!("{}/{}", K::kind(&()), o.name_any()));
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    names::<ServiceAccount>(client, ns, uid, &mut out).await;
-    names::<ConfigMap>(client, ns, uid, &mut out).await;
-    names::<NetworkPolicy>(client, ns, uid, &mut out).await;
-    names::<Deployment>(client, ns, uid, &mut out).await;
-    names::<Service>(client, ns, uid, &mut out).await;
-    names::<PodDisruptionBudget>(client, ns, uid, &mut out).await;
-    out
-}
-
-fn rendered_objects(stack: &OpsConductorStack) -> BTreeSet<String> {
-    let model = opsconductor_operator::validate::validate(stack, "unused").unwrap();
-    opsconductor_operator::build::build(&model, &Default::default())
-        .to_values()
-        .iter()
-        .map(|o| {
-            format!(
-                "{}/{}",
-                o["kind"].as_str().unwrap(),
-                o["metadata"]["name"].as_str().unwrap()
-            )
-        })
-        .collect()
 }
 
 #[tokio::test]

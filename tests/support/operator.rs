@@ -13,7 +13,14 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Client, CustomResourceExt};
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::ListParams;
+use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use opsconductor_operator::crd::OpsConductorStack;
 
 use super::controlplane::{ControlPlane, control_plane, eventually};
@@ -186,4 +193,49 @@ pub async fn apply_stack(client: &Client, stack: &OpsConductorStack) -> OpsCondu
     )
     .await
     .unwrap_or_else(|e| panic!("applying the stack: {e}"))
+}
+
+/// Names of every object the stack owns, as "Kind/name".
+pub async fn owned_objects(client: &Client, ns: &str, uid: &str) -> BTreeSet<String> {
+    async fn names<K>(client: &Client, ns: &str, uid: &str, out: &mut BTreeSet<String>)
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(client.clone(), ns);
+        for o in api.list(&ListParams::default()).await.unwrap() {
+            if o.owner_references()
+                .iter()
+                .any(|r| r.uid == uid && r.controller == Some(true))
+            {
+                out.insert(format!("{}/{}", K::kind(&()), o.name_any()));
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    names::<ServiceAccount>(client, ns, uid, &mut out).await;
+    names::<ConfigMap>(client, ns, uid, &mut out).await;
+    names::<NetworkPolicy>(client, ns, uid, &mut out).await;
+    names::<Deployment>(client, ns, uid, &mut out).await;
+    names::<Service>(client, ns, uid, &mut out).await;
+    names::<PodDisruptionBudget>(client, ns, uid, &mut out).await;
+    out
+}
+
+/// What `render` says the stack consists of, as "Kind/name".
+pub fn rendered_objects(stack: &OpsConductorStack) -> BTreeSet<String> {
+    let model = opsconductor_operator::validate::validate(stack, "unused").unwrap();
+    opsconductor_operator::build::build(&model, &Default::default())
+        .to_values()
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect()
 }
