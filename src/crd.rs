@@ -500,6 +500,23 @@ pub struct CertificateStatus {
     pub failed_attempts: i32,
 }
 
+impl CertificateStatus {
+    /// No certificate yet: the state before anything is known or issued.
+    pub fn pending() -> Self {
+        Self {
+            state: CertificateState::Pending,
+            hosts: vec![],
+            serial: None,
+            not_before: None,
+            not_after: None,
+            renewal_time: None,
+            last_failure_reason: None,
+            last_failure_time: None,
+            failed_attempts: 0,
+        }
+    }
+}
+
 /// An object that breaks the policy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
 pub struct Violation {

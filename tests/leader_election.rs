@@ -11,7 +11,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -22,7 +21,9 @@ use kube::api::DeleteParams;
 use kube::{Api, Client};
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::{Value, json};
-use support::operator::{apply_stack, example, http_get, install_crd};
+use support::operator::{
+    apply_stack, example, free_loopback_addr, http_get, install_crd, write_impersonating_kubeconfig,
+};
 use support::{AuditLog, ControlPlane, TestNamespace, eventually};
 
 /// The defaults of `run --leader-election`, which the chart uses too.
@@ -43,20 +44,9 @@ impl Candidate {
         let dir = cp.state_dir.join("leader-election-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let unique = format!("{name}-{}-{lease_ns}", std::process::id());
-        let mut kc: Value =
-            serde_yaml::from_str(&std::fs::read_to_string(&cp.kubeconfig).unwrap()).unwrap();
-        for u in kc["users"].as_array_mut().unwrap() {
-            u["user"]["as"] = json!(user);
-            u["user"]["as-groups"] = json!(["system:authenticated"]);
-        }
         let kubeconfig = dir.join(format!("kubeconfig-{unique}"));
-        std::fs::write(&kubeconfig, serde_yaml::to_string(&kc).unwrap()).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let metrics_addr = format!("127.0.0.1:{port}");
+        write_impersonating_kubeconfig(cp, &kubeconfig, user, &["system:authenticated"]);
+        let metrics_addr = free_loopback_addr();
         let log = dir.join(format!("operator-{unique}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
             .args([

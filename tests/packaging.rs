@@ -20,7 +20,6 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,7 +35,8 @@ use opsconductor_operator::admission::{self, OperatorIdentity};
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::{Value, json};
 use support::operator::{
-    apply_stack, example, http_get, install_crd, owned_objects, rendered_objects,
+    apply_stack, example, free_loopback_addr, http_get, install_crd, owned_objects,
+    rendered_objects, write_impersonating_kubeconfig,
 };
 use support::{AuditLog, ControlPlane, TestNamespace, eventually, tools_bin_dir};
 
@@ -772,20 +772,14 @@ impl OperatorProcess {
         let dir = cp.state_dir.join("packaging-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let unique = format!("{tag}-{}", std::process::id());
-        let mut kc: Value =
-            serde_yaml::from_str(&std::fs::read_to_string(&cp.kubeconfig).unwrap()).unwrap();
-        for u in kc["users"].as_array_mut().unwrap() {
-            u["user"]["as"] = json!(user);
-            u["user"]["as-groups"] = json!(groups);
-        }
         let kubeconfig = dir.join(format!("kubeconfig-{unique}"));
-        std::fs::write(&kubeconfig, serde_yaml::to_string(&kc).unwrap()).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let metrics_addr = format!("127.0.0.1:{port}");
+        write_impersonating_kubeconfig(
+            cp,
+            &kubeconfig,
+            user,
+            &groups.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let metrics_addr = free_loopback_addr();
         let log = dir.join(format!("operator-{unique}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
             .args([

@@ -1092,17 +1092,7 @@ pub fn user_secret_status(
     hosts: &[String],
     now: SystemTime,
 ) -> (CertificateStatus, bool, &'static str, String) {
-    let mut status = CertificateStatus {
-        state: CertificateState::Pending,
-        hosts: vec![],
-        serial: None,
-        not_before: None,
-        not_after: None,
-        renewal_time: None,
-        last_failure_reason: None,
-        last_failure_time: None,
-        failed_attempts: 0,
-    };
+    let mut status = CertificateStatus::pending();
     let Some(secret) = secret else {
         let message = format!("Secret {name} does not exist in namespace {namespace}");
         status.last_failure_reason = Some(message.clone());

@@ -7,8 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{
-    CertificateState, CertificateStatus, GatewayStatus, OpsConductorStackStatus, ServicesStatus,
-    Violation,
+    CertificateStatus, GatewayStatus, OpsConductorStackStatus, ServicesStatus, Violation,
 };
 
 pub const READY: &str = "Ready";
@@ -178,17 +177,7 @@ pub fn invalid(
     status.conditions = conditions(previous, &verdicts, generation, now);
     status.observed_generation = generation;
     if status.certificate.is_none() {
-        status.certificate = Some(CertificateStatus {
-            state: CertificateState::Pending,
-            hosts: vec![],
-            serial: None,
-            not_before: None,
-            not_after: None,
-            renewal_time: None,
-            last_failure_reason: None,
-            last_failure_time: None,
-            failed_attempts: 0,
-        });
+        status.certificate = Some(CertificateStatus::pending());
     }
     status
 }
@@ -252,15 +241,9 @@ mod tests {
             gateway_desired_replicas: 2,
             gateway_address: None,
             certificate: CertificateStatus {
-                state: CertificateState::Valid,
+                state: crate::crd::CertificateState::Valid,
                 hosts: vec!["a.example.com".into()],
-                serial: None,
-                not_before: None,
-                not_after: None,
-                renewal_time: None,
-                last_failure_reason: None,
-                last_failure_time: None,
-                failed_attempts: 0,
+                ..CertificateStatus::pending()
             },
             certificate_verdict: Verdict::ok("Valid", "ok"),
             policy_verdict: Verdict::ok("Enforced", "ok"),

@@ -63,22 +63,13 @@ fn start(cp: &ControlPlane) -> Operator {
     let dir = cp.state_dir.join("operator-tests");
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join(format!("kubeconfig-{}", std::process::id()));
-    let mut kc: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(&cp.kubeconfig).unwrap()).unwrap();
-    for user in kc["users"].as_sequence_mut().expect("kubeconfig has users") {
-        user["user"]["as"] = OPERATOR_USER.into();
-        user["user"]["as-groups"] = serde_yaml::Value::Sequence(vec![
-            "system:masters".into(),
-            "system:authenticated".into(),
-        ]);
-    }
-    std::fs::write(&kubeconfig, serde_yaml::to_string(&kc).unwrap()).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics_addr = format!("127.0.0.1:{port}");
+    write_impersonating_kubeconfig(
+        cp,
+        &kubeconfig,
+        OPERATOR_USER,
+        &["system:masters", "system:authenticated"],
+    );
+    let metrics_addr = free_loopback_addr();
     let log = dir.join(format!("operator-{}.log", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
         .args([
@@ -108,6 +99,33 @@ fn start(cp: &ControlPlane) -> Operator {
         _child: Mutex::new(child),
         _stdin: Mutex::new(stdin),
     }
+}
+
+/// Writes to `path` a copy of the admin kubeconfig that impersonates `user` with `groups`.
+pub fn write_impersonating_kubeconfig(
+    cp: &ControlPlane,
+    path: &std::path::Path,
+    user: &str,
+    groups: &[&str],
+) {
+    let mut kc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&cp.kubeconfig).unwrap()).unwrap();
+    for entry in kc["users"].as_sequence_mut().expect("kubeconfig has users") {
+        entry["user"]["as"] = user.into();
+        entry["user"]["as-groups"] =
+            serde_yaml::Value::Sequence(groups.iter().map(|g| (*g).into()).collect());
+    }
+    std::fs::write(path, serde_yaml::to_string(&kc).unwrap()).unwrap();
+}
+
+/// A free loopback address (`127.0.0.1:<port>`) for an operator's `--metrics-addr`.
+pub fn free_loopback_addr() -> String {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
 }
 
 /// Installs (or updates) the CRD from the code and waits until it is served.
