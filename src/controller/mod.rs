@@ -71,6 +71,8 @@ pub struct Stores {
     pub pod_disruption_budgets: Store<PodDisruptionBudget>,
     /// Everything in stack namespaces that the violation audit looks at, managed or not.
     pub audit: AuditStores,
+    /// Opens once every cache above has its initial list (see [`Stores::wait_ready`]).
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 /// Caches of every Service, Pod, Ingress and NetworkPolicy, for the violation audit.
@@ -85,7 +87,23 @@ pub struct AuditStores {
 }
 
 impl Stores {
+    /// Waits until every cache holds its initial list.
+    ///
+    /// Many reconciles wait here at once when the operator starts with stacks present, so they
+    /// wait on one `watch` channel, not on the stores: kube-runtime's
+    /// `Store::wait_until_ready` keeps only the waker of the last task that polled it, and
+    /// every earlier waiter then sleeps until something unrelated wakes it (with 200 stacks
+    /// present a restart stayed unready for minutes and reconciled about one stack a second).
+    /// One task, [`Stores::open_when_synced`], is the only waiter on the stores themselves.
     async fn wait_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        // An error means the sender is gone, i.e. the operator is shutting down.
+        let _ = ready.wait_for(|open| *open).await;
+    }
+
+    /// The single waiter on the stores' own readiness: opens [`Stores::wait_ready`] for
+    /// everyone once each cache has had its initial list.
+    async fn open_when_synced(&self) {
         // Errors here only mean the writer was dropped, i.e. the operator is shutting down.
         let _ = self.service_accounts.wait_until_ready().await;
         let _ = self.config_maps.wait_until_ready().await;
@@ -101,6 +119,7 @@ impl Stores {
         for (_, store) in &self.audit.routes {
             let _ = store.wait_until_ready().await;
         }
+        self.ready.send_replace(true);
     }
 }
 
@@ -335,6 +354,7 @@ pub async fn run(
                 namespaces,
                 routes,
             },
+            ready: tokio::sync::watch::Sender::new(false),
         },
         acme: crate::acme::Manager::new(
             crate::acme::Config::from_env(&options.cluster_domain),
@@ -351,7 +371,7 @@ pub async fn run(
         let ctx = ctx.clone();
         let health = health.clone();
         tokio::spawn(async move {
-            ctx.stores.wait_ready().await;
+            ctx.stores.open_when_synced().await;
             health.ready.store(true, Ordering::Relaxed);
             tracing::info!("watch caches synced");
         });
@@ -531,6 +551,81 @@ mod tests {
         assert_eq!(first, [250, 500, 1000, 2000, 4000, 4000]);
         b.reset();
         assert_eq!(b.next(), Some(Duration::from_millis(250)));
+    }
+
+    /// Many reconciles wait for the caches at once when the operator restarts with stacks
+    /// present: every one of them must go on when the caches are synced, not only the last
+    /// to have polled (the kube-runtime store readiness future wakes only that one).
+    #[tokio::test]
+    async fn every_waiter_goes_on_once_the_caches_are_synced() {
+        macro_rules! store {
+            ($kind:ty) => {
+                reflector::store::<$kind>()
+            };
+        }
+        let (service_accounts, mut w1) = store!(ServiceAccount);
+        let (config_maps, mut w2) = store!(ConfigMap);
+        let (network_policies, mut w3) = store!(NetworkPolicy);
+        let (deployments, mut w4) = store!(Deployment);
+        let (services, mut w5) = store!(Service);
+        let (pod_disruption_budgets, mut w6) = store!(PodDisruptionBudget);
+        let (audit_services, mut w7) = store!(Service);
+        let (pods, mut w8) = store!(Pod);
+        let (ingresses, mut w9) = store!(Ingress);
+        let (audit_policies, mut w10) = store!(NetworkPolicy);
+        let (namespaces, mut w11) = store!(Namespace);
+        let stores = Arc::new(Stores {
+            service_accounts,
+            config_maps,
+            network_policies,
+            deployments,
+            services,
+            pod_disruption_budgets,
+            audit: AuditStores {
+                services: audit_services,
+                pods,
+                ingresses,
+                network_policies: audit_policies,
+                namespaces,
+                routes: Vec::new(),
+            },
+            ready: tokio::sync::watch::Sender::new(false),
+        });
+        let opener = tokio::spawn({
+            let stores = stores.clone();
+            async move { stores.open_when_synced().await }
+        });
+        let waiters: Vec<_> = (0..50)
+            .map(|_| {
+                let stores = stores.clone();
+                tokio::spawn(async move { stores.wait_ready().await })
+            })
+            .collect();
+        // Let every waiter register before the caches fill.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            waiters.iter().all(|w| !w.is_finished()),
+            "nothing is synced yet"
+        );
+        macro_rules! sync {
+            ($($w:ident),*) => {$(
+                $w.apply_watcher_event(&watcher::Event::Init);
+                $w.apply_watcher_event(&watcher::Event::InitDone);
+            )*};
+        }
+        sync!(w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11);
+        // A hang guard, not a timing assertion: a lost wakeup would block forever.
+        let all = async {
+            opener.await.unwrap();
+            for w in waiters {
+                w.await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), all)
+            .await
+            .expect("every waiter must be woken once the caches are synced");
     }
 
     #[test]
