@@ -397,6 +397,14 @@ fn list(pods: &[&Protected]) -> String {
     format!("the pods of {words}")
 }
 
+/// What the audit finds wrong with one Pod on its own.
+#[cfg(test)]
+pub(crate) fn pod_findings(pod: &Pod) -> Vec<Violation> {
+    let mut out = Vec::new();
+    pod_violations(pod, &mut out);
+    out
+}
+
 fn pod_violations(pod: &Pod, out: &mut Vec<Violation>) {
     let Some(spec) = &pod.spec else { return };
     if spec.host_network == Some(true) {

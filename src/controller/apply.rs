@@ -217,15 +217,15 @@ async fn apply_kind<K: Child>(
             .get(&ObjectRef::new(&name).within(target.namespace))
             .map(|o| (*o).clone());
 
+        let cached_holds = actual.as_ref().is_some_and(|a| {
+            holds(
+                exact,
+                &serde_json::to_value(a).unwrap_or_default(),
+                &desired_json,
+            )
+        });
         if ctx.options.compare_before_apply {
-            let cached_holds = actual.as_ref().map(|a| {
-                holds(
-                    exact,
-                    &serde_json::to_value(a).unwrap_or_default(),
-                    &desired_json,
-                )
-            });
-            if cached_holds == Some(true) {
+            if cached_holds {
                 continue;
             }
             // We applied exactly this before: the cache may simply not have seen our write
@@ -245,13 +245,16 @@ async fn apply_kind<K: Child>(
             }
         }
 
+        // Only with compare-before-apply switched off: an object already as desired is
+        // written anyway, and that is neither drift nor an update to report.
+        let unchanged = cached_holds;
         let cause = match (&actual, target.converged) {
             (None, false) => Cause::Created,
             (Some(_), false) => Cause::Updated,
             (_, true) if last.as_ref().is_some_and(|(_, h)| *h != hash) => Cause::Updated,
             (_, true) => Cause::Drift,
         };
-        if cause == Cause::Drift && target.mode == PolicyMode::Audit {
+        if cause == Cause::Drift && target.mode == PolicyMode::Audit && !unchanged {
             report.drift_reported.push((kind, name));
             continue;
         }
@@ -281,21 +284,19 @@ async fn apply_kind<K: Child>(
         }
         ctx.applied
             .put(key, applied.resource_version().unwrap_or_default(), hash);
+        let cause_label = match cause {
+            _ if unchanged => "unchanged",
+            Cause::Created => "created",
+            Cause::Updated => "updated",
+            Cause::Drift => "drift",
+        };
         ctx.metrics.inc(
             "opsconductor_objects_applied_total",
-            &[
-                ("kind", kind),
-                (
-                    "cause",
-                    match cause {
-                        Cause::Created => "created",
-                        Cause::Updated => "updated",
-                        Cause::Drift => "drift",
-                    },
-                ),
-            ],
+            &[("kind", kind), ("cause", cause_label)],
         );
-        report.written.push((cause, kind, name));
+        if !unchanged {
+            report.written.push((cause, kind, name));
+        }
     }
     Ok(())
 }

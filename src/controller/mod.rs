@@ -8,6 +8,7 @@
 mod apply;
 pub mod diff;
 mod reconcile;
+mod slim;
 pub mod status;
 
 use std::collections::HashMap;
@@ -61,7 +62,8 @@ impl Default for RunOptions {
     }
 }
 
-/// Caches of the objects the operator manages, filled by label-filtered watches.
+/// Caches of the objects the operator manages, filled by label-filtered watches (Services
+/// and NetworkPolicies: the audit's caches of every one, see `run`).
 pub struct Stores {
     pub service_accounts: Store<ServiceAccount>,
     pub config_maps: Store<ConfigMap>,
@@ -248,13 +250,19 @@ pub async fn run(
         ($kind:ty) => {
             child_watch!($kind, managed.clone())
         };
-        ($kind:ty, $config:expr) => {{
+        ($kind:ty, $config:expr) => {
+            child_watch!($kind, $config, |_: &mut $kind| {})
+        };
+        ($kind:ty, $config:expr, $slim:expr) => {{
             let (reader, writer) = reflector::store::<$kind>();
             let stream = watcher(Api::<$kind>::all(client.clone()), $config)
                 .backoff(WatchBackoff::default())
                 // managedFields are never read and are often the largest part of an object:
-                // dropped before caching, they cut the operator's memory.
-                .modify(|o| o.managed_fields_mut().clear())
+                // dropped before caching, they cut the operator's memory (and see `slim`).
+                .modify(|o| {
+                    o.managed_fields_mut().clear();
+                    $slim(o)
+                })
                 .reflect(writer)
                 .touched_objects()
                 // A failing watch retries on its own backoff; its errors must not reach the
@@ -273,16 +281,18 @@ pub async fn run(
     }
     let (service_accounts, sa_stream) = child_watch!(ServiceAccount);
     let (config_maps, cm_stream) = child_watch!(ConfigMap);
-    let (network_policies, np_stream) = child_watch!(NetworkPolicy);
-    let (deployments, deploy_stream) = child_watch!(Deployment);
-    let (services, svc_stream) = child_watch!(Service);
+    let (deployments, deploy_stream) = child_watch!(Deployment, managed.clone(), slim::deployment);
     let (pod_disruption_budgets, pdb_stream) = child_watch!(PodDisruptionBudget);
-    // The audit sees everything in the namespaces, not only what the operator manages.
+    // The audit sees everything in the namespaces, not only what the operator manages. Its
+    // Service and NetworkPolicy caches hold the managed ones too and serve as their caches:
+    // one watch and one copy per object (apply and prune look objects up by name and check
+    // the stack label and owner reference themselves).
     let everything = watcher::Config::default().any_semantic();
     let (audit_services, audit_svc_stream) = child_watch!(Service, everything.clone());
-    let (audit_pods, audit_pod_stream) = child_watch!(Pod, everything.clone());
+    let (audit_pods, audit_pod_stream) = child_watch!(Pod, everything.clone(), slim::pod);
     let (audit_ingresses, audit_ing_stream) = child_watch!(Ingress, everything.clone());
     let (audit_policies, audit_np_stream) = child_watch!(NetworkPolicy, everything.clone());
+    let (services, network_policies) = (audit_services.clone(), audit_policies.clone());
     let (namespaces, ns_stream) = child_watch!(Namespace, everything.clone());
     let stacks = Api::<OpsConductorStack>::all(client.clone());
     let mut controller = Controller::new(stacks, watcher::Config::default().any_semantic());
@@ -391,9 +401,7 @@ pub async fn run(
         )
         .owns_stream(sa_stream)
         .owns_stream(cm_stream)
-        .owns_stream(np_stream)
         .owns_stream(deploy_stream)
-        .owns_stream(svc_stream)
         .owns_stream(pdb_stream)
         .watches_stream(audit_svc_stream, move |o| n1(o.metadata.namespace.clone()))
         .watches_stream(audit_pod_stream, move |o| n2(o.metadata.namespace.clone()))

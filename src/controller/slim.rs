@@ -1,0 +1,182 @@
+//! What the watch caches keep of each object: only what the operator reads.
+//!
+//! The caches are most of the operator's memory. The violation audit watches every Pod in
+//! the cluster, and a Pod as the API server returns it (volumes, tolerations, status, env,
+//! probes) is many times larger than the few fields the audit looks at, so those Pods are cut
+//! down before they are cached. Deployments lose the parts of their status nobody reads.
+//! managedFields are dropped from everything (see `child_watch!` in the controller).
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
+use k8s_openapi::api::core::v1::{Container, ContainerPort, EphemeralContainer, Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// Keeps what [`crate::audit`] reads of a Pod: its identity and labels (NetworkPolicy and
+/// backend selectors match them), `hostNetwork`, `hostPID`, and each container's name and
+/// ports (for `hostPort`), ephemeral containers included.
+pub fn pod(pod: &mut Pod) {
+    let meta = std::mem::take(&mut pod.metadata);
+    pod.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        labels: meta.labels,
+        owner_references: meta.owner_references,
+        deletion_timestamp: meta.deletion_timestamp,
+        ..ObjectMeta::default()
+    };
+    pod.status = None;
+    let Some(spec) = pod.spec.take() else { return };
+    let ports = |ports: Option<Vec<ContainerPort>>| {
+        ports.map(|ports| {
+            ports
+                .into_iter()
+                .map(|p| ContainerPort {
+                    container_port: p.container_port,
+                    host_port: p.host_port,
+                    protocol: p.protocol,
+                    ..ContainerPort::default()
+                })
+                .collect()
+        })
+    };
+    let containers = |list: Vec<Container>| -> Vec<Container> {
+        list.into_iter()
+            .map(|c| Container {
+                name: c.name,
+                ports: ports(c.ports),
+                ..Container::default()
+            })
+            .collect()
+    };
+    pod.spec = Some(PodSpec {
+        host_network: spec.host_network,
+        host_pid: spec.host_pid,
+        containers: containers(spec.containers),
+        init_containers: spec.init_containers.map(containers),
+        ephemeral_containers: spec.ephemeral_containers.map(|list| {
+            list.into_iter()
+                .map(|c| EphemeralContainer {
+                    name: c.name,
+                    ports: ports(c.ports),
+                    ..EphemeralContainer::default()
+                })
+                .collect()
+        }),
+        ..PodSpec::default()
+    });
+}
+
+/// Keeps what the status computation reads of a Deployment's status (the spec is compared
+/// with the desired one and stays whole).
+pub fn deployment(deployment: &mut Deployment) {
+    if let Some(status) = deployment.status.take() {
+        deployment.status = Some(DeploymentStatus {
+            observed_generation: status.observed_generation,
+            replicas: status.replicas,
+            ready_replicas: status.ready_replicas,
+            updated_replicas: status.updated_replicas,
+            available_replicas: status.available_replicas,
+            ..DeploymentStatus::default()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn full_pod() -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "debug", "namespace": "shop", "uid": "u1",
+                         "resourceVersion": "7", "labels": {"app": "orders"},
+                         "annotations": {"big": "x".repeat(4096)},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                              "name": "orders-1", "uid": "u0"}]},
+            "spec": {
+                "hostNetwork": true, "hostPID": true,
+                "containers": [{"name": "web", "image": "nginx", "env": [{"name": "A", "value": "1"}],
+                                "ports": [{"name": "http", "containerPort": 80, "hostPort": 8080,
+                                           "protocol": "TCP"}]}],
+                "initContainers": [{"name": "setup", "image": "busybox",
+                                    "ports": [{"containerPort": 1, "hostPort": 9}]}],
+                "ephemeralContainers": [{"name": "dbg", "image": "busybox",
+                                         "ports": [{"containerPort": 2, "hostPort": 7}]}],
+                "volumes": [{"name": "v", "emptyDir": {}}],
+                "tolerations": [{"key": "k", "operator": "Exists"}]
+            },
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False"}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_slim_pod_keeps_what_the_audit_reads() {
+        let mut p = full_pod();
+        pod(&mut p);
+        assert_eq!(p.metadata.name.as_deref(), Some("debug"));
+        assert_eq!(p.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(p.metadata.labels.as_ref().unwrap()["app"], "orders");
+        assert_eq!(p.metadata.owner_references.as_ref().unwrap().len(), 1);
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.host_network, Some(true));
+        assert_eq!(spec.host_pid, Some(true));
+        let port = &spec.containers[0].ports.as_ref().unwrap()[0];
+        assert_eq!((port.container_port, port.host_port), (80, Some(8080)));
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(init.name, "setup");
+        assert_eq!(init.ports.as_ref().unwrap()[0].host_port, Some(9));
+    }
+
+    #[test]
+    fn a_slim_pod_drops_the_rest() {
+        let mut p = full_pod();
+        let before = serde_json::to_vec(&p).unwrap().len();
+        pod(&mut p);
+        assert!(p.status.is_none());
+        assert!(p.metadata.annotations.is_none());
+        let spec = p.spec.as_ref().unwrap();
+        assert!(spec.volumes.is_none() && spec.tolerations.is_none());
+        assert!(spec.containers[0].image.is_none() && spec.containers[0].env.is_none());
+        let after = serde_json::to_vec(&p).unwrap().len();
+        assert!(after * 5 < before, "{after} of {before} bytes kept");
+    }
+
+    /// The audit's verdict on a Pod is the same before and after slimming.
+    #[test]
+    fn the_audit_sees_a_slim_pod_as_it_sees_the_full_one() {
+        let full = full_pod();
+        let mut slim = full.clone();
+        pod(&mut slim);
+        assert_eq!(
+            crate::audit::pod_findings(&full),
+            crate::audit::pod_findings(&slim)
+        );
+        assert_eq!(crate::audit::pod_findings(&slim).len(), 3);
+    }
+
+    #[test]
+    fn a_slim_deployment_keeps_its_spec_and_the_readiness_figures() {
+        let mut d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "orders", "generation": 3},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "orders"}},
+                     "template": {"metadata": {"labels": {"app": "orders"}},
+                                  "spec": {"containers": [{"name": "app", "image": "x"}]}}},
+            "status": {"observedGeneration": 3, "replicas": 2, "readyReplicas": 1,
+                       "updatedReplicas": 2, "availableReplicas": 1,
+                       "conditions": [{"type": "Available", "status": "False",
+                                       "message": "x".repeat(2048)}]}
+        }))
+        .unwrap();
+        let spec = d.spec.clone();
+        deployment(&mut d);
+        assert_eq!(d.spec, spec);
+        let s = d.status.unwrap();
+        assert_eq!(
+            (s.observed_generation, s.replicas, s.ready_replicas),
+            (Some(3), Some(2), Some(1))
+        );
+        assert!(s.conditions.is_none());
+    }
+}
