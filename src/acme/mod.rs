@@ -954,6 +954,7 @@ async fn order_once(
         key_algorithm: match ctx.acme.key_algorithm {
             crate::crd::KeyAlgorithm::EcdsaP256 => cert::KeyAlgorithm::EcdsaP256,
             crate::crd::KeyAlgorithm::EcdsaP384 => cert::KeyAlgorithm::EcdsaP384,
+            crate::crd::KeyAlgorithm::Rsa2048 => cert::KeyAlgorithm::Rsa2048,
         },
     };
     let started = Instant::now();
