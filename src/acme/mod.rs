@@ -148,6 +148,16 @@ impl Failure {
                     order::problem_text(&p)
                 ),
             ),
+            E::Api(p) if order::is_type(&p, "externalAccountRequired") => Failure::new(
+                FailureKind::AccountRefused,
+                format!(
+                    "the CA requires External Account Binding: set \
+                     spec.tls.acme.externalAccountBinding (keyID, and hmacKeySecretRef naming \
+                     a Secret with the HMAC key) to the credentials the CA gave you; \
+                     the CA said: {} (while {step})",
+                    order::problem_text(&p)
+                ),
+            ),
             E::Api(p) if step.contains("account") => Failure::new(
                 FailureKind::AccountRefused,
                 format!(
