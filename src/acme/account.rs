@@ -360,7 +360,7 @@ pub async fn register(
 }
 
 /// A failed registration in plain words. With External Account Binding, the CA's
-/// `unauthorized` or `malformed` answer means it did not accept the binding (an unknown keyID,
+/// `unauthorized` or `malformed` answer means it did not accept the binding (an unknown keyId,
 /// an HMAC key that does not match it): that is said first, naming the settings to check.
 fn registration_failure(e: instant_acme::Error, acme: &Acme, http: &CaClient) -> Failure {
     const STEP: &str = "registering the ACME account";
@@ -377,7 +377,7 @@ fn registration_failure(e: instant_acme::Error, acme: &Acme, http: &CaClient) ->
         Some((said, (key_id, hmac_ref))) => Failure::new(
             super::FailureKind::AccountRefused,
             format!(
-                "the CA refused the External Account Binding: check that keyID {key_id:?} and \
+                "the CA refused the External Account Binding: check that keyId {key_id:?} and \
                  the HMAC key in Secret {} (key {:?}) are the pair the CA gave you; the CA \
                  said: {said} (while {STEP})",
                 hmac_ref.name, hmac_ref.key
@@ -544,7 +544,7 @@ mod tests {
             assert_eq!(f.kind, super::super::FailureKind::AccountRefused);
             assert!(
                 f.message.starts_with(
-                    "the CA refused the External Account Binding: check that keyID \"kid-1\" \
+                    "the CA refused the External Account Binding: check that keyId \"kid-1\" \
                      and the HMAC key in Secret eab (key \"hmac\")"
                 ),
                 "{}",

@@ -152,7 +152,7 @@ impl Failure {
                 FailureKind::AccountRefused,
                 format!(
                     "the CA requires External Account Binding: set \
-                     spec.tls.acme.externalAccountBinding (keyID, and hmacKeySecretRef naming \
+                     spec.tls.acme.externalAccountBinding (keyId, and hmacKeySecretRef naming \
                      a Secret with the HMAC key) to the credentials the CA gave you; \
                      the CA said: {} (while {step})",
                     order::problem_text(&p)
