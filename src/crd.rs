@@ -269,6 +269,10 @@ pub enum KeyAlgorithm {
     /// ECDSA on curve P-384.
     #[serde(rename = "ECDSA-P384")]
     EcdsaP384,
+    /// RSA with a 2048-bit modulus, for clients that cannot use ECDSA certificates. Slower
+    /// handshakes; each new key takes the operator a fraction of a second to make.
+    #[serde(rename = "RSA-2048")]
+    Rsa2048,
 }
 
 /// External Account Binding credentials.

@@ -779,6 +779,15 @@ mod tests {
             panic!("acme")
         };
         assert_eq!(acme.key_algorithm, crate::crd::KeyAlgorithm::EcdsaP384);
+        let mut v = base();
+        v["spec"]["tls"]["acme"]["keyAlgorithm"] = json!("RSA-2048");
+        let CertificateSource::Acme(acme) = run(v).unwrap().tls.source else {
+            panic!("acme")
+        };
+        assert_eq!(acme.key_algorithm, crate::crd::KeyAlgorithm::Rsa2048);
+        let mut v = base();
+        v["spec"]["tls"]["acme"]["keyAlgorithm"] = json!("RSA-1024");
+        assert!(serde_json::from_value::<OpsConductorStack>(v).is_err());
     }
 
     #[test]

@@ -346,7 +346,7 @@ pub async fn register(
                 eab.as_ref(),
             )
             .await
-            .map_err(|e| Failure::from_acme("registering the ACME account", e, http))?,
+            .map_err(|e| registration_failure(e, acme, http))?,
     };
     let json = serde_json::to_string(&credentials)
         .map_err(|e| Failure::config(format!("serializing the account: {e}")))?;
@@ -357,6 +357,34 @@ pub async fn register(
         thumbprint: stored.thumbprint,
         registered: true,
     })
+}
+
+/// A failed registration in plain words. With External Account Binding, the CA's
+/// `unauthorized` or `malformed` answer means it did not accept the binding (an unknown keyId,
+/// an HMAC key that does not match it): that is said first, naming the settings to check.
+fn registration_failure(e: instant_acme::Error, acme: &Acme, http: &CaClient) -> Failure {
+    const STEP: &str = "registering the ACME account";
+    let refused_binding = match (&e, &acme.external_account_binding) {
+        (instant_acme::Error::Api(p), Some(eab))
+            if super::order::is_type(p, "unauthorized")
+                || super::order::is_type(p, "malformed") =>
+        {
+            Some((super::order::problem_text(p), eab))
+        }
+        _ => None,
+    };
+    match refused_binding {
+        Some((said, (key_id, hmac_ref))) => Failure::new(
+            super::FailureKind::AccountRefused,
+            format!(
+                "the CA refused the External Account Binding: check that keyId {key_id:?} and \
+                 the HMAC key in Secret {} (key {:?}) are the pair the CA gave you; the CA \
+                 said: {said} (while {STEP})",
+                hmac_ref.name, hmac_ref.key
+            ),
+        ),
+        None => Failure::from_acme(STEP, e, http),
+    }
 }
 
 /// Writes the account Secret (created, or replaced when it held another directory's account).
@@ -455,6 +483,78 @@ mod tests {
             Some(SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777))
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn a_refused_registration_names_the_binding_to_check() {
+        let http = CaClient::new(None).unwrap();
+        let problem = |kind: &str, detail: &str| {
+            instant_acme::Error::Api(
+                serde_json::from_value(serde_json::json!({
+                    "type": format!("urn:ietf:params:acme:error:{kind}"),
+                    "detail": detail,
+                    "status": 403,
+                }))
+                .unwrap(),
+            )
+        };
+        let mut acme = Acme {
+            directory_url: "https://ca.test/dir".into(),
+            email: None,
+            external_account_binding: None,
+            ca_bundle: None,
+            profile: None,
+            key_algorithm: Default::default(),
+        };
+        // No binding configured, and the CA wants one.
+        let f = registration_failure(
+            problem("externalAccountRequired", "policy requires EAB"),
+            &acme,
+            &http,
+        );
+        assert_eq!(f.kind, super::super::FailureKind::AccountRefused);
+        assert!(
+            f.message.starts_with(
+                "the CA requires External Account Binding: set spec.tls.acme.externalAccountBinding"
+            ),
+            "{}",
+            f.message
+        );
+        assert!(
+            f.message
+                .contains("policy requires EAB (externalAccountRequired)")
+        );
+        // Refused for another reason, without a binding: the CA's words.
+        let f = registration_failure(problem("unauthorized", "no"), &acme, &http);
+        assert!(
+            f.message.starts_with("the CA refused the account: no"),
+            "{}",
+            f.message
+        );
+        // A binding the CA does not accept.
+        acme.external_account_binding = Some((
+            "kid-1".into(),
+            SecretKey {
+                name: "eab".into(),
+                key: "hmac".into(),
+            },
+        ));
+        for kind in ["unauthorized", "malformed"] {
+            let f = registration_failure(problem(kind, "bad MAC"), &acme, &http);
+            assert_eq!(f.kind, super::super::FailureKind::AccountRefused);
+            assert!(
+                f.message.starts_with(
+                    "the CA refused the External Account Binding: check that keyId \"kid-1\" \
+                     and the HMAC key in Secret eab (key \"hmac\")"
+                ),
+                "{}",
+                f.message
+            );
+            assert!(f.message.contains(&format!("bad MAC ({kind})")));
+        }
+        // A rate limit stays a rate limit.
+        let f = registration_failure(problem("rateLimited", "slow down"), &acme, &http);
+        assert_eq!(f.kind, super::super::FailureKind::RateLimited);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256,
-    PKCS_ECDSA_P384_SHA384, SignatureAlgorithm,
+    PKCS_ECDSA_P384_SHA384, PKCS_RSA_SHA256, SignatureAlgorithm,
 };
 use sha2::{Digest, Sha256};
 use x509_parser::certificate::X509Certificate;
@@ -29,6 +29,9 @@ pub enum KeyAlgorithm {
     #[default]
     EcdsaP256,
     EcdsaP384,
+    /// RSA, 2048-bit modulus, public exponent 65537; the CSR is signed RSA PKCS#1 v1.5
+    /// SHA-256.
+    Rsa2048,
 }
 
 impl KeyAlgorithm {
@@ -36,7 +39,14 @@ impl KeyAlgorithm {
         match self {
             KeyAlgorithm::EcdsaP256 => &PKCS_ECDSA_P256_SHA256,
             KeyAlgorithm::EcdsaP384 => &PKCS_ECDSA_P384_SHA384,
+            KeyAlgorithm::Rsa2048 => &PKCS_RSA_SHA256,
         }
+    }
+
+    /// Whether making a key takes long enough (RSA: tens to hundreds of milliseconds, seconds
+    /// in a debug build) that it must not run on an async worker thread.
+    pub fn is_slow(self) -> bool {
+        matches!(self, KeyAlgorithm::Rsa2048)
     }
 }
 
@@ -225,9 +235,28 @@ pub fn inspect(
     Ok(leaf)
 }
 
-/// A new private key for one issuance.
+/// A new private key for one issuance. RSA is slow (see [`KeyAlgorithm::is_slow`]): call
+/// it off the async runtime.
 pub fn new_key(algorithm: KeyAlgorithm) -> Result<KeyPair, CertError> {
-    KeyPair::generate_for(algorithm.rcgen()).map_err(|e| CertError::Generate(e.to_string()))
+    match algorithm {
+        KeyAlgorithm::Rsa2048 => new_rsa_key(2048, algorithm.rcgen()),
+        _ => {
+            KeyPair::generate_for(algorithm.rcgen()).map_err(|e| CertError::Generate(e.to_string()))
+        }
+    }
+}
+
+/// ring signs with RSA keys but cannot make them: the `rsa` crate makes the key (its primes
+/// from the OS random source), and ring loads its PKCS#8 encoding, checking it on the way.
+/// The `rsa` crate is used for nothing else: every private-key operation is ring's.
+fn new_rsa_key(bits: usize, alg: &'static SignatureAlgorithm) -> Result<KeyPair, CertError> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let generate = |e: String| CertError::Generate(format!("RSA-{bits} key: {e}"));
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, bits)
+        .map_err(|e| generate(e.to_string()))?;
+    let pkcs8 = key.to_pkcs8_der().map_err(|e| generate(e.to_string()))?;
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from(pkcs8.as_bytes());
+    KeyPair::from_pkcs8_der_and_sign_algo(&der, alg).map_err(|e| generate(e.to_string()))
 }
 
 /// A DER CSR for `hosts` (subjectAltNames only, an empty subject, as ACME CAs expect).
@@ -288,6 +317,11 @@ mod tests {
 
     /// A small CA and a leaf signed by it, as an ACME CA would return them.
     fn issued(names: &[&str]) -> (String, String, String) {
+        issued_with(names, new_key(KeyAlgorithm::EcdsaP256).unwrap())
+    }
+
+    /// The same, with the leaf's key given.
+    fn issued_with(names: &[&str], leaf_key: KeyPair) -> (String, String, String) {
         let ca_key = new_key(KeyAlgorithm::EcdsaP256).unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -295,7 +329,6 @@ mod tests {
         ca.key_identifier_method = KeyIdMethod::Sha256;
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = Issuer::new(ca, ca_key);
-        let leaf_key = new_key(KeyAlgorithm::EcdsaP256).unwrap();
         let mut leaf = CertificateParams::new(hosts(names)).unwrap();
         leaf.use_authority_key_identifier_extension = true;
         leaf.not_before = (now() - Duration::from_secs(86_400)).into();
@@ -444,6 +477,74 @@ mod tests {
             .flatten()
             .collect();
         assert_eq!(names, ["DNSName(a.example)", "DNSName(b.example)"]);
+    }
+
+    #[test]
+    fn an_rsa_key_makes_a_csr_and_matches_its_certificate() {
+        let started = std::time::Instant::now();
+        let key = new_key(KeyAlgorithm::Rsa2048).unwrap();
+        println!("RSA-2048 key made in {:?}", started.elapsed());
+        assert!(key.is_compatible(&PKCS_RSA_SHA256));
+        let pem = key.serialize_pem();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+
+        // The CSR carries a 2048-bit RSA key with exponent 65537 and an RSA-SHA256 signature.
+        let der = csr(&hosts(&["a.example"]), &key).unwrap();
+        let (_, req) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&der).unwrap();
+        assert_eq!(
+            req.signature_algorithm.algorithm,
+            x509_parser::oid_registry::OID_PKCS1_SHA256WITHRSA
+        );
+        let spki = &req.certification_request_info.subject_pki;
+        match spki.parsed().unwrap() {
+            x509_parser::public_key::PublicKey::RSA(rsa) => {
+                assert_eq!(rsa.key_size(), 2048);
+                assert_eq!(rsa.try_exponent().unwrap(), 65537);
+            }
+            other => panic!("not an RSA key: {other:?}"),
+        }
+        assert_eq!(spki.subject_public_key.data.as_ref(), key.public_key_raw());
+
+        // A certificate for that key (signed by an ECDSA CA, as CAs mix them) passes the full
+        // check with the key as the Secret holds it; another RSA key, or an ECDSA one, does not.
+        let (chain, key_pem, _) = issued_with(&["a.example"], key);
+        assert_eq!(key_pem, pem);
+        let leaf = inspect(
+            chain.as_bytes(),
+            key_pem.as_bytes(),
+            &hosts(&["a.example"]),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(leaf.facts.hosts, ["a.example"]);
+        let other = new_key(KeyAlgorithm::Rsa2048).unwrap().serialize_pem();
+        assert_ne!(other, pem);
+        let ecdsa = new_key(KeyAlgorithm::EcdsaP256).unwrap().serialize_pem();
+        for wrong in [other, ecdsa] {
+            assert_eq!(
+                inspect(
+                    chain.as_bytes(),
+                    wrong.as_bytes(),
+                    &hosts(&["a.example"]),
+                    now()
+                ),
+                Err(CertError::KeyMismatch)
+            );
+        }
+        // An ECDSA certificate with an RSA key is refused too.
+        let (ecdsa_chain, _, _) = issued(&["a.example"]);
+        assert_eq!(
+            inspect(
+                ecdsa_chain.as_bytes(),
+                pem.as_bytes(),
+                &hosts(&["a.example"]),
+                now()
+            ),
+            Err(CertError::KeyMismatch)
+        );
+        assert!(KeyAlgorithm::Rsa2048.is_slow());
+        assert!(!KeyAlgorithm::EcdsaP256.is_slow());
     }
 
     #[test]

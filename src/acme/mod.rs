@@ -148,6 +148,16 @@ impl Failure {
                     order::problem_text(&p)
                 ),
             ),
+            E::Api(p) if order::is_type(&p, "externalAccountRequired") => Failure::new(
+                FailureKind::AccountRefused,
+                format!(
+                    "the CA requires External Account Binding: set \
+                     spec.tls.acme.externalAccountBinding (keyId, and hmacKeySecretRef naming \
+                     a Secret with the HMAC key) to the credentials the CA gave you; \
+                     the CA said: {} (while {step})",
+                    order::problem_text(&p)
+                ),
+            ),
             E::Api(p) if step.contains("account") => Failure::new(
                 FailureKind::AccountRefused,
                 format!(
@@ -954,6 +964,7 @@ async fn order_once(
         key_algorithm: match ctx.acme.key_algorithm {
             crate::crd::KeyAlgorithm::EcdsaP256 => cert::KeyAlgorithm::EcdsaP256,
             crate::crd::KeyAlgorithm::EcdsaP384 => cert::KeyAlgorithm::EcdsaP384,
+            crate::crd::KeyAlgorithm::Rsa2048 => cert::KeyAlgorithm::Rsa2048,
         },
     };
     let started = Instant::now();

@@ -379,7 +379,8 @@ pub async fn issue<S: Solver>(
         }
         Err(e) => return Err(Failure::from_acme("waiting for validation", e, http)),
     }
-    let key = cert::new_key(request.key_algorithm)
+    let key = new_key(request.key_algorithm)
+        .await
         .map_err(|e| Failure::new(FailureKind::Internal, e.to_string()))?;
     let csr = cert::csr(&request.hosts, &key)
         .map_err(|e| Failure::new(FailureKind::Internal, e.to_string()))?;
@@ -412,6 +413,24 @@ pub async fn issue<S: Solver>(
         leaf,
         replaced,
     })
+}
+
+/// The issuance's new key; a slow one (RSA) is made on a blocking thread so the runtime's
+/// workers keep serving the other stacks and the solver meanwhile.
+async fn new_key(algorithm: KeyAlgorithm) -> Result<rcgen::KeyPair, cert::CertError> {
+    if !algorithm.is_slow() {
+        return cert::new_key(algorithm);
+    }
+    let started = Instant::now();
+    let key = tokio::task::spawn_blocking(move || cert::new_key(algorithm))
+        .await
+        .map_err(|e| cert::CertError::Generate(format!("key generation stopped: {e}")))??;
+    tracing::debug!(
+        ?algorithm,
+        millis = started.elapsed().as_millis() as u64,
+        "made a new certificate key"
+    );
+    Ok(key)
 }
 
 /// Why the CA invalidated the order, from the challenges' errors.

@@ -79,6 +79,9 @@ pub struct PebbleOptions {
     pub nonce_reject: u32,
     /// `PEBBLE_VA_SLEEPTIME`: the validation waits up to this many seconds (none: no wait).
     pub va_sleep: Option<u32>,
+    /// External Account Binding: when set, pebble requires it on every new account and knows
+    /// this one key (key ID, base64url HMAC key without padding, as pebble's config wants).
+    pub external_account_binding: Option<(String, String)>,
 }
 
 pub struct Pebble {
@@ -136,7 +139,13 @@ impl Pebble {
                 "httpPort": self.options.http_port,
                 "tlsPort": free_port(),
                 "ocspResponderURL": "",
-                "externalAccountBindingRequired": false,
+                "externalAccountBindingRequired": self.options.external_account_binding.is_some(),
+                "externalAccountMACKeys": self
+                    .options
+                    .external_account_binding
+                    .iter()
+                    .cloned()
+                    .collect::<std::collections::BTreeMap<String, String>>(),
                 "retryAfter": {"authz": 1, "order": 1},
                 "keyAlgorithm": "ecdsa",
                 "profiles": {
