@@ -174,6 +174,13 @@ impl Metrics {
                 }
             }
         }
+        if let Some(bytes) = crate::memory::heap_in_use() {
+            let name = "opsconductor_heap_in_use_bytes";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Heap allocated and not freed (the resident size also counts free pages the allocator keeps).\n# TYPE {name} gauge\n{name} {bytes}"
+            );
+        }
         let name = "opsconductor_reconcile_duration_seconds";
         let _ = writeln!(
             out,

@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
+use super::compact::{Compact, Slim};
 use super::{Context, Error};
 use crate::build::Bundle;
 use crate::crd::PolicyMode;
@@ -156,6 +157,7 @@ pub async fn apply_bundle(
 
 trait Child:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Slim
     + Clone
     + Serialize
     + DeserializeOwned
@@ -167,6 +169,7 @@ trait Child:
 }
 impl<K> Child for K where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Slim
         + Clone
         + Serialize
         + DeserializeOwned
@@ -200,7 +203,7 @@ fn holds(exact: bool, actual: &serde_json::Value, desired: &serde_json::Value) -
 async fn apply_kind<K: Child>(
     ctx: &Context,
     target: &Target<'_>,
-    store: &Store<K>,
+    store: &Store<Compact<K>>,
     desired: &[K],
     exact: bool,
     report: &mut Report,
@@ -213,17 +216,11 @@ async fn apply_kind<K: Child>(
         let desired_json = serde_json::to_value(object)?;
         let hash: [u8; 32] = Sha256::digest(desired_json.to_string().as_bytes()).into();
         let last = ctx.applied.get(&key);
-        let mut actual = store
-            .get(&ObjectRef::new(&name).within(target.namespace))
-            .map(|o| (*o).clone());
-
-        let cached_holds = actual.as_ref().is_some_and(|a| {
-            holds(
-                exact,
-                &serde_json::to_value(a).unwrap_or_default(),
-                &desired_json,
-            )
-        });
+        let cached = store.get(&ObjectRef::new(&name).within(target.namespace));
+        let mut exists = cached.is_some();
+        let cached_holds = cached
+            .as_ref()
+            .is_some_and(|a| holds(exact, &a.value(), &desired_json));
         if ctx.options.compare_before_apply {
             if cached_holds {
                 continue;
@@ -231,8 +228,9 @@ async fn apply_kind<K: Child>(
             // We applied exactly this before: the cache may simply not have seen our write
             // yet. A read (never a write) settles it.
             if last.as_ref().is_some_and(|(_, h)| *h == hash) {
-                actual = api.get_opt(&name).await?;
-                if let Some(fresh) = &actual {
+                let fresh = api.get_opt(&name).await?;
+                exists = fresh.is_some();
+                if let Some(fresh) = &fresh {
                     if holds(exact, &serde_json::to_value(fresh)?, &desired_json) {
                         continue;
                     }
@@ -248,9 +246,9 @@ async fn apply_kind<K: Child>(
         // Only with compare-before-apply switched off: an object already as desired is
         // written anyway, and that is neither drift nor an update to report.
         let unchanged = cached_holds;
-        let cause = match (&actual, target.converged) {
-            (None, false) => Cause::Created,
-            (Some(_), false) => Cause::Updated,
+        let cause = match (exists, target.converged) {
+            (false, false) => Cause::Created,
+            (true, false) => Cause::Updated,
             (_, true) if last.as_ref().is_some_and(|(_, h)| *h != hash) => Cause::Updated,
             (_, true) => Cause::Drift,
         };
@@ -304,7 +302,7 @@ async fn apply_kind<K: Child>(
 async fn prune_kind<K: Child>(
     ctx: &Context,
     target: &Target<'_>,
-    store: &Store<K>,
+    store: &Store<Compact<K>>,
     desired: &[K],
     report: &mut Report,
 ) -> Result<(), Error> {

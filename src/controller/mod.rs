@@ -6,6 +6,7 @@
 //! unchanged stack causes no write request at all.
 
 mod apply;
+pub mod compact;
 pub mod diff;
 mod reconcile;
 mod slim;
@@ -32,6 +33,7 @@ use crate::crd::OpsConductorStack;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::server::Health;
+use compact::Compact;
 
 /// Settings of `opsconductor-operator run`.
 #[derive(Clone, Debug)]
@@ -65,12 +67,12 @@ impl Default for RunOptions {
 /// Caches of the objects the operator manages, filled by label-filtered watches (Services
 /// and NetworkPolicies: the audit's caches of every one, see `run`).
 pub struct Stores {
-    pub service_accounts: Store<ServiceAccount>,
-    pub config_maps: Store<ConfigMap>,
-    pub network_policies: Store<NetworkPolicy>,
-    pub deployments: Store<Deployment>,
-    pub services: Store<Service>,
-    pub pod_disruption_budgets: Store<PodDisruptionBudget>,
+    pub service_accounts: Store<Compact<ServiceAccount>>,
+    pub config_maps: Store<Compact<ConfigMap>>,
+    pub network_policies: Store<Compact<NetworkPolicy>>,
+    pub deployments: Store<Compact<Deployment>>,
+    pub services: Store<Compact<Service>>,
+    pub pod_disruption_budgets: Store<Compact<PodDisruptionBudget>>,
     /// Everything in stack namespaces that the violation audit looks at, managed or not.
     pub audit: AuditStores,
     /// Opens once every cache above has its initial list (see [`Stores::wait_ready`]).
@@ -79,11 +81,11 @@ pub struct Stores {
 
 /// Caches of every Service, Pod, Ingress and NetworkPolicy, for the violation audit.
 pub struct AuditStores {
-    pub services: Store<Service>,
-    pub pods: Store<Pod>,
-    pub ingresses: Store<Ingress>,
-    pub network_policies: Store<NetworkPolicy>,
-    pub namespaces: Store<Namespace>,
+    pub services: Store<Compact<Service>>,
+    pub pods: Store<Compact<Pod>>,
+    pub ingresses: Store<Compact<Ingress>>,
+    pub network_policies: Store<Compact<NetworkPolicy>>,
+    pub namespaces: Store<Compact<Namespace>>,
     /// Gateway API routes, one cache per route kind the API server served at startup.
     pub routes: Vec<(String, Store<DynamicObject>)>,
 }
@@ -250,19 +252,12 @@ pub async fn run(
         ($kind:ty) => {
             child_watch!($kind, managed.clone())
         };
-        ($kind:ty, $config:expr) => {
-            child_watch!($kind, $config, |_: &mut $kind| {})
-        };
-        ($kind:ty, $config:expr, $slim:expr) => {{
-            let (reader, writer) = reflector::store::<$kind>();
-            let stream = watcher(Api::<$kind>::all(client.clone()), $config)
+        ($kind:ty, $config:expr) => {{
+            // Cached compactly: see `compact` (managedFields and what `Slim` drops are gone
+            // before an object is kept).
+            let (reader, writer) = reflector::store::<Compact<$kind>>();
+            let stream = watcher(Api::<Compact<$kind>>::all(client.clone()), $config)
                 .backoff(WatchBackoff::default())
-                // managedFields are never read and are often the largest part of an object:
-                // dropped before caching, they cut the operator's memory (and see `slim`).
-                .modify(|o| {
-                    o.managed_fields_mut().clear();
-                    $slim(o)
-                })
                 .reflect(writer)
                 .touched_objects()
                 // A failing watch retries on its own backoff; its errors must not reach the
@@ -281,7 +276,7 @@ pub async fn run(
     }
     let (service_accounts, sa_stream) = child_watch!(ServiceAccount);
     let (config_maps, cm_stream) = child_watch!(ConfigMap);
-    let (deployments, deploy_stream) = child_watch!(Deployment, managed.clone(), slim::deployment);
+    let (deployments, deploy_stream) = child_watch!(Deployment);
     let (pod_disruption_budgets, pdb_stream) = child_watch!(PodDisruptionBudget);
     // The audit sees everything in the namespaces, not only what the operator manages. Its
     // Service and NetworkPolicy caches hold the managed ones too and serve as their caches:
@@ -289,7 +284,7 @@ pub async fn run(
     // the stack label and owner reference themselves).
     let everything = watcher::Config::default().any_semantic();
     let (audit_services, audit_svc_stream) = child_watch!(Service, everything.clone());
-    let (audit_pods, audit_pod_stream) = child_watch!(Pod, everything.clone(), slim::pod);
+    let (audit_pods, audit_pod_stream) = child_watch!(Pod, everything.clone());
     let (audit_ingresses, audit_ing_stream) = child_watch!(Ingress, everything.clone());
     let (audit_policies, audit_np_stream) = child_watch!(NetworkPolicy, everything.clone());
     let (services, network_policies) = (audit_services.clone(), audit_policies.clone());
@@ -382,6 +377,8 @@ pub async fn run(
         let health = health.clone();
         tokio::spawn(async move {
             ctx.stores.open_when_synced().await;
+            // The initial lists are behind us: hand what they left free back to the kernel.
+            crate::memory::release_free_memory();
             health.ready.store(true, Ordering::Relaxed);
             tracing::info!("watch caches synced");
         });
@@ -403,10 +400,10 @@ pub async fn run(
         .owns_stream(cm_stream)
         .owns_stream(deploy_stream)
         .owns_stream(pdb_stream)
-        .watches_stream(audit_svc_stream, move |o| n1(o.metadata.namespace.clone()))
-        .watches_stream(audit_pod_stream, move |o| n2(o.metadata.namespace.clone()))
-        .watches_stream(audit_ing_stream, move |o| n3(o.metadata.namespace.clone()))
-        .watches_stream(audit_np_stream, move |o| n4(o.metadata.namespace.clone()))
+        .watches_stream(audit_svc_stream, move |o| n1(o.namespace()))
+        .watches_stream(audit_pod_stream, move |o| n2(o.namespace()))
+        .watches_stream(audit_ing_stream, move |o| n3(o.namespace()))
+        .watches_stream(audit_np_stream, move |o| n4(o.namespace()))
         // Namespaces only feed the cache (for the admission marker); they trigger nothing.
         .watches_stream(ns_stream, |_| Vec::<ObjectRef<OpsConductorStack>>::new())
         .graceful_shutdown_on(shutdown)
@@ -464,13 +461,8 @@ pub async fn sync_namespace_marker(
         .audit
         .namespaces
         .get(&ObjectRef::new(namespace))
-        .and_then(|ns| {
-            ns.metadata
-                .labels
-                .as_ref()?
-                .get(crate::admission::PROTECTED_LABEL)
-                .cloned()
-        });
+        // The marker is an `opsconductor.io/` label: readable without decoding.
+        .and_then(|ns| ns.labels().get(crate::admission::PROTECTED_LABEL).cloned());
     if current.as_deref() == wanted {
         return Ok(());
     }
@@ -568,7 +560,7 @@ mod tests {
     async fn every_waiter_goes_on_once_the_caches_are_synced() {
         macro_rules! store {
             ($kind:ty) => {
-                reflector::store::<$kind>()
+                reflector::store::<Compact<$kind>>()
             };
         }
         let (service_accounts, mut w1) = store!(ServiceAccount);

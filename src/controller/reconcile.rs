@@ -18,6 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
 use super::apply::{self, Cause, Report, Target};
+use super::compact::{Compact, Slim};
 use super::status::{self, Observed, Verdict};
 use super::{Context, Error, reference, stack_key};
 use crate::build::{self, BuildOptions};
@@ -279,15 +280,15 @@ fn violations(
     bundle: &build::Bundle,
     report: &Report,
 ) -> Vec<crate::crd::Violation> {
-    fn in_ns<K: Resource<DynamicType = ()> + Clone>(
-        store: &kube::runtime::reflector::Store<K>,
-        ns: &str,
-    ) -> Vec<K> {
+    fn in_ns<K>(store: &kube::runtime::reflector::Store<Compact<K>>, ns: &str) -> Vec<K>
+    where
+        K: Resource<DynamicType = ()> + serde::Serialize + serde::de::DeserializeOwned + Slim,
+    {
         store
             .state()
             .iter()
             .filter(|o| o.meta().namespace.as_deref() == Some(ns))
-            .map(|o| (**o).clone())
+            .map(|o| o.decode())
             .collect()
     }
     let ns = model.namespace.as_str();
@@ -454,7 +455,12 @@ async fn observe(
 ) -> Result<Observed, Error> {
     let ns = model.namespace.as_str();
     let deployment_ready = |name: &str| -> (bool, i32) {
-        let Some(d) = ctx.stores.deployments.get(&ObjectRef::new(name).within(ns)) else {
+        let Some(d) = ctx
+            .stores
+            .deployments
+            .get(&ObjectRef::new(name).within(ns))
+            .map(|d| d.decode())
+        else {
             return (false, 0);
         };
         let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -477,6 +483,7 @@ async fn observe(
         .get(&ObjectRef::new(&gateway_name).within(ns))
         .and_then(|s| {
             let ingress = s
+                .decode()
                 .status
                 .as_ref()?
                 .load_balancer
