@@ -70,6 +70,16 @@ const HELP: &[(&str, &str, &str)] = &[
         "Policy violations found in stack namespaces, per stack.",
     ),
     (
+        "opsconductor_cache_objects",
+        "gauge",
+        "Objects held by the watch caches, by kind.",
+    ),
+    (
+        "opsconductor_cache_json_bytes",
+        "gauge",
+        "Compact JSON held by the watch caches, by kind (the objects' size in memory, roughly).",
+    ),
+    (
         "opsconductor_acme_requests_total",
         "counter",
         "Requests to ACME CAs, by type (newOrder, finalize, ..., and order for a whole order) and outcome (ok, problem, rate-limited, error).",

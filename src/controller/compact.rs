@@ -92,6 +92,11 @@ where
         }
     }
 
+    /// Bytes of JSON kept for this object.
+    pub fn json_len(&self) -> usize {
+        self.json.len()
+    }
+
     /// The whole object (minus what the cache dropped).
     pub fn decode(&self) -> K {
         // The bytes are our own serialization of a K: they always read back.

@@ -127,6 +127,42 @@ impl Stores {
     }
 }
 
+impl Stores {
+    /// Sets the cache gauges: objects and JSON bytes per kind.
+    fn export_sizes(&self, metrics: &Metrics) {
+        fn one<K>(metrics: &Metrics, kind: &str, store: &Store<Compact<K>>)
+        where
+            K: Resource<DynamicType = ()>
+                + serde::Serialize
+                + serde::de::DeserializeOwned
+                + compact::Slim,
+        {
+            let state = store.state();
+            let bytes: usize = state.iter().map(|o| o.json_len()).sum();
+            metrics.set(
+                "opsconductor_cache_objects",
+                &[("kind", kind)],
+                state.len() as f64,
+            );
+            metrics.set(
+                "opsconductor_cache_json_bytes",
+                &[("kind", kind)],
+                bytes as f64,
+            );
+        }
+        // Services and NetworkPolicies: one cache serves the managed objects and the audit.
+        one(metrics, "ServiceAccount", &self.service_accounts);
+        one(metrics, "ConfigMap", &self.config_maps);
+        one(metrics, "Deployment", &self.deployments);
+        one(metrics, "PodDisruptionBudget", &self.pod_disruption_budgets);
+        one(metrics, "Service", &self.audit.services);
+        one(metrics, "NetworkPolicy", &self.audit.network_policies);
+        one(metrics, "Pod", &self.audit.pods);
+        one(metrics, "Ingress", &self.audit.ingresses);
+        one(metrics, "Namespace", &self.audit.namespaces);
+    }
+}
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
@@ -372,16 +408,23 @@ pub async fn run(
         announced_violations: Mutex::default(),
     });
 
+    // Tasks that live as long as this controller: aborted when `run` returns or is dropped
+    // (e.g. on losing the leadership), so that they neither write nor keep the caches alive.
+    let mut tasks = AbortOnDrop::default();
     {
         let ctx = ctx.clone();
         let health = health.clone();
-        tokio::spawn(async move {
+        tasks.0.push(tokio::spawn(async move {
             ctx.stores.open_when_synced().await;
             // The initial lists are behind us: hand what they left free back to the kernel.
             crate::memory::release_free_memory();
             health.ready.store(true, Ordering::Relaxed);
             tracing::info!("watch caches synced");
-        });
+            loop {
+                ctx.stores.export_sizes(&ctx.metrics);
+                tokio::time::sleep(Duration::from_secs(15)).await;
+            }
+        }));
     }
 
     let (n1, n2, n3, n4) = (
@@ -390,7 +433,9 @@ pub async fn run(
         in_namespace.clone(),
         in_namespace.clone(),
     );
-    tokio::spawn(namespace_markers(client.clone(), ctx.clone()));
+    tasks
+        .0
+        .push(tokio::spawn(namespace_markers(client.clone(), ctx.clone())));
     controller
         .trigger_backoff(WatchBackoff::default())
         .with_config(
@@ -415,6 +460,18 @@ pub async fn run(
         })
         .await;
     tracing::info!("controller stopped");
+}
+
+/// Aborts its tasks when dropped.
+#[derive(Default)]
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// The Gateway API route kinds the API server serves, in their preferred version.

@@ -658,8 +658,22 @@ impl Gateway {
                     self.error_log()
                 ));
             }
+            // A port that answers may be someone else's (a free port taken between the probe
+            // and nginx's bind, while nginx keeps retrying its bind): only nginx's pid file,
+            // which it writes once every listen socket is bound, says the ports are ours.
+            let log = self.error_log();
+            if log.contains("Address already in use") {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err(format!(
+                    "nginx could not bind: Address already in use\n{log}"
+                ));
+            }
+            let pid_file = self.layout.path("tmp/nginx.pid");
+            let ours = std::fs::read_to_string(&pid_file)
+                .is_ok_and(|p| p.trim() == self.child.id().to_string());
             let up = |p: u16| TcpStream::connect(("127.0.0.1", p)).is_ok();
-            if up(self.layout.http_port) && up(self.layout.https_port) {
+            if ours && up(self.layout.http_port) && up(self.layout.https_port) {
                 return Ok(());
             }
             if Instant::now() > deadline {
