@@ -311,7 +311,7 @@ async fn prune_kind<K: Child>(
     let api: Api<K> = Api::namespaced(ctx.client.clone(), target.namespace);
     for object in store.state() {
         let ours = object.namespace().as_deref() == Some(target.namespace)
-            && object.labels().get(names::STACK_LABEL).map(String::as_str) == Some(target.stack_name)
+            && object.label(names::STACK_LABEL) == Some(target.stack_name)
             // Labels can be copied; only an owner reference to this very stack makes it ours.
             && object.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == target.stack_uid);
         let name = object.name_any();

@@ -7,10 +7,11 @@
 //! a ServiceAccount 2.8 KB; as compact JSON they take a quarter of that.
 //!
 //! So a cached object keeps as fields only what is read for every object on every event or
-//! reconcile (its identity, owner references for the controller's triggers, the deletion
-//! timestamp, and the operator's own `opsconductor.io/` labels for pruning and the namespace
-//! marker), and the rest as the JSON the API server sent, minus managedFields and minus what
-//! [`Slim`] drops. A reconcile decodes the few objects of its own namespace when it reads them.
+//! reconcile (its name, namespace and resourceVersion, owner references to stacks for the
+//! controller's triggers, the deletion timestamp, and the operator's own `opsconductor.io/`
+//! labels for pruning and the namespace marker), and the rest as the JSON the API server sent,
+//! minus managedFields and minus what [`Slim`] drops. A reconcile decodes the few objects of
+//! its own namespace when it reads them.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -23,6 +24,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 /// The label prefix whose labels stay readable without decoding.
 const OWN_LABEL_PREFIX: &str = "opsconductor.io/";
+/// The kind whose owner references stay readable without decoding.
+const STACK_KIND: &str = "OpsConductorStack";
 
 /// What the cache drops of an object of this kind before keeping it (see [`super::slim`]).
 pub trait Slim {
@@ -32,6 +35,8 @@ pub trait Slim {
 /// An object as the watch caches hold it (see the module docs).
 pub struct Compact<K> {
     meta: ObjectMeta,
+    /// The `opsconductor.io/` labels (a map would take half a kilobyte for one entry).
+    own_labels: Box<[(String, String)]>,
     json: Arc<[u8]>,
     kind: PhantomData<fn() -> K>,
 }
@@ -40,6 +45,7 @@ impl<K> Clone for Compact<K> {
     fn clone(&self) -> Self {
         Self {
             meta: self.meta.clone(),
+            own_labels: self.own_labels.clone(),
             json: self.json.clone(),
             kind: PhantomData,
         }
@@ -68,28 +74,43 @@ where
             .expect("a deserialized object serializes")
             .into();
         let m = object.meta_mut();
-        let labels = m.labels.take().map(|labels| {
-            labels
-                .into_iter()
-                .filter(|(k, _)| k.starts_with(OWN_LABEL_PREFIX))
-                .collect()
+        let own_labels = m
+            .labels
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(OWN_LABEL_PREFIX))
+            .collect();
+        // Only references to stacks trigger reconciles; others (a Pod's ReplicaSet) are read
+        // from the JSON when needed.
+        let owner_references = m.owner_references.take().and_then(|refs| {
+            let refs: Vec<_> = refs.into_iter().filter(|r| r.kind == STACK_KIND).collect();
+            (!refs.is_empty()).then_some(refs)
         });
         let meta = ObjectMeta {
             name: m.name.take(),
             namespace: m.namespace.take(),
-            uid: m.uid.take(),
             resource_version: m.resource_version.take(),
             generation: m.generation,
             deletion_timestamp: m.deletion_timestamp.take(),
-            owner_references: m.owner_references.take(),
-            labels,
+            owner_references,
             ..ObjectMeta::default()
         };
         Self {
             meta,
+            own_labels,
             json,
             kind: PhantomData,
         }
+    }
+
+    /// The value of an `opsconductor.io/` label (other labels are in the JSON only).
+    pub fn label(&self, key: &str) -> Option<&str> {
+        debug_assert!(key.starts_with(OWN_LABEL_PREFIX), "{key} is not kept");
+        self.own_labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Bytes of JSON kept for this object.
@@ -197,9 +218,15 @@ mod tests {
         assert_eq!(c.namespace().as_deref(), Some("shop"));
         assert_eq!(c.resource_version().as_deref(), Some("42"));
         assert_eq!(c.owner_references()[0].uid, "s1");
-        assert_eq!(c.labels().get("opsconductor.io/stack").unwrap(), "shop");
-        // Other labels are in the JSON only.
-        assert!(!c.labels().contains_key("app.kubernetes.io/name"));
+        assert_eq!(c.label("opsconductor.io/stack"), Some("shop"));
+        // Other labels and owners are in the JSON only.
+        assert!(c.labels().is_empty());
+        let mut with_rs = deployment_json();
+        with_rs["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1",
+            "kind": "ReplicaSet", "name": "orders-1", "uid": "r1"}]);
+        let c: Compact<Deployment> = serde_json::from_value(with_rs).unwrap();
+        assert!(c.owner_references().is_empty());
+        assert_eq!(c.decode().owner_references()[0].uid, "r1");
     }
 
     #[test]

@@ -519,7 +519,10 @@ pub async fn sync_namespace_marker(
         .namespaces
         .get(&ObjectRef::new(namespace))
         // The marker is an `opsconductor.io/` label: readable without decoding.
-        .and_then(|ns| ns.labels().get(crate::admission::PROTECTED_LABEL).cloned());
+        .and_then(|ns| {
+            ns.label(crate::admission::PROTECTED_LABEL)
+                .map(str::to_string)
+        });
     if current.as_deref() == wanted {
         return Ok(());
     }
