@@ -57,6 +57,10 @@ enum Command {
         /// Seconds between periodic re-checks of every stack (watches catch changes sooner).
         #[arg(long, env = "OPSC_RESYNC_SECONDS", default_value_t = 300)]
         resync_seconds: u64,
+        /// Stacks reconciled at the same time (at least 1). Bounds the operator's memory and
+        /// its burst of requests when many stacks change at once, e.g. at start.
+        #[arg(long, env = "OPSC_MAX_CONCURRENT_RECONCILES", default_value_t = 8)]
+        max_concurrent_reconciles: u16,
         /// Apply every object on every reconcile instead of only what differs from the
         /// watch caches. For benchmarks only: it multiplies the writes to the API server.
         #[arg(long, hide = true, env = "OPSC_APPLY_ALWAYS")]
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
             log_format,
             cluster_domain,
             resync_seconds,
+            max_concurrent_reconciles,
             apply_always,
             dns_resolver,
             exit_on_stdin_eof,
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
                 cluster_domain,
                 compare_before_apply: !apply_always,
                 resync: Duration::from_secs(resync_seconds.max(10)),
+                max_concurrent_reconciles: max_concurrent_reconciles.max(1),
                 dns_resolver: None,
                 operator_namespace: std::env::var("POD_NAMESPACE")
                     .ok()

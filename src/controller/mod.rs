@@ -44,6 +44,8 @@ pub struct RunOptions {
     pub compare_before_apply: bool,
     /// Periodic re-check of every stack, on top of the watches.
     pub resync: Duration,
+    /// Stacks reconciled at the same time.
+    pub max_concurrent_reconciles: u16,
     /// The cluster DNS server the gateway resolves service names with at request time
     /// (see [`crate::build::BuildOptions::dns_resolver`]).
     pub dns_resolver: Option<std::net::SocketAddr>,
@@ -58,6 +60,7 @@ impl Default for RunOptions {
             cluster_domain: "cluster.local".into(),
             compare_before_apply: true,
             resync: Duration::from_secs(300),
+            max_concurrent_reconciles: 8,
             dns_resolver: None,
             operator_namespace: None,
         }
@@ -439,7 +442,9 @@ pub async fn run(
     controller
         .trigger_backoff(WatchBackoff::default())
         .with_config(
-            kube::runtime::controller::Config::default().debounce(Duration::from_millis(200)),
+            kube::runtime::controller::Config::default()
+                .debounce(Duration::from_millis(200))
+                .concurrency(ctx.options.max_concurrent_reconciles),
         )
         .owns_stream(sa_stream)
         .owns_stream(cm_stream)
