@@ -35,6 +35,8 @@ pub trait Slim {
 /// An object as the watch caches hold it (see the module docs).
 pub struct Compact<K> {
     meta: ObjectMeta,
+    /// Hash of the JSON: equal for two versions that differ only in what the cache drops.
+    content_hash: u64,
     /// The `opsconductor.io/` labels (a map would take half a kilobyte for one entry).
     own_labels: Box<[(String, String)]>,
     json: Arc<[u8]>,
@@ -45,6 +47,7 @@ impl<K> Clone for Compact<K> {
     fn clone(&self) -> Self {
         Self {
             meta: self.meta.clone(),
+            content_hash: self.content_hash,
             own_labels: self.own_labels.clone(),
             json: self.json.clone(),
             kind: PhantomData,
@@ -69,10 +72,19 @@ where
     pub fn new(mut object: K) -> Self {
         object.meta_mut().managed_fields = None;
         object.slim();
+        // The resourceVersion changes with every write, whatever it changed: kept as a field
+        // (the watch resumes from it), left out of the JSON and so out of the content hash.
+        let resource_version = object.meta_mut().resource_version.take();
         // Serializing a value that was just deserialized cannot fail.
         let json: Arc<[u8]> = serde_json::to_vec(&object)
             .expect("a deserialized object serializes")
             .into();
+        let content_hash = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            json.hash(&mut h);
+            h.finish()
+        };
         let m = object.meta_mut();
         let own_labels = m
             .labels
@@ -90,7 +102,7 @@ where
         let meta = ObjectMeta {
             name: m.name.take(),
             namespace: m.namespace.take(),
-            resource_version: m.resource_version.take(),
+            resource_version,
             generation: m.generation,
             deletion_timestamp: m.deletion_timestamp.take(),
             owner_references,
@@ -98,6 +110,7 @@ where
         };
         Self {
             meta,
+            content_hash,
             own_labels,
             json,
             kind: PhantomData,
@@ -113,12 +126,19 @@ where
             .map(|(_, v)| v.as_str())
     }
 
+    /// Equal for two versions of an object that differ only in what the cache drops
+    /// (resourceVersion, managedFields, what [`Slim`] removes).
+    pub fn content_hash(&self) -> u64 {
+        self.content_hash
+    }
+
     /// Bytes of JSON kept for this object.
     pub fn json_len(&self) -> usize {
         self.json.len()
     }
 
-    /// The whole object (minus what the cache dropped).
+    /// The whole object (minus what the cache dropped, resourceVersion included: read a
+    /// fresh object from the API server where it matters).
     pub fn decode(&self) -> K {
         // The bytes are our own serialization of a K: they always read back.
         serde_json::from_slice(&self.json).expect("a cached object decodes")
@@ -261,6 +281,28 @@ mod tests {
         let p = pod.decode();
         assert_eq!(p.spec.unwrap().host_network, Some(true));
         assert!(p.status.is_none(), "slimmed");
+    }
+
+    #[test]
+    fn only_changes_of_what_is_kept_change_the_content_hash() {
+        let hash = |v: serde_json::Value| {
+            serde_json::from_value::<Compact<Pod>>(v)
+                .unwrap()
+                .content_hash()
+        };
+        let pod = |rv: &str, phase: &str, host_network: bool| {
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "p", "namespace": "shop", "resourceVersion": rv},
+                   "spec": {"hostNetwork": host_network, "containers": [{"name": "c", "image": "x"}]},
+                   "status": {"phase": phase}})
+        };
+        let first = hash(pod("1", "Pending", false));
+        assert_eq!(
+            first,
+            hash(pod("2", "Running", false)),
+            "status and resourceVersion"
+        );
+        assert_ne!(first, hash(pod("3", "Running", true)), "hostNetwork");
     }
 
     #[test]

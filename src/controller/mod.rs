@@ -298,16 +298,21 @@ pub async fn run(
             let stream = watcher(Api::<Compact<$kind>>::all(client.clone()), $config)
                 .backoff(WatchBackoff::default())
                 .reflect(writer)
-                .touched_objects()
-                // A failing watch retries on its own backoff; its errors must not reach the
-                // controller, whose trigger backoff would otherwise pause every watch.
-                .filter_map(|event| async move {
-                    match event {
-                        Ok(object) => Some(Ok(object)),
-                        Err(error) => {
-                            tracing::warn!(kind = stringify!($kind), %error, "watch failed; retrying");
-                            None
-                        }
+                // Only changes of what the cache keeps trigger a reconcile (see `Changes`).
+                .filter_map({
+                    let mut changes = Changes::default();
+                    move |event| {
+                        let out = match event {
+                            Ok(event) => changes.triggers(event).map(Ok),
+                            // A failing watch retries on its own backoff; its errors must not
+                            // reach the controller, whose trigger backoff would otherwise
+                            // pause every watch.
+                            Err(error) => {
+                                tracing::warn!(kind = stringify!($kind), %error, "watch failed; retrying");
+                                None
+                            }
+                        };
+                        std::future::ready(out)
                     }
                 });
             (reader, stream)
@@ -465,6 +470,43 @@ pub async fn run(
         })
         .await;
     tracing::info!("controller stopped");
+}
+
+/// Which watch events are worth a reconcile: an object that appears or goes, or one whose
+/// cached content changed. A Pod's status, a Deployment's conditions or a managedFields-only
+/// update change nothing the operator reads (the cache drops them), so they trigger nothing;
+/// without this filter every pod status update in a stack namespace would reconcile the
+/// stack, and a namespace busy enough would keep pushing the debounced reconcile back.
+#[derive(Default)]
+struct Changes {
+    /// Content hash of every object seen, by namespace/name.
+    seen: HashMap<(Option<String>, String), u64>,
+}
+
+impl Changes {
+    fn triggers<K>(&mut self, event: watcher::Event<Compact<K>>) -> Option<Compact<K>>
+    where
+        K: Resource + serde::Serialize + serde::de::DeserializeOwned + compact::Slim,
+    {
+        let key = |o: &Compact<K>| (o.namespace(), o.name_any());
+        match event {
+            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                let hash = o.content_hash();
+                let before = self.seen.insert(key(&o), hash);
+                (before != Some(hash)).then_some(o)
+            }
+            watcher::Event::Delete(o) => {
+                self.seen.remove(&key(&o));
+                Some(o)
+            }
+            // A (re)list starts over: what vanished meanwhile leaves no stale entry behind.
+            watcher::Event::Init => {
+                self.seen.clear();
+                None
+            }
+            watcher::Event::InitDone => None,
+        }
+    }
 }
 
 /// Aborts its tasks when dropped.
@@ -691,6 +733,57 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), all)
             .await
             .expect("every waiter must be woken once the caches are synced");
+    }
+
+    #[test]
+    fn only_appearing_changed_or_deleted_objects_trigger_a_reconcile() {
+        let pod = |rv: &str, phase: &str, host_network: bool| -> Compact<Pod> {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "shop", "resourceVersion": rv},
+                "spec": {"hostNetwork": host_network, "containers": [{"name": "c"}]},
+                "status": {"phase": phase}
+            }))
+            .unwrap()
+        };
+        let mut changes = Changes::default();
+        assert!(
+            changes
+                .triggers(watcher::Event::Init::<Compact<Pod>>)
+                .is_none()
+        );
+        assert!(
+            changes
+                .triggers(watcher::Event::InitApply(pod("1", "Pending", false)))
+                .is_some()
+        );
+        assert!(
+            changes
+                .triggers(watcher::Event::InitDone::<Compact<Pod>>)
+                .is_none()
+        );
+        // A status update: nothing the cache keeps changed.
+        assert!(
+            changes
+                .triggers(watcher::Event::Apply(pod("2", "Running", false)))
+                .is_none()
+        );
+        assert!(
+            changes
+                .triggers(watcher::Event::Apply(pod("3", "Running", true)))
+                .is_some()
+        );
+        assert!(
+            changes
+                .triggers(watcher::Event::Delete(pod("4", "Running", true)))
+                .is_some()
+        );
+        // Back after a deletion: new again.
+        assert!(
+            changes
+                .triggers(watcher::Event::Apply(pod("5", "Running", true)))
+                .is_some()
+        );
     }
 
     #[test]
