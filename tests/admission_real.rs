@@ -378,13 +378,17 @@ async fn enforce_mode_denies_exposure_except_the_operators_gateway() {
     // Each policy's binding becomes active on its own schedule (the API server's policy
     // informers are independent): wait for the Pod guardrails too before asserting on them.
     let pod_probe = pod("probe-hostnet", json!({"hostNetwork": true}));
-    support::eventually("the enforce binding for pods to deny", POLICY_TIMEOUT, || {
-        let (api, probe) = (alice_pods.clone(), pod_probe.clone());
-        async move {
-            let e = api.create(&dry_run(), &probe).await.err()?;
-            denied_by_policy(&e).then_some(())
-        }
-    })
+    support::eventually(
+        "the enforce binding for pods to deny",
+        POLICY_TIMEOUT,
+        || {
+            let (api, probe) = (alice_pods.clone(), pod_probe.clone());
+            async move {
+                let e = api.create(&dry_run(), &probe).await.err()?;
+                denied_by_policy(&e).then_some(())
+            }
+        },
+    )
     .await;
 
     // An ordinary user's NodePort and LoadBalancer Services: denied, saying why.
