@@ -30,13 +30,16 @@ const NGINX_UID: i64 = 101;
 /// mounted certificate changes. The kubelet updates a Secret volume in place (an atomic
 /// symlink swap), so a renewed certificate reaches running pods without a restart; the reload
 /// starts new workers with it while the old ones finish their requests. Configuration changes
-/// still roll the pods (the checksum annotation). See `docs/acme.md`.
+/// still roll the pods (the checksum annotation). The loop ends when nginx does (`$$` is the
+/// shell that became nginx by `exec`), so it never outlives it where the container does not
+/// end with nginx (e.g. a test running the command). See `docs/acme.md`.
 pub const RELOAD_ON_CERTIFICATE_CHANGE: &str = r#"tls=/etc/opsconductor/tls
 conf=/etc/opsconductor/config/nginx.conf
 digest() { cat "$tls/tls.crt" "$tls/tls.key" 2>/dev/null | cksum; }
 (
   last=$(digest)
   while sleep 2; do
+    kill -0 "$$" 2>/dev/null || exit 0
     now=$(digest)
     if [ "$now" != "$last" ]; then
       nginx -s reload -c "$conf" && last=$now
