@@ -1149,6 +1149,8 @@ async fn the_charts_rbac_is_enough_to_reconcile_a_full_stack() {
                 && e.user != "opsc-admin"
                 && !e.user.starts_with("system:serviceaccount:kube-system:")
                 && !e.user.starts_with("system:kube-")
+                // The API server's own Events (e.g. about a Service's cluster IP).
+                && e.user != "system:apiserver"
         })
         .into_iter()
         .map(|e| e.user)
