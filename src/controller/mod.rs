@@ -746,44 +746,22 @@ mod tests {
             }))
             .unwrap()
         };
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
         let mut changes = Changes::default();
-        assert!(
-            changes
-                .triggers(watcher::Event::Init::<Compact<Pod>>)
-                .is_none()
-        );
-        assert!(
-            changes
-                .triggers(watcher::Event::InitApply(pod("1", "Pending", false)))
-                .is_some()
-        );
-        assert!(
-            changes
-                .triggers(watcher::Event::InitDone::<Compact<Pod>>)
-                .is_none()
-        );
-        // A status update: nothing the cache keeps changed.
-        assert!(
-            changes
-                .triggers(watcher::Event::Apply(pod("2", "Running", false)))
-                .is_none()
-        );
-        assert!(
-            changes
-                .triggers(watcher::Event::Apply(pod("3", "Running", true)))
-                .is_some()
-        );
-        assert!(
-            changes
-                .triggers(watcher::Event::Delete(pod("4", "Running", true)))
-                .is_some()
-        );
-        // Back after a deletion: new again.
-        assert!(
-            changes
-                .triggers(watcher::Event::Apply(pod("5", "Running", true)))
-                .is_some()
-        );
+        let steps = [
+            (Init, false),
+            (InitApply(pod("1", "Pending", false)), true),
+            (InitDone, false),
+            // A status update: nothing the cache keeps changed.
+            (Apply(pod("2", "Running", false)), false),
+            (Apply(pod("3", "Running", true)), true),
+            (Delete(pod("4", "Running", true)), true),
+            // Back after a deletion: new again.
+            (Apply(pod("5", "Running", true)), true),
+        ];
+        for (i, (event, fires)) in steps.into_iter().enumerate() {
+            assert_eq!(changes.triggers(event).is_some(), fires, "step {i}");
+        }
     }
 
     #[test]
