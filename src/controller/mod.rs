@@ -112,11 +112,10 @@ impl Stores {
     /// everyone once each cache has had its initial list.
     async fn open_when_synced(&self) {
         // Errors here only mean the writer was dropped, i.e. the operator is shutting down.
+        // (`services` and `network_policies` are the audit's caches, awaited below.)
         let _ = self.service_accounts.wait_until_ready().await;
         let _ = self.config_maps.wait_until_ready().await;
-        let _ = self.network_policies.wait_until_ready().await;
         let _ = self.deployments.wait_until_ready().await;
-        let _ = self.services.wait_until_ready().await;
         let _ = self.pod_disruption_budgets.wait_until_ready().await;
         let _ = self.audit.services.wait_until_ready().await;
         let _ = self.audit.pods.wait_until_ready().await;
@@ -762,6 +761,26 @@ mod tests {
         for (i, (event, fires)) in steps.into_iter().enumerate() {
             assert_eq!(changes.triggers(event).is_some(), fires, "step {i}");
         }
+    }
+
+    /// A controller's own tasks end with it: dropping the guard aborts them (their futures
+    /// are dropped, so whatever they hold goes too).
+    #[tokio::test]
+    async fn tasks_end_when_their_guard_is_dropped() {
+        let (held, released) = tokio::sync::oneshot::channel::<()>();
+        let mut tasks = AbortOnDrop::default();
+        tasks.0.push(tokio::spawn(async move {
+            let _held = held;
+            std::future::pending::<()>().await;
+        }));
+        drop(tasks);
+        // The sender goes with the aborted task; a live task would keep this pending (the
+        // timeout is a hang guard, not a timing assertion).
+        let r = tokio::time::timeout(Duration::from_secs(30), released).await;
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "the task still holds its sender: {r:?}"
+        );
     }
 
     #[test]
