@@ -42,9 +42,14 @@ replaces="$(awk '
 rm -f go.sum
 echo "$K8S_VERSION" > K8S_VERSION
 
-# The binaries we build are `tool`s of this module, so `go build <pkg>` works from here.
+# The binaries we build are `tool`s of this module, so `go build <pkg>` works from here. The
+# node's kubelet, kube-proxy and kube-scheduler (scripts/build-parts node) are built from this
+# same module, so they are always the API server's release.
 go get -tool k8s.io/kubernetes/cmd/kube-apiserver@"${K8S_VERSION}" \
              k8s.io/kubernetes/cmd/kube-controller-manager@"${K8S_VERSION}" \
-             k8s.io/kubernetes/cmd/kubectl@"${K8S_VERSION}"
+             k8s.io/kubernetes/cmd/kubectl@"${K8S_VERSION}" \
+             k8s.io/kubernetes/cmd/kubelet@"${K8S_VERSION}" \
+             k8s.io/kubernetes/cmd/kube-proxy@"${K8S_VERSION}" \
+             k8s.io/kubernetes/cmd/kube-scheduler@"${K8S_VERSION}"
 go mod tidy
 echo "go.mod regenerated for ${K8S_VERSION} ($(echo "$replaces" | wc -l) staging replaces)" >&2
