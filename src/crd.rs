@@ -14,8 +14,13 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The default image of the gateway: nginx built to run as a non-root user on 8080/8443.
-pub const DEFAULT_GATEWAY_IMAGE: &str = "nginxinc/nginx-unprivileged:1.27-alpine";
+/// The default image of the gateway: the project's own, built from `images/gateway/Dockerfile`
+/// (Debian 12's nginx, uid 101, listening on 8080/8443) and published with each release under
+/// the operator's version; `docs/images.md`.
+pub const DEFAULT_GATEWAY_IMAGE: &str = concat!(
+    "ghcr.io/opsconductor/opsconductor-gateway:",
+    env!("CARGO_PKG_VERSION")
+);
 
 /// One stack of internal HTTP services behind one TLS gateway, with the network policy that
 /// keeps it that way.
@@ -97,7 +102,9 @@ pub struct GatewaySpec {
     /// request for any other name is refused during the TLS handshake.
     #[schemars(length(min = 1, max = 100), inner(length(min = 1, max = 253)))]
     pub hosts: Vec<String>,
-    /// The nginx image. It must run as a non-root user and listen on 8080 and 8443.
+    /// The nginx image (nginx 1.22 or later). Default: the project's gateway image. The pod
+    /// runs it as uid 101 with a read-only root filesystem; it needs `sh`, `cat`, `cksum` and
+    /// `sleep` on PATH (the certificate-reload loop); nginx listens on 8080 and 8443.
     #[serde(default = "default_gateway_image")]
     #[schemars(length(min = 1, max = 512))]
     pub image: String,

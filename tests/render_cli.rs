@@ -236,7 +236,10 @@ fn crd_has_the_contracted_names_columns_and_rules() {
     assert_eq!(spec["gateway"]["properties"]["replicas"]["default"], 2);
     assert_eq!(
         spec["gateway"]["properties"]["image"]["default"],
-        "nginxinc/nginx-unprivileged:1.27-alpine"
+        format!(
+            "ghcr.io/opsconductor/opsconductor-gateway:{}",
+            env!("CARGO_PKG_VERSION")
+        )
     );
     assert_eq!(
         spec["services"]["items"]["properties"]["port"]["default"],

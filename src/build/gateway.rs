@@ -22,10 +22,11 @@ use super::{BuildOptions, meta, nginx};
 use crate::model::{CertificateSource, GatewayServiceType, Stack};
 use crate::names::{self, Component};
 
-/// The user id of the nginx-unprivileged image.
+/// The user id the gateway runs as: the `nginx` user of the project's gateway image
+/// (`images/gateway/make-rootfs`), the same uid as in the nginx-unprivileged images.
 const NGINX_UID: i64 = 101;
 
-/// The gateway container's command (POSIX sh, as in the alpine-based nginx image): nginx in
+/// The gateway container's command (POSIX sh, dash in the gateway image): nginx in
 /// the foreground as PID 1, and a small loop beside it that reloads nginx gracefully when the
 /// mounted certificate changes. The kubelet updates a Secret volume in place (an atomic
 /// symlink swap), so a renewed certificate reaches running pods without a restart; the reload
