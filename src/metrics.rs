@@ -158,6 +158,18 @@ impl Metrics {
         entry.2 += 1;
     }
 
+    /// The distinct values of `label` among the gauge samples (e.g. every stack with a series).
+    pub fn label_values(&self, label: &str) -> Vec<String> {
+        let inner = self.inner.lock().unwrap();
+        let values: std::collections::BTreeSet<String> = inner
+            .gauges
+            .keys()
+            .flat_map(|(_, labels)| labels.iter().filter(|(k, _)| *k == label))
+            .map(|(_, v)| v.clone())
+            .collect();
+        values.into_iter().collect()
+    }
+
     /// Drops every gauge sample carrying `label=value` (a deleted stack).
     pub fn forget(&self, label: &'static str, value: &str) {
         self.inner

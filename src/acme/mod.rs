@@ -410,6 +410,11 @@ impl Manager {
             .clone()
     }
 
+    /// The stacks (`namespace/name`) this manager keeps state for.
+    pub fn known_stacks(&self) -> Vec<String> {
+        self.stacks.lock().unwrap().keys().cloned().collect()
+    }
+
     /// Forgets a deleted stack: stops its job and drops its metrics.
     pub fn forget(&self, namespace: &str, name: &str) {
         let key = format!("{namespace}/{name}");

@@ -61,6 +61,13 @@ impl AppliedLog {
     fn forget(&self, key: &ObjectKey) {
         self.entries.lock().unwrap().remove(key);
     }
+    /// Keeps only the entries of objects in `namespaces` (those that still hold a stack).
+    pub fn retain_namespaces(&self, namespaces: &std::collections::BTreeSet<&str>) {
+        self.entries
+            .lock()
+            .unwrap()
+            .retain(|(_, namespace, _), _| namespaces.contains(namespace.as_str()));
+    }
 }
 
 /// Everything an apply pass needs to know about the stack.

@@ -8,6 +8,7 @@
 mod apply;
 pub mod compact;
 pub mod diff;
+pub mod janitor;
 mod reconcile;
 mod slim;
 pub mod status;
@@ -181,6 +182,9 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// The violations last announced by Events, per stack, so none is announced twice.
     announced_violations: Mutex<HashMap<String, Vec<crate::crd::Violation>>>,
+    /// The namespace markers written lately: namespace -> (the label as the write left it,
+    /// the Namespace's resourceVersion after it), until the namespace cache has caught up.
+    markers_written: Mutex<HashMap<String, (Option<String>, String)>>,
 }
 
 /// Errors of one reconcile. Each has a bounded `reason()` for metrics and Events.
@@ -192,6 +196,13 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("the stack has no namespace")]
     NoNamespace,
+    #[error(
+        "the admission marker of namespace {namespace} is still {found:?} after our write (is it held by another field manager?)"
+    )]
+    MarkerNotApplied {
+        namespace: String,
+        found: Option<String>,
+    },
 }
 
 impl Error {
@@ -205,6 +216,7 @@ impl Error {
             Error::Kube(_) => "ApiUnavailable",
             Error::Json(_) => "Serialization",
             Error::NoNamespace => "NoNamespace",
+            Error::MarkerNotApplied { .. } => "MarkerNotApplied",
         }
     }
 }
@@ -413,6 +425,7 @@ pub async fn run(
         applied: apply::AppliedLog::default(),
         failures: Mutex::default(),
         announced_violations: Mutex::default(),
+        markers_written: Mutex::default(),
     });
 
     // Tasks that live as long as this controller: aborted when `run` returns or is dropped
@@ -440,9 +453,7 @@ pub async fn run(
         in_namespace.clone(),
         in_namespace.clone(),
     );
-    tasks
-        .0
-        .push(tokio::spawn(namespace_markers(client.clone(), ctx.clone())));
+    tasks.0.push(tokio::spawn(janitor::run(ctx.clone())));
     controller
         .trigger_backoff(WatchBackoff::default())
         .with_config(
@@ -557,21 +568,54 @@ pub async fn sync_namespace_marker(
     namespace: &str,
     modes: Vec<crate::crd::PolicyMode>,
 ) -> Result<(), Error> {
-    use kube::api::{Patch, PatchParams};
     let wanted = crate::admission::marker_value(modes);
-    let current = ctx
-        .stores
-        .audit
-        .namespaces
-        .get(&ObjectRef::new(namespace))
-        // The marker is an `opsconductor.io/` label: readable without decoding.
-        .and_then(|ns| {
-            ns.label(crate::admission::PROTECTED_LABEL)
-                .map(str::to_string)
-        });
-    if current.as_deref() == wanted {
+    if current_marker(ctx, namespace).as_deref() == wanted {
         return Ok(());
     }
+    write_namespace_marker(ctx, namespace, wanted).await
+}
+
+/// The marker of `namespace` as last known: the namespace cache's, unless a write of ours is
+/// newer than what the cache holds yet (a lagging cache must not hide our own write, or the
+/// label set a moment ago looks absent and is never removed).
+fn current_marker(ctx: &Context, namespace: &str) -> Option<String> {
+    let cached = ctx.stores.audit.namespaces.get(&ObjectRef::new(namespace));
+    // The marker is an `opsconductor.io/` label: readable without decoding.
+    let from_cache = cached.as_ref().and_then(|ns| {
+        ns.label(crate::admission::PROTECTED_LABEL)
+            .map(str::to_string)
+    });
+    let cache_version = cached.as_ref().and_then(|ns| ns.resource_version());
+    let mut written = ctx.markers_written.lock().unwrap();
+    match written.get(namespace) {
+        Some((label, version)) if newer(version, cache_version.as_deref()) => label.clone(),
+        Some(_) => {
+            written.remove(namespace);
+            from_cache
+        }
+        None => from_cache,
+    }
+}
+
+/// Whether resourceVersion `ours` is newer than the cache's `cached`. resourceVersions are
+/// opaque to clients but numeric in every API server backed by etcd; one that does not parse
+/// counts as caught up, so the cache decides.
+fn newer(ours: &str, cached: Option<&str>) -> bool {
+    match (ours.parse::<u64>(), cached.map(str::parse::<u64>)) {
+        (Ok(ours), Some(Ok(cached))) => ours > cached,
+        (Ok(_), None) => true,
+        _ => false,
+    }
+}
+
+/// Applies the marker label of `namespace` (`None` removes it), and remembers what the write
+/// left until the namespace cache shows it.
+async fn write_namespace_marker(
+    ctx: &Context,
+    namespace: &str,
+    wanted: Option<&str>,
+) -> Result<(), Error> {
+    use kube::api::{Patch, PatchParams};
     let labels = match wanted {
         Some(v) => serde_json::json!({ crate::admission::PROTECTED_LABEL: v }),
         None => serde_json::json!({}),
@@ -580,53 +624,32 @@ pub async fn sync_namespace_marker(
         "apiVersion": "v1", "kind": "Namespace",
         "metadata": { "name": namespace, "labels": labels },
     });
-    Api::<Namespace>::all(ctx.client.clone())
+    let written = Api::<Namespace>::all(ctx.client.clone())
         .patch(
             namespace,
             &PatchParams::apply(MARKER_MANAGER).force(),
             &Patch::Apply(&patch),
         )
         .await?;
+    let label = written
+        .labels()
+        .get(crate::admission::PROTECTED_LABEL)
+        .cloned();
+    if let Some(version) = written.resource_version() {
+        ctx.markers_written
+            .lock()
+            .unwrap()
+            .insert(namespace.to_string(), (label.clone(), version));
+    }
+    if label.as_deref() != wanted {
+        // E.g. the label is held by another field manager: our apply cannot remove it.
+        return Err(Error::MarkerNotApplied {
+            namespace: namespace.to_string(),
+            found: label,
+        });
+    }
     tracing::info!(namespace, marker = ?wanted, "namespace admission marker updated");
     Ok(())
-}
-
-/// Removes or downgrades the marker when stacks are deleted (a deleted stack is never
-/// reconciled again, so its namespace is handled here).
-async fn namespace_markers(client: Client, ctx: Arc<Context>) {
-    use kube::runtime::watcher::Event;
-    let stream = watcher(
-        Api::<OpsConductorStack>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .backoff(WatchBackoff::default());
-    futures::pin_mut!(stream);
-    while let Some(event) = stream.next().await {
-        let Ok(Event::Delete(stack)) = event else {
-            continue;
-        };
-        let Some(ns) = stack.metadata.namespace.clone() else {
-            continue;
-        };
-        let remaining = match Api::<OpsConductorStack>::namespaced(client.clone(), &ns)
-            .list(&Default::default())
-            .await
-        {
-            Ok(list) => list.items,
-            Err(e) => {
-                tracing::warn!(namespace = %ns, error = %e, "cannot list stacks to update the namespace marker");
-                continue;
-            }
-        };
-        let modes = remaining
-            .iter()
-            .filter(|s| s.metadata.deletion_timestamp.is_none())
-            .map(|s| s.spec.policy.mode)
-            .collect();
-        if let Err(e) = sync_namespace_marker(&ctx, &ns, modes).await {
-            tracing::warn!(namespace = %ns, error = %e, "cannot update the namespace marker");
-        }
-    }
 }
 
 /// The ClusterIP of the cluster DNS Service (`kube-system/kube-dns`, the name CoreDNS keeps),
