@@ -15,6 +15,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod names;
+pub mod ownership;
 pub mod render;
 pub mod server;
 pub mod validate;

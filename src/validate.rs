@@ -403,7 +403,6 @@ fn validate_services(
     let mut first_index: BTreeMap<&str, usize> = BTreeMap::new();
     let mut route_owner: BTreeMap<&str, usize> = BTreeMap::new();
     let known: BTreeSet<&str> = raw.iter().map(|s| s.name.as_str()).collect();
-    let reserved = stack.map(names::gateway);
     let mut out = Vec::new();
     for (i, s) in raw.iter().enumerate() {
         let p = format!("spec.services[{i}]");
@@ -418,13 +417,10 @@ fn validate_services(
             );
             first_index.insert(&s.name, j);
         }
-        if reserved.as_deref() == Some(s.name.as_str()) {
+        if let Some(why) = reserved_service_name(&s.name, stack) {
             errs.add(
                 format!("{p}.name"),
-                format!(
-                    "{:?} is the name of the stack's gateway; choose another",
-                    s.name
-                ),
+                format!("{:?} {why}; choose another", s.name),
             );
         }
         if s.image.trim().is_empty() {
@@ -491,6 +487,30 @@ fn validate_services(
         }
     }
     out
+}
+
+/// Names a stack service can never take, because the ServiceAccount, Deployment and Service
+/// of that name would be someone else's in every namespace (`default`, `kubernetes`) or
+/// are the stack's own derived objects. Why, when `name` is one.
+fn reserved_service_name(name: &str, stack: Option<&DnsLabel>) -> Option<String> {
+    match name {
+        "default" => {
+            return Some(
+                "is reserved: every namespace has the ServiceAccount \"default\", which a stack \
+                 never changes"
+                    .into(),
+            );
+        }
+        "kubernetes" => {
+            return Some("is reserved: it is the name of the API server's Service".into());
+        }
+        _ => {}
+    }
+    let stack = stack?;
+    names::FIXED_SUFFIXES
+        .iter()
+        .any(|suffix| name == format!("{stack}{suffix}"))
+        .then(|| format!("is the name of one of the stack's own objects (stack {stack:?})"))
 }
 
 fn validate_backends(
@@ -987,9 +1007,35 @@ mod tests {
             |v| v["spec"]["services"][1]["name"] = json!("auth"),
             "spec.services[1].name: duplicate service name \"auth\" (also spec.services[0])",
         );
-        assert_error(
-            |v| v["spec"]["services"][1]["name"] = json!("prod-gateway"),
-            "is the name of the stack's gateway",
+        // Names that would make the stack take over someone else's objects, or its own.
+        for (name, why) in [
+            (
+                "prod-gateway",
+                "is the name of one of the stack's own objects",
+            ),
+            (
+                "prod-gateway-config",
+                "is the name of one of the stack's own objects",
+            ),
+            ("prod-tls", "is the name of one of the stack's own objects"),
+            (
+                "default",
+                "is reserved: every namespace has the ServiceAccount \"default\"",
+            ),
+            (
+                "kubernetes",
+                "is reserved: it is the name of the API server's Service",
+            ),
+        ] {
+            assert_error(
+                |v| v["spec"]["services"][1]["name"] = json!(name),
+                &format!("spec.services[1].name: {name:?} {why}"),
+            );
+        }
+        let plain = errors(|v| v["spec"]["services"][1]["name"] = json!("gateway"));
+        assert!(
+            plain.iter().all(|e| !e.contains("spec.services[1].name")),
+            "{plain:?}"
         );
         assert_error(
             |v| v["spec"]["services"][1]["name"] = json!("Users"),

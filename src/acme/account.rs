@@ -38,6 +38,7 @@ use sha2::{Digest, Sha256};
 use super::Failure;
 use crate::model::{Acme, SecretKey, Stack};
 use crate::names::{self, Component};
+use crate::ownership::{self, Claim, NameConflict};
 
 /// Key of the credentials in the account Secret.
 pub const CREDENTIALS_KEY: &str = "credentials.json";
@@ -197,15 +198,42 @@ impl Stored {
     }
 }
 
-/// Reads the account Secret; `None` when there is none (or it holds no credentials).
-pub async fn read(client: &Client, stack: &Stack) -> Result<Option<Stored>, kube::Error> {
+/// Why the account Secret could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    Kube(#[from] kube::Error),
+    /// A Secret of that name exists and is someone else's: never read, never written.
+    #[error("{0}")]
+    Conflict(NameConflict),
+}
+
+impl From<ReadError> for Failure {
+    fn from(e: ReadError) -> Failure {
+        match e {
+            ReadError::Kube(e) => Failure::kube(format!("reading the ACME account Secret: {e}")),
+            ReadError::Conflict(c) => Failure::new(super::FailureKind::NameConflict, c.to_string()),
+        }
+    }
+}
+
+/// Reads the account Secret; `None` when there is none (or it holds no credentials). A
+/// Secret of that name that is someone else's (see [`crate::ownership`]) is not read.
+pub async fn read(client: &Client, stack: &Stack) -> Result<Option<Stored>, ReadError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &stack.namespace);
-    let Some(secret) = api
-        .get_opt(&names::acme_account_secret(&stack.name))
-        .await?
-    else {
+    let name = names::acme_account_secret(&stack.name);
+    let Some(secret) = api.get_opt(&name).await? else {
         return Ok(None);
     };
+    if let Claim::Foreign(why) =
+        ownership::claim(&secret.metadata, stack.name.as_str(), stack.uid.as_deref())
+    {
+        return Err(ReadError::Conflict(NameConflict {
+            kind: "Secret",
+            name,
+            why,
+        }));
+    }
     let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(CREDENTIALS_KEY)) else {
         return Ok(None);
     };
@@ -268,9 +296,7 @@ pub async fn load_or_register(
     acme: &Acme,
     http: &CaClient,
 ) -> Result<Ready, Failure> {
-    let stored = read(client, stack)
-        .await
-        .map_err(|e| Failure::kube(format!("reading the ACME account Secret: {e}")))?;
+    let stored = read(client, stack).await?;
     if let Some(stored) = stored.filter(|s| s.directory.as_deref() == Some(&acme.directory_url)) {
         let account = Account::builder_with_http(Box::new(http.clone()))
             .from_credentials(stored.credentials()?)
@@ -388,6 +414,7 @@ fn registration_failure(e: instant_acme::Error, acme: &Acme, http: &CaClient) ->
 }
 
 /// Writes the account Secret (created, or replaced when it held another directory's account).
+/// An existing Secret of that name that is someone else's is never replaced.
 async fn store(
     client: &Client,
     stack: &Stack,
@@ -415,8 +442,23 @@ async fn store(
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => {
             let mut current = api.get(&name).await.map_err(kube_err)?;
+            if let Claim::Foreign(why) =
+                ownership::claim(&current.metadata, stack.name.as_str(), stack.uid.as_deref())
+            {
+                let conflict = NameConflict {
+                    kind: "Secret",
+                    name,
+                    why,
+                };
+                return Err(Failure::new(
+                    super::FailureKind::NameConflict,
+                    conflict.to_string(),
+                ));
+            }
             current.data = secret.data;
             current.metadata.annotations = secret.metadata.annotations;
+            current.metadata.labels = secret.metadata.labels;
+            current.metadata.owner_references = secret.metadata.owner_references;
             api.replace(&name, &PostParams::default(), &current)
                 .await
                 .map_err(kube_err)?;

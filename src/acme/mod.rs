@@ -30,6 +30,7 @@ use crate::crd::{CertificateState, CertificateStatus};
 use crate::metrics::Metrics;
 use crate::model::{Acme, Stack};
 use crate::names::{self, Component};
+use crate::ownership::{self, Claim, NameConflict};
 use policy::{Backoff, Current, Decision, Why, Window};
 
 /// Annotation on `<stack>-tls`: sha256 of what the operator wrote, to notice changes by others.
@@ -78,6 +79,8 @@ pub enum FailureKind {
     BadCertificate,
     /// A referenced Secret is missing or unusable.
     Config,
+    /// A Secret the certificate needs exists and is someone else's.
+    NameConflict,
     /// The Kubernetes API failed.
     Kube,
     Internal,
@@ -95,6 +98,7 @@ impl FailureKind {
             FailureKind::AccountRefused => "AccountRefused",
             FailureKind::BadCertificate => "BadCertificate",
             FailureKind::Config => "ConfigurationError",
+            FailureKind::NameConflict => "NameConflict",
             FailureKind::Kube => "KubernetesError",
             FailureKind::Internal => "InternalError",
         }
@@ -304,6 +308,9 @@ pub struct Report {
     pub requeue_after: Option<Duration>,
     /// Events for changes since the last reconcile.
     pub events: Vec<CertEvent>,
+    /// The certificate's Secrets that exist and are someone else's: neither read nor written,
+    /// and no order is started while there are any.
+    pub conflicts: Vec<NameConflict>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -456,17 +463,24 @@ impl Manager {
         }
 
         // The account's thumbprint, from the stored key (no CA request).
+        let mut conflicts = Vec::new();
         let known = state.lock().unwrap().thumbprint.clone();
         let thumbprint = match known {
             Some(t) => Some(t),
-            None => {
-                let stored = account::read(client, stack).await?;
-                let t = stored
-                    .filter(|s| s.directory.as_deref() == Some(acme.directory_url.as_str()))
-                    .map(|s| s.thumbprint);
-                state.lock().unwrap().thumbprint.clone_from(&t);
-                t
-            }
+            None => match account::read(client, stack).await {
+                Ok(stored) => {
+                    let t = stored
+                        .filter(|s| s.directory.as_deref() == Some(acme.directory_url.as_str()))
+                        .map(|s| s.thumbprint);
+                    state.lock().unwrap().thumbprint.clone_from(&t);
+                    t
+                }
+                Err(account::ReadError::Kube(e)) => return Err(e),
+                Err(account::ReadError::Conflict(c)) => {
+                    conflicts.push(c);
+                    None
+                }
+            },
         };
 
         // The certificate in use.
@@ -474,6 +488,12 @@ impl Manager {
         let current = self
             .examine(client, stack, &state, now, &mut events)
             .await?;
+        if let Examined::Conflict(c) = &current {
+            conflicts.push(c.clone());
+        }
+        if !conflicts.is_empty() {
+            return Ok(self.conflict_report(&key, conflicts));
+        }
         let renew_before = stack.tls.renew_before;
 
         let mut st = state.lock().unwrap();
@@ -485,6 +505,8 @@ impl Manager {
             Examined::Temporary => Current::Temporary,
             Examined::Broken(reason, _) => Current::Broken(reason),
             Examined::Issued(leaf) => Current::Issued(&leaf.facts),
+            // Returned above; never decided on.
+            Examined::Conflict(c) => Current::Broken(&c.why),
         };
         let decision = policy::decide(
             policy_current,
@@ -694,7 +716,33 @@ impl Manager {
                     .clamp(Duration::from_millis(500), self.config.recheck),
             ),
             events,
+            conflicts: Vec::new(),
         })
+    }
+
+    /// The report while a Secret of the certificate is someone else's: nothing is ordered
+    /// or written until it is gone or handed over.
+    fn conflict_report(&self, key: &str, conflicts: Vec<NameConflict>) -> Report {
+        let objects: Vec<String> = conflicts.iter().map(NameConflict::object).collect();
+        self.metrics
+            .set("opsconductor_certificate_ready", &[("stack", key)], 0.0);
+        Report {
+            status: CertificateStatus {
+                state: CertificateState::Failed,
+                ..CertificateStatus::pending()
+            },
+            ok: false,
+            reason: "NameConflict",
+            message: format!(
+                "{} exist(s) and belong(s) to someone else: not used, not written, and no \
+                 certificate is ordered until it is removed or handed over",
+                objects.join(", ")
+            ),
+            thumbprint: None,
+            requeue_after: Some(self.config.recheck),
+            events: Vec::new(),
+            conflicts,
+        }
     }
 
     fn job_context(
@@ -727,6 +775,9 @@ impl Manager {
         let name = names::tls_secret(&stack.name);
         let api: Api<Secret> = Api::namespaced(client.clone(), &stack.namespace);
         let Some(secret) = api.get_opt(&name).await? else {
+            // (Created by server-side apply: a Secret created by someone else meanwhile would
+            // be written. The window is one request long, and a stack only ever names its
+            // own `<stack>-tls`.)
             let (crt, key) = cert::bootstrap(&stack.gateway.hosts, now)
                 .map_err(|e| kube::Error::Service(e.to_string().into()))?;
             write_tls_secret(client, stack, &crt, &key, true).await?;
@@ -740,6 +791,14 @@ impl Manager {
             });
             return Ok(Examined::Temporary);
         };
+        let claim = ownership::claim(&secret.metadata, stack.name.as_str(), stack.uid.as_deref());
+        if let Claim::Foreign(why) = claim {
+            return Ok(Examined::Conflict(NameConflict {
+                kind: "Secret",
+                name,
+                why,
+            }));
+        }
         let data = secret.data.clone().unwrap_or_default();
         let field = |k: &str| data.get(k).map(|b| b.0.clone()).unwrap_or_default();
         let (crt, key) = (field("tls.crt"), field("tls.key"));
@@ -749,7 +808,9 @@ impl Manager {
             .as_ref()
             .and_then(|a| a.get(DIGEST_ANNOTATION))
             .cloned();
-        let untouched = recorded.as_deref() == Some(cert::content_digest(&crt, &key).as_str());
+        // An adopted Secret is rewritten (with the stack's owner reference) like a changed one.
+        let untouched = claim == Claim::Ours
+            && recorded.as_deref() == Some(cert::content_digest(&crt, &key).as_str());
         let parsed = cert::parse_chain(&crt).and_then(|leaf| {
             if cert::key_matches(&leaf, &key)? {
                 Ok(leaf)
@@ -829,6 +890,8 @@ enum Examined {
     /// Unusable or not the operator's; the leaf when it still serves.
     Broken(String, Option<cert::Leaf>),
     Issued(cert::Leaf),
+    /// Someone else's Secret of that name: not used, not written.
+    Conflict(NameConflict),
 }
 
 /// Writes `<stack>-tls` (server-side apply): the chain, the key, the digest of both.
@@ -989,9 +1052,7 @@ async fn order_once(
         // The CA forgot the account (a CA reset): register again with the same key, so the
         // thumbprint, and with it the gateway's configuration, stays the same.
         tracing::warn!(stack = %stack_key(&ctx.stack), message = %f.message, "registering the account again");
-        let stored = account::read(&ctx.client, &ctx.stack)
-            .await
-            .map_err(|e| Failure::kube(format!("reading the ACME account Secret: {e}")))?;
+        let stored = account::read(&ctx.client, &ctx.stack).await?;
         ready =
             account::register(&ctx.client, &ctx.stack, &ctx.acme, &http, stored.as_ref()).await?;
         ctx.state.lock().unwrap().thumbprint = Some(ready.thumbprint.clone());
@@ -1007,6 +1068,29 @@ async fn order_once(
         .await;
     }
     let issued = attempt?;
+    // The Secret may have been replaced by someone else's while the order ran.
+    let name = names::tls_secret(&ctx.stack.name);
+    let existing = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.stack.namespace)
+        .get_opt(&name)
+        .await
+        .map_err(|e| Failure::kube(format!("reading Secret {name}: {e}")))?;
+    if let Some(existing) = existing
+        && let Claim::Foreign(why) = ownership::claim(
+            &existing.metadata,
+            ctx.stack.name.as_str(),
+            ctx.stack.uid.as_deref(),
+        )
+    {
+        let conflict = NameConflict {
+            kind: "Secret",
+            name,
+            why,
+        };
+        return Err(Failure::new(
+            FailureKind::NameConflict,
+            conflict.to_string(),
+        ));
+    }
     write_tls_secret(
         &ctx.client,
         &ctx.stack,
@@ -1036,10 +1120,7 @@ async fn renewal_info_job(ctx: JobContext, serial: String, ari_id: String) {
     let now = SystemTime::now();
     let result = async {
         let http = ca_client(&ctx).await?;
-        let Some(stored) = account::read(&ctx.client, &ctx.stack)
-            .await
-            .map_err(|e| Failure::kube(e.to_string()))?
-        else {
+        let Some(stored) = account::read(&ctx.client, &ctx.stack).await? else {
             return Err(Failure::config("no ACME account yet"));
         };
         let account = instant_acme::Account::builder_with_http(Box::new(http.clone()))

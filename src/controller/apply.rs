@@ -6,6 +6,7 @@ use std::fmt::Debug;
 use std::sync::Mutex;
 
 use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -18,6 +19,7 @@ use super::{Context, Error};
 use crate::build::Bundle;
 use crate::crd::PolicyMode;
 use crate::names;
+use crate::ownership::{self, Claim, NameConflict};
 
 /// Why an object was (or would have been) written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -28,6 +30,8 @@ pub enum Cause {
     Updated,
     /// Someone else changed or deleted it after the stack had converged.
     Drift,
+    /// Someone else's object, handed over with the `opsconductor.io/adopt` annotation.
+    Adopted,
 }
 
 /// What one apply pass did.
@@ -39,6 +43,10 @@ pub struct Report {
     pub drift_reported: Vec<(&'static str, String)>,
     /// (kind, name) of deleted objects.
     pub pruned: Vec<(&'static str, String)>,
+    /// Objects the stack wants that exist and are someone else's: never written.
+    pub conflicts: Vec<NameConflict>,
+    /// (Deployment, the conflicting object it would depend on) of workloads held back.
+    pub held: Vec<(String, String)>,
 }
 
 /// What the last apply of each object produced, so a lagging watch cache is not mistaken for
@@ -82,12 +90,22 @@ pub struct Target<'a> {
 }
 
 /// Applies the bundle in its apply order, then prunes what is no longer desired.
+///
+/// `conflicts` are those already found outside the bundle (the certificate Secrets). An object
+/// found to be someone else's is not written (see [`ownership`]); a Deployment whose pods
+/// would run with someone else's ServiceAccount, ConfigMap or Secret is held back, and so is
+/// every Deployment while any of the stack's NetworkPolicies is someone else's (no pod of the
+/// stack runs without its whole policy).
 pub async fn apply_bundle(
     ctx: &Context,
     target: &Target<'_>,
     bundle: &Bundle,
+    conflicts: Vec<NameConflict>,
 ) -> Result<Report, Error> {
-    let mut report = Report::default();
+    let mut report = Report {
+        conflicts,
+        ..Report::default()
+    };
     // Destructured so that a new kind in the bundle cannot be forgotten here. The order is
     // the bundle's: identities and configuration, NetworkPolicies before any pod can start,
     // then workloads, Services and disruption budgets.
@@ -119,7 +137,14 @@ pub async fn apply_bundle(
         &mut report,
     )
     .await?;
-    apply_kind(ctx, target, &s.deployments, deployments, false, &mut report).await?;
+    let mut runnable = Vec::new();
+    for d in deployments {
+        match held_by(d, &report.conflicts) {
+            Some(on) => report.held.push((d.name_any(), on)),
+            None => runnable.push(d.clone()),
+        }
+    }
+    apply_kind(ctx, target, &s.deployments, &runnable, false, &mut report).await?;
     apply_kind(ctx, target, &s.services, services, false, &mut report).await?;
     apply_kind(
         ctx,
@@ -199,6 +224,28 @@ fn kind_of<K: Child>() -> &'static str {
     }
 }
 
+/// The conflicting object that `deployment`'s pods would depend on, as `Kind/name`: its
+/// ServiceAccount, a mounted ConfigMap or Secret, or any NetworkPolicy of the stack.
+fn held_by(deployment: &Deployment, conflicts: &[NameConflict]) -> Option<String> {
+    let spec = deployment.spec.as_ref()?.template.spec.as_ref()?;
+    let mut uses: Vec<(&str, &str)> = Vec::new();
+    if let Some(sa) = spec.service_account_name.as_deref() {
+        uses.push(("ServiceAccount", sa));
+    }
+    for v in spec.volumes.iter().flatten() {
+        if let Some(cm) = &v.config_map {
+            uses.push(("ConfigMap", cm.name.as_str()));
+        }
+        if let Some(secret) = v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) {
+            uses.push(("Secret", secret));
+        }
+    }
+    conflicts
+        .iter()
+        .find(|c| c.kind == "NetworkPolicy" || uses.contains(&(c.kind, c.name.as_str())))
+        .map(NameConflict::object)
+}
+
 fn holds(exact: bool, actual: &serde_json::Value, desired: &serde_json::Value) -> bool {
     if exact {
         super::diff::holds_exactly(actual, desired)
@@ -224,20 +271,59 @@ async fn apply_kind<K: Child>(
         let hash: [u8; 32] = Sha256::digest(desired_json.to_string().as_bytes()).into();
         let last = ctx.applied.get(&key);
         let cached = store.get(&ObjectRef::new(&name).within(target.namespace));
+        let uid = (!target.stack_uid.is_empty()).then_some(target.stack_uid);
+        let claim_of =
+            |meta: &kube::api::ObjectMeta| ownership::claim(meta, target.stack_name, uid);
+        // Whose is it? The managed caches hold only objects with the operator's labels, so
+        // an object missing from the cache may still exist under that name: a read (never a
+        // write) settles it before anything is created.
         let mut exists = cached.is_some();
-        let cached_holds = cached
-            .as_ref()
-            .is_some_and(|a| holds(exact, &a.value(), &desired_json));
-        if ctx.options.compare_before_apply {
+        let mut read: Option<K> = None;
+        let claim = match &cached {
+            Some(c) if claim_of(c.meta()) == Claim::Ours => Claim::Ours,
+            // The cache keeps only owner references to stacks and no annotations.
+            Some(c) => claim_of(c.decode().meta()),
+            None => match api.get_opt(&name).await? {
+                Some(fresh) => {
+                    exists = true;
+                    let claim = claim_of(fresh.meta());
+                    read = Some(fresh);
+                    claim
+                }
+                None => Claim::Ours,
+            },
+        };
+        if let Claim::Foreign(why) = claim {
+            report.conflicts.push(NameConflict { kind, name, why });
+            continue;
+        }
+        let adopting = claim == Claim::Adopt;
+        let actual = match (&cached, &read) {
+            (Some(c), _) => Some(c.value()),
+            (None, Some(r)) => Some(serde_json::to_value(r)?),
+            (None, None) => None,
+        };
+        let cached_holds = !adopting
+            && actual
+                .as_ref()
+                .is_some_and(|a| holds(exact, a, &desired_json));
+        if ctx.options.compare_before_apply && !adopting {
             if cached_holds {
                 continue;
             }
             // We applied exactly this before: the cache may simply not have seen our write
             // yet. A read (never a write) settles it.
             if last.as_ref().is_some_and(|(_, h)| *h == hash) {
-                let fresh = api.get_opt(&name).await?;
+                let fresh = match read.take() {
+                    Some(r) => Some(r),
+                    None => api.get_opt(&name).await?,
+                };
                 exists = fresh.is_some();
                 if let Some(fresh) = &fresh {
+                    if let Claim::Foreign(why) = claim_of(fresh.meta()) {
+                        report.conflicts.push(NameConflict { kind, name, why });
+                        continue;
+                    }
                     if holds(exact, &serde_json::to_value(fresh)?, &desired_json) {
                         continue;
                     }
@@ -254,6 +340,7 @@ async fn apply_kind<K: Child>(
         // written anyway, and that is neither drift nor an update to report.
         let unchanged = cached_holds;
         let cause = match (exists, target.converged) {
+            _ if adopting => Cause::Adopted,
             (false, false) => Cause::Created,
             (true, false) => Cause::Updated,
             (_, true) if last.as_ref().is_some_and(|(_, h)| *h != hash) => Cause::Updated,
@@ -294,6 +381,7 @@ async fn apply_kind<K: Child>(
             Cause::Created => "created",
             Cause::Updated => "updated",
             Cause::Drift => "drift",
+            Cause::Adopted => "adopted",
         };
         ctx.metrics.inc(
             "opsconductor_objects_applied_total",

@@ -6,7 +6,8 @@
 //! 4. apply    — server-side apply of what differs, prune what is no longer desired (writes)
 //! 5. status   — observe readiness, compute the status, write it only when it changed
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
@@ -25,6 +26,7 @@ use crate::build::{self, BuildOptions};
 use crate::crd::{CertificateStatus, OpsConductorStack, OpsConductorStackStatus, PolicyMode};
 use crate::model::{CertificateSource, Stack};
 use crate::names;
+use crate::ownership::NameConflict;
 use crate::validate;
 
 pub async fn reconcile(stack: Arc<OpsConductorStack>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -83,8 +85,9 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
         mode: model.mode,
         converged,
     };
-    let report = apply::apply_bundle(ctx, &target, &bundle).await?;
+    let report = apply::apply_bundle(ctx, &target, &bundle, certificate.conflicts.clone()).await?;
     publish_report(stack, ctx, &report).await;
+    conflict_events(stack, ctx, &report.conflicts).await;
     let modes = ctx
         .stacks
         .state()
@@ -204,6 +207,22 @@ async fn publish_report(stack: &OpsConductorStack, ctx: &Context, report: &Repor
         )
         .await;
     }
+    for name in list(Cause::Adopted) {
+        let (kind, name) = name.split_once('/').unwrap_or_default();
+        publish_about(
+            stack,
+            ctx,
+            EventType::Normal,
+            "Adopted",
+            "Apply",
+            &format!(
+                "adopted {kind}/{name}: its {} annotation hands it to this stack",
+                crate::ownership::ADOPT_ANNOTATION
+            ),
+            related(stack, kind, name),
+        )
+        .await;
+    }
     let updated = list(Cause::Updated);
     if !updated.is_empty() {
         publish(
@@ -248,6 +267,50 @@ async fn publish_report(stack: &OpsConductorStack, ctx: &Context, report: &Repor
             "Delete",
             &note,
             related(stack, kind, name),
+        )
+        .await;
+    }
+}
+
+/// The name conflicts last announced by Events, per stack (namespace/name), so that each is
+/// announced once and an unchanged stack in conflict causes no write.
+static ANNOUNCED_CONFLICTS: LazyLock<Mutex<HashMap<String, BTreeSet<String>>>> =
+    LazyLock::new(Mutex::default);
+
+/// A Warning Event for each object that is newly found to be someone else's.
+async fn conflict_events(stack: &OpsConductorStack, ctx: &Context, conflicts: &[NameConflict]) {
+    let key = stack_key(stack);
+    let now: BTreeSet<String> = conflicts.iter().map(NameConflict::object).collect();
+    let before = {
+        let mut announced = ANNOUNCED_CONFLICTS.lock().unwrap();
+        // After a restart, what the stored Ready message names was announced already.
+        let before = announced.remove(&key).unwrap_or_else(|| {
+            status::condition(stack.status.as_ref(), status::READY)
+                .filter(|c| c.reason == "NameConflict")
+                .map(|c| {
+                    c.message
+                        .split_whitespace()
+                        .map(|w| w.trim_matches(|ch| ",;:()".contains(ch)).to_string())
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        if !now.is_empty() {
+            announced.insert(key.clone(), now.clone());
+        }
+        before
+    };
+    for c in conflicts.iter().filter(|c| !before.contains(&c.object())) {
+        let note = format!("left alone: {c}");
+        tracing::warn!(stack = %key, %note, "name conflict");
+        publish_about(
+            stack,
+            ctx,
+            EventType::Warning,
+            "NameConflict",
+            "Apply",
+            &note,
+            related(stack, c.kind, &c.name),
         )
         .await;
     }
@@ -522,6 +585,7 @@ async fn observe(
         )
     };
     let total = model.services.len() as i32;
+    let conflicts: BTreeSet<String> = report.conflicts.iter().map(NameConflict::object).collect();
     Ok(Observed {
         generation: stack.meta().generation,
         services_ready: total - not_ready.len() as i32,
@@ -534,6 +598,8 @@ async fn observe(
         certificate_verdict,
         policy_verdict,
         violations: vec![],
+        conflicts: conflicts.into_iter().collect(),
+        held: report.held.clone(),
     })
 }
 
@@ -545,6 +611,8 @@ struct Certificate {
     thumbprint: Option<String>,
     requeue_after: Option<std::time::Duration>,
     events: Vec<crate::acme::CertEvent>,
+    /// The certificate's Secrets that are someone else's.
+    conflicts: Vec<NameConflict>,
 }
 
 /// ACME stacks: the ACME engine (reads and writes the stack's certificate Secrets, starts
@@ -578,6 +646,7 @@ async fn certificate(
                 thumbprint: None,
                 requeue_after: None,
                 events: vec![],
+                conflicts: vec![],
             })
         }
         CertificateSource::Acme(acme) => {
@@ -594,6 +663,7 @@ async fn certificate(
                 thumbprint: report.thumbprint,
                 requeue_after: report.requeue_after,
                 events: report.events,
+                conflicts: report.conflicts,
             })
         }
     }

@@ -19,6 +19,9 @@ pub const POLICY_ENFORCED: &str = "PolicyEnforced";
 /// Most violations listed in status; `violationCount` has the total.
 pub const MAX_LISTED_VIOLATIONS: usize = 50;
 
+/// Most name conflicts (and held workloads) named in the Ready message; the Events name each.
+pub const MAX_LISTED_CONFLICTS: usize = 20;
+
 /// One condition as computed this round, before timestamps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
@@ -59,6 +62,10 @@ pub struct Observed {
     pub certificate_verdict: Verdict,
     pub policy_verdict: Verdict,
     pub violations: Vec<Violation>,
+    /// Objects the stack wants that exist and are someone else's (`Kind/name`), sorted.
+    pub conflicts: Vec<String>,
+    /// Deployments held back, with the conflicting object each would depend on.
+    pub held: Vec<(String, String)>,
 }
 
 /// The status for a stack whose spec is valid.
@@ -116,7 +123,12 @@ pub fn compute(
         .filter(|(_, v)| !v.ok)
         .map(|(t, _)| *t)
         .collect();
-    let ready = if failing.is_empty() {
+    let ready = if !observed.conflicts.is_empty() {
+        Verdict::not(
+            "NameConflict",
+            conflict_message(&observed.conflicts, &observed.held),
+        )
+    } else if failing.is_empty() {
         Verdict::ok(
             "AllReady",
             "services, gateway, certificate and policy are all in place",
@@ -146,6 +158,40 @@ pub fn compute(
         violations,
         violation_count: Some(count as i32),
     }
+}
+
+/// Ready's message while objects of the stack's names are someone else's.
+fn conflict_message(conflicts: &[String], held: &[(String, String)]) -> String {
+    fn list(items: Vec<String>) -> String {
+        let more = items.len().saturating_sub(MAX_LISTED_CONFLICTS);
+        let mut text = items
+            .into_iter()
+            .take(MAX_LISTED_CONFLICTS)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if more > 0 {
+            text.push_str(&format!(" and {more} more"));
+        }
+        text
+    }
+    let mut message = format!(
+        "{} object(s) with names this stack wants exist and were not created by it; they are \
+         left alone (annotate one with {}=<stack name> to hand it over, or rename the service): {}",
+        conflicts.len(),
+        crate::ownership::ADOPT_ANNOTATION,
+        list(conflicts.to_vec()),
+    );
+    if !held.is_empty() {
+        message.push_str(&format!(
+            "; held back until then: {}",
+            list(
+                held.iter()
+                    .map(|(d, on)| format!("Deployment/{d} (needs {on})"))
+                    .collect()
+            )
+        ));
+    }
+    message
 }
 
 /// The status for a stack whose spec failed validation: Ready=False/InvalidSpec with every
@@ -248,6 +294,8 @@ mod tests {
             certificate_verdict: Verdict::ok("Valid", "ok"),
             policy_verdict: Verdict::ok("Enforced", "ok"),
             violations: vec![],
+            conflicts: vec![],
+            held: vec![],
         }
     }
 
@@ -302,6 +350,36 @@ mod tests {
         let s = compute(None, &o, t(1));
         assert_eq!(s.violations.len(), MAX_LISTED_VIOLATIONS);
         assert_eq!(s.violation_count, Some(60));
+    }
+
+    #[test]
+    fn name_conflicts_make_ready_false_and_are_listed_with_what_they_hold() {
+        let mut o = observed();
+        o.conflicts = vec!["Service/db".into(), "ServiceAccount/builder".into()];
+        o.held = vec![("builder".into(), "ServiceAccount/builder".into())];
+        let s = compute(None, &o, t(1));
+        let ready = condition(Some(&s), READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "NameConflict")
+        );
+        assert!(
+            ready.message.starts_with("2 object(s)")
+                && ready
+                    .message
+                    .contains(": Service/db, ServiceAccount/builder; held back")
+                && ready
+                    .message
+                    .contains("Deployment/builder (needs ServiceAccount/builder)"),
+            "{}",
+            ready.message
+        );
+        // Bounded, whatever the number of conflicts.
+        o.conflicts = (0..500).map(|i| format!("Service/s{i:03}")).collect();
+        let s = compute(None, &o, t(1));
+        let ready = condition(Some(&s), READY).unwrap();
+        assert!(ready.message.contains("and 480 more"), "{}", ready.message);
+        assert!(ready.message.len() < 2000);
     }
 
     #[test]
