@@ -14,7 +14,7 @@ use crate::model::{
     Acme, Backend, CertificateSource, DnsLabel, Egress, Gateway, Hsts, Port, RateLimit, SecretKey,
     Service, Stack, Timeouts, Tls,
 };
-use crate::names;
+use crate::names::{self, Component};
 
 /// One problem in a stack, at one field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,7 +134,7 @@ pub fn validate(
     let gateway = validate_gateway(spec, &mut errs);
     let tls = validate_tls(spec, &mut errs);
     let services = validate_services(spec, name.as_ref(), &mut errs);
-    let backends = validate_backends(spec, &services, &mut errs);
+    let backends = validate_backends(spec, name.as_ref(), &services, &mut errs);
 
     match (name, gateway, tls) {
         (Some(name), Some(gateway), Some(tls)) if errs.0.is_empty() => Ok(Stack {
@@ -219,14 +219,8 @@ fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<G
             "preload lists require includeSubDomains: true and maxAgeSeconds of at least 31536000",
         );
     }
-    if !is_nginx_size(&g.client_max_body_size) {
-        errs.add(
-            "spec.gateway.clientMaxBodySize",
-            format!(
-                "{:?} is not a size like 10m, 512k or 1g",
-                g.client_max_body_size
-            ),
-        );
+    if let Err(e) = check_nginx_size(&g.client_max_body_size) {
+        errs.add("spec.gateway.clientMaxBodySize", e);
     }
     let mut timeout = |field: &str, value: i32, max: i32| {
         if (1..=max).contains(&value) {
@@ -465,7 +459,11 @@ fn validate_services(
         let mut egress = Vec::new();
         for (k, e) in s.egress.iter().enumerate() {
             let ep = format!("{p}.egress[{k}]");
-            let cidr = errs.cidr(&format!("{ep}.cidr"), &e.cidr);
+            let mut cidr = errs.cidr(&format!("{ep}.cidr"), &e.cidr);
+            if let Some(why) = cidr.and_then(|c| never_egress(&c)) {
+                errs.add(format!("{ep}.cidr"), format!("{:?} {why}", e.cidr));
+                cidr = None;
+            }
             let ports = ports(errs, &format!("{ep}.ports"), &e.ports);
             if let (Some(cidr), Some(ports)) = (cidr, ports) {
                 egress.push(Egress { cidr, ports });
@@ -513,11 +511,172 @@ fn reserved_service_name(name: &str, stack: Option<&DnsLabel>) -> Option<String>
         .then(|| format!("is the name of one of the stack's own objects (stack {stack:?})"))
 }
 
+/// Why egress to `cidr` is never granted, when it lies inside a link-local or loopback range
+/// (wider CIDRs get the link-local ranges cut out, see `build::netpol::NEVER_EGRESS`).
+fn never_egress(cidr: &IpNet) -> Option<&'static str> {
+    let inside = |range: &str| range.parse::<IpNet>().is_ok_and(|r| r.contains(cidr));
+    if inside("169.254.0.0/16") || inside("fe80::/10") {
+        Some(
+            "is link-local: the node's own services and the cloud metadata service \
+             (169.254.169.254) live there, and a stack never reaches them",
+        )
+    } else if inside("127.0.0.0/8") || inside("::1/128") {
+        Some("is loopback: it never leaves the pod, so it needs no egress rule")
+    } else {
+        None
+    }
+}
+
+/// Checks a backend's pod selector the way the API server checks a label selector, and that
+/// it selects none of the stack's own pods (a backend is a workload outside the stack).
+fn check_selector(
+    errs: &mut Errors,
+    path: &str,
+    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    stack: Option<&DnsLabel>,
+    services: &[&str],
+) {
+    let before = errs.0.len();
+    for (k, v) in sel.match_labels.iter().flatten() {
+        if let Err(e) = check_label_key(k) {
+            errs.add(format!("{path}.matchLabels"), format!("key {k:?}: {e}"));
+        }
+        if let Err(e) = check_label_value(v) {
+            errs.add(
+                format!("{path}.matchLabels[{k}]"),
+                format!("value {v:?}: {e}"),
+            );
+        }
+    }
+    for (i, r) in sel.match_expressions.iter().flatten().enumerate() {
+        let p = format!("{path}.matchExpressions[{i}]");
+        if let Err(e) = check_label_key(&r.key) {
+            errs.add(format!("{p}.key"), format!("{:?}: {e}", r.key));
+        }
+        let values = r.values.as_deref().unwrap_or_default();
+        match r.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => errs.add(
+                format!("{p}.values"),
+                format!("must not be empty with operator {}", r.operator),
+            ),
+            "In" | "NotIn" => {
+                for (j, v) in values.iter().enumerate() {
+                    if let Err(e) = check_label_value(v) {
+                        errs.add(format!("{p}.values[{j}]"), format!("{v:?}: {e}"));
+                    }
+                }
+            }
+            "Exists" | "DoesNotExist" if !values.is_empty() => errs.add(
+                format!("{p}.values"),
+                format!("must be empty with operator {}", r.operator),
+            ),
+            "Exists" | "DoesNotExist" => {}
+            other => errs.add(
+                format!("{p}.operator"),
+                format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist"),
+            ),
+        }
+    }
+    let Some(stack) = stack.filter(|_| errs.0.len() == before) else {
+        return;
+    };
+    // The labels of every pod the stack runs: the gateway's and each service's.
+    let mut pods = vec![(
+        "the gateway".to_string(),
+        names::labels(stack, Component::Gateway),
+    )];
+    for s in services {
+        if let Ok(name) = DnsLabel::parse(s) {
+            pods.push((
+                format!("service {s}"),
+                names::labels(stack, Component::Service(&name)),
+            ));
+        }
+    }
+    if let Some((which, _)) = pods.iter().find(|(_, labels)| selects(sel, labels)) {
+        errs.add(
+            path,
+            format!(
+                "selects the stack's own pods ({which}); a backend is a workload outside the \
+                 stack: select it by labels the stack's pods do not have"
+            ),
+        );
+    }
+}
+
+/// Whether `sel` matches a pod with `labels` (Kubernetes label selector semantics).
+fn selects(
+    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let labels_match = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_match = sel.match_expressions.iter().flatten().all(|r| {
+        let values = r.values.as_deref().unwrap_or_default();
+        match (r.operator.as_str(), labels.get(&r.key)) {
+            ("In", Some(v)) => values.contains(v),
+            ("In", None) => false,
+            ("NotIn", Some(v)) => !values.contains(v),
+            ("NotIn", None) => true,
+            ("Exists", found) => found.is_some(),
+            ("DoesNotExist", found) => found.is_none(),
+            _ => false,
+        }
+    });
+    labels_match && expressions_match
+}
+
+/// A label key: an optional DNS subdomain prefix and `/`, then a name of 1 to 63 characters.
+fn check_label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        if prefix.is_empty() {
+            return Err("the prefix before '/' must not be empty".into());
+        }
+        check_subdomain(prefix).map_err(|e| format!("prefix: {e}"))?;
+    }
+    if name.is_empty() {
+        return Err("the name must not be empty".into());
+    }
+    check_label_value(name).map_err(|e| format!("name: {e}"))
+}
+
+/// A label value: empty, or 1 to 63 letters, digits, `-`, `_` and `.`, starting and ending
+/// with a letter or digit.
+fn check_label_value(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if value.len() > 63
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || !edge(value.chars().next())
+        || !edge(value.chars().last())
+    {
+        return Err(
+            "must be at most 63 letters, digits, '-', '_' or '.', starting and ending with a \
+             letter or digit"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 fn validate_backends(
     spec: &OpsConductorStackSpec,
+    stack: Option<&DnsLabel>,
     services: &[Service],
     errs: &mut Errors,
 ) -> Vec<Backend> {
+    let service_names: Vec<&str> = spec.services.iter().map(|s| s.name.as_str()).collect();
     let known: BTreeSet<&str> = spec.services.iter().map(|s| s.name.as_str()).collect();
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     let mut out = Vec::new();
@@ -541,6 +700,14 @@ fn validate_backends(
             errs.add(
                 format!("{p}.podSelector"),
                 "must select something: an empty selector matches every pod in the namespace, the stack's own included",
+            );
+        } else {
+            check_selector(
+                errs,
+                &format!("{p}.podSelector"),
+                sel,
+                stack,
+                &service_names,
             );
         }
         let ports = ports(errs, &format!("{p}.ports"), &b.ports);
@@ -661,13 +828,32 @@ fn check_path(path: &str, route: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn is_nginx_size(s: &str) -> bool {
+/// A size nginx reads (`10m`, `512k`, `1g`, plain bytes), at least one byte: `0` would switch
+/// the limit off, and nginx refuses sizes beyond its file offset range (2^63 - 1 bytes).
+fn check_nginx_size(s: &str) -> Result<(), String> {
     let digits = s.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G']);
-    let suffix_len = s.len() - digits.len();
-    !digits.is_empty()
-        && suffix_len <= 1
-        && digits.len() <= 12
-        && digits.chars().all(|c| c.is_ascii_digit())
+    let scale: u64 = match s.len() - digits.len() {
+        0 => 1,
+        1 => match s.as_bytes()[s.len() - 1].to_ascii_lowercase() {
+            b'k' => 1 << 10,
+            b'm' => 1 << 20,
+            _ => 1 << 30,
+        },
+        _ => 0,
+    };
+    if digits.is_empty() || scale == 0 || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("{s:?} is not a size like 10m, 512k or 1g"));
+    }
+    let value: u64 = digits.parse().unwrap_or(u64::MAX);
+    if value == 0 {
+        return Err(format!(
+            "{s:?} would switch the limit off; give the largest body the services accept, e.g. 10m"
+        ));
+    }
+    if value > i64::MAX as u64 / scale {
+        return Err(format!("{s:?} is larger than nginx can handle"));
+    }
+    Ok(())
 }
 
 fn is_email(s: &str) -> bool {

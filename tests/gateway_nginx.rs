@@ -278,15 +278,16 @@ fn only_tls_1_2_and_1_3_with_the_chosen_ciphers_and_curves() {
         b"",
     );
     assert!(!ok, "a non-AEAD suite was accepted:\n{out}");
-    // Curves: P-256 accepted, P-384 alone refused.
+    // Curves: P-256 accepted (P-384 too: a_client_with_only_p384_completes_the_handshake),
+    // P-521 alone refused.
     let (ok, out) = s.gw.s_client(
         &["-tls1_3", "-groups", "P-256", "-brief", sni[0], sni[1]],
         b"",
     );
     assert!(ok && out.contains("prime256v1"), "{out}");
     let (ok, out) =
-        s.gw.s_client(&["-tls1_3", "-groups", "P-384", sni[0], sni[1]], b"");
-    assert!(!ok, "P-384 was accepted:\n{out}");
+        s.gw.s_client(&["-tls1_3", "-groups", "P-521", sni[0], sni[1]], b"");
+    assert!(!ok, "P-521 was accepted:\n{out}");
 }
 
 #[test]
@@ -385,6 +386,177 @@ fn a_websocket_upgrade_passes_through() {
         out.contains("echo:ping"),
         "no data through the tunnel:\n{out}"
     );
+}
+
+/// Request smuggling through `Upgrade` (issue 14, item 2): a backend that accepts cleartext
+/// HTTP/2 upgrades would turn the client's connection into a raw tunnel past the route
+/// prefix, the Host check, the rate limit, the access log and the header rewriting. Only
+/// `websocket` upgrades may pass; any other `Upgrade` is removed before the request goes on.
+#[test]
+fn only_websocket_upgrades_pass_and_h2c_never_reaches_a_backend() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    for upgrade in ["h2c", "H2C", "websocket, h2c", "h2c, websocket"] {
+        let request = format!(
+            "GET /api/v1/auth/x HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: {upgrade}\r\n\
+             Connection: Upgrade, HTTP2-Settings, close\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        );
+        let (_, out) = s.gw.s_client(
+            &["-quiet", "-servername", HOST, "-alpn", "http/1.1"],
+            request.as_bytes(),
+        );
+        assert!(
+            !out.contains(" 101 ") && !out.contains("h2c-tunnel-open"),
+            "Upgrade: {upgrade} opened a tunnel to the backend:\n{out}"
+        );
+        assert!(out.contains("HTTP/1.1 200"), "Upgrade: {upgrade}: {out}");
+        let body = &out[out.find('{').expect("a JSON body")..];
+        let body = &body[..=body.rfind('}').unwrap()];
+        let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(seen["backend"], "auth");
+        let h = &seen["headers"];
+        assert!(h.get("upgrade").is_none(), "Upgrade: {upgrade} reached the backend: {h}");
+        assert!(h.get("connection").is_none(), "{h}");
+    }
+    // Still passed: a WebSocket upgrade, whatever its case.
+    let request = format!(
+        "GET /api/v1/auth/socket HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: WebSocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\nping\n"
+    );
+    let (_, out) = s.gw.s_client(
+        &["-quiet", "-servername", HOST, "-alpn", "http/1.1"],
+        request.as_bytes(),
+    );
+    assert!(out.contains("HTTP/1.1 101 Switching Protocols"), "{out}");
+    assert!(out.contains("echo:ping"), "no data through the tunnel:\n{out}");
+}
+
+/// Issue 14, section 8: the plain-HTTP redirect goes only to the stack's own hosts (it was an
+/// open redirect to whatever Host the client sent).
+#[test]
+fn plain_http_redirects_only_to_the_stacks_hosts() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    for host in ["evil.example", "shop.example.test.evil.example", "SHOP.EXAMPLE.TEST.evil"] {
+        let r = s.gw.curl_http(host, "/login");
+        assert_ne!(r.status, 308, "Host {host}: {r:?}");
+        assert!(
+            r.header("location").is_none(),
+            "Host {host} was redirected: {:?}",
+            r.header("location")
+        );
+    }
+    // The stack's hosts, in any case, still are.
+    let r = s.gw.curl_http("Shop.Example.Test", "/a?b=c");
+    assert_eq!(r.status, 308, "{r:?}");
+    assert_eq!(r.header("location"), Some("https://shop.example.test/a?b=c"));
+    // Probes and challenges do not depend on the Host.
+    let r = s.gw.curl_http("10.0.0.7:8080", "/healthz");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+}
+
+/// Issue 14, section 8: redirects nginx makes by itself (a route without its trailing slash)
+/// named the pod's port (8443 in a pod; the test's port here), which no client can reach.
+#[test]
+fn nginx_s_own_redirects_name_no_port() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let r = s.gw.curl_https(HOST, "/api/v1/auth", &[]);
+    assert_eq!(r.status, 301, "{r:?}");
+    let location = r.header("location").unwrap_or_default();
+    let port = s.gw.layout.https_port.to_string();
+    assert!(
+        !location.contains(&format!(":{port}")) && !location.contains(":8443"),
+        "the redirect names the listening port: {location}"
+    );
+    assert!(location.ends_with("/api/v1/auth/"), "{location}");
+    assert_security_headers(&r, "redirect");
+}
+
+/// Issue 14, section 8: a TLS 1.3 client offering only P-384 for the key exchange (some
+/// FIPS-restricted clients) completes the handshake (before: refused, see the curve checks of
+/// only_tls_1_2_and_1_3_with_the_chosen_ciphers_and_curves). Over TLS 1.2 the groups a client
+/// offers also bind the curve of an ECDSA certificate (RFC 8422), so a P-384-only client there
+/// needs a P-384 certificate (`keyAlgorithm: ECDSA-P384`), whatever the server offers.
+#[test]
+fn a_client_with_only_p384_completes_the_handshake() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup("");
+    let (ok, out) = s.gw.s_client(
+        &["-servername", HOST, "-groups", "P-384", "-tls1_3", "-brief"],
+        b"",
+    );
+    assert!(
+        ok && (out.contains("P-384") || out.contains("secp384r1")),
+        "TLS 1.3 with only P-384 offered:\n{out}"
+    );
+}
+
+/// Issue 14, section 8: every `clientMaxBodySize` that validation accepts is one nginx
+/// accepts, and `0` (nginx: no limit at all) is refused.
+#[test]
+fn every_accepted_body_size_loads_in_nginx_and_zero_is_refused() {
+    if !tools_present(false) {
+        return;
+    }
+    let stack = |size: &str| {
+        format!(
+            r#"apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata: {{name: edge, namespace: shop}}
+spec:
+  gateway:
+    hosts: [{HOST}]
+    clientMaxBodySize: "{size}"
+  tls: {{secretName: own}}
+  services:
+    - {{name: web, image: example/web:1, route: /}}
+"#
+        )
+    };
+    let valid = |size: &str| {
+        opsconductor_operator::render::parse_stack("t", &stack(size))
+            .ok()
+            .and_then(|s| opsconductor_operator::validate::validate(&s, "shop").ok())
+            .is_some()
+    };
+    for size in ["0", "0k", "00m"] {
+        assert!(!valid(size), "{size:?} switches the limit off and must be refused");
+    }
+    let mut accepted = 0;
+    for size in [
+        "1", "512k", "10m", "1g", "1G", "100g", "8589934591g", "8589934592g", "999999999999",
+        "999999999999g", "9223372036854775807", "9223372036854775808",
+    ] {
+        if !valid(size) {
+            continue;
+        }
+        accepted += 1;
+        let layout = Layout::new();
+        // Names resolve per request: `nginx -t` needs no DNS.
+        let per_request = BuildOptions {
+            dns_resolver: Some("127.0.0.1:53".parse().unwrap()),
+            ..BuildOptions::default()
+        };
+        layout.install_config(&rendered_config(&stack(size), &per_request));
+        layout.make_certificate(&[HOST]);
+        let out = layout.nginx_test(None);
+        assert!(
+            out.status.success(),
+            "validation accepts clientMaxBodySize {size:?}, nginx does not:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(accepted >= 5, "ordinary sizes must stay valid");
 }
 
 #[test]

@@ -268,16 +268,18 @@ pub async fn secret_value(
 }
 
 /// Decodes an EAB HMAC key as CAs hand it out: base64url (padding optional), or standard
-/// base64.
+/// base64. The error says nothing about the value (no offset, length or byte: it is a secret,
+/// and the message reaches status and Events).
 pub fn decode_hmac(text: &[u8]) -> Result<Vec<u8>, String> {
+    const HIDDEN: &str = "(the value is not shown)";
     let s = std::str::from_utf8(text)
-        .map_err(|_| "not text".to_string())?
+        .map_err(|_| format!("not text {HIDDEN}"))?
         .trim();
     URL_SAFE_NO_PAD
         .decode(s.trim_end_matches('='))
         .or_else(|_| URL_SAFE.decode(s))
         .or_else(|_| STANDARD.decode(s))
-        .map_err(|e| format!("not base64url: {e}"))
+        .map_err(|_| format!("not base64url or base64 {HIDDEN}"))
 }
 
 /// A ready account and its thumbprint.

@@ -108,6 +108,23 @@ pub const OPERATOR_POD_LABELS: [(&str, &str); 2] = [
     ("app.kubernetes.io/part-of", "opsconductor"),
 ];
 
+/// Ranges a service's egress never reaches, even inside a wider CIDR it declares: link-local
+/// addresses (the node's link-local services and the cloud metadata service at
+/// 169.254.169.254) and the IPv6 metadata address some clouds use. Validation refuses egress
+/// CIDRs inside them; these are cut out of wider ones.
+pub const NEVER_EGRESS: [&str; 3] = ["169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128"];
+
+/// The [`NEVER_EGRESS`] ranges inside `cidr`, as its `except` list.
+fn never_egress_within(cidr: &ipnet::IpNet) -> Option<Vec<String>> {
+    let within: Vec<String> = NEVER_EGRESS
+        .iter()
+        .map(|r| r.parse::<ipnet::IpNet>().expect("a valid CIDR"))
+        .filter(|r| cidr.contains(r) && r != cidr)
+        .map(|r| r.to_string())
+        .collect();
+    (!within.is_empty()).then_some(within)
+}
+
 fn gateway(stack: &Stack, operator_namespace: Option<&str>) -> NetworkPolicy {
     let sources = &stack.gateway.allowed_source_ranges;
     let from = (!sources.is_empty()).then(|| {
@@ -217,7 +234,7 @@ fn service(stack: &Stack, svc: &Service) -> NetworkPolicy {
             to: Some(vec![NetworkPolicyPeer {
                 ip_block: Some(IPBlock {
                     cidr: e.cidr.to_string(),
-                    except: None,
+                    except: never_egress_within(&e.cidr),
                 }),
                 ..NetworkPolicyPeer::default()
             }]),

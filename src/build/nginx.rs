@@ -36,8 +36,9 @@ pub const TLS12_CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-
 ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:\
 ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 
-/// Key exchange groups offered, in order of preference (OpenSSL names).
-pub const ECDH_CURVES: &str = "X25519:prime256v1";
+/// Key exchange groups offered, in order of preference (OpenSSL names). P-384 for clients
+/// that offer nothing else (some FIPS-restricted ones).
+pub const ECDH_CURVES: &str = "X25519:prime256v1:secp384r1";
 
 /// How long a resolved service address is trusted before nginx asks DNS again, whatever TTL
 /// the cluster DNS gave. Bounds how long a re-created Service (new ClusterIP) or a newly
@@ -110,6 +111,9 @@ fn http_settings(w: &mut String, stack: &Stack) {
     tcp_nopush on;
     keepalive_timeout 65s;
     client_max_body_size {body};
+    # Redirects nginx makes itself (a route asked for without its trailing slash) stay
+    # relative: an absolute one would name the pod's port, 8443, which no client can reach.
+    absolute_redirect off;
     # Fit the longest host names (DNS allows 253 characters; nginx's defaults, about 50).
     server_names_hash_bucket_size {bucket};
     server_names_hash_max_size 1024;
@@ -130,16 +134,30 @@ fn http_settings(w: &mut String, stack: &Stack) {
         '"tls":"$ssl_protocol","tls_reused":"$ssl_session_reused","user_agent":"$http_user_agent"}}';
     access_log /dev/stdout opsconductor_json;
 
-    # WebSocket upgrades pass through; every other upstream request goes out with an empty
-    # Connection header, so that kept-alive upstream connections can be reused.
+    # Only WebSocket upgrades pass through. Any other Upgrade (h2c above all) is dropped: a
+    # backend that accepted it would turn the connection into a raw tunnel past the routes,
+    # the Host check, the rate limit, the access log and the header rewriting. Every request
+    # that is not a WebSocket upgrade goes out with an empty Connection header, so that
+    # kept-alive upstream connections can be reused.
+    map $http_upgrade $opsconductor_upgrade {{
+        default         "";
+        ~*^websocket$   websocket;
+    }}
     map $http_upgrade $opsconductor_connection {{
-        default upgrade;
-        ''      '';
+        default         "";
+        ~*^websocket$   upgrade;
     }}
 
     # The configured host the client named in SNI, in lower case (map keys match
     # case-insensitively; $ssl_server_name is as the client sent it).
     map $ssl_server_name $opsconductor_sni_host {{
+        hostnames;
+        default "";
+{sni_hosts}    }}
+
+    # The configured host a plain-HTTP request names, for the redirect to HTTPS: never a host
+    # the client made up (that would be an open redirect).
+    map $host $opsconductor_redirect_host {{
         hostnames;
         default "";
 {sni_hosts}    }}"#,
@@ -282,7 +300,10 @@ fn plain_http_server(w: &mut String, stack: &Stack, options: &BuildOptions) {
     let _ = writeln!(
         w,
         r#"        location / {{
-            return 308 https://$host$request_uri;
+            if ($opsconductor_redirect_host = "") {{
+                return 421;
+            }}
+            return 308 https://$opsconductor_redirect_host$request_uri;
         }}
     }}"#
     );
@@ -332,7 +353,7 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
         w,
         r#"
         proxy_http_version 1.1;
-        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Upgrade $opsconductor_upgrade;
         proxy_set_header Connection $opsconductor_connection;
         proxy_set_header Host $host;
         # The gateway is the edge: what a client claims about earlier hops is dropped.
@@ -564,6 +585,40 @@ spec:
         let conf = render(&stack(TWO_ROUTES), &v6);
         assert!(conf.contains("resolver [fd00::10]:53 valid=10s;"));
         assert!(conf.contains("web.ns.svc.corp.internal:8000;"));
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_passed_on() {
+        let conf = render(&stack(TWO_ROUTES), &BuildOptions::default());
+        assert!(conf.contains("proxy_set_header Upgrade $opsconductor_upgrade;"));
+        assert!(
+            !conf.contains("$http_upgrade;"),
+            "the client's Upgrade is never sent as is"
+        );
+        for map in ["$opsconductor_upgrade", "$opsconductor_connection"] {
+            let start = conf.find(&format!("map $http_upgrade {map} {{")).unwrap();
+            let body = &conf[start..start + conf[start..].find('}').unwrap()];
+            assert!(body.contains("default         \"\";"), "{body}");
+        }
+    }
+
+    #[test]
+    fn redirects_name_only_the_stacks_hosts_and_no_port() {
+        let conf = render(&stack(TWO_ROUTES), &BuildOptions::default());
+        assert!(conf.contains("return 308 https://$opsconductor_redirect_host$request_uri;"));
+        assert!(!conf.contains("https://$host"), "{conf}");
+        let start = conf
+            .find("map $host $opsconductor_redirect_host {")
+            .unwrap();
+        let map = &conf[start..start + conf[start..].find('}').unwrap()];
+        assert!(
+            map.contains("default \"\";")
+                && map.contains("a.example.com a.example.com;")
+                && map.contains("b.example.com b.example.com;"),
+            "{map}"
+        );
+        assert!(conf.contains("absolute_redirect off;"));
+        assert!(conf.contains("ssl_ecdh_curve X25519:prime256v1:secp384r1;"));
     }
 
     #[test]

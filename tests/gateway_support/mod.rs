@@ -235,7 +235,8 @@ fn answer(query: &[u8], names: &HashMap<String, Ipv4Addr>) -> Option<Vec<u8>> {
 /// A small HTTP/1.1 server standing in for one service. Each response is JSON describing the
 /// request as received (method, path, headers, body length, which connection). A request
 /// asking for a WebSocket upgrade gets `101`, after which the backend answers one line
-/// `echo:<line>` and closes.
+/// `echo:<line>` and closes; one asking for an `h2c` upgrade gets `101` and the line
+/// `h2c-tunnel-open`.
 pub struct Backend {
     pub name: String,
     pub port: u16,
@@ -334,6 +335,21 @@ fn serve(stream: TcpStream, name: &str, connection: usize) {
             let mut line = String::new();
             let _ = reader.read_line(&mut line);
             let _ = writeln!(out, "echo:{}", line.trim_end());
+            let _ = out.flush();
+            return;
+        }
+        // Like an HTTP/2 server that accepts cleartext upgrades (RFC 7540, section 3.2): once
+        // it answers 101, the connection is a raw tunnel to it, past everything the gateway
+        // does per request.
+        if headers
+            .get("upgrade")
+            .is_some_and(|v| v.eq_ignore_ascii_case("h2c"))
+        {
+            let _ = write!(
+                out,
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\
+                 X-Backend: {name}\r\n\r\nh2c-tunnel-open\n"
+            );
             let _ = out.flush();
             return;
         }
