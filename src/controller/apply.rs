@@ -357,10 +357,12 @@ async fn apply_kind<K: Child>(
                 &Patch::Apply(object),
             )
             .await?;
-        if exact && !holds(true, &serde_json::to_value(&applied)?, &desired_json) {
-            // Someone else owns additions inside a spec that must be exactly ours (e.g. an
-            // extra label in a NetworkPolicy's podSelector): apply cannot remove fields of
-            // other managers, a replace does.
+        if (exact || cause == Cause::Drift)
+            && !holds(exact, &serde_json::to_value(&applied)?, &desired_json)
+        {
+            // Someone else owns additions that must not be there (an extra label in a
+            // NetworkPolicy's podSelector, a sidecar or an extra Service port, see
+            // `diff`): apply cannot remove fields of other managers, a replace does.
             let mut replacement = object.clone();
             replacement.meta_mut().resource_version = applied.resource_version();
             applied = api

@@ -12,7 +12,13 @@
 //!   length and element by element; an extra rule someone added is drift. Keyed lists
 //!   (containers, ports, env, volumes, ownerReferences) are merged by key, so elements other
 //!   managers added are theirs and are not ours to compare: each of our elements must be
-//!   found, in order.
+//!   found, in order. Except where an addition changes what runs or what is exposed
+//!   ([`is_closed_list`]: containers, volumes, mounts, ports): there an element someone else
+//!   added is drift, like a sidecar that could mount the TLS key or an extra port on the
+//!   gateway Service.
+//! - Some fields we never set must stay unset ([`is_closed_field`]: init and ephemeral
+//!   containers, `envFrom`, host namespaces, ...), and a `securityContext` must be exactly
+//!   ours (an added capability or `privileged: true` is drift).
 
 use serde_json::Value;
 
@@ -38,9 +44,14 @@ fn contains(actual: &Value, desired: &Value, atomic: bool) -> bool {
     match (desired, actual) {
         (Value::Object(d), Value::Object(a)) => {
             d.iter().all(|(key, dv)| match a.get(key) {
+                Some(av) if is_closed_list(key) => contains_closed(av, dv),
                 Some(av) => contains(av, dv, atomic || is_atomic_field(key)),
                 None => is_zero(dv),
-            }) && (!atomic || a.iter().all(|(key, av)| d.contains_key(key) || is_zero(av)))
+            }) && a.iter().all(|(key, av)| {
+                d.contains_key(key)
+                    || is_zero(av)
+                    || !(atomic || is_closed_field(key) || is_closed_list(key))
+            })
         }
         (Value::Array(d), Value::Array(a)) => {
             let scalars = d
@@ -61,12 +72,47 @@ fn contains(actual: &Value, desired: &Value, atomic: bool) -> bool {
     }
 }
 
-/// Fields whose whole subtree is replaced, not merged, by an apply.
+/// Fields whose whole subtree is replaced, not merged, by an apply, or must be exactly ours.
 fn is_atomic_field(key: &str) -> bool {
     matches!(
         key,
-        "ingress" | "egress" | "policyTypes" | "matchExpressions"
+        "ingress" | "egress" | "policyTypes" | "matchExpressions" | "securityContext"
     )
+}
+
+/// Keyed lists where an element someone else added is drift: what runs in a pod, what it
+/// mounts, and which ports are open.
+fn is_closed_list(key: &str) -> bool {
+    matches!(key, "containers" | "volumes" | "volumeMounts" | "ports")
+}
+
+/// Fields the operator never sets that must stay unset: each would change what a pod runs,
+/// reads or shares with the node.
+fn is_closed_field(key: &str) -> bool {
+    matches!(
+        key,
+        "initContainers"
+            | "ephemeralContainers"
+            | "envFrom"
+            | "hostNetwork"
+            | "hostPID"
+            | "hostIPC"
+            | "hostUsers"
+            | "shareProcessNamespace"
+            | "hostAliases"
+            | "externalIPs"
+    )
+}
+
+/// A closed keyed list: ours, element by element (each may have fields of others, such as
+/// defaults), and nothing more.
+fn contains_closed(actual: &Value, desired: &Value) -> bool {
+    match (desired, actual) {
+        (Value::Array(d), Value::Array(a)) => {
+            d.len() == a.len() && d.iter().zip(a).all(|(dv, av)| contains(av, dv, false))
+        }
+        (d, a) => contains(a, d, false),
+    }
 }
 
 fn is_zero(v: &Value) -> bool {
@@ -118,10 +164,10 @@ mod tests {
 
     #[test]
     fn keyed_lists_allow_elements_of_other_managers() {
-        let desired = json!({"containers": [{"name": "app", "image": "a:1"}]});
-        let actual = json!({"containers": [{"name": "sidecar", "image": "s:1"}, {"name": "app", "image": "a:1", "imagePullPolicy": "IfNotPresent"}]});
+        let desired = json!({"env": [{"name": "A", "value": "1"}]});
+        let actual = json!({"env": [{"name": "B", "value": "2"}, {"name": "A", "value": "1"}]});
         assert!(holds(&actual, &desired));
-        let changed = json!({"containers": [{"name": "app", "image": "a:2"}]});
+        let changed = json!({"env": [{"name": "A", "value": "2"}]});
         assert!(!holds(&changed, &desired));
     }
 
@@ -157,6 +203,90 @@ mod tests {
             holds_exactly(&same_with_other_labels, &desired),
             "metadata still merges"
         );
+    }
+
+    #[test]
+    fn additions_to_what_runs_or_is_exposed_are_drift() {
+        let desired = json!({"spec": {"template": {"spec": {
+            "hostNetwork": false,
+            "containers": [{"name": "app", "image": "a:1", "ports": [{"containerPort": 8000}],
+                "securityContext": {"capabilities": {"drop": ["ALL"]}, "privileged": false}}],
+            "volumes": [{"name": "tmp", "emptyDir": {}}]}}}});
+        let defaulted = json!({"spec": {"template": {"spec": {
+            "dnsPolicy": "ClusterFirst",
+            "containers": [{"name": "app", "image": "a:1", "imagePullPolicy": "IfNotPresent",
+                "ports": [{"containerPort": 8000, "protocol": "TCP"}],
+                "securityContext": {"capabilities": {"drop": ["ALL"]}}}],
+            "volumes": [{"name": "tmp", "emptyDir": {}}]}}}});
+        assert!(holds(&defaulted, &desired), "server defaults are not drift");
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut v = defaulted.clone();
+            f(&mut v["spec"]["template"]["spec"]);
+            v
+        };
+        let additions = [
+            (
+                "a sidecar",
+                with(&|s| {
+                    s["containers"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(json!({"name": "side", "image": "s:1"}))
+                }),
+            ),
+            (
+                "an init container",
+                with(&|s| s["initContainers"] = json!([{"name": "i", "image": "i:1"}])),
+            ),
+            (
+                "a hostPath volume",
+                with(&|s| {
+                    s["volumes"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(json!({"name": "h", "hostPath": {"path": "/"}}))
+                }),
+            ),
+            (
+                "a mount",
+                with(&|s| {
+                    s["containers"][0]["volumeMounts"] = json!([{"name": "h", "mountPath": "/h"}])
+                }),
+            ),
+            (
+                "an extra port",
+                with(&|s| {
+                    s["containers"][0]["ports"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(json!({"containerPort": 22}))
+                }),
+            ),
+            (
+                "envFrom",
+                with(&|s| s["containers"][0]["envFrom"] = json!([{"secretRef": {"name": "x"}}])),
+            ),
+            (
+                "an added capability",
+                with(&|s| {
+                    s["containers"][0]["securityContext"]["capabilities"]["add"] =
+                        json!(["NET_ADMIN"])
+                }),
+            ),
+            (
+                "privileged",
+                with(&|s| s["containers"][0]["securityContext"]["privileged"] = json!(true)),
+            ),
+            ("hostPID", with(&|s| s["hostPID"] = json!(true))),
+        ];
+        for (what, actual) in additions {
+            assert!(!holds(&actual, &desired), "{what} must be drift");
+        }
+        let service = json!({"spec": {"ports": [{"name": "https", "port": 443}]}});
+        let extra = json!({"spec": {"ports": [{"name": "https", "port": 443, "nodePort": 31000}, {"name": "ssh", "port": 22}]}});
+        assert!(!holds(&extra, &service), "an extra Service port is drift");
+        let allocated = json!({"spec": {"ports": [{"name": "https", "port": 443, "nodePort": 31000}], "clusterIP": "10.0.0.1"}});
+        assert!(holds(&allocated, &service));
     }
 
     #[test]
