@@ -77,7 +77,13 @@ fn egress_block(cidr: &str) -> (NetworkPolicy, Vec<String>) {
         .find(|p| p.metadata.name.as_deref() == Some("prod-svc-auth"))
         .unwrap()
         .clone();
-    let except = policy.spec.as_ref().unwrap().egress.as_ref().unwrap()
+    let except = policy
+        .spec
+        .as_ref()
+        .unwrap()
+        .egress
+        .as_ref()
+        .unwrap()
         .iter()
         .flat_map(|r| r.to.clone().unwrap_or_default())
         .filter_map(|peer| peer.ip_block)
@@ -168,7 +174,13 @@ async fn backend_selectors_are_checked_as_the_api_server_checks_them() {
         .unwrap();
         let theirs = ns
             .api::<NetworkPolicy>()
-            .create(&PostParams { dry_run: true, ..PostParams::default() }, &policy)
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..PostParams::default()
+                },
+                &policy,
+            )
             .await;
         let we_accept = ours.is_empty();
         if we_accept != theirs.is_ok() {

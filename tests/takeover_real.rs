@@ -48,32 +48,38 @@ where
     created.resource_version().unwrap()
 }
 
-async fn resource_version<K>(ns: &TestNamespace, name: &str) -> Option<String>
+/// What someone else's object holds, as JSON without what others than its writer change
+/// (resourceVersion, managedFields, status: controllers update a Deployment's or a
+/// PodDisruptionBudget's status on their own). Any write by the operator shows here.
+async fn content<K>(ns: &TestNamespace, name: &str) -> Option<String>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
         + DeserializeOwned
+        + serde::Serialize
         + std::fmt::Debug,
 {
-    ns.api::<K>()
-        .get_opt(name)
-        .await
-        .unwrap()
-        .and_then(|o| o.resource_version())
+    let object = ns.api::<K>().get_opt(name).await.unwrap()?;
+    let mut v = serde_json::to_value(&object).unwrap();
+    let meta = v["metadata"].as_object_mut().unwrap();
+    meta.remove("resourceVersion");
+    meta.remove("managedFields");
+    v.as_object_mut().unwrap().remove("status");
+    Some(v.to_string())
 }
 
-/// Every foreign object as "Kind/name" with its resourceVersion now.
+/// Every foreign object as "Kind/name" with its [`content`] now.
 async fn versions(ns: &TestNamespace, names: &[(&str, &str)]) -> BTreeMap<String, Option<String>> {
     let mut out = BTreeMap::new();
     for (kind, name) in names {
         let rv = match *kind {
-            "Service" => resource_version::<Service>(ns, name).await,
-            "ServiceAccount" => resource_version::<ServiceAccount>(ns, name).await,
-            "Deployment" => resource_version::<Deployment>(ns, name).await,
-            "ConfigMap" => resource_version::<ConfigMap>(ns, name).await,
-            "NetworkPolicy" => resource_version::<NetworkPolicy>(ns, name).await,
-            "PodDisruptionBudget" => resource_version::<PodDisruptionBudget>(ns, name).await,
-            "Secret" => resource_version::<Secret>(ns, name).await,
+            "Service" => content::<Service>(ns, name).await,
+            "ServiceAccount" => content::<ServiceAccount>(ns, name).await,
+            "Deployment" => content::<Deployment>(ns, name).await,
+            "ConfigMap" => content::<ConfigMap>(ns, name).await,
+            "NetworkPolicy" => content::<NetworkPolicy>(ns, name).await,
+            "PodDisruptionBudget" => content::<PodDisruptionBudget>(ns, name).await,
+            "Secret" => content::<Secret>(ns, name).await,
             other => panic!("unknown kind {other}"),
         };
         out.insert(format!("{kind}/{name}"), rv);
@@ -83,7 +89,12 @@ async fn versions(ns: &TestNamespace, names: &[(&str, &str)]) -> BTreeMap<String
 
 /// The stack's Ready condition once its reason is `reason` (and its status describes the
 /// current generation).
-async fn ready_with_reason(client: &Client, ns: &str, name: &str, reason: &str) -> (String, String) {
+async fn ready_with_reason(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+) -> (String, String) {
     let api: Api<OpsConductorStack> = Api::namespaced(client.clone(), ns);
     eventually(&format!("{name} to report Ready={reason}"), WAIT, || {
         let api = api.clone();
@@ -102,14 +113,18 @@ async fn ready_with_reason(client: &Client, ns: &str, name: &str, reason: &str) 
 
 async fn converged(client: &Client, ns: &str, name: &str) {
     let api: Api<OpsConductorStack> = Api::namespaced(client.clone(), ns);
-    eventually("the stack's status to catch up with its generation", WAIT, || {
-        let api = api.clone();
-        async move {
-            let s = api.get(name).await.ok()?;
-            let observed = s.status.as_ref()?.observed_generation;
-            (observed.is_some() && observed == s.metadata.generation).then_some(())
-        }
-    })
+    eventually(
+        "the stack's status to catch up with its generation",
+        WAIT,
+        || {
+            let api = api.clone();
+            async move {
+                let s = api.get(name).await.ok()?;
+                let observed = s.status.as_ref()?.observed_generation;
+                (observed.is_some() && observed == s.metadata.generation).then_some(())
+            }
+        },
+    )
     .await;
 }
 
@@ -123,7 +138,45 @@ async fn events(client: &Client, ns: &str, reason: &str) -> Vec<Event> {
         .collect()
 }
 
-fn controlled_by(meta_refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference], uid: &str) -> bool {
+/// The operator's write requests (failed ones included) to the objects `names` ("Kind/name").
+fn operator_writes(
+    audit: &AuditLog,
+    mark: &support::AuditMark,
+    ns: &str,
+    names: &[&str],
+) -> Vec<String> {
+    let resource = |kind: &str| match kind {
+        "Service" => "services",
+        "ServiceAccount" => "serviceaccounts",
+        "Deployment" => "deployments",
+        "ConfigMap" => "configmaps",
+        "PodDisruptionBudget" => "poddisruptionbudgets",
+        "Secret" => "secrets",
+        "NetworkPolicy" => "networkpolicies",
+        other => panic!("unknown kind {other}"),
+    };
+    let wanted: Vec<(String, String)> = names
+        .iter()
+        .map(|n| {
+            let (kind, name) = n.split_once('/').unwrap();
+            (resource(kind).to_string(), name.to_string())
+        })
+        .collect();
+    audit
+        .writes_since(mark, |e| {
+            e.user == OPERATOR_USER
+                && e.namespace == ns
+                && wanted.contains(&(e.resource.clone(), e.name.clone()))
+        })
+        .iter()
+        .map(|e| format!("{} {}/{} ({})", e.verb, e.resource, e.name, e.code))
+        .collect()
+}
+
+fn controlled_by(
+    meta_refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference],
+    uid: &str,
+) -> bool {
     meta_refs
         .iter()
         .any(|r| r.uid == uid && r.controller == Some(true))
@@ -152,34 +205,52 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
     };
     let n = ns.name.as_str();
     // Someone else's objects, with names the stack `shop` will want.
-    create::<Service>(&ns, json!({"apiVersion": "v1", "kind": "Service",
+    create::<Service>(
+        &ns,
+        json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "db", "namespace": n},
-        "spec": {"selector": {"app": "real-db"}, "ports": [{"port": 5432}]}}))
+        "spec": {"selector": {"app": "real-db"}, "ports": [{"port": 5432}]}}),
+    )
     .await;
-    create::<ServiceAccount>(&ns, json!({"apiVersion": "v1", "kind": "ServiceAccount",
-        "metadata": {"name": "builder", "namespace": n, "annotations": {"team": "ci"}}}))
+    create::<ServiceAccount>(
+        &ns,
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "builder", "namespace": n, "annotations": {"team": "ci"}}}),
+    )
     .await;
-    create::<Deployment>(&ns, json!({"apiVersion": "apps/v1", "kind": "Deployment",
+    create::<Deployment>(
+        &ns,
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": "worker", "namespace": n},
         "spec": {"selector": {"matchLabels": {"app": "real-worker"}},
             "template": {"metadata": {"labels": {"app": "real-worker"}},
-                "spec": {"containers": [{"name": "w", "image": "example/real-worker:1"}]}}}}))
+                "spec": {"containers": [{"name": "w", "image": "example/real-worker:1"}]}}}}),
+    )
     .await;
-    create::<ConfigMap>(&ns, json!({"apiVersion": "v1", "kind": "ConfigMap",
+    create::<ConfigMap>(
+        &ns,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "shop-gateway-config", "namespace": n},
-        "data": {"nginx.conf": "# someone else's configuration\n"}}))
+        "data": {"nginx.conf": "# someone else's configuration\n"}}),
+    )
     .await;
-    create::<PodDisruptionBudget>(&ns, json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+    create::<PodDisruptionBudget>(
+        &ns,
+        json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
         "metadata": {"name": "shop-gateway", "namespace": n},
-        "spec": {"selector": {"matchLabels": {"app": "other"}}, "minAvailable": 1}}))
+        "spec": {"selector": {"matchLabels": {"app": "other"}}, "minAvailable": 1}}),
+    )
     .await;
     create::<Secret>(&ns, json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "shop-tls", "namespace": n},
         "type": "kubernetes.io/tls", "stringData": {"tls.crt": "someone else's", "tls.key": "someone else's"}}))
     .await;
-    create::<Secret>(&ns, json!({"apiVersion": "v1", "kind": "Secret",
+    create::<Secret>(
+        &ns,
+        json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "shop-acme-account", "namespace": n},
-        "type": "Opaque", "stringData": {"credentials.json": "{}"}}))
+        "type": "Opaque", "stringData": {"credentials.json": "{}"}}),
+    )
     .await;
     // Carries the stack's labels but no owner reference: labels can be copied, so this is
     // not the stack's either, and pruning must leave it alone.
@@ -201,22 +272,31 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
     ];
     let before = versions(&ns, &foreign).await;
     assert!(before.values().all(Option::is_some), "{before:?}");
+    let audit = AuditLog::of(ns.control_plane);
+    let start = audit.mark();
 
     let applied = apply_stack(&ns.client, &stack(n, SHOP)).await;
     let uid = applied.uid().unwrap();
     // Until the first pass has applied everything it wanted (the status is written last), or
     // one of those objects was written.
     let stacks: Api<OpsConductorStack> = Api::namespaced(ns.client.clone(), n);
-    let seen = eventually("the first pass, or a write to someone else's object", WAIT, || async {
-        let now = versions(&ns, &foreign).await;
-        let s = stacks.get("shop").await.ok()?;
-        let done = s.status.as_ref().is_some_and(|st| {
-            st.observed_generation.is_some() && st.observed_generation == s.metadata.generation
-        });
-        (done || now != before).then_some(now)
-    })
+    let seen = eventually(
+        "the first pass, or a write to someone else's object",
+        WAIT,
+        || async {
+            let now = versions(&ns, &foreign).await;
+            let s = stacks.get("shop").await.ok()?;
+            let done = s.status.as_ref().is_some_and(|st| {
+                st.observed_generation.is_some() && st.observed_generation == s.metadata.generation
+            });
+            (done || now != before).then_some(now)
+        },
+    )
     .await;
-    assert_eq!(seen, before, "objects the stack did not create were written");
+    assert_eq!(
+        seen, before,
+        "objects the stack did not create were written"
+    );
     let (status, message) = ready_with_reason(&ns.client, n, "shop", "NameConflict").await;
     assert_eq!(status, "False");
     for (kind, name) in &foreign[..7] {
@@ -231,7 +311,10 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
         let ok = foreign[..7].iter().all(|(kind, name)| {
             all.iter().any(|e| {
                 e.type_.as_deref() == Some("Warning")
-                    && e.message.as_deref().unwrap_or("").contains(&format!("{kind}/{name}"))
+                    && e.message
+                        .as_deref()
+                        .unwrap_or("")
+                        .contains(&format!("{kind}/{name}"))
             })
         });
         ok.then_some(all)
@@ -271,7 +354,6 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
     assert!(deployments.get_opt("shop-gateway").await.unwrap().is_none());
 
     // Conflicts are steady state like any other: a reconcile with nothing new writes nothing.
-    let audit = AuditLog::of(ns.control_plane);
     let reconciles = op.metric("opsconductor_reconciles_total{result=\"ok\"}");
     let mark = audit.mark();
     Api::<OpsConductorStack>::namespaced(ns.client.clone(), n)
@@ -282,9 +364,13 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
         )
         .await
         .unwrap();
-    eventually("the operator to reconcile the touched stack", WAIT, || async {
-        (op.metric("opsconductor_reconciles_total{result=\"ok\"}") > reconciles).then_some(())
-    })
+    eventually(
+        "the operator to reconcile the touched stack",
+        WAIT,
+        || async {
+            (op.metric("opsconductor_reconciles_total{result=\"ok\"}") > reconciles).then_some(())
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let writes: Vec<String> = audit
@@ -292,7 +378,10 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
         .iter()
         .map(|e| format!("{} {}/{}", e.verb, e.resource, e.name))
         .collect();
-    assert!(writes.is_empty(), "an unchanged stack in conflict wrote: {writes:#?}");
+    assert!(
+        writes.is_empty(),
+        "an unchanged stack in conflict wrote: {writes:#?}"
+    );
 
     // A name a stack service can never take: refused with its field path, nothing written.
     let mut with_default = stack(n, SHOP);
@@ -316,20 +405,32 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
         )
         .await
         .unwrap();
-    eventually("the adopted ServiceAccount to be the stack's", WAIT, || async {
-        let sa = ns.api::<ServiceAccount>().get("builder").await.ok()?;
-        controlled_by(sa.owner_references(), &uid).then_some(())
-    })
+    eventually(
+        "the adopted ServiceAccount to be the stack's",
+        WAIT,
+        || async {
+            let sa = ns.api::<ServiceAccount>().get("builder").await.ok()?;
+            controlled_by(sa.owner_references(), &uid).then_some(())
+        },
+    )
     .await;
-    eventually("the held Deployment builder to be created", WAIT, || async {
-        let d = deployments.get_opt("builder").await.ok()??;
-        controlled_by(d.owner_references(), &uid).then_some(())
-    })
+    eventually(
+        "the held Deployment builder to be created",
+        WAIT,
+        || async {
+            let d = deployments.get_opt("builder").await.ok()??;
+            controlled_by(d.owner_references(), &uid).then_some(())
+        },
+    )
     .await;
-    let (_, message) = eventually("the adopted object to leave the Ready message", WAIT, || async {
-        let (status, message) = ready_with_reason(&ns.client, n, "shop", "NameConflict").await;
-        (!message.contains("ServiceAccount/builder")).then_some((status, message))
-    })
+    let (_, message) = eventually(
+        "the adopted object to leave the Ready message",
+        WAIT,
+        || async {
+            let (status, message) = ready_with_reason(&ns.client, n, "shop", "NameConflict").await;
+            (!message.contains("ServiceAccount/builder")).then_some((status, message))
+        },
+    )
     .await;
     assert!(message.contains("Service/db"), "{message}");
     // An adoption annotation naming another stack hands nothing over.
@@ -341,9 +442,9 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
         )
         .await
         .unwrap();
-    let db_rv = resource_version::<Service>(&ns, "db").await;
+    let db_content = content::<Service>(&ns, "db").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(resource_version::<Service>(&ns, "db").await, db_rv);
+    assert_eq!(content::<Service>(&ns, "db").await, db_content);
 
     // Deleting the stack garbage-collects what it owns (the adopted ServiceAccount included),
     // and nothing else.
@@ -354,16 +455,37 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
     eventually(
         "every owned object to be garbage-collected",
         Duration::from_secs(60),
-        || async { owned_objects(&ns.client, n, &uid).await.is_empty().then_some(()) },
+        || async {
+            owned_objects(&ns.client, n, &uid)
+                .await
+                .is_empty()
+                .then_some(())
+        },
     )
     .await;
+    // Not one write request, not even a failed one, went to someone else's object (the
+    // ServiceAccount builder was handed over on purpose).
+    let never_written: Vec<String> = foreign
+        .iter()
+        .filter(|(kind, name)| (*kind, *name) != ("ServiceAccount", "builder"))
+        .map(|(kind, name)| format!("{kind}/{name}"))
+        .collect();
+    let names: Vec<&str> = never_written.iter().map(String::as_str).collect();
+    let writes = operator_writes(&audit, &start, n, &names);
+    assert!(
+        writes.is_empty(),
+        "the operator wrote to objects it does not own: {writes:#?}"
+    );
     let mut after = versions(&ns, &foreign).await;
     let mut expected = before.clone();
     // Changed by the test itself (the adoption annotations), then adopted and collected.
     expected.remove("ServiceAccount/builder");
     after.remove("ServiceAccount/builder");
-    expected.insert("Service/db".into(), db_rv);
-    assert_eq!(after, expected, "the stack's deletion touched objects it never owned");
+    expected.insert("Service/db".into(), db_content);
+    assert_eq!(
+        after, expected,
+        "the stack's deletion touched objects it never owned"
+    );
 }
 
 const EDGE: &str = r#"
@@ -385,9 +507,12 @@ async fn a_foreign_network_policy_is_reported_and_holds_every_workload() {
     };
     let n = ns.name.as_str();
     // Someone else's policy with the name of the stack's default-deny, allowing everything.
-    create::<NetworkPolicy>(&ns, json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    create::<NetworkPolicy>(
+        &ns,
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": "edge-default-deny", "namespace": n},
-        "spec": {"podSelector": {}, "ingress": [{}], "policyTypes": ["Ingress"]}}))
+        "spec": {"podSelector": {}, "ingress": [{}], "policyTypes": ["Ingress"]}}),
+    )
     .await;
     let foreign = [("NetworkPolicy", "edge-default-deny")];
     let before = versions(&ns, &foreign).await;
@@ -400,15 +525,26 @@ async fn a_foreign_network_policy_is_reported_and_holds_every_workload() {
         "someone else's NetworkPolicy was written"
     );
     let (_, message) = ready_with_reason(&ns.client, n, "edge", "NameConflict").await;
-    assert!(message.contains("NetworkPolicy/edge-default-deny"), "{message}");
+    assert!(
+        message.contains("NetworkPolicy/edge-default-deny"),
+        "{message}"
+    );
     let owned = owned_objects(&ns.client, n, &uid).await;
     assert!(owned.contains("NetworkPolicy/edge-allow-dns"), "{owned:?}");
     assert!(owned.contains("Service/web"), "{owned:?}");
     // Without the whole policy in place, no pod of the stack may start.
-    let deployments = ns.api::<Deployment>().list(&ListParams::default()).await.unwrap();
+    let deployments = ns
+        .api::<Deployment>()
+        .list(&ListParams::default())
+        .await
+        .unwrap();
     assert!(
         deployments.items.is_empty(),
         "workloads started without the stack's default-deny: {:?}",
-        deployments.items.iter().map(|d| d.name_any()).collect::<Vec<_>>()
+        deployments
+            .items
+            .iter()
+            .map(|d| d.name_any())
+            .collect::<Vec<_>>()
     );
 }
