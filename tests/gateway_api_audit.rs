@@ -50,17 +50,8 @@ async fn gateway_api_routes_in_a_stack_namespace_are_violations() {
         .status()
         .unwrap();
     assert!(status.success(), "installing {}", crd.display());
-    let wait = cp
-        .kubectl()
-        .args([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/httproutes.gateway.networking.k8s.io",
-        ])
-        .status()
-        .unwrap();
-    assert!(wait.success());
+    let admin = kube::Client::try_from(cp.config().await).unwrap();
+    support::operator::wait_established(&admin, "httproutes.gateway.networking.k8s.io").await;
 
     let Some(_op) = operator().await else { return };
     let Some(ns) = TestNamespace::new("gwapi").await else {

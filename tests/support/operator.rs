@@ -140,18 +140,30 @@ pub async fn install_crd(cp: &ControlPlane) {
     )
     .await
     .expect("the CRD applies");
-    eventually("the CRD to be Established", Duration::from_secs(30), || {
-        let crds = crds.clone();
-        async move {
-            let crd = crds.get("opsconductorstacks.opsconductor.io").await.ok()?;
-            let established = crd
-                .status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            established.then_some(())
-        }
-    })
+    wait_established(&client, "opsconductorstacks.opsconductor.io").await;
+}
+
+/// Waits until the CRD `name` is Established. Polled: `kubectl wait --for=condition=...`
+/// fails at once, instead of waiting, while a CRD that was just created has no conditions yet.
+pub async fn wait_established(client: &Client, name: &str) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    eventually(
+        &format!("the CRD {name} to be Established"),
+        Duration::from_secs(30),
+        || {
+            let crds = crds.clone();
+            async move {
+                let crd = crds.get(name).await.ok()?;
+                let established = crd
+                    .status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                established.then_some(())
+            }
+        },
+    )
     .await;
 }
 
