@@ -63,6 +63,15 @@ pub const AUDIT: &str = "audit";
 pub const SERVICES_POLICY: &str = "opsconductor-guardrails-services";
 pub const PODS_POLICY: &str = "opsconductor-guardrails-pods";
 pub const MARKER_POLICY: &str = "opsconductor-namespace-marker";
+pub const MEMBERS_POLICY: &str = "opsconductor-guardrails-stack-members";
+
+/// Who creates the pods of the operator's Deployments: the deployment controller creates their
+/// ReplicaSets, the ReplicaSet controller their pods (with per-controller credentials, as
+/// kube-controller-manager runs with `--use-service-account-credentials`; otherwise as
+/// `system:kube-controller-manager`).
+pub const DEPLOYMENT_CONTROLLER: &str = "system:serviceaccount:kube-system:deployment-controller";
+pub const REPLICASET_CONTROLLER: &str = "system:serviceaccount:kube-system:replicaset-controller";
+pub const CONTROLLER_MANAGER: &str = "system:kube-controller-manager";
 
 /// The header of the committed manifest.
 pub const MANIFEST_HEADER: &str = "# Generated from src/admission.rs for the default operator identity \
@@ -173,12 +182,19 @@ fn push_all<T: Serialize>(out: &mut Vec<serde_json::Value>, objects: &[T]) {
 pub fn guardrails(operator: &OperatorIdentity) -> Guardrails {
     let user = operator.username();
     Guardrails {
-        policies: vec![services_policy(&user), pods_policy(), marker_policy(&user)],
+        policies: vec![
+            services_policy(&user),
+            pods_policy(),
+            marker_policy(&user),
+            members_policy(&user),
+        ],
         bindings: vec![
             binding(SERVICES_POLICY, ENFORCE),
             binding(SERVICES_POLICY, AUDIT),
             binding(PODS_POLICY, ENFORCE),
             binding(PODS_POLICY, AUDIT),
+            binding(MEMBERS_POLICY, ENFORCE),
+            binding(MEMBERS_POLICY, AUDIT),
             ValidatingAdmissionPolicyBinding {
                 metadata: meta(MARKER_POLICY),
                 spec: Some(ValidatingAdmissionPolicyBindingSpec {
@@ -204,8 +220,12 @@ fn meta(name: &str) -> ObjectMeta {
 }
 
 fn rule(resource: &str, operations: &[&str]) -> NamedRuleWithOperations {
+    rule_in("", resource, operations)
+}
+
+fn rule_in(group: &str, resource: &str, operations: &[&str]) -> NamedRuleWithOperations {
     NamedRuleWithOperations {
-        api_groups: Some(vec![String::new()]),
+        api_groups: Some(vec![group.into()]),
         api_versions: Some(vec!["v1".into()]),
         resources: Some(vec![resource.into()]),
         operations: Some(operations.iter().map(|o| o.to_string()).collect()),
@@ -357,6 +377,67 @@ fn pods_policy() -> ValidatingAdmissionPolicy {
                 )),
             ),
         ],
+    )
+}
+
+/// Only the stack's own pods carry its label (`opsconductor.io/stack`): a pod with the label
+/// matches the stack's Services (the gateway's LoadBalancer included) and NetworkPolicies, so
+/// anyone who could create one would join the stack, past the gateway or with a service's
+/// egress grants. The label may appear only along the operator's chain: Deployments (pod
+/// template) from the operator, their ReplicaSets from the deployment controller, their pods
+/// from the ReplicaSet controller. Nobody else may add, change or remove it on an existing
+/// pod, ReplicaSet or Deployment template.
+fn members_policy(operator: &str) -> ValidatingAdmissionPolicy {
+    let label = cel_string(names::STACK_LABEL);
+    let labels_of = |o: &str| {
+        format!(
+            "{o} == null ? {{}} : (request.resource.resource == 'pods' ? (has({o}.metadata.labels) ? {o}.metadata.labels : {{}}) : ((has({o}.spec.template.metadata) && has({o}.spec.template.metadata.labels)) ? {o}.spec.template.metadata.labels : {{}}))"
+        )
+    };
+    policy(
+        MEMBERS_POLICY,
+        vec![
+            rule("pods", &["CREATE", "UPDATE"]),
+            rule_in("apps", "replicasets", &["CREATE", "UPDATE"]),
+            rule_in("apps", "deployments", &["CREATE", "UPDATE"]),
+        ],
+        vec![
+            var("labels", &labels_of("object")),
+            var("oldLabels", &labels_of("oldObject")),
+            var(
+                "stack",
+                &format!("{label} in variables.labels ? variables.labels[{label}] : ''"),
+            ),
+            var(
+                "oldStack",
+                &format!("{label} in variables.oldLabels ? variables.oldLabels[{label}] : ''"),
+            ),
+            var(
+                "creators",
+                &format!(
+                    "request.resource.resource == 'pods' ? [{rs}, {kcm}] : (request.resource.resource == 'replicasets' ? [{deploy}, {kcm}] : [{op}])",
+                    rs = cel_string(REPLICASET_CONTROLLER),
+                    deploy = cel_string(DEPLOYMENT_CONTROLLER),
+                    kcm = cel_string(CONTROLLER_MANAGER),
+                    op = cel_string(operator),
+                ),
+            ),
+        ],
+        vec![check(
+            "variables.stack == variables.oldStack || request.userInfo.username in variables.creators",
+            &format!(
+                "the label {} makes a pod part of a stack (its Services and NetworkPolicies select it): only the operator's Deployments, through their ReplicaSets, may create pods with it, and nobody may add, change or remove it afterwards",
+                names::STACK_LABEL
+            ),
+            Some(&format!(
+                "\"the label {} makes a pod part of a stack (its Services and \
+                 NetworkPolicies select it): only the operator's Deployments, through their \
+                 ReplicaSets, may create pods with it, and nobody may add, change or remove it \
+                 afterwards (\" + request.resource.resource + \" by \" + \
+                 request.userInfo.username + \")\"",
+                names::STACK_LABEL
+            )),
+        )],
     )
 }
 

@@ -63,7 +63,7 @@ fn committed_manifest_matches_the_code() {
     let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&committed)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect();
-    assert_eq!(docs.len(), 8);
+    assert_eq!(docs.len(), 11);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -170,6 +170,8 @@ impl Env {
                  "verbs": ["get", "list", "create", "update", "patch", "delete"]},
                 {"apiGroups": [""], "resources": ["namespaces"],
                  "verbs": ["get", "create", "update", "patch"]},
+                {"apiGroups": ["apps"], "resources": ["deployments", "replicasets"],
+                 "verbs": ["get", "list", "create", "update", "patch", "delete"]},
             ]
         }));
         Api::<ClusterRole>::all(admin.clone())
@@ -347,6 +349,117 @@ where
 // ---------------------------------------------------------------------------------------------
 // Enforce mode.
 // ---------------------------------------------------------------------------------------------
+
+/// Issue 14, item 3: a pod with the stack's label joins the stack (its Services, the gateway's
+/// LoadBalancer included, and its NetworkPolicies select it). Only the operator's Deployments,
+/// through the real deployment and ReplicaSet controllers, may put such pods in a protected
+/// namespace; nobody may create them directly, through another workload, or by relabelling.
+#[tokio::test]
+async fn only_the_operators_deployments_put_pods_into_a_stack() {
+    use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+    let Some(env) = Env::new("adm-members").await else {
+        return;
+    };
+    let stack_labels =
+        json!({"opsconductor.io/stack": "shop", "app.kubernetes.io/component": "gateway"});
+    let labelled_pod: Pod = from(
+        json!({"metadata": {"name": "joiner", "labels": stack_labels},
+        "spec": {"containers": [{"name": "main", "image": "registry.invalid/app:1"}]}}),
+    );
+    let template = json!({"metadata": {"labels": stack_labels},
+        "spec": {"containers": [{"name": "main", "image": "registry.invalid/app:1"}]}});
+    let deployment = |name: &str| -> Deployment {
+        from(json!({"metadata": {"name": name}, "spec": {"replicas": 1,
+            "selector": {"matchLabels": stack_labels}, "template": template}}))
+    };
+    let replica_set: ReplicaSet = from(json!({"metadata": {"name": "rs-joiner"}, "spec": {
+        "replicas": 1, "selector": {"matchLabels": stack_labels}, "template": template}}));
+    let alice_pods = env.pods(&env.alice);
+    let alice_deploy: Api<Deployment> = Api::namespaced(env.alice.clone(), &env.ns.name);
+    let alice_rs: Api<ReplicaSet> = Api::namespaced(env.alice.clone(), &env.ns.name);
+    let op_deploy: Api<Deployment> = Api::namespaced(env.operator.clone(), &env.ns.name);
+
+    // Unprotected namespace: nothing is checked yet.
+    alice_pods
+        .create(&dry_run(), &labelled_pod)
+        .await
+        .unwrap_or_else(|e| panic!("unprotected namespace: {}", message(&e)));
+    env.operator_marks(ENFORCE).await;
+    support::eventually("the members binding to deny", POLICY_TIMEOUT, || {
+        let (api, probe) = (alice_pods.clone(), labelled_pod.clone());
+        async move {
+            let e = api.create(&dry_run(), &probe).await.err()?;
+            denied_by_policy(&e).then_some(())
+        }
+    })
+    .await;
+
+    // Directly, or through a workload of one's own: denied, saying why.
+    let why = "makes a pod part of a stack";
+    expect_denied(&alice_pods, &labelled_pod, why, false).await;
+    expect_denied(&alice_deploy, &deployment("joiner"), why, false).await;
+    expect_denied(&alice_rs, &replica_set, why, false).await;
+    // Pods and workloads without the label are none of its business.
+    alice_pods
+        .create(&PostParams::default(), &pod("plain", json!({})))
+        .await
+        .unwrap_or_else(|e| panic!("an unlabelled pod must pass: {}", message(&e)));
+
+    // The operator's Deployment: the real deployment controller creates its ReplicaSet and the
+    // real ReplicaSet controller its pod, each allowed.
+    op_deploy
+        .create(&PostParams::default(), &deployment("gateway"))
+        .await
+        .unwrap_or_else(|e| panic!("the operator's Deployment: {}", message(&e)));
+    let member = support::eventually(
+        "the ReplicaSet controller to create the Deployment's pod",
+        POLICY_TIMEOUT,
+        || {
+            let api = alice_pods.clone();
+            async move {
+                api.list(&ListParams::default().labels("opsconductor.io/stack=shop"))
+                    .await
+                    .ok()?
+                    .items
+                    .into_iter()
+                    .next()
+            }
+        },
+    )
+    .await;
+    let member_name = member.metadata.name.clone().unwrap();
+
+    // Relabelling: joining with an unlabelled pod, moving a member to another stack or out of
+    // its stack: denied.
+    let relabel = |labels: Value| Patch::Merge(json!({"metadata": {"labels": labels}}));
+    for (name, labels) in [
+        ("plain", json!({"opsconductor.io/stack": "shop"})),
+        (
+            member_name.as_str(),
+            json!({"opsconductor.io/stack": "other"}),
+        ),
+        (member_name.as_str(), json!({"opsconductor.io/stack": null})),
+    ] {
+        let e = alice_pods
+            .patch(name, &PatchParams::default(), &relabel(labels.clone()))
+            .await
+            .expect_err("relabelling must be denied");
+        assert!(
+            denied_by_policy(&e) && message(&e).contains(why),
+            "{name} {labels}: {}",
+            message(&e)
+        );
+    }
+    // Other label changes on a member are fine.
+    alice_pods
+        .patch(
+            &member_name,
+            &PatchParams::default(),
+            &relabel(json!({"note": "x"})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("an unrelated label: {}", message(&e)));
+}
 
 #[tokio::test]
 async fn enforce_mode_denies_exposure_except_the_operators_gateway() {
