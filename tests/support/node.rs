@@ -1,0 +1,288 @@
+//! The real one-node cluster of `scripts/cluster` (docs/node.md): control plane, kubelet,
+//! containerd, CNI bridge, kube-proxy, CoreDNS and kube-router's firewall on this machine, with
+//! the project's images (`scripts/build-images`) imported into containerd.
+//!
+//! Started (or reused) once per test binary, like [`super::controlplane::control_plane`], and
+//! with the same policy when it cannot be brought up:
+//! - `CI=true`: panic, naming what is missing (never a silent skip);
+//! - otherwise: panic too, unless `OPSC_SKIP_NODE=1` (or `OPSC_SKIP_CONTROLPLANE=1`) is set
+//!   explicitly; then nothing is started and each test returns early after saying so on stderr.
+//!
+//! Lifetime: the cluster is NOT stopped at the end of a test binary (the next one reuses it in
+//! under a second). Stop it with `scripts/cluster down`, which removes everything `up` added to
+//! the machine.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+use super::controlplane::{repo_root, unique_name};
+
+/// A running cluster, as reported by `scripts/cluster`.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Admin kubeconfig (`system:masters`).
+    pub kubeconfig: PathBuf,
+    /// kubectl and the control plane's binaries.
+    pub bin_dir: PathBuf,
+    /// kubelet, crictl, ... of the node.
+    pub node_bin_dir: PathBuf,
+    /// containerd's socket (for crictl).
+    pub containerd_socket: PathBuf,
+    /// The imported images by name (`pause`, `gateway`, `test-service`, `operator`): their refs.
+    pub images: BTreeMap<String, String>,
+}
+
+impl Cluster {
+    /// The pinned kubectl against this cluster.
+    pub fn kubectl(&self) -> Command {
+        let mut c = Command::new(self.bin_dir.join("kubectl"));
+        c.env("KUBECONFIG", &self.kubeconfig);
+        c
+    }
+
+    /// `kubectl <args>`; its stdout, or a panic with its stderr.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("kubectl runs");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The ref of an imported image (`operator`, `gateway`, `test-service`, `pause`).
+    pub fn image(&self, name: &str) -> &str {
+        self.images.get(name).unwrap_or_else(|| {
+            panic!(
+                "`scripts/cluster images` imported no image `{name}` (it printed {:?})",
+                self.images
+            )
+        })
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> Client {
+        let kc = Kubeconfig::read_from(&self.kubeconfig)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", self.kubeconfig.display()));
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("loading {}: {e}", self.kubeconfig.display()));
+        Client::try_from(config).expect("building kube client")
+    }
+}
+
+static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+
+fn truthy(var: &str) -> bool {
+    matches!(
+        std::env::var(var)
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Ok("1" | "true" | "yes")
+    )
+}
+
+/// Runs `scripts/cluster <args>` with its progress on the terminal; its stdout.
+fn run_cluster_script(args: &[&str]) -> Result<String, String> {
+    let script = repo_root().join("scripts/cluster");
+    if !script.exists() {
+        return Err(format!("{} is missing", script.display()));
+    }
+    let mut cmd = Command::new(&script);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    // The operator image of the test node: the dev profile's code generation (a source change
+    // rebuilds it in about a minute, not the release build's 8), unless the caller chose.
+    if std::env::var_os("OPSC_OPERATOR_PROFILE").is_none() {
+        cmd.env("OPSC_OPERATOR_PROFILE", "image-test");
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{} {}` failed ({}); its messages are above (node logs: `scripts/cluster paths`)",
+            script.display(),
+            args.join(" "),
+            out.status
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn key_values(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn bring_up() -> Result<Cluster, String> {
+    // The effective uid (the third field of Uid:), read from /proc without a libc call.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0");
+    if !root {
+        return Err("scripts/cluster needs root (containerd, kubelet, iptables)".to_string());
+    }
+    eprintln!(
+        "support: starting or reusing the one-node cluster: scripts/cluster up (a cold build \
+         takes many minutes, docs/node.md)"
+    );
+    let started = Instant::now();
+    let up = run_cluster_script(&["up"])?;
+    let kubeconfig = up
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| PathBuf::from(l.trim()))
+        .ok_or("`scripts/cluster up` printed no kubeconfig path")?;
+    if !kubeconfig.is_file() {
+        return Err(format!(
+            "kubeconfig {} does not exist",
+            kubeconfig.display()
+        ));
+    }
+    let paths = key_values(&run_cluster_script(&["paths"])?);
+    let path = |k: &str| {
+        paths
+            .get(k)
+            .map(PathBuf::from)
+            .ok_or(format!("`scripts/cluster paths` printed no {k}="))
+    };
+    eprintln!("support: importing the project's images: scripts/cluster images");
+    let images = key_values(&run_cluster_script(&["images"])?);
+    for name in ["pause", "gateway", "test-service", "operator"] {
+        if !images.contains_key(name) {
+            return Err(format!(
+                "`scripts/cluster images` printed no `{name}=` line (got {images:?})"
+            ));
+        }
+    }
+    eprintln!(
+        "support: cluster ready in {:.1}s, kubeconfig {}",
+        started.elapsed().as_secs_f64(),
+        kubeconfig.display()
+    );
+    Ok(Cluster {
+        bin_dir: path("controlplane_bin")?,
+        node_bin_dir: path("node_bin")?,
+        containerd_socket: path("containerd_socket")?,
+        kubeconfig,
+        images,
+    })
+}
+
+/// The cluster, started once per test binary (or reused when already running).
+///
+/// Returns `None` only outside CI with `OPSC_SKIP_NODE=1` or `OPSC_SKIP_CONTROLPLANE=1`;
+/// panics in every other case where it is not available.
+pub fn cluster() -> Option<&'static Cluster> {
+    let ci = truthy("CI");
+    if !ci && (truthy("OPSC_SKIP_NODE") || truthy("OPSC_SKIP_CONTROLPLANE")) {
+        eprintln!("support: OPSC_SKIP_NODE=1: skipping a test that needs the real node");
+        return None;
+    }
+    match CLUSTER.get_or_init(bring_up) {
+        Ok(c) => Some(c),
+        Err(e) if ci => panic!(
+            "CI=true and the real one-node cluster is not available: {e}. It needs root, Go and \
+             the module proxy (scripts/build-parts node), Debian's containerd and runc, and \
+             scripts/build-images; see docs/node.md"
+        ),
+        Err(e) => panic!(
+            "the real one-node cluster is not available: {e}. See docs/node.md; set \
+             OPSC_SKIP_NODE=1 to skip these tests explicitly"
+        ),
+    }
+}
+
+/// A fresh namespace on the cluster, deleted on drop (also when the test panics).
+pub struct NodeNamespace {
+    pub name: String,
+    pub client: Client,
+    pub cluster: &'static Cluster,
+}
+
+impl NodeNamespace {
+    pub async fn new(prefix: &str) -> Option<NodeNamespace> {
+        let cluster = cluster()?;
+        let client = cluster.client().await;
+        let name = unique_name(prefix);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": name, "labels": { "opsconductor.test/temporary": "true" } }
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+        Some(NodeNamespace {
+            name,
+            client,
+            cluster,
+        })
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+}
+
+impl Drop for NodeNamespace {
+    fn drop(&mut self) {
+        // As TestNamespace: a thread with its own runtime, so this works inside #[tokio::test]
+        // and while a panic unwinds.
+        let name = self.name.clone();
+        let cluster = self.cluster;
+        let handle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let client = cluster.client().await;
+                match Api::<Namespace>::all(client)
+                    .delete(&name, &DeleteParams::background())
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            })
+        });
+        let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = handle
+            .join()
+            .unwrap_or_else(|_| Err("namespace cleanup thread panicked".into()));
+        if let Err(e) = result {
+            eprintln!("support: could not delete namespace {}: {e}", self.name);
+        }
+    }
+}
