@@ -547,7 +547,7 @@ mod tests {
     #[test]
     fn audit_bindings_warn_and_enforce_bindings_deny() {
         let g = guardrails(&OperatorIdentity::default());
-        assert_eq!(g.policies.len(), 3);
+        assert_eq!(g.policies.len(), 4);
         let by_name: BTreeMap<String, (Vec<String>, Option<String>)> = g
             .bindings
             .iter()
@@ -583,6 +583,14 @@ mod tests {
         );
         assert_eq!(
             by_name["opsconductor-guardrails-pods-audit"],
+            (warn.clone(), Some(AUDIT.into()))
+        );
+        assert_eq!(
+            by_name["opsconductor-guardrails-stack-members-enforce"],
+            (deny.clone(), Some(ENFORCE.into()))
+        );
+        assert_eq!(
+            by_name["opsconductor-guardrails-stack-members-audit"],
             (warn, Some(AUDIT.into()))
         );
         // The marker is guarded everywhere, always denying.

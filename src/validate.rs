@@ -135,6 +135,9 @@ pub fn validate(
     let tls = validate_tls(spec, &mut errs);
     let services = validate_services(spec, name.as_ref(), &mut errs);
     let backends = validate_backends(spec, name.as_ref(), &services, &mut errs);
+    if name.is_some() {
+        errs.0.extend(secret_references(stack, &[raw_name.clone()]));
+    }
 
     match (name, gateway, tls) {
         (Some(name), Some(gateway), Some(tls)) if errs.0.is_empty() => Ok(Stack {
@@ -509,6 +512,73 @@ fn reserved_service_name(name: &str, stack: Option<&DnsLabel>) -> Option<String>
         .iter()
         .any(|suffix| name == format!("{stack}{suffix}"))
         .then(|| format!("is the name of one of the stack's own objects (stack {stack:?})"))
+}
+
+/// References in `stack` to Secrets the operator writes for stacks, which a stack must never
+/// hand to its pods or use as its own: every stack's ACME account key (`<stack>-acme-account`),
+/// and the gateway certificate and key of the other stacks (`<other>-tls`), and of this one
+/// in a service's environment. `stacks` names the stacks of the namespace (the controller
+/// knows them all; offline, only this one). Each problem with its field path.
+pub fn secret_references(stack: &OpsConductorStack, stacks: &[String]) -> Vec<FieldError> {
+    let own = stack.metadata.name.clone().unwrap_or_default();
+    let forbidden = |name: &str, own_tls_too: bool| -> Option<String> {
+        stacks.iter().chain([&own]).find_map(|s| {
+            if name == format!("{s}-acme-account") {
+                Some(format!("is the ACME account key of stack {s:?}"))
+            } else if name == format!("{s}-tls") && (s != &own || own_tls_too) {
+                Some(format!(
+                    "holds the gateway certificate and key of stack {s:?}"
+                ))
+            } else {
+                None
+            }
+        })
+    };
+    let mut out = Vec::new();
+    let mut check = |path: String, name: &str, own_tls_too: bool| {
+        if let Some(why) = forbidden(name, own_tls_too) {
+            out.push(FieldError {
+                path,
+                message: format!(
+                    "Secret {name:?} {why}, which the operator keeps for that stack alone; \
+                     reference a Secret of your own"
+                ),
+            });
+        }
+    };
+    let spec = &stack.spec;
+    for (i, s) in spec.services.iter().enumerate() {
+        for (k, e) in s.env.iter().enumerate() {
+            if let Some(r) = e
+                .value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref())
+            {
+                check(
+                    format!("spec.services[{i}].env[{k}].valueFrom.secretKeyRef.name"),
+                    &r.name,
+                    true,
+                );
+            }
+        }
+    }
+    if let Some(name) = &spec.tls.secret_name {
+        // A stack serving a certificate of its own may call the Secret `<stack>-tls`.
+        check("spec.tls.secretName".into(), name, false);
+    }
+    if let Some(acme) = &spec.tls.acme {
+        if let Some(eab) = &acme.external_account_binding {
+            check(
+                "spec.tls.acme.externalAccountBinding.hmacKeySecretRef.name".into(),
+                &eab.hmac_key_secret_ref.name,
+                true,
+            );
+        }
+        if let Some(r) = &acme.ca_bundle_secret_ref {
+            check("spec.tls.acme.caBundleSecretRef.name".into(), &r.name, true);
+        }
+    }
+    out
 }
 
 /// Why egress to `cidr` is never granted, when it lies inside a link-local or loopback range

@@ -548,3 +548,53 @@ async fn a_foreign_network_policy_is_reported_and_holds_every_workload() {
             .collect::<Vec<_>>()
     );
 }
+
+/// Issue 14, item 5: the Secrets the operator keeps for stacks (every stack's ACME account
+/// key, the other stacks' gateway certificate and key) cannot be handed to a stack's pods or
+/// used as its own certificate: the stack is refused with the field path, nothing is applied.
+#[tokio::test]
+async fn a_stack_cannot_reference_the_secrets_kept_for_stacks() {
+    let Some(_op) = operator().await else { return };
+    let Some(ns) = TestNamespace::new("secret-refs").await else {
+        return;
+    };
+    let n = ns.name.as_str();
+    apply_stack(&ns.client, &stack(n, EDGE)).await;
+    let reader = r#"
+apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata: {name: reader}
+spec:
+  gateway: {hosts: [reader.example.test]}
+  tls: {secretName: edge-tls}
+  services:
+    - name: web
+      image: example/web:1
+      route: /
+      env:
+        - name: ACCOUNT
+          valueFrom: {secretKeyRef: {name: edge-acme-account, key: credentials.json}}
+        - name: OWN_ACCOUNT
+          valueFrom: {secretKeyRef: {name: reader-acme-account, key: credentials.json}}
+        - name: FINE
+          valueFrom: {secretKeyRef: {name: app-db, key: url}}
+"#;
+    apply_stack(&ns.client, &stack(n, reader)).await;
+    let (_, message) = ready_with_reason(&ns.client, n, "reader", "InvalidSpec").await;
+    for path in [
+        "spec.services[0].env[0].valueFrom.secretKeyRef.name: Secret \"edge-acme-account\" is the ACME account key of stack \"edge\"",
+        "spec.services[0].env[1].valueFrom.secretKeyRef.name: Secret \"reader-acme-account\"",
+        "spec.tls.secretName: Secret \"edge-tls\" holds the gateway certificate and key of stack \"edge\"",
+    ] {
+        assert!(message.contains(path), "{path} missing from: {message}");
+    }
+    assert!(!message.contains("app-db"), "{message}");
+    // Nothing of the refused stack runs.
+    assert!(
+        ns.api::<Deployment>()
+            .get_opt("web")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

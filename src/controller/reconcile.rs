@@ -54,9 +54,25 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
     ctx.stores.wait_ready().await;
 
     // 2. validate
+    // The Secrets the operator writes for the other stacks of the namespace are theirs alone.
+    let neighbours: Vec<String> = ctx
+        .stacks
+        .state()
+        .iter()
+        .filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()))
+        .filter_map(|s| s.metadata.name.clone())
+        .collect();
+    let references = validate::secret_references(stack, &neighbours);
     let model = match validate::validate(stack, &namespace) {
-        Ok(model) => model,
-        Err(errors) => {
+        Ok(model) if references.is_empty() => model,
+        result => {
+            let mut errors = result.err().map(|e| e.0).unwrap_or_default();
+            for r in references {
+                if !errors.contains(&r) {
+                    errors.push(r);
+                }
+            }
+            let errors = validate::ValidationErrors(errors);
             invalid_spec(stack, ctx, &errors.one_line()).await?;
             return Ok(Action::await_change());
         }
