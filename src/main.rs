@@ -40,7 +40,8 @@ enum Command {
         #[arg(short = 'n', long = "namespace", default_value = "default")]
         namespace: String,
         /// The cluster's DNS domain, used in the gateway's upstream addresses.
-        #[arg(long, env = "OPSC_CLUSTER_DOMAIN", default_value = "cluster.local")]
+        #[arg(long, env = "OPSC_CLUSTER_DOMAIN", default_value = "cluster.local",
+              value_parser = opsconductor_operator::validate::check_cluster_domain)]
         cluster_domain: String,
     },
     /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
@@ -52,7 +53,8 @@ enum Command {
         #[arg(long, env = "OPSC_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: LogFormat,
         /// The cluster's DNS domain, used in the gateway's upstream addresses.
-        #[arg(long, env = "OPSC_CLUSTER_DOMAIN", default_value = "cluster.local")]
+        #[arg(long, env = "OPSC_CLUSTER_DOMAIN", default_value = "cluster.local",
+              value_parser = opsconductor_operator::validate::check_cluster_domain)]
         cluster_domain: String,
         /// Seconds between periodic re-checks of every stack (watches catch changes sooner).
         #[arg(long, env = "OPSC_RESYNC_SECONDS", default_value_t = 300)]

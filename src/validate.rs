@@ -129,6 +129,14 @@ pub fn validate(
         .namespace
         .clone()
         .unwrap_or_else(|| default_namespace.to_string());
+    // It reaches nginx.conf (upstream addresses) and every object: a DNS label, as the API
+    // server requires of namespaces (checked here for `render`, which takes it from `-n`).
+    if DnsLabel::parse(&namespace).is_err() && check_rfc1123_label(&namespace).is_err() {
+        errs.add(
+            "metadata.namespace",
+            format!("{namespace:?} is not a namespace name (a DNS label: lowercase letters, digits and '-')"),
+        );
+    }
     let spec = &stack.spec;
 
     let gateway = validate_gateway(spec, &mut errs);
@@ -846,6 +854,23 @@ fn check_host(host: &str) -> Result<String, String> {
         return Err(format!("{host:?} is not a fully qualified DNS name"));
     }
     Ok(host.to_string())
+}
+
+/// An RFC 1123 label: 1 to 63 lowercase letters, digits and `-`, not starting or ending with
+/// `-` (what namespace names are).
+fn check_rfc1123_label(s: &str) -> Result<(), String> {
+    if s.contains('.') {
+        return Err(format!("{s:?} contains '.'"));
+    }
+    check_subdomain(s)
+}
+
+/// The cluster's DNS domain (`--cluster-domain`), which goes into the gateway's upstream
+/// addresses: an RFC 1123 subdomain.
+pub fn check_cluster_domain(s: &str) -> Result<String, String> {
+    check_subdomain(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("--cluster-domain: {e}"))
 }
 
 /// An RFC 1123 subdomain: dot-separated labels of lowercase letters, digits and `-`.

@@ -247,3 +247,57 @@ fn a_bad_eab_key_is_reported_without_any_detail_of_its_value() {
     }
     assert_eq!(decode_hmac(b"c2VjcmV0").unwrap(), b"secret");
 }
+
+/// Issue 14, section 8: the namespace and `--cluster-domain` reach nginx.conf (upstream
+/// addresses); both are checked first, so `render` (and `run`) refuse anything but DNS names.
+#[test]
+fn namespace_and_cluster_domain_are_validated_before_they_reach_nginx() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stack.yaml");
+    let mut v = stack(json!([]), json!([]));
+    v["metadata"].as_object_mut().unwrap().remove("namespace");
+    std::fs::write(&file, serde_yaml::to_string(&v).unwrap()).unwrap();
+    let render = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
+            .arg("render")
+            .arg("-f")
+            .arg(&file)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = render(&["-n", "shop", "--cluster-domain", "corp.internal"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (args, words) in [
+        (
+            &["-n", "shop;evil", "--cluster-domain", "cluster.local"][..],
+            "metadata.namespace",
+        ),
+        (&["-n", "Shop"][..], "metadata.namespace"),
+        (
+            &[
+                "-n",
+                "shop",
+                "--cluster-domain",
+                "cluster.local; return 200 x",
+            ][..],
+            "cluster-domain",
+        ),
+        (
+            &["-n", "shop", "--cluster-domain", "a..b"][..],
+            "cluster-domain",
+        ),
+    ] {
+        let out = render(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && out.stdout.is_empty() && stderr.contains(words),
+            "render {args:?} must refuse it ({words}): status {:?}, stderr {stderr}",
+            out.status
+        );
+    }
+}
