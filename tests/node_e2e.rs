@@ -174,8 +174,8 @@ async fn helm_install_runs_two_operator_pods_and_one_holds_the_lease() {
 }
 
 /// A self-signed certificate for `host` as a kubernetes.io/tls Secret (openssl, as the user
-/// would bring one).
-fn tls_secret(cluster: &Cluster, ns: &str, name: &str, host: &str) {
+/// would bring one). The returned dir holds `tls.crt`, the client's trust anchor.
+fn tls_secret(cluster: &Cluster, ns: &str, name: &str, host: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     let (key, crt) = (dir.path().join("tls.key"), dir.path().join("tls.crt"));
     let status = Command::new("openssl")
@@ -203,21 +203,62 @@ fn tls_secret(cluster: &Cluster, ns: &str, name: &str, host: &str) {
         &format!("--cert={}", path_str(&crt)),
         &format!("--key={}", path_str(&key)),
     ]);
+    dir
 }
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// `kubectl exec <target> -- timeout 5 wget -qO- <url>` (busybox wget: its own `-T` crashes
+/// in Debian 12's busybox-static); the body when the request succeeded.
+fn wget_from(cluster: &Cluster, ns: &str, target: &str, url: &str) -> Option<String> {
+    let out = cluster
+        .kubectl()
+        .args([
+            "-n", ns, "exec", target, "--", "timeout", "5", "wget", "-qO-", url,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("kubectl runs");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `curl` from this machine (the node) with the host resolved to the node address; returns the
+/// status line's code, the response headers and the body.
+fn curl_node(args: &[&str]) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "10", "-D", "-"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head.to_ascii_lowercase(), body.to_string())
+}
+
 #[tokio::test]
-async fn a_stack_of_local_images_becomes_ready_with_every_pod_running_and_ready() {
+async fn a_stack_of_local_images_becomes_ready_serves_through_its_gateway_and_its_policies_hold() {
     let Some(cluster) = cluster() else { return };
     install_operator(cluster);
     let Some(ns) = NodeNamespace::new("node-stack").await else {
         return;
     };
     let host = "e2e.opsconductor.test";
-    tls_secret(cluster, &ns.name, "e2e-cert", host);
+    let cert_dir = tls_secret(cluster, &ns.name, "e2e-cert", host);
     let manifest = format!(
         r#"apiVersion: opsconductor.io/v1alpha1
 kind: OpsConductorStack
@@ -314,4 +355,158 @@ spec:
         "expected 1 gateway and 2 service pods, all Running and Ready; got {by_image:?}\n{}",
         describe_pods(cluster, &ns.name)
     );
+
+    // Traffic through the gateway pod, reached through its NodePort Service on the node's
+    // address: each route lands on its service with the prefix kept, plain HTTP redirects to
+    // HTTPS, and HSTS is sent.
+    let node_port = |port: &str| {
+        cluster
+            .kubectl_ok(&[
+                "-n",
+                &ns.name,
+                "get",
+                "service",
+                "e2e-gateway",
+                "-o",
+                &format!("jsonpath={{.spec.ports[?(@.port=={port})].nodePort}}"),
+            ])
+            .trim()
+            .to_string()
+    };
+    let (https, http) = (node_port("443"), node_port("80"));
+    assert!(
+        !https.is_empty() && !http.is_empty(),
+        "the gateway Service has NodePorts for 80 and 443"
+    );
+    let node = "10.250.0.1";
+    let ca = cert_dir.path().join("tls.crt");
+    for (path, service) in [("/api/v1/items?x=1", "api"), ("/some/page", "web")] {
+        let (code, head, body) = curl_node(&[
+            "--cacert",
+            path_str(&ca),
+            "--resolve",
+            &format!("{host}:{https}:{node}"),
+            &format!("https://{host}:{https}{path}"),
+        ]);
+        let echo: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{path}: not the test service's JSON ({e}): {body}"));
+        assert_eq!(code, 200, "{path}: {head}{body}");
+        assert_eq!(echo["service"], service, "{path} reaches {service}: {body}");
+        assert_eq!(echo["uri"], path, "{path}: the prefix is kept: {body}");
+        assert!(
+            head.contains("strict-transport-security:"),
+            "{path}: HSTS header missing: {head}"
+        );
+    }
+    let (code, head, _) = curl_node(&[
+        "--resolve",
+        &format!("{host}:{http}:{node}"),
+        &format!("http://{host}:{http}/api/v1/items"),
+    ]);
+    assert!(
+        (301..=308).contains(&code) && head.contains(&format!("location: https://{host}")),
+        "plain HTTP redirects to HTTPS: {code} {head}"
+    );
+
+    // Enforcement by the network plugin, with real connections from real pods.
+    // `calls: [api]`: web reaches api; api does not reach web.
+    let api_from_web = eventually("web to reach api", Duration::from_secs(60), || async {
+        wget_from(cluster, &ns.name, "deploy/web", "http://api:8000/from-web")
+    })
+    .await;
+    assert!(
+        api_from_web.contains("\"service\":\"api\""),
+        "{api_from_web}"
+    );
+    assert_eq!(
+        wget_from(cluster, &ns.name, "deploy/api", "http://web:8000/from-api"),
+        None,
+        "api must not reach web (web does not list it in calls)"
+    );
+    // DNS works from the stack's pods (the policies' DNS rule, to the kube-dns pods): the
+    // Service's name resolves to its ClusterIP. (busybox nslookup's exit status also counts
+    // the search-domain misses and AAAA, so the answer itself is checked.)
+    let cluster_ip = cluster
+        .kubectl_ok(&[
+            "-n",
+            &ns.name,
+            "get",
+            "service",
+            "web",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .trim()
+        .to_string();
+    let fqdn = format!("web.{}.svc.cluster.local.", ns.name);
+    let dns = cluster
+        .kubectl()
+        .args([
+            "-n",
+            &ns.name,
+            "exec",
+            "deploy/api",
+            "--",
+            "nslookup",
+            &fqdn,
+        ])
+        .output()
+        .expect("kubectl runs");
+    let answer = String::from_utf8_lossy(&dns.stdout);
+    assert!(
+        !cluster_ip.is_empty() && answer.contains(&format!("Address: {cluster_ip}")),
+        "nslookup {fqdn} from the api pod answers {cluster_ip}: {answer}{}",
+        String::from_utf8_lossy(&dns.stderr)
+    );
+    // A pod in the stack's namespace that is not part of the stack reaches no service.
+    let stranger = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: stranger, namespace: {ns}}}
+spec:
+  securityContext: {{runAsNonRoot: true, runAsUser: 65532, seccompProfile: {{type: RuntimeDefault}}}}
+  containers:
+  - name: c
+    image: {svc}
+    imagePullPolicy: Never
+    command: [sleep, "3600"]
+    securityContext: {{allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {{drop: [ALL]}}}}
+"#,
+        ns = ns.name,
+        svc = cluster.image("test-service"),
+    );
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), stranger).expect("writing the pod");
+    cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
+    eventually(
+        "the stranger pod Running and Ready",
+        Duration::from_secs(60),
+        || async {
+            pods.get_opt("stranger")
+                .await
+                .ok()?
+                .filter(pod_ready)
+                .map(|_| ())
+        },
+    )
+    .await;
+    // Its network works (a positive control: DNS through kube-dns answers it)...
+    let control = cluster
+        .kubectl()
+        .args(["-n", &ns.name, "exec", "stranger", "--", "nslookup", &fqdn])
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        String::from_utf8_lossy(&control.stdout).contains(&format!("Address: {cluster_ip}")),
+        "the stranger pod resolves {fqdn}: {}",
+        String::from_utf8_lossy(&control.stdout)
+    );
+    // ...but the policies let it reach neither service.
+    for url in ["http://web:8000/health", "http://api:8000/health"] {
+        assert_eq!(
+            wget_from(cluster, &ns.name, "stranger", url),
+            None,
+            "a pod outside the stack must not reach {url}"
+        );
+    }
 }
