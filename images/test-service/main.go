@@ -11,6 +11,17 @@
 //	               headers, remote_addr, proto
 //
 // It exits 0 on SIGTERM or SIGINT after in-flight requests finish (at most 5 s).
+//
+// Client modes, for probes from inside a pod (`kubectl exec <pod> -- /test-service get ...`):
+//
+//	test-service get [-t SECONDS] URL          body on stdout, "HTTP <status>" on stderr;
+//	                                           exit 0 when any HTTP response arrived
+//	test-service connect [-t SECONDS] HOST:PORT exit 0 when a TCP connection opens
+//
+// Both exit 1 otherwise, with the error on stderr ("i/o timeout" for a dropped packet,
+// "connection refused" for a closed port). Default timeout 5 s. (busybox's wget is there
+// too, but its -T option crashes in Debian 12's busybox 1.35; use `timeout 5 wget -qO- URL`.)
+//
 // Standard library only, built with CGO_ENABLED=0 into one static file.
 package main
 
@@ -18,6 +29,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
+	"fmt"
+	"io"
 	"log"
 	"net"
 	"net/http"
@@ -73,7 +87,51 @@ func handler(service, hostname string) http.Handler {
 	return mux
 }
 
+// client runs the get and connect modes; it returns the process's exit status.
+func client(mode string, args []string) int {
+	flags := flag.NewFlagSet(mode, flag.ContinueOnError)
+	seconds := flags.Float64("t", 5, "timeout in seconds")
+	if err := flags.Parse(args); err != nil || flags.NArg() != 1 {
+		fmt.Fprintf(os.Stderr, "usage: test-service %s [-t SECONDS] TARGET\n", mode)
+		return 2
+	}
+	timeout := time.Duration(*seconds * float64(time.Second))
+	target := flags.Arg(0)
+	switch mode {
+	case "connect":
+		conn, err := net.DialTimeout("tcp", target, timeout)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "connect %s: %v\n", target, err)
+			return 1
+		}
+		_ = conn.Close()
+		fmt.Fprintf(os.Stderr, "connected to %s\n", target)
+		return 0
+	default:
+		httpClient := &http.Client{
+			Timeout: timeout,
+			// Report redirects instead of following them: the probe is about one hop.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		}
+		resp, err := httpClient.Get(target)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "get %s: %v\n", target, err)
+			return 1
+		}
+		defer resp.Body.Close()
+		fmt.Fprintf(os.Stderr, "HTTP %d\n", resp.StatusCode)
+		if _, err := io.Copy(os.Stdout, resp.Body); err != nil {
+			fmt.Fprintf(os.Stderr, "get %s: reading the body: %v\n", target, err)
+			return 1
+		}
+		return 0
+	}
+}
+
 func main() {
+	if len(os.Args) > 1 && (os.Args[1] == "get" || os.Args[1] == "connect") {
+		os.Exit(client(os.Args[1], os.Args[2:]))
+	}
 	port := os.Getenv("PORT")
 	if port == "" {
 		port = "8000"
