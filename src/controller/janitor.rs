@@ -173,6 +173,10 @@ fn forget_gone_stacks(ctx: &Context, present: &BTreeSet<String>, namespaces: &BT
         .lock()
         .unwrap()
         .retain(|k, _| present.contains(k));
+    ctx.applied_generations
+        .lock()
+        .unwrap()
+        .retain(|k, _| present.contains(k));
     ctx.applied.retain_namespaces(namespaces);
 }
 

@@ -185,6 +185,9 @@ pub struct Context {
     /// The namespace markers written lately: namespace -> (the label as the write left it,
     /// the Namespace's resourceVersion after it), until the namespace cache has caught up.
     markers_written: Mutex<HashMap<String, (Option<String>, String)>>,
+    /// The generation of each stack (namespace/name) this process last applied in full, so
+    /// that a stack cache that has not yet seen the status write does not hide convergence.
+    applied_generations: Mutex<HashMap<String, i64>>,
 }
 
 /// Errors of one reconcile. Each has a bounded `reason()` for metrics and Events.
@@ -426,6 +429,7 @@ pub async fn run(
         failures: Mutex::default(),
         announced_violations: Mutex::default(),
         markers_written: Mutex::default(),
+        applied_generations: Mutex::default(),
     });
 
     // Tasks that live as long as this controller: aborted when `run` returns or is dropped

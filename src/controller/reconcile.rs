@@ -91,8 +91,14 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
 
     // 4. apply
     let generation = stack.meta().generation;
+    // Converged: this generation was fully applied once, as the status says or, when the
+    // stack cache has not yet seen that status write, as this process remembers. Without the
+    // second, a change made right after the first convergence looked like a spec change:
+    // reverted without a word, even in Audit mode.
+    let key = stack_key(stack);
     let converged = generation.is_some()
-        && stack.status.as_ref().and_then(|s| s.observed_generation) == generation;
+        && (stack.status.as_ref().and_then(|s| s.observed_generation) == generation
+            || ctx.applied_generations.lock().unwrap().get(&key) == generation.as_ref());
     let uid = stack.uid().unwrap_or_default();
     let target = Target {
         namespace: &namespace,
@@ -102,6 +108,14 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
         converged,
     };
     let report = apply::apply_bundle(ctx, &target, &bundle, certificate.conflicts.clone()).await?;
+    if report.conflicts.is_empty()
+        && let Some(generation) = generation
+    {
+        ctx.applied_generations
+            .lock()
+            .unwrap()
+            .insert(key.clone(), generation);
+    }
     publish_report(stack, ctx, &report).await;
     conflict_events(stack, ctx, &report.conflicts).await;
     let modes = ctx
