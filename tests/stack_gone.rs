@@ -28,20 +28,28 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 struct OwnOperator {
     child: Child,
     addr: String,
+    /// Held open: the operator runs with `--exit-on-stdin-eof`, so it ends with this test
+    /// binary even when the binary is killed and no Drop runs.
+    _stdin: std::process::ChildStdin,
 }
 
 impl OwnOperator {
     async fn start(cp: &ControlPlane) -> OwnOperator {
         let addr = free_loopback_addr();
-        let child = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
-            .args(["run", "--metrics-addr", &addr])
+        let mut child = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
+            .args(["run", "--metrics-addr", &addr, "--exit-on-stdin-eof"])
             .env("KUBECONFIG", &cp.kubeconfig)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("the operator binary starts");
-        let op = OwnOperator { child, addr };
+        let stdin = child.stdin.take().expect("piped stdin");
+        let op = OwnOperator {
+            child,
+            addr,
+            _stdin: stdin,
+        };
         eventually("the operator's /readyz", WAIT, || async {
             http_get(&op.addr, "/readyz")
                 .filter(|b| b.starts_with("ok"))
