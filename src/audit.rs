@@ -126,6 +126,7 @@ pub fn audit(stack: &Stack, desired: &Bundle, found: &Found) -> Vec<Violation> {
     }
     for pod in &found.pods {
         pod_violations(pod, &mut out);
+        joined(stack, desired, pod, &mut out);
     }
     for ing in &found.ingresses {
         out.push(violation(
@@ -455,6 +456,52 @@ fn pod_violations(pod: &Pod, out: &mut Vec<Violation>) {
     }
 }
 
+/// A pod with the stack's label that none of the stack's Deployments made (through a
+/// ReplicaSet `<deployment>-<pod-template-hash>`): it joins the stack's Services and
+/// NetworkPolicies without being the stack's (issue 14, item 3; admission denies it in
+/// protected namespaces, this reports what got in).
+fn joined(stack: &Stack, desired: &Bundle, pod: &Pod, out: &mut Vec<Violation>) {
+    let labelled = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(names::STACK_LABEL))
+        .is_some_and(|v| v == stack.name.as_str());
+    if !labelled {
+        return;
+    }
+    let from_our_deployment = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|r| r.controller == Some(true) && r.kind == "ReplicaSet")
+        .any(|r| {
+            desired.deployments.iter().any(|d| {
+                d.metadata.name.as_deref().is_some_and(|d| {
+                    r.name
+                        .strip_prefix(d)
+                        .and_then(|rest| rest.strip_prefix('-'))
+                        .is_some_and(|hash| {
+                            !hash.is_empty() && hash.chars().all(|c| c.is_ascii_alphanumeric())
+                        })
+                })
+            })
+        });
+    if !from_our_deployment {
+        out.push(violation(
+            "Pod",
+            &pod.metadata,
+            format!(
+                "carries the stack's label {}={} but was not created by the stack's \
+                 Deployments: the stack's Services and NetworkPolicies select it",
+                names::STACK_LABEL,
+                stack.name
+            ),
+        ));
+    }
+}
+
 /// `from` / `to` peers and ports of one rule, in words.
 fn describe_rule(
     peers: Option<&[NetworkPolicyPeer]>,
@@ -630,10 +677,22 @@ mod tests {
             .iter()
             .map(|d| {
                 let template = d.spec.clone().unwrap().template;
+                let name = d.metadata.name.clone().unwrap();
                 Pod {
                     metadata: ObjectMeta {
-                        name: Some(format!("{}-5d8f-abcde", d.metadata.name.clone().unwrap())),
+                        name: Some(format!("{name}-5d8f-abcde")),
                         labels: template.metadata.unwrap().labels,
+                        // Made by the Deployment's ReplicaSet, as the controllers do.
+                        owner_references: Some(vec![
+                            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                                api_version: "apps/v1".into(),
+                                kind: "ReplicaSet".into(),
+                                name: format!("{name}-5d8f"),
+                                uid: "rs".into(),
+                                controller: Some(true),
+                                block_owner_deletion: Some(true),
+                            },
+                        ]),
                         ..ObjectMeta::default()
                     },
                     spec: template.spec,
@@ -672,6 +731,24 @@ mod tests {
     fn only(v: Vec<Violation>) -> Violation {
         assert_eq!(v.len(), 1, "expected one violation, got {v:#?}");
         v.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn a_pod_with_the_stacks_label_not_made_by_its_deployments_is_reported() {
+        let mut found = own_objects();
+        let mut joiner = found.pods[0].clone();
+        joiner.metadata.name = Some("joiner".into());
+        joiner.metadata.owner_references = None;
+        let mut foreign_rs = found.pods[0].clone();
+        foreign_rs.metadata.name = Some("other-abc-x".into());
+        foreign_rs.metadata.owner_references.as_mut().unwrap()[0].name = "other-abc".into();
+        found.pods.extend([joiner, foreign_rs]);
+        let names: Vec<String> = run(&found)
+            .into_iter()
+            .filter(|v| v.reason.contains("not created by the stack's Deployments"))
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(names, ["joiner", "other-abc-x"]);
     }
 
     #[test]

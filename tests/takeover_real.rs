@@ -598,3 +598,60 @@ spec:
             .is_none()
     );
 }
+
+/// Issue 14, item 3 (the audit's part): a pod that copies the stack's label, and so joins its
+/// Services and NetworkPolicies, is reported unless it comes from one of the stack's own
+/// Deployments (through their ReplicaSets, here the real controllers'); the stack's own pods
+/// are not.
+#[tokio::test]
+async fn a_pod_that_copies_the_stacks_label_is_reported() {
+    use k8s_openapi::api::core::v1::Pod;
+    let Some(_op) = operator().await else { return };
+    let Some(ns) = TestNamespace::new("joiner").await else {
+        return;
+    };
+    let n = ns.name.as_str();
+    apply_stack(&ns.client, &stack(n, EDGE)).await;
+    // The real deployment and ReplicaSet controllers create the stack's own pods.
+    eventually("the stack's own pods", WAIT, || async {
+        let pods = ns
+            .api::<Pod>()
+            .list(&ListParams::default().labels("opsconductor.io/stack=edge"))
+            .await
+            .ok()?;
+        (pods.items.len() >= 2).then_some(())
+    })
+    .await;
+    create::<Pod>(
+        &ns,
+        json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "joiner", "namespace": n, "labels": {
+            "opsconductor.io/stack": "edge", "app.kubernetes.io/component": "gateway"}},
+        "spec": {"containers": [{"name": "c", "image": "example/joiner:1"}]}}),
+    )
+    .await;
+    let api: Api<OpsConductorStack> = Api::namespaced(ns.client.clone(), n);
+    let violations = eventually("the joining pod to be reported", WAIT, || async {
+        let s = api.get("edge").await.ok()?;
+        let v = s.status?.violations;
+        v.iter()
+            .any(|v| v.kind == "Pod" && v.name == "joiner")
+            .then_some(v)
+    })
+    .await;
+    let joiner = violations.iter().find(|v| v.name == "joiner").unwrap();
+    assert!(
+        joiner
+            .reason
+            .contains("not created by the stack's Deployments"),
+        "{joiner:?}"
+    );
+    let own: Vec<_> = violations
+        .iter()
+        .filter(|v| v.kind == "Pod" && v.name != "joiner")
+        .collect();
+    assert!(
+        own.is_empty(),
+        "the stack's own pods were reported: {own:?}"
+    );
+}
