@@ -20,7 +20,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::ListParams;
+use kube::api::{DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
 use opsconductor_operator::crd::OpsConductorStack;
 
@@ -171,6 +171,51 @@ async fn helm_install_runs_two_operator_pods_and_one_holds_the_lease() {
     )
     .await;
     eprintln!("Lease {RELEASE_NS}/{LEASE} held by {holder}");
+
+    // Failover: the leader pod is deleted (SIGTERM: it hands the Lease over as it stops), and
+    // another live operator pod takes the Lease: the standby, or the leader's replacement when
+    // its first try comes before the standby's next retry (both are standbys then).
+    let leader = names
+        .iter()
+        .find(|n| holder.starts_with(&format!("{n}_")))
+        .expect("the holder is one of the pods")
+        .clone();
+    pods.delete(&leader, &DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("deleting the leader pod {leader}: {e}"));
+    let (new_holder, pod) = eventually(
+        "another live operator pod to take the Lease after the leader pod's deletion",
+        Duration::from_secs(60),
+        || async {
+            let h = leases.get_opt(LEASE).await.ok()??.spec?.holder_identity?;
+            let (pod, _) = h.rsplit_once('_')?;
+            if pod == leader {
+                return None;
+            }
+            let p = pods.get_opt(pod).await.ok()??;
+            (p.metadata.deletion_timestamp.is_none() && pod_ready(&p))
+                .then(|| (h.clone(), pod.to_string()))
+        },
+    )
+    .await;
+    eprintln!(
+        "leader pod {leader} deleted; Lease now held by {new_holder} ({})",
+        if names.contains(&pod) {
+            "the standby"
+        } else {
+            "the leader's replacement"
+        }
+    );
+    // The Deployment replaces the deleted pod: two Ready replicas again (for the next test).
+    eventually(
+        "the operator Deployment back at two Ready replicas",
+        Duration::from_secs(120),
+        || async {
+            let st = deployments.get_opt(RELEASE).await.ok()??.status?;
+            (st.ready_replicas == Some(2) && st.replicas == Some(2)).then_some(())
+        },
+    )
+    .await;
 }
 
 /// A self-signed certificate for `host` as a kubernetes.io/tls Secret (openssl, as the user
@@ -227,19 +272,21 @@ fn wget_from(cluster: &Cluster, ns: &str, target: &str, url: &str) -> Option<Str
 }
 
 /// `curl` from this machine (the node) with the host resolved to the node address; returns the
-/// status line's code, the response headers and the body.
-fn curl_node(args: &[&str]) -> (u16, String, String) {
+/// status line's code, the response headers and the body, or None when curl failed.
+fn try_curl_node(args: &[&str]) -> Option<(u16, String, String)> {
     let out = Command::new("curl")
         .args(["-s", "-S", "--max-time", "10", "-D", "-"])
         .args(args)
         .stdin(Stdio::null())
         .output()
         .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "curl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        eprintln!(
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let code = head
@@ -247,7 +294,11 @@ fn curl_node(args: &[&str]) -> (u16, String, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    (code, head.to_ascii_lowercase(), body.to_string())
+    Some((code, head.to_ascii_lowercase(), body.to_string()))
+}
+
+fn curl_node(args: &[&str]) -> (u16, String, String) {
+    try_curl_node(args).unwrap_or_else(|| panic!("curl {args:?} failed (its error is above)"))
 }
 
 #[tokio::test]
@@ -380,6 +431,22 @@ spec:
     );
     let node = "10.250.0.1";
     let ca = cert_dir.path().join("tls.crt");
+    // The Service's endpoint reaches kube-proxy's rules a moment after the pod is Ready: wait
+    // until the gateway answers at all, then check what it answers.
+    let probe = [
+        "--cacert".to_string(),
+        path_str(&ca).to_string(),
+        "--resolve".to_string(),
+        format!("{host}:{https}:{node}"),
+        format!("https://{host}:{https}/"),
+    ];
+    let probe: Vec<&str> = probe.iter().map(String::as_str).collect();
+    eventually(
+        "the gateway to answer through its NodePort",
+        Duration::from_secs(30),
+        || async { try_curl_node(&probe).map(|_| ()) },
+    )
+    .await;
     for (path, service) in [("/api/v1/items?x=1", "api"), ("/some/page", "web")] {
         let (code, head, body) = curl_node(&[
             "--cacert",
@@ -407,6 +474,73 @@ spec:
         (301..=308).contains(&code) && head.contains(&format!("location: https://{host}")),
         "plain HTTP redirects to HTTPS: {code} {head}"
     );
+
+    // A killed gateway container is restarted by the kubelet, and the gateway serves again.
+    let gateway_pod = list
+        .items
+        .iter()
+        .find(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.containers.first())
+                .and_then(|c| c.image.as_deref())
+                == Some(cluster.image("gateway"))
+        })
+        .expect("the gateway pod")
+        .name_any();
+    let container_status = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.first().cloned())
+    };
+    let before = container_status(&pods.get(&gateway_pod).await.expect("gateway pod"))
+        .expect("the gateway container's status");
+    let container_id = before
+        .container_id
+        .as_deref()
+        .and_then(|id| id.strip_prefix("containerd://"))
+        .expect("a containerd container id")
+        .to_string();
+    let out = Command::new(cluster.node_bin_dir.join("crictl"))
+        .arg("--runtime-endpoint")
+        .arg(format!("unix://{}", cluster.containerd_socket.display()))
+        .args(["stop", "--timeout", "0", &container_id])
+        .output()
+        .expect("crictl runs");
+    assert!(
+        out.status.success(),
+        "crictl stop {container_id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        "the kubelet to restart the killed gateway container, Ready again",
+        Duration::from_secs(120),
+        || async {
+            let p = pods.get_opt(&gateway_pod).await.ok()??;
+            let now = container_status(&p)?;
+            (now.restart_count > before.restart_count && pod_ready(&p)).then_some(())
+        },
+    )
+    .await;
+    // Serving again once kube-proxy has the endpoint back (a moment after the pod is Ready).
+    let args = [
+        "--cacert".to_string(),
+        path_str(&ca).to_string(),
+        "--resolve".to_string(),
+        format!("{host}:{https}:{node}"),
+        format!("https://{host}:{https}/api/after-restart"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    eventually(
+        "the restarted gateway to serve HTTPS again",
+        Duration::from_secs(30),
+        || async {
+            let (code, _, body) = try_curl_node(&args)?;
+            (code == 200 && body.contains("\"service\":\"api\"")).then_some(())
+        },
+    )
+    .await;
 
     // Enforcement by the network plugin, with real connections from real pods.
     // `calls: [api]`: web reaches api; api does not reach web.
