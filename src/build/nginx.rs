@@ -48,6 +48,16 @@ pub const DNS_VALID_SECONDS: u32 = 10;
 /// Idle upstream connections each worker keeps per service (static resolution only).
 pub const UPSTREAM_KEEPALIVE: u32 = 32;
 
+/// Requests one client address may have in progress on one gateway pod (HTTP/2 streams count
+/// one each); more get 429. Bounds what one client holds of a pod's connections, so that it
+/// cannot deny service to everyone else (clients behind one NAT share it).
+pub const MAX_REQUESTS_PER_CLIENT: u32 = 256;
+
+/// Seconds a client may take to send its request head, and between two reads of its body;
+/// also the TLS handshake's time limit in nginx 1.22. nginx's default is 60 s, which let one
+/// client keep thousands of silent connections open for a minute.
+pub const CLIENT_TIMEOUT_SECONDS: u32 = 10;
+
 /// Seconds a client is told to wait after a 429.
 pub const RETRY_AFTER_SECONDS: u32 = 1;
 
@@ -94,6 +104,9 @@ daemon off;
 pid {TMP_DIR}/nginx.pid;
 error_log stderr notice;
 
+# Room for every connection a worker may hold: each proxied request takes two descriptors.
+worker_rlimit_nofile 10240;
+
 events {{
     worker_connections 4096;
 }}"
@@ -110,6 +123,14 @@ fn http_settings(w: &mut String, stack: &Stack) {
     sendfile on;
     tcp_nopush on;
     keepalive_timeout 65s;
+    # Slow or silent clients are dropped, and their connections freed at once.
+    client_header_timeout {CLIENT_TIMEOUT_SECONDS}s;
+    client_body_timeout {CLIENT_TIMEOUT_SECONDS}s;
+    reset_timedout_connection on;
+    # Requests in progress per client address (see limit_conn in the HTTPS server).
+    limit_conn_zone $binary_remote_addr zone=opsconductor_conn_per_client:10m;
+    limit_conn_status 429;
+    limit_conn_log_level warn;
     client_max_body_size {body};
     # Redirects nginx makes itself (a route asked for without its trailing slash) stay
     # relative: an absolute one would name the pod's port, 8443, which no client can reach.
@@ -335,6 +356,8 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
         if ($host != $opsconductor_sni_host) {{
             return 421;
         }}
+
+        limit_conn opsconductor_conn_per_client {MAX_REQUESTS_PER_CLIENT};
 
         # Set here and nowhere below: a location with its own add_header would drop all of these.
 {headers}"#,

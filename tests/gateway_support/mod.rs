@@ -242,6 +242,10 @@ pub struct Backend {
     pub port: u16,
     connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    /// Requests to `/hold...` are answered only once `release` is set; `held` counts those
+    /// waiting.
+    held: Arc<AtomicUsize>,
+    release: Arc<AtomicBool>,
 }
 
 impl Backend {
@@ -251,15 +255,19 @@ impl Backend {
         listener.set_nonblocking(true).unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(AtomicBool::new(false));
         {
             let (connections, stop, name) = (connections.clone(), stop.clone(), name.to_string());
+            let (held, release) = (held.clone(), release.clone());
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
                             let n = connections.fetch_add(1, Ordering::Relaxed) + 1;
                             let name = name.clone();
-                            thread::spawn(move || serve(stream, &name, n));
+                            let hold = (held.clone(), release.clone());
+                            thread::spawn(move || serve(stream, &name, n, &hold));
                         }
                         Err(_) => thread::sleep(Duration::from_millis(10)),
                     }
@@ -271,6 +279,8 @@ impl Backend {
             port,
             connections,
             stop,
+            held,
+            release,
         }
     }
 
@@ -278,15 +288,31 @@ impl Backend {
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
     }
+
+    /// Requests to `/hold...` waiting for [`Backend::release`].
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Answers every held request, and every later one at once.
+    pub fn release(&self) {
+        self.release.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
+        self.release.store(true, Ordering::Relaxed);
         self.stop.store(true, Ordering::Relaxed);
     }
 }
 
-fn serve(stream: TcpStream, name: &str, connection: usize) {
+fn serve(
+    stream: TcpStream,
+    name: &str,
+    connection: usize,
+    (held, release): &(Arc<AtomicUsize>, Arc<AtomicBool>),
+) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut out = stream;
@@ -352,6 +378,15 @@ fn serve(stream: TcpStream, name: &str, connection: usize) {
             );
             let _ = out.flush();
             return;
+        }
+        if path.starts_with("/hold") {
+            held.fetch_add(1, Ordering::Relaxed);
+            // Released by the test (or when the backend is dropped); a hang guard bounds it.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !release.load(Ordering::Relaxed) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+            held.fetch_sub(1, Ordering::Relaxed);
         }
         let description = serde_json::json!({
             "backend": name,
