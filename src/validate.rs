@@ -144,7 +144,8 @@ pub fn validate(
     let services = validate_services(spec, name.as_ref(), &mut errs);
     let backends = validate_backends(spec, name.as_ref(), &services, &mut errs);
     if name.is_some() {
-        errs.0.extend(secret_references(stack, &[raw_name.clone()]));
+        errs.0
+            .extend(secret_references(stack, std::slice::from_ref(&raw_name)));
     }
 
     match (name, gateway, tls) {
