@@ -606,7 +606,7 @@ mod tests {
     }
 
     #[test]
-    fn the_operator_is_named_in_the_service_and_marker_rules_only() {
+    fn the_operator_is_named_in_the_service_marker_and_members_rules_only() {
         let id = OperatorIdentity::new("ops-sys", "the-op").unwrap();
         let g = guardrails(&id);
         let text = |name: &str| {
@@ -621,6 +621,11 @@ mod tests {
         let user = "'system:serviceaccount:ops-sys:the-op'";
         assert!(text(SERVICES_POLICY).contains(user));
         assert!(text(MARKER_POLICY).contains(user));
+        // Stack-labelled Deployment templates from the operator only; their ReplicaSets and
+        // pods from the controllers.
+        let members = text(MEMBERS_POLICY);
+        assert!(members.contains(user));
+        assert!(members.contains(DEPLOYMENT_CONTROLLER) && members.contains(REPLICASET_CONTROLLER));
         assert!(
             !text(PODS_POLICY).contains("serviceaccount"),
             "no one is exempt from the pod rules"
