@@ -31,16 +31,23 @@ const NGINX_UID: i64 = 101;
 /// mounted certificate changes. The kubelet updates a Secret volume in place (an atomic
 /// symlink swap), so a renewed certificate reaches running pods without a restart; the reload
 /// starts new workers with it while the old ones finish their requests. Configuration changes
-/// still roll the pods (the checksum annotation). The loop ends when nginx does (`$$` is the
-/// shell that became nginx by `exec`), so it never outlives it where the container does not
-/// end with nginx (e.g. a test running the command). See `docs/acme.md`.
+/// still roll the pods (the checksum annotation). The loop ends when nginx does (its parent,
+/// read from `/proc/self/stat`, is the shell that became nginx by `exec`), so it never
+/// outlives it where the container does not end with nginx (e.g. a test running the command).
+/// See `docs/acme.md`.
+///
+/// No `$$` and no `$(NAME)`: the kubelet expands a container's command before running it
+/// (`$$` becomes `$`, `$(NAME)` an environment variable), so `kill -0 "$$"` ran as
+/// `kill -0 "$"` in a real pod, the loop ended after 2 s, and a renewed certificate never
+/// reached a running gateway. [`kubelet_expansion_leaves_the_command_alone`] guards it.
 pub const RELOAD_ON_CERTIFICATE_CHANGE: &str = r#"tls=/etc/opsconductor/tls
 conf=/etc/opsconductor/config/nginx.conf
 digest() { cat "$tls/tls.crt" "$tls/tls.key" 2>/dev/null | cksum; }
 (
+  read -r _ _ _ nginx _ < /proc/self/stat
   last=$(digest)
   while sleep 2; do
-    kill -0 "$$" 2>/dev/null || exit 0
+    kill -0 "$nginx" 2>/dev/null || exit 0
     now=$(digest)
     if [ "$now" != "$last" ]; then
       nginx -s reload -c "$conf" && last=$now
@@ -282,5 +289,67 @@ mod tests {
         assert!(RELOAD_ON_CERTIFICATE_CHANGE.contains(&format!("tls={}\n", nginx::TLS_DIR)));
         assert!(RELOAD_ON_CERTIFICATE_CHANGE.contains(&format!("conf={}\n", nginx::CONFIG_PATH)));
         assert!(RELOAD_ON_CERTIFICATE_CHANGE.ends_with("exec nginx -c \"$conf\"\n"));
+    }
+
+    /// What the kubelet does to a container's command and args before it runs them (the
+    /// expansion of Kubernetes' `third_party/forked/golang/expansion`): `$$` becomes `$`, and
+    /// `$(NAME)` becomes the value of the container's variable NAME when it has one. The
+    /// gateway container has no variables, so only the first rule can change anything.
+    fn kubelet_expansion(input: &str, env: &[(&str, &str)]) -> String {
+        let mut out = String::new();
+        let mut rest = input;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(tail) = after.strip_prefix('$') {
+                out.push('$');
+                rest = tail;
+            } else if let Some(inner) = after.strip_prefix('(')
+                && let Some(end) = inner.find(')')
+                && let Some((_, value)) = env.iter().find(|(k, _)| *k == &inner[..end])
+            {
+                out.push_str(value);
+                rest = &inner[end + 1..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+
+    #[test]
+    fn kubelet_expansion_leaves_the_command_alone() {
+        assert_eq!(kubelet_expansion("kill -0 \"$$\"", &[]), "kill -0 \"$\"");
+        assert_eq!(kubelet_expansion("$(A) $(b c)", &[("A", "x")]), "x $(b c)");
+        let yaml = "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
+                    metadata: {name: t, namespace: ns}\nspec:\n  gateway: {hosts: [a.example.com]}\n\
+                    \x20 tls: {secretName: own}\n  services: [{name: web, image: x, route: /}]\n";
+        let raw = crate::render::parse_stack("test", yaml).unwrap();
+        let stack = crate::validate::validate(&raw, "ns").unwrap();
+        let options = crate::build::BuildOptions::default();
+        let deployment = deployment(&stack, &config_map(&stack, &options));
+        let pod = deployment.spec.unwrap().template.spec.unwrap();
+        let container = &pod.containers[0];
+        let env: Vec<(String, String)> = container
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        for part in container
+            .command
+            .iter()
+            .flatten()
+            .chain(container.args.iter().flatten())
+        {
+            assert_eq!(
+                &kubelet_expansion(part, &env),
+                part,
+                "the kubelet would rewrite it"
+            );
+        }
     }
 }
