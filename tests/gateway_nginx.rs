@@ -634,10 +634,21 @@ fn one_client_address_cannot_hold_more_than_256_requests() {
     assert_eq!(s.web.held(), LIMIT, "the held requests did not all arrive");
     // One more from the same address is refused at the edge ...
     let r = s.gw.curl_https(HOST, "/one-more", &[]);
-    assert_eq!(
-        r.status, 429,
-        "one address held {LIMIT} requests and got another: {r:?}"
-    );
+    if r.status != 429 {
+        // Seen once in about 20 runs under heavy load: say what the held requests saw, so that
+        // the next occurrence tells a limit that did not hold from a held request that nginx
+        // had already finished (its client gone) while the backend still counted it.
+        s.web.release();
+        let codes = holding.join().unwrap();
+        let mut seen = std::collections::BTreeMap::new();
+        for c in codes.lines() {
+            *seen.entry(c.to_string()).or_insert(0) += 1;
+        }
+        panic!(
+            "one address held {LIMIT} requests and got another: {r:?}\nthe held requests' statuses: {seen:?}\nnginx's error log:\n{}",
+            s.gw.error_log()
+        );
+    }
     // ... while another client is served.
     let r =
         s.gw.curl_https(HOST, "/other-client", &["--interface", "127.0.0.2"]);
