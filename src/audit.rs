@@ -1,5 +1,5 @@
 //! The violation audit: what in the stack's namespace breaks the edge-TLS / internal-HTTP
-//! policy of API.md. A pure function over objects the controller has already read; it never
+//! policy of docs/api.md. A pure function over objects the controller has already read; it never
 //! writes, and nothing it reports is modified or deleted by the operator.
 //!
 //! # What is a violation

@@ -1,6 +1,6 @@
 //! The `OpsConductorStack` custom resource (`opsconductor.io/v1alpha1`).
 //!
-//! These types are the user-facing contract (see `../shared/API.md`). The CRD YAML in
+//! These types are the user-facing contract (see `docs/api.md`). The CRD YAML in
 //! `crds/` is generated from them by `opsconductor-operator crd`; rustdoc on every field becomes
 //! `kubectl explain` text, so it is written for the people who write stacks.
 //!

@@ -2,7 +2,7 @@
 //! the service graph is then written on both sides (the caller's egress and the callee's
 //! ingress), so the graph holds whichever side a CNI evaluates first.
 //!
-//! The allowed edges are exactly those of "The policy" in API.md:
+//! The allowed edges are exactly those of "The policy" in docs/api.md:
 //! clients (or `allowedSourceRanges`) -> gateway 8080/8443; gateway -> routed services;
 //! service -> service per `calls` (or all, with `serviceToService: All`); `allowFrom`
 //! services -> backends; every stack pod -> cluster DNS; a service -> its own `egress` CIDRs.
