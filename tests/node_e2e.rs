@@ -87,6 +87,9 @@ fn install_operator(cluster: &Cluster) {
                 // Imported into containerd, never pulled.
                 "--set",
                 "image.pullPolicy=Never",
+                // The test's pebble listens on the node address at this port (not 443).
+                "--set",
+                &format!("networkPolicy.acme.ports={{443,{PEBBLE_PORT}}}"),
             ],
         );
     });
@@ -643,4 +646,253 @@ spec:
             "a pod outside the stack must not reach {url}"
         );
     }
+}
+
+/// pebble's ACME port on the node address (the chart's ACME egress rule names it).
+const PEBBLE_PORT: u16 = 14000;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_tcp(addr: &str, what: &str, child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "{what} exited"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not listen on {addr} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test]
+async fn the_certificate_comes_from_pebble_through_the_gateway_pod() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let Some(cluster) = cluster() else { return };
+    install_operator(cluster);
+    let Some(ns) = NodeNamespace::new("node-acme").await else {
+        return;
+    };
+    let tools = support::tools_bin_dir().expect("tools");
+    let node = "10.250.0.1";
+    let host = "acme.opsconductor.test";
+
+    // pebble's own TLS: a CA and a certificate for the node address, where the operator pods
+    // reach it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "pebble node TLS CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![node.to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+
+    // pebble-challtestsrv as pebble's DNS: every name is the gateway Service's ClusterIP (set
+    // below, once the operator has made the Service); HTTP-01 goes to its port 80.
+    let (dns_port, challtest_mgmt, pebble_mgmt) = (free_port(), free_port(), free_port());
+    let mut challtest = Command::new(tools.join("pebble-challtestsrv"))
+        .args(["-http01", "", "-https01", "", "-tlsalpn01", "", "-doh", ""])
+        .arg("-dnsserver")
+        .arg(format!("127.0.0.1:{dns_port}"))
+        .arg("-management")
+        .arg(format!("127.0.0.1:{challtest_mgmt}"))
+        .args(["-defaultIPv4", node, "-defaultIPv6", ""])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("pebble-challtestsrv starts");
+    wait_tcp(
+        &format!("127.0.0.1:{challtest_mgmt}"),
+        "pebble-challtestsrv",
+        &mut challtest,
+    );
+    let _challtest = Killed(challtest);
+    let config = serde_json::json!({
+        "pebble": {
+            "listenAddress": format!("{node}:{PEBBLE_PORT}"),
+            "managementListenAddress": format!("127.0.0.1:{pebble_mgmt}"),
+            "certificate": dir.path().join("cert.pem"),
+            "privateKey": dir.path().join("key.pem"),
+            "httpPort": 80,
+            "tlsPort": free_port(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+            "retryAfter": {"authz": 1, "order": 1},
+            "keyAlgorithm": "ecdsa",
+            "profiles": {"default": {"description": "node test", "validityPeriod": 86400}}
+        }
+    });
+    std::fs::write(dir.path().join("pebble.json"), config.to_string()).unwrap();
+    let mut pebble = Command::new(tools.join("pebble"))
+        .arg("-config")
+        .arg(dir.path().join("pebble.json"))
+        .arg("-dnsserver")
+        .arg(format!("127.0.0.1:{dns_port}"))
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_AUTHZREUSE", "0")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("pebble.log")).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pebble starts");
+    wait_tcp(&format!("{node}:{PEBBLE_PORT}"), "pebble", &mut pebble);
+    let _pebble = Killed(pebble);
+
+    cluster.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "create",
+        "secret",
+        "generic",
+        "pebble-ca",
+        &format!(
+            "--from-file=ca.crt={}",
+            path_str(&dir.path().join("ca.pem"))
+        ),
+    ]);
+    let manifest = format!(
+        r#"apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata:
+  name: acme
+  namespace: {ns}
+spec:
+  gateway:
+    hosts: [{host}]
+    image: {gateway}
+    replicas: 1
+    serviceType: NodePort
+  tls:
+    acme:
+      directoryUrl: https://{node}:{PEBBLE_PORT}/dir
+      email: e2e@opsconductor.test
+      acceptTermsOfService: true
+      caBundleSecretRef: {{name: pebble-ca, key: ca.crt}}
+  services:
+    - name: web
+      image: {svc}
+      route: /
+"#,
+        ns = ns.name,
+        gateway = cluster.image("gateway"),
+        svc = cluster.image("test-service"),
+    );
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), manifest).expect("writing the stack");
+    cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
+
+    // The gateway Service's ClusterIP becomes the answer for every name pebble looks up.
+    let services: Api<k8s_openapi::api::core::v1::Service> = ns.api();
+    let cluster_ip = eventually("the gateway Service", Duration::from_secs(60), || async {
+        services
+            .get_opt("acme-gateway")
+            .await
+            .ok()??
+            .spec?
+            .cluster_ip
+    })
+    .await;
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "5", "-X", "POST", "-d"])
+        .arg(format!(r#"{{"ip":"{cluster_ip}"}}"#))
+        .arg(format!(
+            "http://127.0.0.1:{challtest_mgmt}/set-default-ipv4"
+        ))
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "set-default-ipv4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // HTTP-01 is validated through the real gateway pod, reached through its Service.
+    let stacks: Api<OpsConductorStack> = ns.api();
+    eventually(
+        "the stack's CertificateReady condition to be True (pebble through the gateway pod)",
+        Duration::from_secs(240),
+        || async {
+            let s = stacks.get_opt("acme").await.ok()??;
+            let c = s
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "CertificateReady")?;
+            (c.status == "True").then_some(())
+        },
+    )
+    .await;
+
+    let ready_at = std::time::Instant::now();
+    // The gateway serves a certificate that chains to pebble's root.
+    let root = Command::new("curl")
+        .args(["-s", "-S", "-k", "--max-time", "5"])
+        .arg(format!("https://127.0.0.1:{pebble_mgmt}/roots/0"))
+        .output()
+        .expect("curl runs");
+    assert!(root.status.success(), "pebble's root");
+    std::fs::write(dir.path().join("root.pem"), &root.stdout).unwrap();
+    let https = cluster
+        .kubectl_ok(&[
+            "-n",
+            &ns.name,
+            "get",
+            "service",
+            "acme-gateway",
+            "-o",
+            "jsonpath={.spec.ports[?(@.port==443)].nodePort}",
+        ])
+        .trim()
+        .to_string();
+    let root_path = dir.path().join("root.pem");
+    let args = [
+        "--cacert".to_string(),
+        path_str(&root_path).to_string(),
+        "--resolve".to_string(),
+        format!("{host}:{https}:{node}"),
+        format!("https://{host}:{https}/issued"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Until the kubelet updates the gateway pod's Secret volume (at its next sync of the pod,
+    // up to its syncFrequency of 1 min with jitter) and the reload loop sees the new files, the
+    // gateway still serves the placeholder certificate it started with.
+    eventually(
+        "the gateway to serve pebble's certificate",
+        Duration::from_secs(240),
+        || async {
+            let (code, _, _) = try_curl_node(&args)?;
+            (code == 200).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "the gateway served pebble's certificate {:.0} s after CertificateReady",
+        ready_at.elapsed().as_secs_f64()
+    );
 }
