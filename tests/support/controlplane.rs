@@ -243,22 +243,62 @@ pub fn unique_name(prefix: &str) -> String {
     format!("opsc-{p}-{suffix}")
 }
 
+/// Creates a namespace `unique_name(prefix)` labelled as temporary; its name.
+pub async fn create_temporary_namespace(client: &Client, prefix: &str) -> String {
+    let name = unique_name(prefix);
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": { "name": name, "labels": { "opsconductor.test/temporary": "true" } }
+    }))
+    .unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+    name
+}
+
+/// Deletes namespace `name` (background), for a `Drop`: Drop may run inside the test's
+/// (current-thread) tokio runtime, where blocking on a future is not allowed, or while a panic
+/// unwinds, so it deletes from a separate thread with its own small runtime. `config` gives
+/// the client's configuration there. A failure is printed, never raised.
+pub fn delete_namespace_from_drop<F, Fut>(name: String, config: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Config>,
+{
+    let shown = name.clone();
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let client = Client::try_from(config().await)?;
+            match Api::<Namespace>::all(client)
+                .delete(&name, &DeleteParams::background())
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+    });
+    let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = handle
+        .join()
+        .unwrap_or_else(|_| Err("namespace cleanup thread panicked".into()));
+    if let Err(e) = result {
+        eprintln!("support: could not delete test namespace {shown}: {e}");
+    }
+}
+
 impl TestNamespace {
     /// Creates the namespace. `None` only when the control plane is explicitly skipped.
     pub async fn new(prefix: &str) -> Option<TestNamespace> {
         let control_plane = control_plane()?;
         let client = Client::try_from(control_plane.config().await).expect("building kube client");
-        let name = unique_name(prefix);
-        let ns: Namespace = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": { "name": name, "labels": { "opsconductor.test/temporary": "true" } }
-        }))
-        .unwrap();
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+        let name = create_temporary_namespace(&client, prefix).await;
         Some(TestNamespace {
             name,
             client,
@@ -278,35 +318,8 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        // Drop may run inside the test's (current-thread) tokio runtime, where blocking on a
-        // future is not allowed: delete from a separate thread with its own small runtime.
-        let name = self.name.clone();
         let cp = self.control_plane;
-        let handle = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let client = Client::try_from(cp.config().await)?;
-                match Api::<Namespace>::all(client)
-                    .delete(&name, &DeleteParams::background())
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-                    Err(e) => Err(e.into()),
-                }
-            })
-        });
-        let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = handle
-            .join()
-            .unwrap_or_else(|_| Err("namespace cleanup thread panicked".into()));
-        if let Err(e) = result {
-            eprintln!(
-                "support: could not delete test namespace {}: {e}",
-                self.name
-            );
-        }
+        delete_namespace_from_drop(self.name.clone(), move || cp.config());
     }
 }
 

@@ -23,7 +23,7 @@ use kube::api::{DeleteParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
-use super::controlplane::{repo_root, unique_name};
+use super::controlplane::{create_temporary_namespace, delete_namespace_from_drop, repo_root};
 
 /// A running cluster, as reported by `scripts/cluster`.
 #[derive(Debug, Clone)]
@@ -75,14 +75,18 @@ impl Cluster {
         })
     }
 
-    /// An admin client.
-    pub async fn client(&self) -> Client {
+    /// The admin client's configuration.
+    pub async fn config(&self) -> Config {
         let kc = Kubeconfig::read_from(&self.kubeconfig)
             .unwrap_or_else(|e| panic!("reading {}: {e}", self.kubeconfig.display()));
-        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
-            .unwrap_or_else(|e| panic!("loading {}: {e}", self.kubeconfig.display()));
-        Client::try_from(config).expect("building kube client")
+            .unwrap_or_else(|e| panic!("loading {}: {e}", self.kubeconfig.display()))
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> Client {
+        Client::try_from(self.config().await).expect("building kube client")
     }
 }
 
@@ -229,17 +233,7 @@ impl NodeNamespace {
     pub async fn new(prefix: &str) -> Option<NodeNamespace> {
         let cluster = cluster()?;
         let client = cluster.client().await;
-        let name = unique_name(prefix);
-        let ns: Namespace = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": { "name": name, "labels": { "opsconductor.test/temporary": "true" } }
-        }))
-        .unwrap();
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+        let name = create_temporary_namespace(&client, prefix).await;
         Some(NodeNamespace {
             name,
             client,
@@ -258,31 +252,7 @@ impl NodeNamespace {
 
 impl Drop for NodeNamespace {
     fn drop(&mut self) {
-        // As TestNamespace: a thread with its own runtime, so this works inside #[tokio::test]
-        // and while a panic unwinds.
-        let name = self.name.clone();
         let cluster = self.cluster;
-        let handle = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let client = cluster.client().await;
-                match Api::<Namespace>::all(client)
-                    .delete(&name, &DeleteParams::background())
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-                    Err(e) => Err(e.into()),
-                }
-            })
-        });
-        let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = handle
-            .join()
-            .unwrap_or_else(|_| Err("namespace cleanup thread panicked".into()));
-        if let Err(e) = result {
-            eprintln!("support: could not delete namespace {}: {e}", self.name);
-        }
+        delete_namespace_from_drop(self.name.clone(), move || cluster.config());
     }
 }
