@@ -75,9 +75,25 @@ enum Command {
         /// test harness) that wants the operator to stop when it goes away.
         #[arg(long, hide = true)]
         exit_on_stdin_eof: bool,
+        /// `require`: report PolicyEnforced=True only while the admission guardrails
+        /// (ValidatingAdmissionPolicies and bindings, manifests/admission/) are installed and
+        /// bound; `ignore`: do not check them (they are deliberately not installed).
+        #[arg(
+            long,
+            env = "OPSC_ADMISSION_GUARDRAILS",
+            value_enum,
+            default_value = "require"
+        )]
+        admission_guardrails: GuardrailCheck,
         #[command(flatten)]
         election: leader::ElectionArgs,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum GuardrailCheck {
+    Require,
+    Ignore,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -98,6 +114,7 @@ fn main() -> ExitCode {
             apply_always,
             dns_resolver,
             exit_on_stdin_eof,
+            admission_guardrails,
             election,
         } => {
             init_logging(log_format);
@@ -110,6 +127,7 @@ fn main() -> ExitCode {
                 operator_namespace: std::env::var("POD_NAMESPACE")
                     .ok()
                     .filter(|n| !n.is_empty()),
+                require_guardrails: admission_guardrails == GuardrailCheck::Require,
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(run(
@@ -226,12 +244,19 @@ async fn shutdown_signal(exit_on_stdin_eof: bool) {
         if !exit_on_stdin_eof {
             return std::future::pending().await;
         }
-        let mut stdin = tokio::io::stdin();
-        let mut buf = [0u8; 64];
-        while tokio::io::AsyncReadExt::read(&mut stdin, &mut buf)
-            .await
-            .is_ok_and(|n| n > 0)
-        {}
+        // A plain thread, not `tokio::io::stdin()`: tokio reads stdin on a blocking-pool
+        // thread, and the runtime waits for its blocking threads when it is dropped, so a
+        // SIGTERM would leave the process hanging until stdin closed. This thread does not
+        // keep the process alive once `main` returns.
+        let (closed, on_closed) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 64];
+            while stdin.read(&mut buf).is_ok_and(|n| n > 0) {}
+            let _ = closed.send(());
+        });
+        let _ = on_closed.await;
     };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),

@@ -14,6 +14,7 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::json;
 use support::operator::{apply_stack, example, operator};
+use support::process::{OperatorProcess, Spawn};
 use support::{TestNamespace, eventually};
 
 /// The tests of this file run one at a time: a restart must not hit the other test.
@@ -101,53 +102,29 @@ async fn sigterm_shuts_the_operator_down_cleanly() {
         return;
     };
     support::operator::install_crd(cp).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
-        .args(["run", "--metrics-addr", &addr])
-        .env("KUBECONFIG", &cp.kubeconfig)
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut op = OperatorProcess::spawn(Spawn {
+        name: "sigterm",
+        kubeconfig: &cp.kubeconfig,
+        log_dir: &cp.state_dir.join("controller-faults-tests"),
+        args: &[],
+        env: &[],
+    });
+    let addr = op.metrics_addr.clone();
     eventually("/readyz", Duration::from_secs(30), || async {
         support::operator::http_get(&addr, "/readyz").map(|_| ())
     })
     .await;
     let health = support::operator::http_get(&addr, "/healthz").unwrap();
     assert_eq!(health, "ok\n");
-    let metrics = support::operator::http_get(&addr, "/metrics").unwrap();
+    let metrics = op.metrics();
     assert!(
         metrics.contains("# TYPE opsconductor_reconcile_duration_seconds histogram"),
         "{metrics}"
     );
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = eventually(
-        "the operator to exit after SIGTERM",
-        Duration::from_secs(30),
-        || {
-            let status = child.try_wait().unwrap();
-            async move { status }
-        },
-    )
-    .await;
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    assert!(status.success(), "exit status {status}; log:\n{stderr}");
-    assert!(
-        stderr.contains("SIGTERM received, shutting down"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("controller stopped"), "{stderr}");
+    op.signal("-TERM");
+    let status = op.wait_exit(Duration::from_secs(30));
+    let log = op.log_text();
+    assert!(status.success(), "exit status {status}; log:\n{log}");
+    assert!(log.contains("SIGTERM received, shutting down"), "{log}");
+    assert!(log.contains("controller stopped"), "{log}");
 }

@@ -12,7 +12,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -21,9 +21,8 @@ use kube::api::DeleteParams;
 use kube::{Api, Client};
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::{Value, json};
-use support::operator::{
-    apply_stack, example, free_loopback_addr, http_get, install_crd, write_impersonating_kubeconfig,
-};
+use support::operator::{apply_stack, example, install_crd, write_impersonating_kubeconfig};
+use support::process::{OperatorProcess, Spawn};
 use support::{AuditLog, ControlPlane, TestNamespace, eventually};
 
 /// The defaults of `run --leader-election`, which the chart uses too.
@@ -31,103 +30,32 @@ const LEASE_DURATION: Duration = Duration::from_secs(15);
 const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 const RETRY_PERIOD: Duration = Duration::from_secs(2);
 
-/// An operator process with leader election, stopped (SIGKILL) when dropped.
-struct Candidate {
-    name: &'static str,
-    child: Child,
-    metrics_addr: String,
-    log: PathBuf,
-}
+/// Operator processes with leader election (stopped with SIGKILL when dropped).
+struct Candidate;
 
 impl Candidate {
-    fn start(cp: &ControlPlane, name: &'static str, user: &str, lease_ns: &str) -> Self {
+    fn start(cp: &ControlPlane, name: &'static str, user: &str, lease_ns: &str) -> OperatorProcess {
         let dir = cp.state_dir.join("leader-election-tests");
         std::fs::create_dir_all(&dir).unwrap();
-        let unique = format!("{name}-{}-{lease_ns}", std::process::id());
-        let kubeconfig = dir.join(format!("kubeconfig-{unique}"));
+        let kubeconfig = dir.join(format!(
+            "kubeconfig-{name}-{}-{lease_ns}",
+            std::process::id()
+        ));
         write_impersonating_kubeconfig(cp, &kubeconfig, user, &["system:authenticated"]);
-        let metrics_addr = free_loopback_addr();
-        let log = dir.join(format!("operator-{unique}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
-            .args([
-                "run",
-                "--metrics-addr",
-                &metrics_addr,
+        // POD_NAME is the identity the Lease records (`<POD_NAME>_<random>`).
+        OperatorProcess::spawn(Spawn {
+            name,
+            kubeconfig: &kubeconfig,
+            log_dir: &dir,
+            args: &[
                 "--dns-resolver",
                 "none",
-                "--log-format",
-                "json",
                 "--leader-election",
                 "--leader-election-namespace",
                 lease_ns,
-            ])
-            .env("KUBECONFIG", &kubeconfig)
-            .env("POD_NAME", name)
-            .env("RUST_LOG", "info,opsconductor_operator=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("the operator binary starts");
-        eprintln!(
-            "leader_election: operator {name} (pid {}) as {user}, log {}",
-            child.id(),
-            log.display()
-        );
-        Self {
-            name,
-            child,
-            metrics_addr,
-            log,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn ready(&self) -> bool {
-        http_get(&self.metrics_addr, "/readyz").is_some_and(|b| b.starts_with("ok"))
-    }
-
-    /// The sum of the samples whose line starts with `prefix`.
-    fn metric(&self, prefix: &str) -> f64 {
-        http_get(&self.metrics_addr, "/metrics")
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {signal} {}", self.child.id());
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "operator {} did not exit within {timeout:?}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Candidate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            ],
+            env: &[("POD_NAME", name)],
+        })
     }
 }
 
@@ -253,7 +181,7 @@ async fn holder(leases: &Api<Lease>) -> String {
 
 async fn wait_for_holder(
     leases: &Api<Lease>,
-    candidate: &Candidate,
+    candidate: &OperatorProcess,
     timeout: Duration,
 ) -> Duration {
     let start = Instant::now();

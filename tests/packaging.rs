@@ -21,7 +21,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -35,9 +35,10 @@ use opsconductor_operator::admission::{self, OperatorIdentity};
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::{Value, json};
 use support::operator::{
-    apply_stack, example, free_loopback_addr, http_get, install_crd, owned_objects,
-    rendered_objects, write_impersonating_kubeconfig,
+    apply_stack, example, http_get, install_crd, owned_objects, rendered_objects,
+    write_impersonating_kubeconfig,
 };
+use support::process::{OperatorProcess, Spawn};
 use support::{AuditLog, ControlPlane, TestNamespace, eventually, tools_bin_dir};
 
 const CHART: &str = "charts/opsconductor-operator";
@@ -760,70 +761,32 @@ fn install_chart_rbac(
     guard
 }
 
-/// An operator process, impersonating a user, stopped (SIGKILL) when dropped.
-struct OperatorProcess {
-    child: Child,
-    metrics_addr: String,
-    log: PathBuf,
-}
-
-impl OperatorProcess {
-    fn start(cp: &ControlPlane, tag: &str, user: &str, groups: &[String], args: &[&str]) -> Self {
-        let dir = cp.state_dir.join("packaging-tests");
-        std::fs::create_dir_all(&dir).unwrap();
-        let unique = format!("{tag}-{}", std::process::id());
-        let kubeconfig = dir.join(format!("kubeconfig-{unique}"));
-        write_impersonating_kubeconfig(
-            cp,
-            &kubeconfig,
-            user,
-            &groups.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
-        let metrics_addr = free_loopback_addr();
-        let log = dir.join(format!("operator-{unique}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
-            .args([
-                "run",
-                "--metrics-addr",
-                &metrics_addr,
-                "--dns-resolver",
-                "none",
-            ])
-            .args(args)
-            .env("KUBECONFIG", &kubeconfig)
-            .env("POD_NAME", tag)
-            .env("RUST_LOG", "info,opsconductor_operator=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("the operator binary starts");
-        eprintln!(
-            "packaging: operator {tag} (pid {}) as {user}, log {}",
-            child.id(),
-            log.display()
-        );
-        Self {
-            child,
-            metrics_addr,
-            log,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn ready(&self) -> bool {
-        http_get(&self.metrics_addr, "/readyz").is_some_and(|b| b.starts_with("ok"))
-    }
-}
-
-impl Drop for OperatorProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts an operator process impersonating `user` (stopped with SIGKILL when dropped).
+fn start_operator(
+    cp: &ControlPlane,
+    tag: &str,
+    user: &str,
+    groups: &[String],
+    args: &[&str],
+) -> OperatorProcess {
+    let dir = cp.state_dir.join("packaging-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join(format!("kubeconfig-{tag}-{}", std::process::id()));
+    write_impersonating_kubeconfig(
+        cp,
+        &kubeconfig,
+        user,
+        &groups.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut all = vec!["--dns-resolver", "none"];
+    all.extend_from_slice(args);
+    OperatorProcess::spawn(Spawn {
+        name: tag,
+        kubeconfig: &kubeconfig,
+        log_dir: &dir,
+        args: &all,
+        env: &[("POD_NAME", tag)],
+    })
 }
 
 #[tokio::test]
@@ -1060,7 +1023,7 @@ async fn the_charts_rbac_is_enough_to_reconcile_a_full_stack() {
     let (user, groups) = service_account(&release_ns.name);
     let audit = AuditLog::of(cp);
     let mark = audit.mark();
-    let op = OperatorProcess::start(
+    let op = start_operator(
         cp,
         "chart-rbac",
         &user,
@@ -1224,7 +1187,7 @@ async fn a_missing_permission_fails_loudly_and_names_it() {
                 .unwrap()
                 .contains(&json!("networkpolicies"))
         });
-        let op = OperatorProcess::start(cp, "no-netpol", &user, &groups, &[]);
+        let op = start_operator(cp, "no-netpol", &user, &groups, &[]);
         let line = eventually(
             "the operator to log the missing NetworkPolicy permission",
             Duration::from_secs(30),
@@ -1254,7 +1217,7 @@ async fn a_missing_permission_fails_loudly_and_names_it() {
         let _rbac = install_chart_rbac(cp, &release_ns.name, |r| {
             r["resources"].as_array().unwrap() == &vec![json!("opsconductorstacks/status")]
         });
-        let op = OperatorProcess::start(cp, "no-status", &user, &groups, &[]);
+        let op = start_operator(cp, "no-status", &user, &groups, &[]);
         let line = eventually(
             "the operator to log the missing status permission",
             Duration::from_secs(30),

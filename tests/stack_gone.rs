@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -15,7 +14,8 @@ use kube::Api;
 use kube::api::DeleteParams;
 use opsconductor_operator::crd::OpsConductorStack;
 use support::controlplane::ControlPlane;
-use support::operator::{apply_stack, example, free_loopback_addr, http_get, install_crd};
+use support::operator::{apply_stack, example, install_crd};
+use support::process::{OperatorProcess, Spawn};
 use support::{TestNamespace, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -24,57 +24,20 @@ const MARKER: &str = "opsconductor.io/protected";
 /// The tests of this file run one at a time: each owns the only operator.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// An operator process of this test's own, killed when dropped.
-struct OwnOperator {
-    child: Child,
-    addr: String,
-    /// Held open: the operator runs with `--exit-on-stdin-eof`, so it ends with this test
-    /// binary even when the binary is killed and no Drop runs.
-    _stdin: std::process::ChildStdin,
-}
-
-impl OwnOperator {
-    async fn start(cp: &ControlPlane) -> OwnOperator {
-        let addr = free_loopback_addr();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
-            .args(["run", "--metrics-addr", &addr, "--exit-on-stdin-eof"])
-            .env("KUBECONFIG", &cp.kubeconfig)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the operator binary starts");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let op = OwnOperator {
-            child,
-            addr,
-            _stdin: stdin,
-        };
-        eventually("the operator's /readyz", WAIT, || async {
-            http_get(&op.addr, "/readyz")
-                .filter(|b| b.starts_with("ok"))
-                .map(|_| ())
-        })
-        .await;
-        op
-    }
-
-    fn metrics(&self) -> String {
-        http_get(&self.addr, "/metrics").unwrap_or_default()
-    }
-
-    /// SIGKILL: no graceful shutdown, nothing written on the way out.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnOperator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts an operator process of this test's own and waits for its caches (`/readyz`).
+async fn own_operator(cp: &ControlPlane) -> OperatorProcess {
+    let op = OperatorProcess::spawn(Spawn {
+        name: "stack-gone",
+        kubeconfig: &cp.kubeconfig,
+        log_dir: &cp.state_dir.join("stack-gone-tests"),
+        args: &[],
+        env: &[],
+    });
+    eventually("the operator's /readyz", WAIT, || async {
+        op.ready().then_some(())
+    })
+    .await;
+    op
 }
 
 async fn marker(namespaces: &Api<Namespace>, name: &str) -> Option<Option<String>> {
@@ -104,7 +67,7 @@ async fn the_marker_goes_when_the_stack_was_deleted_while_the_operator_was_down(
     let namespaces: Api<Namespace> = Api::all(ns.client.clone());
     let stacks: Api<OpsConductorStack> = ns.api();
 
-    let op = OwnOperator::start(cp).await;
+    let mut op = own_operator(cp).await;
     apply_stack(&ns.client, &example("minimal.yaml", &ns.name)).await;
     eventually("the namespace marker to be set", WAIT, || async {
         (marker(&namespaces, &ns.name).await?.as_deref() == Some("enforce")).then_some(())
@@ -123,7 +86,7 @@ async fn the_marker_goes_when_the_stack_was_deleted_while_the_operator_was_down(
         "nothing else may remove the marker while the operator is down"
     );
 
-    let _op = OwnOperator::start(cp).await;
+    let _op = own_operator(cp).await;
     eventually(
         "the marker of a namespace whose last stack went while the operator was down to be removed",
         WAIT,
@@ -146,7 +109,7 @@ async fn a_background_delete_drops_the_stacks_metric_series() {
     };
     let stacks: Api<OpsConductorStack> = ns.api();
     let namespaces: Api<Namespace> = Api::all(ns.client.clone());
-    let op = OwnOperator::start(cp).await;
+    let op = own_operator(cp).await;
     let series = format!("opsconductor_violations{{stack=\"{}/hello\"}}", ns.name);
 
     apply_stack(&ns.client, &example("minimal.yaml", &ns.name)).await;

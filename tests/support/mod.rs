@@ -18,6 +18,7 @@ pub mod audit;
 pub mod controlplane;
 pub mod node;
 pub mod operator;
+pub mod process;
 
 pub use audit::{AuditEvent, AuditLog, AuditMark};
 pub use controlplane::{

@@ -2,13 +2,11 @@
 //!
 //! It runs under its own identity (the admin impersonating the service account
 //! [`OPERATOR_USER`] with `system:masters`), so the audit log tells its writes apart from the
-//! test's own. It stops by itself when the test binary exits: its standard input is a pipe
-//! held by this process, and it runs with `--exit-on-stdin-eof`.
+//! test's own. It stops by itself when the test binary exits (see [`OperatorProcess`]).
 
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -24,6 +22,7 @@ use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use opsconductor_operator::crd::OpsConductorStack;
 
 use super::controlplane::{ControlPlane, control_plane, eventually};
+use super::process::{OperatorProcess, Spawn};
 
 /// The user the operator's requests are made as.
 pub const OPERATOR_USER: &str = "system:serviceaccount:opsconductor-system:opsconductor-operator";
@@ -31,8 +30,7 @@ pub const OPERATOR_USER: &str = "system:serviceaccount:opsconductor-system:opsco
 pub struct Operator {
     pub metrics_addr: String,
     pub log: PathBuf,
-    _child: Mutex<Child>,
-    _stdin: Mutex<ChildStdin>,
+    _process: Mutex<OperatorProcess>,
 }
 
 static OPERATOR: OnceLock<Operator> = OnceLock::new();
@@ -69,35 +67,17 @@ fn start(cp: &ControlPlane) -> Operator {
         OPERATOR_USER,
         &["system:masters", "system:authenticated"],
     );
-    let metrics_addr = free_loopback_addr();
-    let log = dir.join(format!("operator-{}.log", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
-        .args([
-            "run",
-            "--metrics-addr",
-            &metrics_addr,
-            "--exit-on-stdin-eof",
-            "--log-format",
-            "json",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info,opsconductor_operator=debug")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("the operator binary starts");
-    let stdin = child.stdin.take().unwrap();
-    eprintln!(
-        "support: operator started (pid {}), log {}",
-        child.id(),
-        log.display()
-    );
+    let process = OperatorProcess::spawn(Spawn {
+        name: "shared",
+        kubeconfig: &kubeconfig,
+        log_dir: &dir,
+        args: &[],
+        env: &[],
+    });
     Operator {
-        metrics_addr,
-        log,
-        _child: Mutex::new(child),
-        _stdin: Mutex::new(stdin),
+        metrics_addr: process.metrics_addr.clone(),
+        log: process.log.clone(),
+        _process: Mutex::new(process),
     }
 }
 

@@ -1,0 +1,145 @@
+//! One way to run the real operator binary from a test: [`OperatorProcess`].
+//!
+//! Every process it starts runs `run --metrics-addr <free loopback port> --exit-on-stdin-eof
+//! --log-format json` plus the test's own arguments, with its standard input a pipe held by the
+//! test. So an operator never outlives the test binary that started it, even when that binary is
+//! killed and no `Drop` runs (a stray operator would reconcile, and fight over, the stacks of
+//! later runs). Its log goes to a file the test can read and a failing test prints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::operator::{free_loopback_addr, http_get};
+
+/// A running operator process, killed (SIGKILL) when dropped.
+pub struct OperatorProcess {
+    pub name: String,
+    pub child: Child,
+    pub metrics_addr: String,
+    pub log: PathBuf,
+    /// Held open: the operator exits when it is closed (`--exit-on-stdin-eof`).
+    _stdin: ChildStdin,
+}
+
+/// What to start: `args` come after the fixed ones, `env` is added to the test's environment.
+pub struct Spawn<'a> {
+    /// Names the process in messages and in its log file's name.
+    pub name: &'a str,
+    pub kubeconfig: &'a Path,
+    /// The directory of the log file (created if missing).
+    pub log_dir: &'a Path,
+    pub args: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl OperatorProcess {
+    pub fn spawn(s: Spawn<'_>) -> Self {
+        std::fs::create_dir_all(s.log_dir).unwrap();
+        let metrics_addr = free_loopback_addr();
+        let port = metrics_addr.rsplit(':').next().unwrap_or_default();
+        let log = s.log_dir.join(format!(
+            "operator-{}-{}-{port}.log",
+            s.name,
+            std::process::id()
+        ));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"));
+        cmd.args([
+            "run",
+            "--metrics-addr",
+            &metrics_addr,
+            "--exit-on-stdin-eof",
+            "--log-format",
+            "json",
+        ])
+        .args(s.args)
+        .env("KUBECONFIG", s.kubeconfig)
+        .env("RUST_LOG", "info,opsconductor_operator=debug");
+        for (k, v) in s.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("the operator binary starts");
+        let stdin = child.stdin.take().expect("piped stdin");
+        eprintln!(
+            "support: operator {} started (pid {}), log {}",
+            s.name,
+            child.id(),
+            log.display()
+        );
+        OperatorProcess {
+            name: s.name.to_string(),
+            child,
+            metrics_addr,
+            log,
+            _stdin: stdin,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/readyz` answers `ok`: the caches are synced (and, with leader election, whatever the
+    /// operator reports there).
+    pub fn ready(&self) -> bool {
+        http_get(&self.metrics_addr, "/readyz").is_some_and(|b| b.starts_with("ok"))
+    }
+
+    /// `/metrics`, or empty when nothing answers.
+    pub fn metrics(&self) -> String {
+        http_get(&self.metrics_addr, "/metrics").unwrap_or_default()
+    }
+
+    /// The sum of the samples whose line starts with `prefix` (a metric name, optionally with
+    /// labels); 0 when there is none.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Sends `signal` (as `kill` takes it, e.g. `-TERM`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {}", self.child.id());
+    }
+
+    /// Waits for the process to exit; a hang guard, not a timing assertion.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "operator {} did not exit within {timeout:?}; log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no graceful shutdown, nothing written on the way out.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
