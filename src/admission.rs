@@ -516,6 +516,98 @@ fn binding(policy: &str, value: &str) -> ValidatingAdmissionPolicyBinding {
     }
 }
 
+/// What is wrong with the guardrails installed in the cluster, compared with what
+/// [`guardrails`] builds: one line per policy or binding that is missing or does not do its
+/// job (a policy that fails open, a binding that names another policy, no longer denies, or
+/// selects other namespaces). Empty: every guardrail is in place and bound.
+///
+/// The rules inside the policies are not compared: they name the operator's identity, which
+/// only the installer knows. What is compared is what switches a policy off without touching
+/// its rules.
+pub fn guardrail_problems(
+    installed_policies: &[ValidatingAdmissionPolicy],
+    installed_bindings: &[ValidatingAdmissionPolicyBinding],
+) -> Vec<String> {
+    let wanted = guardrails(&OperatorIdentity::default());
+    let mut problems = Vec::new();
+    for want in &wanted.policies {
+        let name = want.metadata.name.as_deref().unwrap_or_default();
+        match installed_policies
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+        {
+            None => problems.push(format!("ValidatingAdmissionPolicy {name} is missing")),
+            Some(p) => {
+                let failure = p.spec.as_ref().and_then(|s| s.failure_policy.as_deref());
+                if failure.is_some_and(|f| f != "Fail") {
+                    problems.push(format!(
+                        "ValidatingAdmissionPolicy {name} has failurePolicy {} (must be Fail)",
+                        failure.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    for want in &wanted.bindings {
+        let name = want.metadata.name.as_deref().unwrap_or_default();
+        let want = want.spec.clone().unwrap_or_default();
+        let Some(have) = installed_bindings
+            .iter()
+            .find(|b| b.metadata.name.as_deref() == Some(name))
+        else {
+            problems.push(format!(
+                "ValidatingAdmissionPolicyBinding {name} is missing"
+            ));
+            continue;
+        };
+        let have = have.spec.clone().unwrap_or_default();
+        if have.policy_name != want.policy_name {
+            problems.push(format!(
+                "ValidatingAdmissionPolicyBinding {name} binds {:?}, not {}",
+                have.policy_name.unwrap_or_default(),
+                want.policy_name.unwrap_or_default()
+            ));
+        }
+        let actions = have.validation_actions.clone().unwrap_or_default();
+        let missing: Vec<&String> = want
+            .validation_actions
+            .iter()
+            .flatten()
+            .filter(|a| !actions.contains(a))
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "ValidatingAdmissionPolicyBinding {name} has validationActions {actions:?}, \
+                 without {missing:?}"
+            ));
+        }
+        if scope(&have.match_resources) != scope(&want.match_resources)
+            || have.param_ref != want.param_ref
+        {
+            problems.push(format!(
+                "ValidatingAdmissionPolicyBinding {name} selects other namespaces or objects \
+                 than the operator's"
+            ));
+        }
+    }
+    problems
+}
+
+/// What a binding's `matchResources` restricts it to, with the API server's defaults (an
+/// empty selector, `matchPolicy`) taken out, so an installed binding compares equal to the
+/// one built.
+fn scope(m: &Option<MatchResources>) -> impl PartialEq + use<> {
+    let m = m.clone().unwrap_or_default();
+    let selector = |s: Option<LabelSelector>| s.filter(|s| *s != LabelSelector::default());
+    let list = |l: Option<Vec<NamedRuleWithOperations>>| l.unwrap_or_default();
+    (
+        selector(m.namespace_selector),
+        selector(m.object_selector),
+        list(m.resource_rules),
+        list(m.exclude_resource_rules),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,6 +721,70 @@ mod tests {
         assert!(
             !text(PODS_POLICY).contains("serviceaccount"),
             "no one is exempt from the pod rules"
+        );
+    }
+
+    #[test]
+    fn guardrail_problems_name_what_is_missing_or_switched_off() {
+        let g = guardrails(&OperatorIdentity::new("ops", "op").unwrap());
+        assert!(guardrail_problems(&g.policies, &g.bindings).is_empty());
+        // As the API server returns them: defaults filled in.
+        let mut defaulted = g.bindings.clone();
+        for b in &mut defaulted {
+            let m = b
+                .spec
+                .as_mut()
+                .unwrap()
+                .match_resources
+                .get_or_insert_default();
+            m.match_policy = Some("Equivalent".into());
+            m.object_selector = Some(LabelSelector::default());
+            m.namespace_selector.get_or_insert_default();
+        }
+        assert!(guardrail_problems(&g.policies, &defaulted).is_empty());
+        assert_eq!(
+            guardrail_problems(&[], &[]).len(),
+            g.policies.len() + g.bindings.len()
+        );
+
+        let mut policies = g.policies.clone();
+        policies.retain(|p| p.metadata.name.as_deref() != Some(PODS_POLICY));
+        policies[0].spec.as_mut().unwrap().failure_policy = Some("Ignore".into());
+        let mut bindings = g.bindings.clone();
+        let enforce = format!("{MEMBERS_POLICY}-{ENFORCE}");
+        let audit = format!("{SERVICES_POLICY}-{AUDIT}");
+        for b in &mut bindings {
+            let name = b.metadata.name.clone().unwrap();
+            let spec = b.spec.as_mut().unwrap();
+            if name == enforce {
+                spec.validation_actions = Some(vec!["Warn".into()]);
+            } else if name == audit {
+                spec.match_resources = None;
+            } else if name == MARKER_POLICY {
+                spec.policy_name = Some(PODS_POLICY.into());
+            }
+        }
+        bindings
+            .retain(|b| b.metadata.name.as_deref() != Some(&format!("{PODS_POLICY}-{ENFORCE}")));
+        let problems = guardrail_problems(&policies, &bindings);
+        assert_eq!(
+            problems,
+            vec![
+                format!(
+                    "ValidatingAdmissionPolicy {SERVICES_POLICY} has failurePolicy Ignore (must be Fail)"
+                ),
+                format!("ValidatingAdmissionPolicy {PODS_POLICY} is missing"),
+                format!(
+                    "ValidatingAdmissionPolicyBinding {audit} selects other namespaces or objects than the operator's"
+                ),
+                format!("ValidatingAdmissionPolicyBinding {PODS_POLICY}-{ENFORCE} is missing"),
+                format!(
+                    "ValidatingAdmissionPolicyBinding {enforce} has validationActions [\"Warn\"], without [\"Deny\"]"
+                ),
+                format!(
+                    "ValidatingAdmissionPolicyBinding {MARKER_POLICY} binds \"{PODS_POLICY}\", not {MARKER_POLICY}"
+                ),
+            ],
         );
     }
 }

@@ -19,6 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
@@ -53,6 +56,10 @@ pub struct RunOptions {
     /// The operator's own namespace (`POD_NAMESPACE`, set by the chart), for the gateway
     /// NetworkPolicy rule that lets the ACME self-check through `allowedSourceRanges`.
     pub operator_namespace: Option<String>,
+    /// Report `PolicyEnforced=True` only while the admission guardrails
+    /// ([`crate::admission`]) are installed and bound (`--admission-guardrails require`);
+    /// `false` when they are deliberately not installed (the chart's `admission.enabled=false`).
+    pub require_guardrails: bool,
 }
 
 impl Default for RunOptions {
@@ -64,6 +71,7 @@ impl Default for RunOptions {
             max_concurrent_reconciles: 8,
             dns_resolver: None,
             operator_namespace: None,
+            require_guardrails: true,
         }
     }
 }
@@ -79,8 +87,36 @@ pub struct Stores {
     pub pod_disruption_budgets: Store<Compact<PodDisruptionBudget>>,
     /// Everything in stack namespaces that the violation audit looks at, managed or not.
     pub audit: AuditStores,
+    /// The admission guardrails installed in the cluster, when the operator requires them
+    /// (see [`RunOptions::require_guardrails`]).
+    pub guardrails: Option<GuardrailStores>,
     /// Opens once every cache above has its initial list (see [`Stores::wait_ready`]).
     ready: tokio::sync::watch::Sender<bool>,
+}
+
+/// Caches of the ValidatingAdmissionPolicies and their bindings labelled as the operator's.
+pub struct GuardrailStores {
+    pub policies: Store<ValidatingAdmissionPolicy>,
+    pub bindings: Store<ValidatingAdmissionPolicyBinding>,
+}
+
+impl GuardrailStores {
+    /// What is missing or switched off (see [`crate::admission::guardrail_problems`]).
+    pub fn problems(&self) -> Vec<String> {
+        let policies: Vec<_> = self
+            .policies
+            .state()
+            .iter()
+            .map(|p| (**p).clone())
+            .collect();
+        let bindings: Vec<_> = self
+            .bindings
+            .state()
+            .iter()
+            .map(|b| (**b).clone())
+            .collect();
+        crate::admission::guardrail_problems(&policies, &bindings)
+    }
 }
 
 /// Caches of every Service, Pod, Ingress and NetworkPolicy, for the violation audit.
@@ -125,6 +161,10 @@ impl Stores {
         let _ = self.audit.namespaces.wait_until_ready().await;
         for (_, store) in &self.audit.routes {
             let _ = store.wait_until_ready().await;
+        }
+        if let Some(g) = &self.guardrails {
+            let _ = g.policies.wait_until_ready().await;
+            let _ = g.bindings.wait_until_ready().await;
         }
         self.ready.send_replace(true);
     }
@@ -392,6 +432,52 @@ pub async fn run(
         routes.push((kind, reader));
     }
 
+    // The admission guardrails, when required: any change of them concerns every stack's
+    // PolicyEnforced condition.
+    let guardrails = if options.require_guardrails {
+        let config = watcher::Config::default().labels(&format!(
+            "{}={}",
+            names::PART_OF_LABEL,
+            names::PART_OF
+        ));
+        macro_rules! guardrail_watch {
+            ($kind:ty) => {{
+                let (reader, writer) = reflector::store::<$kind>();
+                let stream = watcher(Api::<$kind>::all(client.clone()), config.clone())
+                    .backoff(WatchBackoff::default())
+                    .modify(|o| o.managed_fields_mut().clear())
+                    .reflect(writer)
+                    .touched_objects()
+                    .filter_map(|event| async move {
+                        event
+                            .map_err(|e| {
+                                tracing::warn!(kind = stringify!($kind), error = %e, "guardrail watch failed; retrying")
+                            })
+                            .ok()
+                            .map(Ok)
+                    });
+                let all = stack_store.clone();
+                controller = controller.watches_stream(stream, move |_| {
+                    all.state()
+                        .iter()
+                        .map(|s| ObjectRef::from_obj(&**s))
+                        .collect::<Vec<_>>()
+                });
+                reader
+            }};
+        }
+        let policies = guardrail_watch!(ValidatingAdmissionPolicy);
+        let bindings = guardrail_watch!(ValidatingAdmissionPolicyBinding);
+        tracing::info!("PolicyEnforced requires the admission guardrails to be installed");
+        Some(GuardrailStores { policies, bindings })
+    } else {
+        tracing::info!(
+            "admission guardrails not required (--admission-guardrails ignore): PolicyEnforced \
+             does not check them"
+        );
+        None
+    };
+
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(
@@ -417,6 +503,7 @@ pub async fn run(
                 namespaces,
                 routes,
             },
+            guardrails,
             ready: tokio::sync::watch::Sender::new(false),
         },
         acme: crate::acme::Manager::new(
@@ -722,6 +809,7 @@ mod tests {
                 namespaces,
                 routes: Vec::new(),
             },
+            guardrails: None,
             ready: tokio::sync::watch::Sender::new(false),
         });
         let opener = tokio::spawn({

@@ -601,6 +601,21 @@ async fn observe(
                 names.join(", ")
             ),
         )
+    } else if let Some(problems) = ctx
+        .stores
+        .guardrails
+        .as_ref()
+        .map(|g| g.problems())
+        .filter(|p| !p.is_empty())
+    {
+        Verdict::not(
+            "GuardrailsMissing",
+            format!(
+                "the admission guardrails are not in place (install them with the chart, \
+                 admission.enabled=true, or manifests/admission/): {}",
+                problems.join("; ")
+            ),
+        )
     } else if model.mode == PolicyMode::Audit {
         Verdict::ok(
             "Audited",
