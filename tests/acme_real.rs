@@ -988,3 +988,229 @@ async fn renewal_by_a_short_lifetime_and_by_an_ari_window() {
 fn cert_time(t: SystemTime) -> String {
     opsconductor_operator::acme::rfc3339(t)
 }
+
+/// `kubectl delete` is a background delete: the operator never sees a deletionTimestamp, the
+/// stack just leaves its cache. Deleted while its order is in progress (pebble is still
+/// validating the challenge, on a port that never answers), the stack's ACME job must stop:
+/// once the operator has dropped the stack's metric series (the same pass stops the job), no
+/// further request reaches the CA, although the order is still pending and then invalid, which
+/// a running job would keep polling for and then ask about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_delete_mid_order_stops_the_job_and_the_ca_hears_no_more() {
+    use acme_support::{SilentPort, pebble_requests};
+    let _serial = SERIAL.lock().await;
+    let silent = SilentPort::start();
+    let Some(mut w) = World::with("acme-gone", 90 * 86_400, 0, None, Some(silent.port)).await
+    else {
+        return;
+    };
+    w.start_operator();
+    w.apply(&["gone.test"]).await;
+    eventually("pebble to be validating the challenge", WAIT, || async {
+        (silent.open() > 0).then_some(())
+    })
+    .await;
+    // The job is alive: it polls the pending order.
+    let polling_from = pebble_requests(&w.pebble.log());
+    eventually("the job to poll the pending order", WAIT, || async {
+        (pebble_requests(&w.pebble.log()) >= polling_from + 2).then_some(())
+    })
+    .await;
+
+    let stacks: Api<OpsConductorStack> = w.ns.api();
+    stacks
+        .delete(STACK, &kube::api::DeleteParams::background())
+        .await
+        .unwrap();
+    let series = format!("stack=\"{}/{STACK}\"", w.ns.name);
+    eventually("the stack's metric series to be gone", WAIT, || async {
+        (!w.operator().metrics().contains(&series)).then_some(())
+    })
+    .await;
+    assert!(
+        silent.open() > 0,
+        "pebble must still be validating when the stack is forgotten (mid-order); it gave up \
+         before the operator noticed the deletion"
+    );
+    let at_forget = pebble_requests(&w.pebble.log());
+
+    // Observe until pebble has given up the validation (the order is invalid now: a running
+    // job would poll it, see that, and fetch the authorization to say why), and a little more.
+    eventually("pebble to give up the validation", WAIT, || async {
+        (silent.open() == 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = w.pebble.log();
+    let after = pebble_requests(&log) - at_forget;
+    // At most the one request that was already on its way when the job stopped.
+    assert!(
+        after <= 1,
+        "{after} requests reached the CA after the stack was forgotten:\n{}",
+        log.lines()
+            .filter(|l| l.contains("-> calling handler()"))
+            .skip(at_forget)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let stopped = w
+        .operator()
+        .log_text()
+        .lines()
+        .any(|l| l.contains("stopping its ACME job"));
+    eprintln!(
+        "requests to the CA: {polling_from} before validation, {at_forget} when forgotten, {after} after; \
+         the operator logged that it stopped a running job: {stopped}"
+    );
+}
+
+/// The ACME backoff survives a restart: it resumes from `failedAttempts` and
+/// `lastFailureTime` in the status, so a restarted operator (or a new leader) does not order
+/// again at once after failures.
+///
+/// 1. pebble validates on a closed port: orders fail; the first operator (backoff 1 s) fails
+///    at least twice and is stopped.
+/// 2. A new operator with a 300 s backoff: the recorded failures put the next attempt
+///    300 s x 2^(n-1) after the last failure, and the status says so; over several
+///    reconciles, no order reaches the CA.
+/// 3. A new operator with a 1 s backoff: that time has passed, one order is made, and the
+///    count of failures goes on from the recorded one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backoff_resumes_from_the_status_after_a_restart() {
+    use acme_support::pebble_orders;
+    let _serial = SERIAL.lock().await;
+    let closed = acme_support::free_port();
+    let Some(mut w) = World::with("acme-resume", 90 * 86_400, 0, None, Some(closed)).await else {
+        return;
+    };
+    let set_backoff = |w: &mut World, first: &str| {
+        for (k, v) in w.env.iter_mut() {
+            match *k {
+                "OPSC_ACME_BACKOFF_FIRST_SECONDS" => *v = first.to_string(),
+                "OPSC_ACME_BACKOFF_CAP_SECONDS" => *v = "1000000".to_string(),
+                _ => {}
+            }
+        }
+    };
+    let time = |s: &Option<String>| -> i64 {
+        s.as_deref()
+            .expect("a time")
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .unwrap()
+            .as_second()
+    };
+
+    // 1. Two failures (at least), then the operator stops.
+    set_backoff(&mut w, "1");
+    w.start_operator();
+    w.apply(&["again.test"]).await;
+    failing(&w, "two failed orders", |c| {
+        c.failed_attempts >= 2 && c.state == CertificateState::Failed
+    })
+    .await;
+    w.operator = None;
+    let before = w.certificate().await.unwrap();
+    let failures = before.failed_attempts;
+    // Normally the kind of the last failure; when the operator was stopped while its next
+    // order ran, the status kept no kind.
+    let expected_reason = match certificate_condition(&w).await.reason.as_str() {
+        "Ordering" => "EarlierFailure".to_string(),
+        reason => reason.to_string(),
+    };
+    assert!(
+        before
+            .last_failure_reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("challenge not reachable from the CA")),
+        "{before:?}"
+    );
+
+    // 2. Restarted with a long backoff: it waits, and says until when.
+    set_backoff(&mut w, "300");
+    w.start_operator();
+    // (Taken once the new operator is ready: a request of the stopped one has long been
+    // logged by then, and the new one reconciles nothing before.)
+    let orders = pebble_orders(&w.pebble.log());
+    assert!(
+        orders >= failures as usize,
+        "{orders} orders, {failures} failures"
+    );
+    let resumed = failing(&w, "the restarted operator's first status", |c| {
+        *c != before
+    })
+    .await;
+    let expected_wait = 300 * (1i64 << (failures - 1));
+    assert_eq!(
+        (resumed.failed_attempts, resumed.state),
+        (failures, CertificateState::Failed),
+        "the failures are resumed, not started afresh: {resumed:?}"
+    );
+    assert_eq!(resumed.last_failure_time, before.last_failure_time);
+    assert_eq!(
+        time(&resumed.renewal_time) - time(&resumed.last_failure_time),
+        expected_wait,
+        "the next attempt is {expected_wait} s after the last failure: {resumed:?}"
+    );
+    let condition = certificate_condition(&w).await;
+    assert_eq!(condition.reason, expected_reason);
+    let next = resumed.renewal_time.clone().unwrap();
+    assert!(
+        condition
+            .message
+            .contains(&format!("failed {failures} time(s)"))
+            && condition
+                .message
+                .ends_with(&format!("next attempt at {next}")),
+        "{}",
+        condition.message
+    );
+    // Several more reconciles of the stack (every 3 s here): still no order.
+    let reconciles = |w: &World| w.operator().metric("opsconductor_reconciles_total");
+    let from = reconciles(&w);
+    eventually("three more reconciles", WAIT, || async {
+        (reconciles(&w) >= from + 3.0).then_some(())
+    })
+    .await;
+    let log = w.operator().log_text();
+    assert!(
+        !log.contains("starting an ACME order"),
+        "the restarted operator ordered before the recorded backoff expired:\n{log}"
+    );
+    assert_eq!(
+        pebble_orders(&w.pebble.log()),
+        orders,
+        "no order before the recorded backoff expires"
+    );
+    assert_eq!(w.certificate().await.unwrap().failed_attempts, failures);
+    assert!(
+        log.contains("resuming the ACME backoff recorded in the status"),
+        "{log}"
+    );
+
+    // 3. Restarted with a 1 s backoff: the wait is over; the next order fails as the others
+    // did, and the count goes on.
+    set_backoff(&mut w, "1");
+    w.start_operator();
+    let third = failing(&w, "one more failed order", |c| {
+        c.failed_attempts == failures + 1
+    })
+    .await;
+    assert!(time(&third.last_failure_time) > time(&before.last_failure_time));
+    assert!(pebble_orders(&w.pebble.log()) > orders);
+}
+
+/// The stack's CertificateReady condition.
+async fn certificate_condition(
+    w: &World,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    let stacks: Api<OpsConductorStack> = w.ns.api();
+    let stack = stacks.get(STACK).await.unwrap();
+    stack
+        .status
+        .and_then(|s| {
+            s.conditions
+                .into_iter()
+                .find(|c| c.type_ == "CertificateReady")
+        })
+        .expect("a CertificateReady condition")
+}

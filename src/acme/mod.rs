@@ -17,7 +17,8 @@ pub mod cert;
 pub mod order;
 pub mod policy;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -84,9 +85,39 @@ pub enum FailureKind {
     /// The Kubernetes API failed.
     Kube,
     Internal,
+    /// A failure the status recorded without its kind (an earlier process stopped while its
+    /// next order ran): its message is all that is known.
+    Earlier,
 }
 
 impl FailureKind {
+    const ALL: [FailureKind; 13] = [
+        FailureKind::ChallengeUnreachable,
+        FailureKind::ChallengeFailed,
+        FailureKind::CaUnreachable,
+        FailureKind::RateLimited,
+        FailureKind::OrderInvalid,
+        FailureKind::AccountUnknown,
+        FailureKind::AccountRefused,
+        FailureKind::BadCertificate,
+        FailureKind::Config,
+        FailureKind::NameConflict,
+        FailureKind::Kube,
+        FailureKind::Internal,
+        FailureKind::Earlier,
+    ];
+
+    /// The kind whose [`FailureKind::reason`] is `reason`.
+    pub fn from_reason(reason: &str) -> Option<FailureKind> {
+        FailureKind::ALL.into_iter().find(|k| k.reason() == reason)
+    }
+
+    /// Whether a failure of this kind may carry the CA's `Retry-After`, which makes its next
+    /// attempt more than a function of the failure count and time.
+    fn may_carry_retry_after(self) -> bool {
+        matches!(self, FailureKind::RateLimited | FailureKind::CaUnreachable)
+    }
+
     pub fn reason(self) -> &'static str {
         match self {
             FailureKind::ChallengeUnreachable => "ChallengeUnreachable",
@@ -101,6 +132,7 @@ impl FailureKind {
             FailureKind::NameConflict => "NameConflict",
             FailureKind::Kube => "KubernetesError",
             FailureKind::Internal => "InternalError",
+            FailureKind::Earlier => "EarlierFailure",
         }
     }
 }
@@ -191,6 +223,73 @@ impl Failure {
             ),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures recorded in the status
+
+/// What the stack's status says about earlier attempts: written by this operator before a
+/// restart, or by the replica that led before a change of leader. The backoff resumes from it,
+/// so that neither orders again at once after failures (a crash-looping operator is what gets
+/// an account rate-limited or blocked by a real CA).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Recorded {
+    /// `status.certificate`, when it describes the stack's current spec (its
+    /// `observedGeneration` is the stack's generation; a spec changed since starts afresh, as a
+    /// change of hosts or ACME settings does in a running operator).
+    pub certificate: Option<CertificateStatus>,
+    /// The CertificateReady condition's reason: the kind of the last failure.
+    pub reason: Option<String>,
+}
+
+/// A backoff resumed from the status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Resumed {
+    failures: u32,
+    failure: Failure,
+    failed_at: SystemTime,
+    next_attempt: SystemTime,
+}
+
+fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let secs = text
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .ok()?
+        .as_second();
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
+/// The failures to resume from, or `None` when the status records none (or no readable time
+/// of the last one). The next attempt follows the backoff of the recorded count from the
+/// recorded time; the recorded `renewalTime` (the next attempt the status named) counts only
+/// when the failure may have carried the CA's `Retry-After`, which is not stored elsewhere.
+fn resume(recorded: &Recorded, backoff: &Backoff) -> Option<Resumed> {
+    let c = recorded.certificate.as_ref()?;
+    let failures = u32::try_from(c.failed_attempts).ok().filter(|n| *n > 0)?;
+    let failed_at = parse_rfc3339(c.last_failure_time.as_deref()?)?;
+    let kind = recorded
+        .reason
+        .as_deref()
+        .and_then(FailureKind::from_reason)
+        .unwrap_or(FailureKind::Earlier);
+    let retry_after = c
+        .renewal_time
+        .as_deref()
+        .and_then(parse_rfc3339)
+        .filter(|_| kind.may_carry_retry_after());
+    Some(Resumed {
+        failures,
+        failure: Failure {
+            kind,
+            message: c
+                .last_failure_reason
+                .clone()
+                .unwrap_or_else(|| "(no reason recorded)".into()),
+            retry_after,
+        },
+        failed_at,
+        next_attempt: policy::next_attempt(failed_at, failures, backoff, retry_after),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,6 +434,13 @@ struct AriState {
 
 #[derive(Default)]
 struct State {
+    /// The stack is gone and this state was dropped by [`Manager::forget`]: no job may start
+    /// on it (a reconcile that began before the stack went may still hold it).
+    forgotten: bool,
+    /// The failures recorded in the status were looked at (once, when the state is new).
+    resumed: bool,
+    /// The stack's UID, to refuse a reconcile of a stack already forgotten.
+    uid: Option<String>,
     /// What the orders depend on; a change resets the backoff and cancels a running order.
     fingerprint: String,
     task: Option<(Job, tokio::task::JoinHandle<()>)>,
@@ -356,13 +462,32 @@ impl State {
             .filter(|(_, handle)| !handle.is_finished())
             .map(|(job, _)| *job)
     }
+
+    /// Starts `job` in the background, unless the stack is gone.
+    fn start(&mut self, job: Job, work: impl Future<Output = ()> + Send + 'static) {
+        if self.forgotten {
+            return;
+        }
+        self.task = Some((job, tokio::spawn(work)));
+    }
 }
+
+/// How many UIDs of forgotten stacks are remembered (a reconcile that started before its
+/// stack went finishes within seconds; this only has to outlast it).
+const FORGOTTEN_UIDS: usize = 1024;
 
 /// The ACME engine of the controller: one state per stack, at most one job per stack.
 pub struct Manager {
     config: Config,
     metrics: Arc<Metrics>,
-    stacks: Mutex<HashMap<String, Arc<Mutex<State>>>>,
+    stacks: Mutex<Stacks>,
+}
+
+#[derive(Default)]
+struct Stacks {
+    states: HashMap<String, Arc<Mutex<State>>>,
+    /// UIDs of stacks forgotten, newest last: never brought back by a late reconcile.
+    forgotten: VecDeque<String>,
 }
 
 /// What a background job needs.
@@ -408,42 +533,71 @@ impl Manager {
         }
     }
 
-    fn state(&self, key: &str) -> Arc<Mutex<State>> {
-        self.stacks
-            .lock()
-            .unwrap()
-            .entry(key.to_string())
-            .or_default()
-            .clone()
+    /// The state of the stack `key` with `uid`, made on first use; `None` when that stack
+    /// was forgotten (a reconcile that began before the stack went).
+    fn state(&self, key: &str, uid: Option<&str>) -> Option<Arc<Mutex<State>>> {
+        let mut stacks = self.stacks.lock().unwrap();
+        if let Some(uid) = uid
+            && stacks.forgotten.iter().any(|u| u == uid)
+        {
+            return None;
+        }
+        let state = stacks.states.entry(key.to_string()).or_default().clone();
+        let mut st = state.lock().unwrap();
+        if st.uid.as_deref() != uid {
+            st.uid = uid.map(str::to_string);
+        }
+        drop(st);
+        Some(state)
     }
 
     /// The stacks (`namespace/name`) this manager keeps state for.
     pub fn known_stacks(&self) -> Vec<String> {
-        self.stacks.lock().unwrap().keys().cloned().collect()
+        self.stacks.lock().unwrap().states.keys().cloned().collect()
     }
 
-    /// Forgets a deleted stack: stops its job and drops its metrics.
+    /// Forgets a deleted stack: stops its job (aborted at its next await, so no further
+    /// request reaches the CA), drops its metrics, and makes sure no job starts for it again,
+    /// also from a reconcile that is still under way.
     pub fn forget(&self, namespace: &str, name: &str) {
         let key = format!("{namespace}/{name}");
-        if let Some(state) = self.stacks.lock().unwrap().remove(&key)
-            && let Some((_, handle)) = state.lock().unwrap().task.take()
-        {
-            handle.abort();
+        let mut stacks = self.stacks.lock().unwrap();
+        if let Some(state) = stacks.states.remove(&key) {
+            let mut st = state.lock().unwrap();
+            st.forgotten = true;
+            if let Some((job, handle)) = st.task.take() {
+                if !handle.is_finished() {
+                    tracing::info!(stack = %key, ?job, "stack is gone: stopping its ACME job");
+                }
+                handle.abort();
+            }
+            if let Some(uid) = st.uid.clone() {
+                if stacks.forgotten.len() == FORGOTTEN_UIDS {
+                    stacks.forgotten.pop_front();
+                }
+                stacks.forgotten.push_back(uid);
+            }
         }
+        drop(stacks);
         self.metrics.forget("stack", &key);
     }
 
     /// One look at the certificate of an ACME stack. Talks to the API server (the two
     /// Secrets), never to the CA; starts a background job when one is due.
+    /// `recorded` is what the stack's status says about earlier attempts: the backoff
+    /// resumes from it when this manager has no state for the stack yet.
     pub async fn reconcile(
         &self,
         client: &Client,
         stack: &Stack,
         acme: &Acme,
+        recorded: &Recorded,
         now: SystemTime,
     ) -> Result<Report, kube::Error> {
         let key = stack_key(stack);
-        let state = self.state(&key);
+        let Some(state) = self.state(&key, stack.uid.as_deref()) else {
+            return Ok(self.gone_report());
+        };
         let fp = fingerprint(stack, acme);
         {
             let mut st = state.lock().unwrap();
@@ -459,6 +613,21 @@ impl Manager {
                     st.thumbprint = None;
                 }
                 st.fingerprint = fp;
+            }
+            if !st.resumed {
+                st.resumed = true;
+                if let Some(r) = resume(recorded, &self.config.backoff) {
+                    tracing::info!(
+                        stack = %key,
+                        failures = r.failures,
+                        last_failure = %rfc3339(r.failed_at),
+                        next_attempt = %rfc3339(r.next_attempt),
+                        "resuming the ACME backoff recorded in the status"
+                    );
+                    st.failures = r.failures;
+                    st.next_attempt = Some(r.next_attempt);
+                    st.failure = Some((r.failure, r.failed_at));
+                }
             }
         }
 
@@ -547,8 +716,7 @@ impl Manager {
                         _ if running.is_none() => {
                             let ctx = self.job_context(client, stack, acme, &state);
                             let serial = leaf.facts.serial.clone();
-                            let handle = tokio::spawn(renewal_info_job(ctx, serial, ari_id));
-                            st.task = Some((Job::RenewalInfo, handle));
+                            st.start(Job::RenewalInfo, renewal_info_job(ctx, serial, ari_id));
                             requeue = Some(self.config.poll_interval);
                         }
                         _ => requeue = Some(self.config.poll_interval),
@@ -621,8 +789,7 @@ impl Manager {
                             _ => None,
                         };
                         tracing::info!(stack = %key, why = %why.describe(), "starting an ACME order");
-                        let handle = tokio::spawn(order_job(ctx, why.clone(), replaces));
-                        st.task = Some((Job::Order, handle));
+                        st.start(Job::Order, order_job(ctx, why.clone(), replaces));
                         requeue = Some(self.config.poll_interval);
                         (
                             busy_state,
@@ -718,6 +885,21 @@ impl Manager {
             events,
             conflicts: Vec::new(),
         })
+    }
+
+    /// The report for a stack that is gone (a reconcile that began before it went): nothing
+    /// is read, written or ordered.
+    fn gone_report(&self) -> Report {
+        Report {
+            status: CertificateStatus::pending(),
+            ok: false,
+            reason: "StackGone",
+            message: "the stack is gone".into(),
+            thumbprint: None,
+            requeue_after: None,
+            events: Vec::new(),
+            conflicts: Vec::new(),
+        }
     }
 
     /// The report while a Secret of the certificate is someone else's: nothing is ordered
@@ -1302,6 +1484,112 @@ mod tests {
             templated.gateway_url(&stack),
             "http://127.0.0.1:8080/ops/prod"
         );
+    }
+
+    #[test]
+    fn every_failure_reason_names_its_kind() {
+        for kind in FailureKind::ALL {
+            assert_eq!(FailureKind::from_reason(kind.reason()), Some(kind));
+        }
+        assert_eq!(FailureKind::from_reason("Issued"), None);
+    }
+
+    #[test]
+    fn the_backoff_resumes_from_the_recorded_failures() {
+        let t = |s: &str| parse_rfc3339(s).unwrap();
+        let backoff = Backoff {
+            first: Duration::from_secs(60),
+            cap: Duration::from_secs(3600),
+        };
+        let recorded = |failed: i32, at: Option<&str>, next: Option<&str>, reason: &str| Recorded {
+            certificate: Some(CertificateStatus {
+                state: CertificateState::Failed,
+                renewal_time: next.map(str::to_string),
+                last_failure_reason: Some("challenge not reachable from the CA: x".into()),
+                last_failure_time: at.map(str::to_string),
+                failed_attempts: failed,
+                ..CertificateStatus::pending()
+            }),
+            reason: Some(reason.into()),
+        };
+        // Two failures, the last at 10:00: the third attempt waits 2 minutes from then.
+        let r = resume(
+            &recorded(
+                2,
+                Some("2027-01-27T10:00:00Z"),
+                Some("2027-01-27T10:02:00Z"),
+                "ChallengeFailed",
+            ),
+            &backoff,
+        )
+        .unwrap();
+        assert_eq!(r.failures, 2);
+        assert_eq!(r.failed_at, t("2027-01-27T10:00:00Z"));
+        assert_eq!(r.next_attempt, t("2027-01-27T10:02:00Z"));
+        assert_eq!(r.failure.kind, FailureKind::ChallengeFailed);
+        assert_eq!(r.failure.message, "challenge not reachable from the CA: x");
+        // The backoff of this process counts, not the next attempt an earlier one computed
+        // (it may have run with other settings)...
+        let r = resume(
+            &recorded(
+                2,
+                Some("2027-01-27T10:00:00Z"),
+                Some("2027-01-27T12:00:00Z"),
+                "ChallengeFailed",
+            ),
+            &backoff,
+        )
+        .unwrap();
+        assert_eq!(r.next_attempt, t("2027-01-27T10:02:00Z"));
+        // ...except a later one that may come from the CA's Retry-After.
+        for reason in ["RateLimited", "CAUnreachable"] {
+            let r = resume(
+                &recorded(
+                    2,
+                    Some("2027-01-27T10:00:00Z"),
+                    Some("2027-01-27T12:00:00Z"),
+                    reason,
+                ),
+                &backoff,
+            )
+            .unwrap();
+            assert_eq!(r.next_attempt, t("2027-01-27T12:00:00Z"), "{reason}");
+        }
+        // Many failures: the cap.
+        let r = resume(
+            &recorded(30, Some("2027-01-27T10:00:00Z"), None, "OrderInvalid"),
+            &backoff,
+        )
+        .unwrap();
+        assert_eq!(r.next_attempt, t("2027-01-27T11:00:00Z"));
+        // Nothing to resume: no failure, no time, an unreadable time, no certificate status.
+        assert_eq!(
+            resume(
+                &recorded(0, Some("2027-01-27T10:00:00Z"), None, "Issued"),
+                &backoff
+            ),
+            None
+        );
+        assert_eq!(
+            resume(&recorded(2, None, None, "ChallengeFailed"), &backoff),
+            None
+        );
+        assert_eq!(
+            resume(
+                &recorded(2, Some("yesterday"), None, "ChallengeFailed"),
+                &backoff
+            ),
+            None
+        );
+        assert_eq!(resume(&Recorded::default(), &backoff), None);
+        // Stopped while the next order ran: the reason is no failure's, the backoff resumes.
+        let r = resume(
+            &recorded(1, Some("2027-01-27T10:00:00Z"), None, "Ordering"),
+            &backoff,
+        )
+        .unwrap();
+        assert_eq!(r.failure.kind, FailureKind::Earlier);
+        assert_eq!(r.next_attempt, t("2027-01-27T10:01:00Z"));
     }
 
     #[test]

@@ -695,7 +695,11 @@ async fn certificate(
             })
         }
         CertificateSource::Acme(acme) => {
-            let report = ctx.acme.reconcile(&ctx.client, model, acme, now).await?;
+            let recorded = recorded_certificate(stack);
+            let report = ctx
+                .acme
+                .reconcile(&ctx.client, model, acme, &recorded, now)
+                .await?;
             tracing::debug!(stack = %stack_key(stack), state = ?report.status.state, message = %report.message, "certificate");
             let verdict = if report.ok {
                 Verdict::ok(report.reason, report.message)
@@ -711,6 +715,21 @@ async fn certificate(
                 conflicts: report.conflicts,
             })
         }
+    }
+}
+
+/// What the status says about earlier certificate attempts, when it describes the current
+/// spec (the ACME backoff resumes from it after a restart or a change of leader).
+fn recorded_certificate(stack: &OpsConductorStack) -> crate::acme::Recorded {
+    let Some(status) = stack.status.as_ref().filter(|s| {
+        s.observed_generation.is_some() && s.observed_generation == stack.meta().generation
+    }) else {
+        return crate::acme::Recorded::default();
+    };
+    crate::acme::Recorded {
+        certificate: status.certificate.clone(),
+        reason: super::status::condition(Some(status), super::status::CERTIFICATE_READY)
+            .map(|c| c.reason.clone()),
     }
 }
 

@@ -640,3 +640,66 @@ pub fn rewrite(rendered: &str, layout: &Layout) -> String {
         layout.https_port,
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// A challenge port that never answers
+
+/// A TCP port that accepts connections and never answers on them: pebble's HTTP-01
+/// validation pointed at it stays in progress (until pebble's own validation timeout closes
+/// the connection), so an order stays pending for as long as the test needs.
+pub struct SilentPort {
+    pub port: u16,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SilentPort {
+    pub fn start() -> SilentPort {
+        use std::sync::atomic::AtomicUsize;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (a, o) = (accepted.clone(), open.clone());
+        // The thread ends with the test binary; the listener is never used elsewhere.
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                o.fetch_add(1, Ordering::SeqCst);
+                let o = o.clone();
+                std::thread::spawn(move || {
+                    // Read (and ignore) the request until the peer closes the connection.
+                    let mut buf = [0u8; 1024];
+                    while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        SilentPort {
+            port,
+            accepted,
+            open,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted and not yet closed by the peer.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+/// Requests pebble has handled so far (it logs one line per request).
+pub fn pebble_requests(log: &str) -> usize {
+    log.matches("-> calling handler()").count()
+}
+
+/// Orders pebble has created so far.
+pub fn pebble_orders(log: &str) -> usize {
+    log.matches("Added order").count()
+}
