@@ -1486,6 +1486,50 @@ mod tests {
         );
     }
 
+    /// A reconcile that began before its stack went and goes on after the stack was
+    /// forgotten gets no state (it looked after the forget) or cannot start a job on the one
+    /// it holds (it looked before): either way no job runs for a gone stack.
+    #[tokio::test]
+    async fn a_forgotten_stack_gets_no_job_whenever_its_reconcile_looks() {
+        let manager = Manager::new(Config::default(), Arc::new(Metrics::default()));
+        let held = manager.state("ns/shop", Some("uid-1")).unwrap();
+        assert_eq!(manager.known_stacks(), vec!["ns/shop".to_string()]);
+        let running = manager.state("ns/other", Some("uid-2")).unwrap();
+        running
+            .lock()
+            .unwrap()
+            .start(Job::Order, std::future::pending());
+        let handle_running = running
+            .lock()
+            .unwrap()
+            .task
+            .as_ref()
+            .map(|(_, h)| h.abort_handle());
+
+        manager.forget("ns", "shop");
+        manager.forget("ns", "other");
+        assert!(manager.known_stacks().is_empty());
+        // Looked before the forget: the state it holds refuses to start a job.
+        held.lock().unwrap().start(Job::Order, async {});
+        assert!(held.lock().unwrap().task.is_none());
+        // Looks after the forget: no state at all.
+        assert!(manager.state("ns/shop", Some("uid-1")).is_none());
+        assert!(manager.known_stacks().is_empty());
+        // The running job was aborted.
+        let aborted = handle_running.unwrap();
+        for _ in 0..100 {
+            if aborted.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(aborted.is_finished());
+        // A new stack of the same name (another UID) is a stack like any other.
+        let new = manager.state("ns/shop", Some("uid-3")).unwrap();
+        new.lock().unwrap().start(Job::Order, async {});
+        assert!(new.lock().unwrap().task.is_some());
+    }
+
     #[test]
     fn every_failure_reason_names_its_kind() {
         for kind in FailureKind::ALL {
