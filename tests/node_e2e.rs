@@ -25,6 +25,7 @@ use kube::{Api, ResourceExt};
 use opsconductor_operator::crd::OpsConductorStack;
 
 use support::eventually;
+use support::netpol::{Conn, Facts, Peer, analyzer, list};
 use support::node::{Cluster, NodeNamespace, cluster};
 
 const RELEASE: &str = "opsconductor-operator";
@@ -895,4 +896,645 @@ spec:
         "the gateway served pebble's certificate {:.0} s after CertificateReady",
         ready_at.elapsed().as_secs_f64()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enforcement on packets, against the analyzer's proof of the same live objects.
+// ---------------------------------------------------------------------------------------------
+
+/// The stand-in external host: a network namespace of this test with an address from the
+/// stack's egress CIDR, which `scripts/cluster` routes from pods to the node (never to the
+/// uplink), with TCP listeners on [`EXT_PORTS`]. The namespace belongs to the listener process
+/// (`unshare --net`), so it and its veth go when the process is killed: nothing is mounted
+/// under /run/netns (`ip netns add` would turn /run/netns into a shared mount, and the CNI
+/// plugin's own netns mounts under it could then no longer be removed by `scripts/cluster down`).
+struct ExternalHost {
+    host_if: String,
+    listener: std::process::Child,
+}
+
+/// `scripts/cluster`'s stand-in external range (`OPSC_EXTERNAL_TEST_CIDR`, docs/node.md).
+const EXT_NET: &str = "10.253.0.0/24";
+const EXT_GATEWAY: &str = "10.253.0.1";
+const EXT_ADDR: &str = "10.253.0.10";
+/// The stack allows `worker` out to the first port only.
+const EXT_PORTS: [u16; 2] = [8080, 8081];
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("the ip tool runs");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl ExternalHost {
+    fn start() -> ExternalHost {
+        let id = std::process::id() % 100_000;
+        // Interface names are at most 15 bytes.
+        let (host_if, ns_if) = (format!("oxh{id}"), format!("oxn{id}"));
+        // Listens on every address of its own namespace, which will have only EXT_ADDR.
+        let script = format!(
+            "import socket, threading\n\
+             def serve(port):\n    \
+                 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n    \
+                 s.bind(('', port)); s.listen(128)\n    \
+                 while True:\n        \
+                     c, _ = s.accept(); c.close()\n\
+             for p in {ports:?}: threading.Thread(target=serve, args=(p,)).start()\n",
+            ports = EXT_PORTS
+        );
+        let listener = Command::new("unshare")
+            .args(["--net", "python3", "-c", &script])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("unshare runs");
+        let ext = ExternalHost {
+            host_if: host_if.clone(),
+            listener,
+        };
+        // The veth may only move once unshare has made the new namespace.
+        let netns = format!("/proc/{}/ns/net", ext.listener.id());
+        let own = std::fs::read_link("/proc/self/ns/net").expect("own netns");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_link(&netns).ok().is_none_or(|n| n == own) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unshare --net made no namespace"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        ip(&[
+            "link",
+            "set",
+            &ns_if,
+            "netns",
+            &ext.listener.id().to_string(),
+        ]);
+        ip(&["addr", "add", &format!("{EXT_GATEWAY}/24"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        let in_ns = |args: &[&str]| {
+            let out = Command::new("nsenter")
+                .arg(format!("--net={netns}"))
+                .arg("ip")
+                .args(args)
+                .output()
+                .expect("nsenter runs");
+            assert!(
+                out.status.success(),
+                "ip {} in the external host: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        in_ns(&["addr", "add", &format!("{EXT_ADDR}/24"), "dev", &ns_if]);
+        in_ns(&["link", "set", &ns_if, "up"]);
+        in_ns(&["link", "set", "lo", "up"]);
+        in_ns(&["route", "add", "default", "via", EXT_GATEWAY]);
+        // Positive control from the node itself (not subject to pod policies): both listen.
+        for port in EXT_PORTS {
+            let target = format!("{EXT_ADDR}:{port}");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect_timeout(
+                &target.parse().unwrap(),
+                Duration::from_secs(1),
+            )
+            .is_err()
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the stand-in external host does not listen on {target}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        ext
+    }
+}
+
+impl Drop for ExternalHost {
+    fn drop(&mut self) {
+        let _ = self.listener.kill();
+        let _ = self.listener.wait();
+        // Gone with the namespace already; this only covers a failure half way.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// One pod of the matrix: its analyzer name (`namespace/name`), address, the TCP ports it
+/// listens on, and its network namespace on the node.
+#[derive(Clone, Debug)]
+struct MatrixPod {
+    role: String,
+    id: String,
+    ip: String,
+    ports: Vec<u16>,
+    netns: String,
+}
+
+/// The network namespace of a pod's sandbox on the node (`/proc/<pid>/ns/net`), from crictl.
+fn pod_netns(cluster: &Cluster, ns: &str, pod: &str) -> String {
+    let crictl = |args: &[&str]| {
+        let out = Command::new(cluster.node_bin_dir.join("crictl"))
+            .arg("--runtime-endpoint")
+            .arg(format!("unix://{}", cluster.containerd_socket.display()))
+            .args(args)
+            .output()
+            .expect("crictl runs");
+        assert!(
+            out.status.success(),
+            "crictl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ids = crictl(&[
+        "pods",
+        "--namespace",
+        ns,
+        "--name",
+        pod,
+        "--state",
+        "ready",
+        "-q",
+    ]);
+    let id = ids
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("no ready sandbox for {ns}/{pod}"));
+    let info: serde_json::Value =
+        serde_json::from_str(&crictl(&["inspectp", id])).expect("crictl inspectp JSON");
+    let pid = info["info"]["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid for the sandbox of {ns}/{pod}: {info}"));
+    format!("/proc/{pid}/ns/net")
+}
+
+/// Tries every target (`ip:port`) from inside `netns`, all at once, and a DNS query for `name`
+/// to `dns`. Returns the targets that accepted a TCP connection, and whether DNS answered.
+/// A target counts as closed when it refuses or does not answer within 3 s.
+fn probe_from(netns: &str, targets: &[String], dns: &str, name: &str) -> (Vec<String>, bool) {
+    const PROBE: &str = r#"
+import socket, struct, sys, threading
+dns, name, targets = sys.argv[1], sys.argv[2], sys.argv[3:]
+out = {}
+def connect(t):
+    host, port = t.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        out[t] = "open"
+    except OSError:
+        out[t] = "closed"
+def resolve():
+    q = struct.pack(">HHHHHH", 0x5151, 0x0100, 1, 0, 0, 0)
+    for part in name.rstrip(".").split("."):
+        q += bytes([len(part)]) + part.encode()
+    q += b"\0" + struct.pack(">HH", 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    try:
+        for _ in range(2):
+            s.sendto(q, (dns, 53))
+            try:
+                r = s.recv(512)
+            except socket.timeout:
+                continue
+            ok = (r[3] & 0xF) == 0 and struct.unpack(">H", r[6:8])[0] > 0
+            out["dns"] = "open" if ok else "closed"
+            return
+        out["dns"] = "closed"
+    except OSError:
+        out["dns"] = "closed"
+threads = [threading.Thread(target=connect, args=(t,)) for t in targets]
+threads.append(threading.Thread(target=resolve))
+for t in threads: t.start()
+for t in threads: t.join()
+for k, v in sorted(out.items()): print(k, v)
+"#;
+    let out = Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["python3", "-c", PROBE, dns, name])
+        .args(targets)
+        .output()
+        .expect("nsenter runs");
+    assert!(
+        out.status.success(),
+        "probe in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut open = Vec::new();
+    let mut dns_ok = false;
+    for line in text.lines() {
+        match line.split_once(' ') {
+            Some(("dns", v)) => dns_ok = v == "open",
+            Some((t, "open")) => open.push(t.to_string()),
+            _ => {}
+        }
+    }
+    (open, dns_ok)
+}
+
+/// Whether the analyzer's facts allow `src` to reach `dst` on TCP `port`.
+fn analyzer_allows(
+    facts: &Facts,
+    src: &Peer,
+    dst_pod: Option<&str>,
+    dst_ip: &str,
+    port: u16,
+) -> bool {
+    let addr: std::net::Ipv4Addr = dst_ip.parse().expect("an IPv4 pod address");
+    let addr = u32::from(addr) as u128;
+    facts.iter().any(|f| {
+        let conn_ok = match &f.conn {
+            Conn::All => true,
+            Conn::Ports { proto, lo, hi } => proto == "TCP" && *lo <= port && port <= *hi,
+        };
+        let dst_ok = match (&f.dst, dst_pod) {
+            (Peer::Pod(p), Some(d)) => p == d,
+            (Peer::Ip { family: 4, lo, hi }, None) => *lo <= addr && addr <= *hi,
+            _ => false,
+        };
+        &f.src == src && conn_ok && dst_ok
+    })
+}
+
+/// The live objects the policies act on, written for the analyzer: the namespaces, every pod
+/// of the stack's namespace and of `elsewhere`, the cluster DNS pods, and the NetworkPolicies of
+/// both namespaces, as the API server holds them now.
+fn live_world(cluster: &Cluster, ns: &str, elsewhere: &str, dir: &Path) {
+    let mut docs = Vec::new();
+    let mut get = |args: &[&str]| {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        let list: serde_json::Value =
+            serde_json::from_str(&cluster.kubectl_ok(&all)).expect("kubectl JSON");
+        for mut item in list["items"].as_array().cloned().unwrap_or_default() {
+            if let Some(meta) = item["metadata"].as_object_mut() {
+                meta.remove("managedFields");
+                // The analyzer names a pod by its owner (a ReplicaSet) when it has one; each
+                // pod is judged on its own here, by its own labels.
+                meta.remove("ownerReferences");
+            }
+            docs.push(format!(
+                "---\n{}",
+                serde_yaml::to_string(&item).expect("YAML")
+            ));
+        }
+    };
+    get(&["namespaces", ns, elsewhere, "kube-system"]);
+    for n in [ns, elsewhere] {
+        get(&["-n", n, "pods,networkpolicies"]);
+    }
+    get(&["-n", "kube-system", "pods", "-l", "k8s-app=kube-dns"]);
+    std::fs::write(dir.join("world.yaml"), docs.concat()).expect("writing the world");
+}
+
+/// Issue 13, "Enforcement by the network plugin": the same matrix the analyzer proves, on
+/// packets. Every pod of a stack (its gateway and four services), a pod beside it in its
+/// namespace, a pod of another namespace, and a stand-in external host in the stack's egress
+/// CIDR: a TCP connection is tried from each pod's own network namespace to every port of every
+/// other, and to the external host, and a DNS query to the cluster DNS Service. What kube-router
+/// lets through must be exactly what np-guard's analyzer says the live NetworkPolicies allow
+/// between the live pods; any disagreement fails, whichever side is wrong. A few facts are also
+/// checked in plain words, so that a mistake both sides share still shows.
+///
+/// The connections start in the pods' network namespaces (nsenter on the node), not through
+/// `kubectl exec`: the gateway image has no client, and this way one probe run covers every
+/// target at once. The packets are the pod's own (its address, its veth), so the policy that
+/// applies is the pod's.
+#[tokio::test]
+async fn the_network_plugin_lets_through_exactly_what_the_analyzer_proves() {
+    let Some(cluster) = cluster() else { return };
+    let Some(bin) = analyzer() else { return };
+    install_operator(cluster);
+    let Some(ns) = NodeNamespace::new("node-matrix").await else {
+        return;
+    };
+    let Some(elsewhere) = NodeNamespace::new("node-elsewhere").await else {
+        return;
+    };
+    let _ext = ExternalHost::start();
+    let host = "matrix.opsconductor.test";
+    let _cert = tls_secret(cluster, &ns.name, "matrix-cert", host);
+    let manifest = format!(
+        r#"apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata:
+  name: matrix
+  namespace: {ns}
+spec:
+  gateway:
+    hosts: [{host}]
+    image: {gateway}
+    replicas: 1
+    serviceType: NodePort
+  tls:
+    secretName: matrix-cert
+  services:
+    - name: web
+      image: {svc}
+      route: /
+      calls: [api]
+    - name: api
+      image: {svc}
+      route: /api/
+      calls: [db]
+    - name: db
+      image: {svc}
+    - name: worker
+      image: {svc}
+      calls: [api]
+      egress:
+        - cidr: {EXT_NET}
+          ports: [{allowed}]
+"#,
+        ns = ns.name,
+        gateway = cluster.image("gateway"),
+        svc = cluster.image("test-service"),
+        allowed = EXT_PORTS[0],
+    );
+    let pod_yaml = |name: &str, namespace: &str| {
+        format!(
+            r#"---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}
+spec:
+  securityContext: {{runAsNonRoot: true, runAsUser: 65532, seccompProfile: {{type: RuntimeDefault}}}}
+  containers:
+  - name: c
+    image: {svc}
+    imagePullPolicy: Never
+    ports: [{{containerPort: 8000}}]
+    securityContext: {{allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {{drop: [ALL]}}}}
+"#,
+            svc = cluster.image("test-service"),
+        )
+    };
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(
+        file.path(),
+        format!(
+            "{manifest}{}{}",
+            pod_yaml("stranger", &ns.name),
+            pod_yaml("outsider", &elsewhere.name)
+        ),
+    )
+    .expect("writing the manifests");
+    cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
+
+    let stacks: Api<OpsConductorStack> = ns.api();
+    eventually(
+        "the matrix stack's Ready condition to be True",
+        Duration::from_secs(240),
+        || async {
+            let s = stacks.get_opt("matrix").await.ok()??;
+            let c = s
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            (c.status == "True").then_some(())
+        },
+    )
+    .await;
+    // Every pod Running and Ready (1 gateway, 4 services, the stranger; the outsider).
+    let ready_pods = |api: Api<Pod>, want: usize| async move {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        let live: Vec<Pod> = list
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        (live.len() == want && live.iter().all(pod_ready)).then_some(live)
+    };
+    let stack_pods = eventually(
+        "the stack's 5 pods and the stranger Running and Ready",
+        Duration::from_secs(180),
+        || ready_pods(ns.api(), 6),
+    )
+    .await;
+    let other_pods = eventually(
+        "the outsider pod Running and Ready",
+        Duration::from_secs(120),
+        || ready_pods(elsewhere.api(), 1),
+    )
+    .await;
+
+    let mut pods = Vec::new();
+    for (namespace, p) in stack_pods
+        .iter()
+        .map(|p| (ns.name.as_str(), p))
+        .chain(other_pods.iter().map(|p| (elsewhere.name.as_str(), p)))
+    {
+        let name = p.name_any();
+        let labels = p.labels();
+        let role = labels
+            .get("app.kubernetes.io/name")
+            .or_else(|| labels.get("app"))
+            .cloned()
+            .unwrap_or_else(|| name.clone());
+        let ports: Vec<u16> = p
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .map(|cp| cp.container_port as u16)
+            .collect();
+        assert!(!ports.is_empty(), "{namespace}/{name} declares no port");
+        pods.push(MatrixPod {
+            role,
+            id: format!("{namespace}/{name}"),
+            ip: p
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.clone())
+                .unwrap_or_else(|| panic!("{namespace}/{name} has no address")),
+            ports,
+            netns: pod_netns(cluster, namespace, &name),
+        });
+    }
+    let roles: std::collections::BTreeSet<&str> = pods.iter().map(|p| p.role.as_str()).collect();
+    eprintln!("matrix pods: {pods:#?}");
+    let dns_ip = cluster
+        .kubectl_ok(&[
+            "-n",
+            "kube-system",
+            "get",
+            "service",
+            "kube-dns",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .trim()
+        .to_string();
+
+    // The analyzer's verdict on the live objects.
+    let world = tempfile::tempdir().expect("tempdir");
+    live_world(cluster, &ns.name, &elsewhere.name, world.path());
+    let facts = list(&bin, world.path());
+
+    // (source, target) pairs: every pod port, and the external host's ports.
+    type Row = (String, String, u16);
+    let mut verdicts: Vec<(Row, bool)> = Vec::new();
+    let mut targets: Vec<(Option<String>, String, u16)> = Vec::new();
+    for p in &pods {
+        for port in &p.ports {
+            targets.push((Some(p.id.clone()), p.ip.clone(), *port));
+        }
+    }
+    for port in EXT_PORTS {
+        targets.push((None, EXT_ADDR.to_string(), port));
+    }
+    for src in &pods {
+        for (dst_pod, ip, port) in &targets {
+            if dst_pod.as_deref() == Some(src.id.as_str()) {
+                continue; // a pod to itself never leaves its network namespace
+            }
+            let allowed = analyzer_allows(
+                &facts,
+                &Peer::Pod(src.id.clone()),
+                dst_pod.as_deref(),
+                ip,
+                *port,
+            );
+            let dst = dst_pod.clone().unwrap_or_else(|| format!("external {ip}"));
+            verdicts.push(((src.id.clone(), dst, *port), allowed));
+        }
+    }
+    let dns_allowed = |src: &str| {
+        facts.iter().any(|f| {
+            f.src == Peer::Pod(src.to_string())
+                && matches!(&f.dst, Peer::Pod(d) if d.starts_with("kube-system/"))
+                && match &f.conn {
+                    Conn::All => true,
+                    Conn::Ports { proto, lo, hi } => proto == "UDP" && *lo <= 53 && 53 <= *hi,
+                }
+        })
+    };
+
+    // Packets. kube-router applies policies a moment after pods start: try until the dataplane
+    // agrees, and report the last disagreement.
+    let fqdn = format!("web.{}.svc.cluster.local", ns.name);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut seen: Vec<(Row, bool)>;
+    let mut dns_seen: Vec<(String, bool)>;
+    loop {
+        seen = Vec::new();
+        dns_seen = Vec::new();
+        for src in &pods {
+            let list: Vec<String> = targets
+                .iter()
+                .filter(|(d, _, _)| d.as_deref() != Some(src.id.as_str()))
+                .map(|(_, ip, port)| format!("{ip}:{port}"))
+                .collect();
+            let (open, dns_ok) = probe_from(&src.netns, &list, &dns_ip, &fqdn);
+            for (dst_pod, ip, port) in &targets {
+                if dst_pod.as_deref() == Some(src.id.as_str()) {
+                    continue;
+                }
+                let dst = dst_pod.clone().unwrap_or_else(|| format!("external {ip}"));
+                seen.push((
+                    (src.id.clone(), dst, *port),
+                    open.contains(&format!("{ip}:{port}")),
+                ));
+            }
+            dns_seen.push((src.id.clone(), dns_ok));
+        }
+        let agree = seen == verdicts && dns_seen.iter().all(|(src, ok)| *ok == dns_allowed(src));
+        if agree {
+            eprintln!(
+                "matrix: {} connections tried from {} pods, {} open, all as the analyzer says; \
+                 DNS answered {} of {}",
+                seen.len(),
+                pods.len(),
+                seen.iter().filter(|(_, o)| *o).count(),
+                dns_seen.iter().filter(|(_, ok)| *ok).count(),
+                dns_seen.len()
+            );
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let mut report = String::new();
+            for ((row, packets), (_, analyzer)) in seen.iter().zip(&verdicts) {
+                if packets != analyzer {
+                    report += &format!(
+                        "  {} -> {} port {}: packets {}, analyzer {}\n",
+                        row.0,
+                        row.1,
+                        row.2,
+                        if *packets { "open" } else { "closed" },
+                        if *analyzer { "allows" } else { "denies" }
+                    );
+                }
+            }
+            for (src, ok) in &dns_seen {
+                if *ok != dns_allowed(src) {
+                    report += &format!(
+                        "  {src} -> cluster DNS: answered {ok}, analyzer allows {}\n",
+                        dns_allowed(src)
+                    );
+                }
+            }
+            panic!(
+                "the network plugin and the analyzer disagree (after 90 s):\n{report}\
+                 analyzed objects: {}",
+                std::fs::read_to_string(world.path().join("world.yaml")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    // In plain words (both sides agreed; these catch a mistake they share).
+    let by_role = |role: &str| {
+        pods.iter()
+            .find(|p| p.role == role)
+            .unwrap_or_else(|| panic!("no pod with role {role} among {roles:?}"))
+    };
+    let open = |src: &str, dst: &str, port: u16| {
+        let (s, d) = (by_role(src).id.clone(), by_role(dst).id.clone());
+        seen.iter()
+            .find(|((a, b, p), _)| *a == s && *b == d && *p == port)
+            .map(|(_, o)| *o)
+            .unwrap_or_else(|| panic!("{src} -> {dst}:{port} was not probed"))
+    };
+    let ext_open = |src: &str, port: u16| {
+        let s = by_role(src).id.clone();
+        seen.iter()
+            .find(|((a, b, p), _)| *a == s && b.starts_with("external") && *p == port)
+            .map(|(_, o)| *o)
+            .expect("the external host was probed")
+    };
+    let gateway = roles
+        .iter()
+        .find(|r| r.contains("gateway"))
+        .copied()
+        .unwrap_or_else(|| panic!("no gateway pod among {roles:?}"));
+    assert!(open(gateway, "web", 8000) && open(gateway, "api", 8000));
+    assert!(!open(gateway, "db", 8000) && !open(gateway, "worker", 8000));
+    assert!(open("web", "api", 8000) && open("api", "db", 8000) && open("worker", "api", 8000));
+    assert!(!open("api", "web", 8000) && !open("web", "db", 8000) && !open("db", "api", 8000));
+    assert!(!open("stranger", "web", 8000) && !open("outsider", "api", 8000));
+    assert!(!open("web", "outsider", 8000) && !open("api", "stranger", 8000));
+    assert!(open("stranger", gateway, 8443) && open("outsider", gateway, 8443));
+    assert!(ext_open("worker", EXT_PORTS[0]) && !ext_open("worker", EXT_PORTS[1]));
+    assert!(!ext_open("web", EXT_PORTS[0]) && !ext_open(gateway, EXT_PORTS[0]));
+    for (src, ok) in &dns_seen {
+        if src.starts_with(&ns.name) {
+            assert!(*ok, "DNS from {src}");
+        }
+    }
 }

@@ -16,6 +16,7 @@
 
 pub mod audit;
 pub mod controlplane;
+pub mod netpol;
 pub mod node;
 pub mod operator;
 pub mod process;
