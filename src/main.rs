@@ -85,6 +85,11 @@ enum Command {
             default_value = "require"
         )]
         admission_guardrails: GuardrailCheck,
+        /// Accept `spec.tls.acme.directoryUrl` on a loopback address (127.0.0.0/8, ::1,
+        /// localhost), i.e. a CA on the operator's own machine: for tests and demos only.
+        /// Link-local and metadata addresses are refused always.
+        #[arg(long, env = "OPSC_ALLOW_LOOPBACK_ACME_DIRECTORY")]
+        allow_loopback_acme_directory: bool,
         #[command(flatten)]
         election: leader::ElectionArgs,
     },
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
             dns_resolver,
             exit_on_stdin_eof,
             admission_guardrails,
+            allow_loopback_acme_directory,
             election,
         } => {
             init_logging(log_format);
@@ -128,6 +134,7 @@ fn main() -> ExitCode {
                     .ok()
                     .filter(|n| !n.is_empty()),
                 require_guardrails: admission_guardrails == GuardrailCheck::Require,
+                allow_loopback_acme_directory,
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(run(

@@ -590,6 +590,137 @@ pub fn secret_references(stack: &OpsConductorStack, stacks: &[String]) -> Vec<Fi
     out
 }
 
+/// Problems with the ACME directory URL the operator would fetch (issue 14, item 8), each with
+/// its field path: a host that is a link-local address (the cloud metadata service,
+/// `169.254.169.254`, `fd00:ec2::254`), an unspecified address, or, unless `allow_loopback`
+/// (`--allow-loopback-acme-directory`, for a test CA on the operator's own machine), a loopback
+/// address or `localhost`. IPv4 addresses are recognised in every form the system resolver
+/// accepts (`127.1`, `2130706433`, `0x7f.0.0.1`) and inside IPv6 (`::ffff:127.0.0.1`).
+///
+/// Host names are not resolved here: a name that resolves to such an address is not caught
+/// (see docs/security.md); private addresses (`10.0.0.0/8`, ...) are allowed, private CAs
+/// live there.
+pub fn directory_url_problems(stack: &OpsConductorStack, allow_loopback: bool) -> Vec<FieldError> {
+    let Some(acme) = stack.spec.tls.acme.as_ref() else {
+        return Vec::new();
+    };
+    let url = acme.directory_url.trim();
+    let Some(host) = url_host(url) else {
+        return Vec::new();
+    };
+    let why = match internal_host(&host) {
+        Some(Internal::LinkLocal) => {
+            "names a link-local address: the node's own services and the cloud metadata \
+             service (169.254.169.254) live there, and the operator never fetches from them"
+        }
+        Some(Internal::Unspecified) => "names the unspecified address, which means this host",
+        Some(Internal::Loopback) if !allow_loopback => {
+            "names a loopback address, the operator's own pod; refused unless the operator \
+             runs with --allow-loopback-acme-directory (a test CA on the same machine)"
+        }
+        _ => return Vec::new(),
+    };
+    vec![FieldError {
+        path: "spec.tls.acme.directoryUrl".into(),
+        message: format!("{:?} {why}", acme.directory_url),
+    }]
+}
+
+/// The host of an `https://` URL, lowercase, without brackets, port or user info.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit('@').next()?;
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next()?
+    } else {
+        authority.split(':').next()?
+    };
+    Some(host.trim_end_matches('.').to_ascii_lowercase())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Internal {
+    Loopback,
+    LinkLocal,
+    Unspecified,
+}
+
+/// Whether `host` (as [`url_host`] returns it) names an address the operator must not fetch.
+fn internal_host(host: &str) -> Option<Internal> {
+    use std::net::{IpAddr, Ipv4Addr};
+    if host == "localhost" || host.ends_with(".localhost") {
+        return Some(Internal::Loopback);
+    }
+    let v4 = |ip: Ipv4Addr| {
+        if ip.is_loopback() {
+            Some(Internal::Loopback)
+        } else if ip.is_link_local() {
+            Some(Internal::LinkLocal)
+        } else if ip.octets()[0] == 0 {
+            Some(Internal::Unspecified)
+        } else {
+            None
+        }
+    };
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(ip)) => {
+            if let Some(mapped) = ip.to_ipv4_mapped() {
+                return v4(mapped);
+            }
+            if ip.is_loopback() {
+                Some(Internal::Loopback)
+            } else if ip.is_unspecified() {
+                Some(Internal::Unspecified)
+            } else if (ip.segments()[0] & 0xffc0) == 0xfe80
+                || ip == "fd00:ec2::254".parse::<std::net::Ipv6Addr>().unwrap()
+            {
+                Some(Internal::LinkLocal)
+            } else {
+                None
+            }
+        }
+        Ok(IpAddr::V4(ip)) => v4(ip),
+        Err(_) => inet_aton(host).and_then(v4),
+    }
+}
+
+/// An IPv4 address in the forms `inet_aton(3)` (and so the system resolver) accepts: one to
+/// four parts, each decimal, octal (leading `0`) or hexadecimal (`0x`), the last one filling
+/// the remaining bytes.
+fn inet_aton(s: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<&str> = s.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let mut values = Vec::new();
+    for p in &parts {
+        let v = if let Some(hex) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")) {
+            u32::from_str_radix(hex, 16).ok()?
+        } else if p.len() > 1 && p.starts_with('0') {
+            u32::from_str_radix(&p[1..], 8).ok()?
+        } else if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
+            p.parse::<u32>().ok()?
+        } else {
+            return None;
+        };
+        values.push(v);
+    }
+    let (last, head) = values.split_last()?;
+    if head.iter().any(|v| *v > 255) {
+        return None;
+    }
+    let last_bits = 8 * (4 - head.len() as u32);
+    if last_bits < 32 && *last >= 1 << last_bits {
+        return None;
+    }
+    let mut n = 0u32;
+    for (i, v) in head.iter().enumerate() {
+        n |= v << (24 - 8 * i);
+    }
+    Some(std::net::Ipv4Addr::from(n | last))
+}
+
 /// Why egress to `cidr` is never granted, when it lies inside a link-local or loopback range
 /// (wider CIDRs get the link-local ranges cut out, see `build::netpol::NEVER_EGRESS`).
 fn never_egress(cidr: &IpNet) -> Option<&'static str> {
@@ -1467,5 +1598,69 @@ mod tests {
         assert!(DnsLabel::parse("a.b").is_err());
         assert!(DnsLabel::parse(&"a".repeat(63)).is_ok());
         assert!(DnsLabel::parse(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn directory_urls_on_internal_addresses_are_refused() {
+        let problems = |url: &str, allow_loopback: bool| {
+            let mut v = base();
+            v["spec"]["tls"]["acme"]["directoryUrl"] = json!(url);
+            let stack: OpsConductorStack = serde_json::from_value(v).unwrap();
+            directory_url_problems(&stack, allow_loopback)
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        for url in [
+            "https://169.254.169.254/latest",
+            "https://169.254.169.254:443/dir",
+            "https://user@169.254.1.1/dir",
+            "https://[fe80::1]/dir",
+            "https://[fd00:ec2::254]/dir",
+            "https://[::ffff:169.254.169.254]/dir",
+            "https://2852039166/dir",
+            "https://0xa9.0xfe.0xa9.0xfe/dir",
+            "https://0251.0376.0251.0376/dir",
+            "https://169.254.43518/dir",
+        ] {
+            let p = problems(url, true);
+            assert!(
+                p.starts_with("spec.tls.acme.directoryUrl: ") && p.contains("link-local"),
+                "{url}: {p:?}"
+            );
+        }
+        for url in [
+            "https://127.0.0.1:14000/dir",
+            "https://127.1/dir",
+            "https://2130706433/dir",
+            "https://0x7f.1/dir",
+            "https://[::1]:14000/dir",
+            "https://[::ffff:127.0.0.1]/dir",
+            "https://localhost/dir",
+            "https://LocalHost./dir",
+            "https://acme.localhost/dir",
+        ] {
+            let p = problems(url, false);
+            assert!(
+                p.contains("spec.tls.acme.directoryUrl") && p.contains("loopback"),
+                "{url}: {p:?}"
+            );
+            assert_eq!(problems(url, true), "", "{url} with loopback allowed");
+        }
+        for url in ["https://0.0.0.0/dir", "https://0/dir", "https://[::]/dir"] {
+            assert!(problems(url, true).contains("unspecified"), "{url}");
+        }
+        for url in [
+            "https://acme-v02.api.letsencrypt.org/directory",
+            "https://10.250.0.1:14000/dir",
+            "https://192.168.1.10/dir",
+            "https://[fd12::1]/dir",
+            "https://1.2.3.4.5/dir",
+            "https://0x/dir",
+            "https://169.254.169.254.example.com/dir",
+        ] {
+            assert_eq!(problems(url, false), "", "{url}");
+        }
     }
 }

@@ -60,6 +60,10 @@ pub struct RunOptions {
     /// ([`crate::admission`]) are installed and bound (`--admission-guardrails require`);
     /// `false` when they are deliberately not installed (the chart's `admission.enabled=false`).
     pub require_guardrails: bool,
+    /// Accept ACME directory URLs on loopback addresses (`--allow-loopback-acme-directory`:
+    /// a test CA on the operator's own machine); see
+    /// [`crate::validate::directory_url_problems`].
+    pub allow_loopback_acme_directory: bool,
 }
 
 impl Default for RunOptions {
@@ -72,6 +76,7 @@ impl Default for RunOptions {
             dns_resolver: None,
             operator_namespace: None,
             require_guardrails: true,
+            allow_loopback_acme_directory: false,
         }
     }
 }

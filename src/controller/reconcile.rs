@@ -62,7 +62,13 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
         .filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()))
         .filter_map(|s| s.metadata.name.clone())
         .collect();
-    let references = validate::secret_references(stack, &neighbours);
+    let mut references = validate::secret_references(stack, &neighbours);
+    // The operator fetches the ACME directory itself: never from the node or the cloud's
+    // metadata service (issue 14, item 8).
+    references.extend(validate::directory_url_problems(
+        stack,
+        ctx.options.allow_loopback_acme_directory,
+    ));
     let model = match validate::validate(stack, &namespace) {
         Ok(model) if references.is_empty() => model,
         result => {
