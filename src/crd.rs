@@ -354,6 +354,7 @@ pub struct ServiceSpec {
 
 /// Traffic a service may send outside the stack.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct EgressRule {
     /// Destination network, e.g. `10.20.0.0/16`.
     #[schemars(length(min = 1, max = 43))]
@@ -361,6 +362,10 @@ pub struct EgressRule {
     /// Destination TCP ports (at least one).
     #[schemars(length(min = 1, max = 20), inner(range(min = 1, max = 65535)))]
     pub ports: Vec<i32>,
+    /// Must be true for a CIDR wider than /8 (IPv4) or /16 (IPv6), such as `0.0.0.0/0` or
+    /// `::/0`: an explicit yes to egress to most of the internet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_wide: bool,
 }
 
 /// An existing workload in the namespace that some services may reach.

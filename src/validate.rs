@@ -475,6 +475,20 @@ fn validate_services(
             if let Some(why) = cidr.and_then(|c| never_egress(&c)) {
                 errs.add(format!("{ep}.cidr"), format!("{:?} {why}", e.cidr));
                 cidr = None;
+            } else if let Some(wide) = cidr.filter(|c| is_wide(c) && !e.allow_wide) {
+                errs.add(
+                    format!("{ep}.cidr"),
+                    format!(
+                        "{:?} is wider than /{}: it opens egress to most of the internet; set \
+                         {ep}.allowWide: true to grant it",
+                        e.cidr,
+                        match wide {
+                            IpNet::V4(_) => WIDE_V4,
+                            IpNet::V6(_) => WIDE_V6,
+                        }
+                    ),
+                );
+                cidr = None;
             }
             let ports = ports(errs, &format!("{ep}.ports"), &e.ports);
             if let (Some(cidr), Some(ports)) = (cidr, ports) {
@@ -719,6 +733,18 @@ fn inet_aton(s: &str) -> Option<std::net::Ipv4Addr> {
         n |= v << (24 - 8 * i);
     }
     Some(std::net::Ipv4Addr::from(n | last))
+}
+
+/// Egress CIDRs with a shorter prefix than these need `allowWide: true`: `10.0.0.0/8` (a whole
+/// private range) does not, `0.0.0.0/0`, `::/0` and their halves do.
+const WIDE_V4: u8 = 8;
+const WIDE_V6: u8 = 16;
+
+fn is_wide(cidr: &IpNet) -> bool {
+    match cidr {
+        IpNet::V4(n) => n.prefix_len() < WIDE_V4,
+        IpNet::V6(n) => n.prefix_len() < WIDE_V6,
+    }
 }
 
 /// Why egress to `cidr` is never granted, when it lies inside a link-local or loopback range
@@ -1662,5 +1688,44 @@ mod tests {
         ] {
             assert_eq!(problems(url, false), "", "{url}");
         }
+    }
+
+    #[test]
+    fn wide_egress_needs_an_explicit_yes() {
+        let egress = |rule: Value| {
+            let mut v = base();
+            v["spec"]["services"][1]["egress"] = json!([rule]);
+            run(v)
+        };
+        for cidr in [
+            "0.0.0.0/0",
+            "0.0.0.0/1",
+            "128.0.0.0/1",
+            "10.0.0.0/7",
+            "::/0",
+            "2000::/3",
+            "fd00::/15",
+        ] {
+            let err = egress(json!({"cidr": cidr, "ports": [443]}))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!(
+                    "spec.services[1].egress[0].cidr: {cidr:?} is wider than /"
+                )) && err.contains("set spec.services[1].egress[0].allowWide: true"),
+                "{cidr}: {err}"
+            );
+            let ok = egress(json!({"cidr": cidr, "ports": [443], "allowWide": true}))
+                .unwrap_or_else(|e| panic!("{cidr} with allowWide: {e}"));
+            assert_eq!(ok.services[1].egress[0].cidr.to_string(), cidr);
+        }
+        for cidr in ["10.0.0.0/8", "203.0.113.0/24", "fd00::/16", "2001:db8::/32"] {
+            egress(json!({"cidr": cidr, "ports": [443]})).unwrap_or_else(|e| panic!("{cidr}: {e}"));
+        }
+        // allowWide never lets link-local or loopback through.
+        let err = egress(json!({"cidr": "169.254.0.0/16", "ports": [80], "allowWide": true}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("link-local"), "{err}");
     }
 }

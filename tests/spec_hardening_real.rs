@@ -13,6 +13,7 @@ use opsconductor_operator::render::parse_stack;
 use opsconductor_operator::validate::validate;
 use serde_json::{Value, json};
 use support::TestNamespace;
+use support::operator::install_crd;
 
 fn stack(services_egress: Value, backends: Value) -> Value {
     json!({
@@ -39,8 +40,10 @@ fn problems(v: &Value) -> String {
     }
 }
 
+/// One egress rule; wide prefixes are granted explicitly (`allowWide`, which never lets a
+/// link-local or loopback range through).
 fn egress(cidr: &str) -> Value {
-    json!([{"cidr": cidr, "ports": [443]}])
+    json!([{"cidr": cidr, "ports": [443], "allowWide": true}])
 }
 
 #[test]
@@ -299,5 +302,78 @@ fn namespace_and_cluster_domain_are_validated_before_they_reach_nginx() {
             "render {args:?} must refuse it ({words}): status {:?}, stderr {stderr}",
             out.status
         );
+    }
+}
+
+/// Egress to `0.0.0.0/0` or `::/0` (or anything wider than /8, /16) needs `allowWide: true`
+/// (issue 14, item 7): the real API server keeps the field (the CRD's schema has it), and the
+/// real binary refuses the stack without it, with the field path.
+#[tokio::test]
+async fn wide_egress_needs_an_explicit_allow_wide() {
+    let Some(ns) = TestNamespace::new("wide-egress").await else {
+        return;
+    };
+    install_crd(ns.control_plane).await;
+    let mut v = stack(
+        json!([
+            {"cidr": "0.0.0.0/0", "ports": [443], "allowWide": true},
+            {"cidr": "::/0", "ports": [443]},
+            {"cidr": "10.0.0.0/8", "ports": [5432]},
+        ]),
+        json!([]),
+    );
+    v["metadata"]["namespace"] = json!(ns.name);
+    let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        ns.client.clone(),
+        &ns.name,
+        &kube::discovery::ApiResource::erase::<opsconductor_operator::crd::OpsConductorStack>(&()),
+    );
+    let created = api
+        .create(&PostParams::default(), &serde_json::from_value(v).unwrap())
+        .await
+        .unwrap();
+    let mut stored = serde_json::to_value(&created).unwrap();
+    let rules = &stored["spec"]["services"][0]["egress"];
+    assert_eq!(
+        rules[0]["allowWide"],
+        json!(true),
+        "the API server must keep allowWide (the CRD's schema): {rules}"
+    );
+
+    let render = |v: &Value| {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stack.yaml");
+        std::fs::write(&file, serde_yaml::to_string(v).unwrap()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"))
+            .args(["render", "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, stderr) = render(&stored);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "spec.services[0].egress[1].cidr: \"::/0\" is wider than /16: it opens egress to \
+             most of the internet; set spec.services[0].egress[1].allowWide: true to grant it"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("allowWide").count(),
+        1,
+        "only ::/0: {stderr}"
+    );
+
+    stored["spec"]["services"][0]["egress"][1]["allowWide"] = json!(true);
+    let (code, stdout, stderr) = render(&stored);
+    assert_eq!(code, Some(0), "{stderr}");
+    for cidr in ["cidr: 0.0.0.0/0", "cidr: ::/0", "cidr: 10.0.0.0/8"] {
+        assert!(stdout.contains(cidr), "{cidr} missing:\n{stdout}");
     }
 }
