@@ -490,6 +490,30 @@ struct Stacks {
     forgotten: VecDeque<String>,
 }
 
+impl Stacks {
+    /// Drops the state of `key`: its job is aborted (at its next await, so no further request
+    /// reaches the CA), no job starts on the state again, and its UID is remembered.
+    fn drop_state(&mut self, key: &str) {
+        let Some(state) = self.states.remove(key) else {
+            return;
+        };
+        let mut st = state.lock().unwrap();
+        st.forgotten = true;
+        if let Some((job, handle)) = st.task.take() {
+            if !handle.is_finished() {
+                tracing::info!(stack = %key, ?job, "stack is gone: stopping its ACME job");
+            }
+            handle.abort();
+        }
+        if let Some(uid) = st.uid.clone() {
+            if self.forgotten.len() == FORGOTTEN_UIDS {
+                self.forgotten.pop_front();
+            }
+            self.forgotten.push_back(uid);
+        }
+    }
+}
+
 /// What a background job needs.
 #[derive(Clone)]
 struct JobContext {
@@ -542,6 +566,16 @@ impl Manager {
         {
             return None;
         }
+        // A stack deleted and created again under the same name between two looks of the
+        // janitor: the new one inherits nothing (no job, no backoff, no certificate copy).
+        let replaced = stacks.states.get(key).is_some_and(|state| {
+            let st = state.lock().unwrap();
+            st.uid.is_some() && uid.is_some() && st.uid.as_deref() != uid
+        });
+        if replaced {
+            tracing::info!(stack = %key, "the stack was created again: forgetting the earlier one");
+            stacks.drop_state(key);
+        }
         let state = stacks.states.entry(key.to_string()).or_default().clone();
         let mut st = state.lock().unwrap();
         if st.uid.as_deref() != uid {
@@ -561,24 +595,7 @@ impl Manager {
     /// also from a reconcile that is still under way.
     pub fn forget(&self, namespace: &str, name: &str) {
         let key = format!("{namespace}/{name}");
-        let mut stacks = self.stacks.lock().unwrap();
-        if let Some(state) = stacks.states.remove(&key) {
-            let mut st = state.lock().unwrap();
-            st.forgotten = true;
-            if let Some((job, handle)) = st.task.take() {
-                if !handle.is_finished() {
-                    tracing::info!(stack = %key, ?job, "stack is gone: stopping its ACME job");
-                }
-                handle.abort();
-            }
-            if let Some(uid) = st.uid.clone() {
-                if stacks.forgotten.len() == FORGOTTEN_UIDS {
-                    stacks.forgotten.pop_front();
-                }
-                stacks.forgotten.push_back(uid);
-            }
-        }
-        drop(stacks);
+        self.stacks.lock().unwrap().drop_state(&key);
         self.metrics.forget("stack", &key);
     }
 
@@ -1526,8 +1543,37 @@ mod tests {
         assert!(aborted.is_finished());
         // A new stack of the same name (another UID) is a stack like any other.
         let new = manager.state("ns/shop", Some("uid-3")).unwrap();
-        new.lock().unwrap().start(Job::Order, async {});
+        new.lock()
+            .unwrap()
+            .start(Job::Order, std::future::pending());
         assert!(new.lock().unwrap().task.is_some());
+        new.lock().unwrap().failures = 3;
+
+        // Deleted and created again between two looks of the janitor: the new stack (another
+        // UID) inherits neither the job nor the backoff, and the old one's job stops.
+        let old_job = new
+            .lock()
+            .unwrap()
+            .task
+            .as_ref()
+            .map(|(_, h)| h.abort_handle())
+            .unwrap();
+        let again = manager.state("ns/shop", Some("uid-4")).unwrap();
+        assert!(!Arc::ptr_eq(&new, &again));
+        assert!(again.lock().unwrap().task.is_none());
+        assert_eq!(again.lock().unwrap().failures, 0);
+        assert!(new.lock().unwrap().forgotten);
+        for _ in 0..100 {
+            if old_job.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(old_job.is_finished());
+        assert!(manager.state("ns/shop", Some("uid-3")).is_none());
+        // The same stack looked at again keeps its state.
+        let same = manager.state("ns/shop", Some("uid-4")).unwrap();
+        assert!(Arc::ptr_eq(&again, &same));
     }
 
     #[test]
