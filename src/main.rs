@@ -90,6 +90,11 @@ enum Command {
         /// Link-local and metadata addresses are refused always.
         #[arg(long, env = "OPSC_ALLOW_LOOPBACK_ACME_DIRECTORY")]
         allow_loopback_acme_directory: bool,
+        /// Gateway images stacks may use, comma-separated: a repository (any tag or digest of
+        /// it) or a prefix ending in `/`. Empty: any image. The gateway runs with the stack's
+        /// TLS key mounted.
+        #[arg(long, env = "OPSC_ALLOWED_GATEWAY_IMAGES", value_delimiter = ',')]
+        allowed_gateway_images: Vec<String>,
         #[command(flatten)]
         election: leader::ElectionArgs,
     },
@@ -121,6 +126,7 @@ fn main() -> ExitCode {
             exit_on_stdin_eof,
             admission_guardrails,
             allow_loopback_acme_directory,
+            allowed_gateway_images,
             election,
         } => {
             init_logging(log_format);
@@ -135,6 +141,11 @@ fn main() -> ExitCode {
                     .filter(|n| !n.is_empty()),
                 require_guardrails: admission_guardrails == GuardrailCheck::Require,
                 allow_loopback_acme_directory,
+                allowed_gateway_images: allowed_gateway_images
+                    .into_iter()
+                    .map(|i| i.trim().to_string())
+                    .filter(|i| !i.is_empty())
+                    .collect(),
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(run(

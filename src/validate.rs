@@ -640,6 +640,47 @@ pub fn directory_url_problems(stack: &OpsConductorStack, allow_loopback: bool) -
     }]
 }
 
+/// The gateway image against the operator's allow-list (`--allowed-gateway-images`; empty:
+/// any image), issue 14, item 5: the gateway runs with the stack's TLS key mounted, so an
+/// operator may insist on images it trusts. An entry is a repository as written in the spec
+/// (`ghcr.io/opsconductor/opsconductor-gateway`: any tag or digest of it) or, ending in `/`, a
+/// prefix (`registry.example.com/approved/`: every repository under it).
+pub fn gateway_image_problems(stack: &OpsConductorStack, allowed: &[String]) -> Vec<FieldError> {
+    if allowed.is_empty() {
+        return Vec::new();
+    }
+    let image = stack.spec.gateway.image.trim();
+    let repository = image_repository(image);
+    let ok = allowed.iter().any(|entry| {
+        if entry.ends_with('/') {
+            repository.starts_with(entry.as_str()) && repository.len() > entry.len()
+        } else {
+            repository == entry
+        }
+    });
+    if ok {
+        return Vec::new();
+    }
+    vec![FieldError {
+        path: "spec.gateway.image".into(),
+        message: format!(
+            "{image:?} is not one of the gateway images this operator allows ({}): the gateway \
+             runs with the stack's TLS key; use an allowed image or ask the operator's \
+             administrator",
+            allowed.join(", ")
+        ),
+    }]
+}
+
+/// `registry/path/name` of an image reference, without `:tag` and `@digest`.
+fn image_repository(image: &str) -> &str {
+    let name = image.split('@').next().unwrap_or(image);
+    match name.rfind(':') {
+        Some(colon) if !name[colon..].contains('/') => &name[..colon],
+        _ => name,
+    }
+}
+
 /// The host of an `https://` URL, lowercase, without brackets, port or user info.
 fn url_host(url: &str) -> Option<String> {
     let rest = url.strip_prefix("https://")?;
@@ -1727,5 +1768,50 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("link-local"), "{err}");
+    }
+
+    #[test]
+    fn gateway_images_outside_the_allow_list_are_refused() {
+        let problems = |image: &str, allowed: &[&str]| {
+            let mut v = base();
+            v["spec"]["gateway"]["image"] = json!(image);
+            let stack: OpsConductorStack = serde_json::from_value(v).unwrap();
+            let allowed: Vec<String> = allowed.iter().map(|a| a.to_string()).collect();
+            gateway_image_problems(&stack, &allowed)
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let list = [
+            "ghcr.io/opsconductor/opsconductor-gateway",
+            "registry.example.com:5000/approved/",
+        ];
+        for ok in [
+            "ghcr.io/opsconductor/opsconductor-gateway:0.1.0",
+            "ghcr.io/opsconductor/opsconductor-gateway@sha256:abc",
+            "ghcr.io/opsconductor/opsconductor-gateway:0.1@sha256:abc",
+            "ghcr.io/opsconductor/opsconductor-gateway",
+            "registry.example.com:5000/approved/nginx:1.27",
+            "registry.example.com:5000/approved/team/nginx",
+        ] {
+            assert_eq!(problems(ok, &list), "", "{ok}");
+            assert_eq!(problems(ok, &[]), "", "{ok}: no list, any image");
+        }
+        for bad in [
+            "nginx:1.27",
+            "ghcr.io/opsconductor/opsconductor-gateway-evil:1",
+            "ghcr.io/opsconductor/opsconductor-gateway/evil:1",
+            "evil.example/ghcr.io/opsconductor/opsconductor-gateway:1",
+            "registry.example.com:5000/approved:1",
+            "registry.example.com:5000/approvedx/nginx",
+        ] {
+            let p = problems(bad, &list);
+            assert!(
+                p.starts_with("spec.gateway.image: ")
+                    && p.contains("not one of the gateway images"),
+                "{bad}: {p:?}"
+            );
+        }
     }
 }

@@ -64,6 +64,9 @@ pub struct RunOptions {
     /// a test CA on the operator's own machine); see
     /// [`crate::validate::directory_url_problems`].
     pub allow_loopback_acme_directory: bool,
+    /// Gateway images stacks may use (`--allowed-gateway-images`); empty: any. See
+    /// [`crate::validate::gateway_image_problems`].
+    pub allowed_gateway_images: Vec<String>,
 }
 
 impl Default for RunOptions {
@@ -77,6 +80,7 @@ impl Default for RunOptions {
             operator_namespace: None,
             require_guardrails: true,
             allow_loopback_acme_directory: false,
+            allowed_gateway_images: Vec::new(),
         }
     }
 }

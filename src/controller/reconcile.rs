@@ -69,6 +69,11 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
         stack,
         ctx.options.allow_loopback_acme_directory,
     ));
+    // The gateway runs with the TLS key: only images the operator's administrator allows.
+    references.extend(validate::gateway_image_problems(
+        stack,
+        &ctx.options.allowed_gateway_images,
+    ));
     let model = match validate::validate(stack, &namespace) {
         Ok(model) if references.is_empty() => model,
         result => {
