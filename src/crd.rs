@@ -133,6 +133,11 @@ pub struct GatewaySpec {
     /// Timeouts of the gateway's connections to the services.
     #[serde(default)]
     pub timeouts: ProxyTimeouts,
+    /// CPU and memory requests and limits of the gateway container. Default (when absent):
+    /// requests `cpu: 100m`, `memory: 64Mi`; limits `memory: 512Mi`. Given, it replaces the
+    /// default as a whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
 }
 
 /// Timeouts between the gateway and the services, in seconds.

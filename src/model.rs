@@ -99,6 +99,9 @@ pub struct Gateway {
     /// nginx size syntax, checked: digits with an optional k/m/g suffix.
     pub client_max_body_size: String,
     pub timeouts: Timeouts,
+    /// The gateway container's requests and limits: the spec's, or
+    /// [`crate::build::gateway::default_resources`].
+    pub resources: ResourceRequirements,
 }
 
 /// Gateway-to-service timeouts.

@@ -255,6 +255,10 @@ fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<G
     }
     Some(Gateway {
         timeouts,
+        resources: g
+            .resources
+            .clone()
+            .unwrap_or_else(crate::build::gateway::default_resources),
         hosts,
         image: g.image.clone(),
         replicas: g.replicas,

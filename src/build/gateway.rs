@@ -8,8 +8,8 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    HTTPGetAction, PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, Service, ServiceAccount,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    HTTPGetAction, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -21,6 +21,22 @@ use super::service::{container_security_context, pod_security_context};
 use super::{BuildOptions, meta, nginx};
 use crate::model::{CertificateSource, GatewayServiceType, Stack};
 use crate::names::{self, Component};
+
+/// The gateway container's requests and limits when the spec gives none: a small request so
+/// that it schedules anywhere, and a memory limit so that a flood of connections (each TLS
+/// connection holds buffers in nginx) ends in a restart of one pod, not in the node's memory.
+/// No CPU limit: throttling stalls TLS handshakes; set one in `spec.gateway.resources`.
+pub fn default_resources() -> ResourceRequirements {
+    let q = |v: &str| Quantity(v.to_string());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), q("100m")),
+            ("memory".to_string(), q("64Mi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), q("512Mi"))])),
+        ..ResourceRequirements::default()
+    }
+}
 
 /// The user id the gateway runs as: the `nginx` user of the project's gateway image
 /// (`images/gateway/make-rootfs`), the same uid as in the nginx-unprivileged images.
@@ -143,6 +159,7 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
             port("http", nginx::HTTP_PORT),
             port("https", nginx::HTTPS_PORT),
         ]),
+        resources: Some(stack.gateway.resources.clone()),
         readiness_probe: Some(probe(2)),
         liveness_probe: Some(probe(6)),
         security_context: Some(security),

@@ -4,7 +4,7 @@
 //! same objects, byte for byte, which is what makes `render` diffable and lets the controller
 //! skip writes when nothing changed.
 
-mod gateway;
+pub mod gateway;
 mod netpol;
 pub mod nginx;
 mod service;
