@@ -112,13 +112,32 @@ pub struct GatewaySpec {
     #[serde(default = "default_gateway_replicas")]
     #[schemars(range(min = 1, max = 100))]
     pub replicas: i32,
-    /// How the gateway is exposed: `LoadBalancer` (default) or `NodePort`.
+    /// How the gateway is exposed: `LoadBalancer` (default), `NodePort`, or `ClusterIP` (behind
+    /// an ingress or load balancer that already exists in the cluster).
     #[serde(default)]
     pub service_type: GatewayServiceType,
     /// CIDRs allowed to reach ports 80 and 443. Empty means everyone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100), inner(length(max = 43)))]
     pub allowed_source_ranges: Vec<String>,
+    /// Addresses (CIDRs) of the proxies or load balancers in front of the gateway whose word
+    /// about the client's address is taken: the address in the PROXY protocol header (with
+    /// `proxyProtocol: true`) or, otherwise, in `X-Forwarded-For`. The rate limits and the
+    /// access log then see the real client. Empty (the default): nobody is trusted, the client
+    /// is the TCP peer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(max = 43)))]
+    pub trusted_proxies: Vec<String>,
+    /// The gateway's listeners on 80 and 443 expect the PROXY protocol (v1 or v2) on every
+    /// connection; a connection without it is closed. Needs `trustedProxies`. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
+    /// Request headers removed before a request goes to a service, on top of `X-Internal` and
+    /// `X-Service`, which are always removed: headers the services trust from each other
+    /// must never come from outside. Names of letters, digits and `-`, any case.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50), inner(length(min = 1, max = 64)))]
+    pub strip_request_headers: Vec<String>,
     /// Per-client-address rate limit. Requests beyond it get HTTP 429.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
@@ -176,6 +195,10 @@ pub enum GatewayServiceType {
     LoadBalancer,
     /// A port on every node.
     NodePort,
+    /// Reachable only inside the cluster: for a gateway behind an existing ingress controller
+    /// or load balancer.
+    #[serde(rename = "ClusterIP")]
+    ClusterIp,
 }
 
 /// A token-bucket rate limit per client address.

@@ -94,6 +94,14 @@ pub struct Gateway {
     pub replicas: i32,
     pub service_type: GatewayServiceType,
     pub allowed_source_ranges: Vec<IpNet>,
+    /// Proxies whose word about the client address is taken; empty: nobody's.
+    pub trusted_proxies: Vec<IpNet>,
+    /// The listeners on 8080 and 8443 expect the PROXY protocol (then `trusted_proxies` is
+    /// not empty).
+    pub proxy_protocol: bool,
+    /// Lowercase header names removed from requests before they go to a service: the
+    /// built-in [`ALWAYS_STRIPPED_HEADERS`] first, then the spec's, without repeats.
+    pub strip_request_headers: Vec<String>,
     pub rate_limit: Option<RateLimit>,
     pub hsts: Hsts,
     /// nginx size syntax, checked: digits with an optional k/m/g suffix.
@@ -103,6 +111,11 @@ pub struct Gateway {
     /// [`crate::build::gateway::default_resources`].
     pub resources: ResourceRequirements,
 }
+
+/// Request headers the gateway always removes before proxying: the ones the seed's services
+/// trust from each other (`X-Internal: true`, `X-Service: <caller>`), which must never come
+/// from outside.
+pub const ALWAYS_STRIPPED_HEADERS: [&str; 2] = ["x-internal", "x-service"];
 
 /// Gateway-to-service timeouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -202,6 +202,7 @@ fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<G
         .enumerate()
         .filter_map(|(i, r)| errs.cidr(&format!("spec.gateway.allowedSourceRanges[{i}]"), r))
         .collect();
+    let (trusted_proxies, strip_request_headers) = validate_edge(spec, errs);
     let rate_limit = g.rate_limit.as_ref().and_then(|r| {
         let rps = u32::try_from(r.requests_per_second)
             .ok()
@@ -271,7 +272,93 @@ fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<G
             preload: g.hsts.preload,
         },
         client_max_body_size: g.client_max_body_size.to_ascii_lowercase(),
+        trusted_proxies,
+        proxy_protocol: g.proxy_protocol,
+        strip_request_headers,
     })
+}
+
+/// Client identity and header hygiene at the edge (issue 18): whose word about the client's
+/// address is taken, whether the listeners expect the PROXY protocol, and which request
+/// headers never reach a service. Returns the trusted CIDRs and the lowercase header names
+/// to remove (the built-in ones first). See docs/api.md#specgateway.
+fn validate_edge(spec: &OpsConductorStackSpec, errs: &mut Errors) -> (Vec<IpNet>, Vec<String>) {
+    let g = &spec.gateway;
+    let mut trusted = Vec::new();
+    for (i, r) in g.trusted_proxies.iter().enumerate() {
+        let path = format!("spec.gateway.trustedProxies[{i}]");
+        match errs.cidr(&path, r) {
+            Some(net) if net.prefix_len() == 0 => errs.add(
+                &path,
+                format!(
+                    "{r:?} trusts every address: any client could choose its own address; \
+                     list the addresses of the proxies in front of the gateway"
+                ),
+            ),
+            Some(net) => trusted.push(net),
+            None => {}
+        }
+    }
+    if g.proxy_protocol && g.trusted_proxies.is_empty() {
+        errs.add(
+            "spec.gateway.trustedProxies",
+            "proxyProtocol: true needs the addresses of the proxies that send it; without \
+             them every client would have the proxy's address",
+        );
+    }
+    if g.proxy_protocol && spec.tls.acme.is_some() {
+        errs.add(
+            "spec.gateway.proxyProtocol",
+            "cannot be combined with tls.acme yet: the operator's self-check of the HTTP-01 \
+             challenge reaches the gateway without a PROXY protocol header; use tls.secretName",
+        );
+    }
+    let mut headers: Vec<String> = crate::model::ALWAYS_STRIPPED_HEADERS
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    let mut seen = BTreeSet::new();
+    for (i, h) in g.strip_request_headers.iter().enumerate() {
+        let path = format!("spec.gateway.stripRequestHeaders[{i}]");
+        let lower = h.to_ascii_lowercase();
+        if let Err(e) = check_strippable_header(h) {
+            errs.add(&path, e);
+        } else if !seen.insert(lower.clone()) {
+            errs.add(&path, format!("duplicate header {h:?}"));
+        } else if !headers.contains(&lower) {
+            headers.push(lower);
+        }
+    }
+    (trusted, headers)
+}
+
+/// A request header the spec may have removed: a name nginx passes on from clients (letters,
+/// digits and `-`: with nginx's defaults a client header with any other character, `_`
+/// included, never reaches a service), and none the gateway sets or needs itself.
+fn check_strippable_header(h: &str) -> Result<(), String> {
+    if h.is_empty() || h.len() > 64 {
+        return Err(format!("{h:?} must have 1 to 64 characters"));
+    }
+    if let Some(c) = h
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+    {
+        return Err(format!(
+            "{h:?} contains {c:?}; a header name here is letters, digits and '-' (nginx drops \
+             client headers with other characters, '_' included, before they reach a service)"
+        ));
+    }
+    match h.to_ascii_lowercase().as_str() {
+        "host" | "connection" | "upgrade" | "forwarded" | "x-forwarded-for"
+        | "x-forwarded-proto" | "x-forwarded-host" | "x-forwarded-port" | "x-real-ip"
+        | "x-request-id" => Err(format!(
+            "{h:?} is set by the gateway itself on every request to a service"
+        )),
+        "content-length" | "transfer-encoding" => Err(format!(
+            "{h:?} frames the request body; removing it would break requests"
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> {

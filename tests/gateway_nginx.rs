@@ -982,6 +982,406 @@ fn nginx_accepts_the_configuration_of_every_example() {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The edge: header hygiene and the client's address (issue 18)
+
+/// The first `n` access log entries, once nginx has written them (it writes after the
+/// response; polled briefly).
+fn access_entries(gw: &Gateway, n: usize) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    for _ in 0..200 {
+        lines = gw
+            .access_log()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>();
+        if lines.len() >= n {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(lines.len() >= n, "{n} entries expected: {lines:?}");
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The client address the service was told: `X-Real-IP` and `X-Forwarded-For` as the backend
+/// received them (they must agree: the gateway sets both from one address).
+fn client_seen_by_service(r: &gateway_support::Response) -> String {
+    assert_eq!(r.status, 200, "{r:?}");
+    let h = &r.json()["headers"];
+    let real = h["x-real-ip"].as_str().unwrap_or_default().to_string();
+    assert_eq!(h["x-forwarded-for"].as_str(), Some(real.as_str()), "{h}");
+    real
+}
+
+#[test]
+fn headers_the_inside_trusts_never_come_from_outside() {
+    if !tools_present(false) {
+        return;
+    }
+    let spoofed = [
+        "-H",
+        "X-Internal: true",
+        "-H",
+        "X-Service: jobs",
+        "-H",
+        "X_Internal: true",
+        "-H",
+        "X-User-Id: 1",
+        "-H",
+        "X-TENANT-ID: other",
+        "-H",
+        "X-Service-Version: kept",
+        "-H",
+        "Authorization: Bearer token",
+    ];
+    // The seed's two headers always; the spec's list on top, in any case.
+    for (extra, stripped, kept) in [
+        (
+            "",
+            &["x-internal", "x-service", "x_internal"][..],
+            &[
+                "x-user-id",
+                "x-tenant-id",
+                "x-service-version",
+                "authorization",
+            ][..],
+        ),
+        (
+            "    stripRequestHeaders: [X-User-Id, x-tenant-id]\n",
+            &[
+                "x-internal",
+                "x-service",
+                "x_internal",
+                "x-user-id",
+                "x-tenant-id",
+            ][..],
+            &["x-service-version", "authorization"][..],
+        ),
+    ] {
+        let s = setup(extra);
+        for proto in ["--http1.1", "--http2"] {
+            let mut args = vec![proto];
+            args.extend_from_slice(&spoofed);
+            let r = s.gw.curl_https(HOST, "/api/v1/auth/me", &args);
+            assert_eq!(r.status, 200, "{r:?}");
+            let h = &r.json()["headers"];
+            for name in stripped {
+                assert!(
+                    h.get(name).is_none(),
+                    "{extra:?} {proto}: {name} reached the service: {h}"
+                );
+            }
+            for name in kept {
+                assert!(
+                    h.get(name).is_some(),
+                    "{extra:?} {proto}: {name} was removed: {h}"
+                );
+            }
+            // Every route: the root route too.
+            let r = s.gw.curl_https(OTHER_HOST, "/", &args);
+            assert_eq!(r.json()["backend"], "web");
+            assert!(r.json()["headers"].get("x-internal").is_none(), "{r:?}");
+        }
+    }
+}
+
+#[test]
+fn x_forwarded_for_is_believed_only_from_trusted_proxies() {
+    if !tools_present(false) {
+        return;
+    }
+    let ask = |s: &Setup, from: &str, xff: &str| {
+        client_seen_by_service(&s.gw.curl_https(
+            HOST,
+            "/api/v1/auth/who",
+            &[
+                "--interface",
+                from,
+                "-H",
+                &format!("X-Forwarded-For: {xff}"),
+            ],
+        ))
+    };
+    // Nothing is trusted by default: the peer's address stands, whatever the client claims.
+    let s = setup("");
+    assert_eq!(ask(&s, "127.0.0.2", "203.0.113.7"), "127.0.0.2");
+    drop(s);
+
+    let s = setup("    trustedProxies: [127.0.0.2/32, 10.0.0.0/8]\n");
+    // From the trusted proxy: the rightmost address that is not itself a trusted proxy.
+    assert_eq!(ask(&s, "127.0.0.2", "203.0.113.7"), "203.0.113.7");
+    assert_eq!(
+        ask(&s, "127.0.0.2", "198.51.100.1, 203.0.113.7"),
+        "203.0.113.7"
+    );
+    assert_eq!(ask(&s, "127.0.0.2", "203.0.113.7, 10.1.2.3"), "203.0.113.7");
+    // From anyone else the claim is ignored.
+    assert_eq!(ask(&s, "127.0.0.3", "203.0.113.7"), "127.0.0.3");
+    assert_eq!(ask(&s, "127.0.0.1", "127.0.0.2, 203.0.113.8"), "127.0.0.1");
+    // The access log has the same addresses.
+    let logged: Vec<String> = access_entries(&s.gw, 5)
+        .iter()
+        .map(|e| e["remote_addr"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            "203.0.113.7",
+            "203.0.113.7",
+            "203.0.113.7",
+            "127.0.0.3",
+            "127.0.0.1"
+        ]
+    );
+}
+
+/// Arguments of one curl request to the gateway's HTTPS port from `from`, claiming `xff`.
+fn request_from(gw: &Gateway, from: &str, xff: &str, path: &str) -> Vec<String> {
+    vec![
+        "--resolve".into(),
+        format!("{HOST}:{}:127.0.0.1", gw.layout.https_port),
+        "--cacert".into(),
+        gw.layout.cert().display().to_string(),
+        "--interface".into(),
+        from.into(),
+        "-H".into(),
+        format!("X-Forwarded-For: {xff}"),
+        gw.https_url(HOST, path),
+    ]
+}
+
+#[test]
+fn the_rate_limit_keys_on_the_client_a_trusted_proxy_names() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup(
+        "    trustedProxies: [127.0.0.2/32]\n    rateLimit: {requestsPerSecond: 1, burst: 2}\n",
+    );
+    // One client behind the proxy, forty requests as fast as curl sends them: at 1 r/s with
+    // a burst of 2 it is limited.
+    let one: Vec<Vec<String>> = (0..40)
+        .map(|_| request_from(&s.gw, "127.0.0.2", "203.0.113.7", "/api/v1/auth/a"))
+        .collect();
+    let responses = gateway_support::curl_each(&one);
+    let limited = responses.iter().filter(|r| r.status == 429).count();
+    assert!(limited > 0, "one client was not limited");
+    // Right after, through the same proxy, other clients each have a bucket of their own.
+    let others: Vec<Vec<String>> = (0..10)
+        .map(|i| {
+            request_from(
+                &s.gw,
+                "127.0.0.2",
+                &format!("198.51.100.{}", i + 1),
+                "/api/v1/auth/b",
+            )
+        })
+        .collect();
+    let statuses: Vec<u16> = gateway_support::curl_each(&others)
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        statuses, [200; 10],
+        "clients behind the proxy share its bucket"
+    );
+    // From an untrusted address, a new X-Forwarded-For per request buys no new bucket.
+    let spoofing: Vec<Vec<String>> = (0..40)
+        .map(|i| {
+            request_from(
+                &s.gw,
+                "127.0.0.3",
+                &format!("192.0.2.{}", i + 1),
+                "/api/v1/auth/c",
+            )
+        })
+        .collect();
+    let responses = gateway_support::curl_each(&spoofing);
+    let limited = responses.iter().filter(|r| r.status == 429).count();
+    assert!(
+        limited > 0,
+        "a spoofed X-Forwarded-For escaped the rate limit"
+    );
+    for r in responses.iter().filter(|r| r.status == 200) {
+        assert_eq!(client_seen_by_service(r), "127.0.0.3");
+    }
+}
+
+/// A gateway with `proxyProtocol: true` (and a certificate of its own: ACME is refused with
+/// it), the rate limit as in the test above, behind Debian's HAProxy.
+#[test]
+fn the_proxy_protocol_names_the_client_only_when_a_trusted_proxy_sends_it() {
+    if !tools_present(false) || !gateway_support::tool_present("haproxy", &["-v"], "haproxy") {
+        return;
+    }
+    let dns = Dns::start();
+    let auth = Backend::start("auth");
+    let web = Backend::start("web");
+    for name in ["auth", "web", "internal"] {
+        dns.insert(&fqdn(name), LOCALHOST);
+    }
+    let yaml = stack_yaml(
+        auth.port,
+        web.port,
+        "    proxyProtocol: true\n    trustedProxies: [127.0.0.2/32]\n    \
+         rateLimit: {requestsPerSecond: 1, burst: 2}\n",
+        "",
+    )
+    .replace(
+        "acme: {directoryUrl: \"https://acme.invalid/directory\", acceptTermsOfService: true}",
+        "secretName: own",
+    );
+    let gw = Gateway::start(&yaml, options(), Resolution::Dns(&dns), &[HOST, OTHER_HOST]);
+    let (https, http) = (gw.layout.https_port, gw.layout.http_port);
+    use gateway_support::{Frontend, HaProxy};
+    let lb = HaProxy::start(&[
+        Frontend {
+            name: "v1",
+            to_port: https,
+            source: "127.0.0.2",
+            send_proxy: "send-proxy",
+        },
+        Frontend {
+            name: "v2",
+            to_port: https,
+            source: "127.0.0.2",
+            send_proxy: "send-proxy-v2",
+        },
+        Frontend {
+            name: "stranger",
+            to_port: https,
+            source: "127.0.0.4",
+            send_proxy: "send-proxy",
+        },
+        Frontend {
+            name: "http",
+            to_port: http,
+            source: "127.0.0.2",
+            send_proxy: "send-proxy",
+        },
+    ]);
+    let cert = gw.layout.cert().display().to_string();
+    let through = |frontend: &str, client: &str, path: &str| -> Vec<String> {
+        let port = lb.port(frontend);
+        vec![
+            "--resolve".into(),
+            format!("{HOST}:{port}:127.0.0.1"),
+            "--cacert".into(),
+            cert.clone(),
+            "--interface".into(),
+            client.into(),
+            "-H".into(),
+            "X-Forwarded-For: 203.0.113.7".into(),
+            format!("https://{HOST}:{port}{path}"),
+        ]
+    };
+    let one = |frontend: &str, client: &str| {
+        let r = gateway_support::curl_each(&[through(frontend, client, "/api/v1/auth/who")]);
+        client_seen_by_service(&r[0])
+    };
+    // v1 and v2 from the trusted proxy: the client HAProxy accepted (X-Forwarded-For is not
+    // looked at when the PROXY protocol names the client).
+    assert_eq!(one("v1", "127.0.0.3"), "127.0.0.3");
+    assert_eq!(one("v2", "127.0.0.5"), "127.0.0.5");
+    // The same header from a sender that is not trusted changes nothing.
+    assert_eq!(one("stranger", "127.0.0.3"), "127.0.0.4");
+    // Plain HTTP through the proxy: the redirect works and the log names the client.
+    let r = gateway_support::curl(&[
+        "-H",
+        &format!("Host: {HOST}"),
+        "--interface",
+        "127.0.0.6",
+        &format!("http://127.0.0.1:{}/plain", lb.port("http")),
+    ]);
+    assert_eq!(r.status, 308, "{r:?}");
+    // A connection without the header is refused: the listeners expect it.
+    let direct = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--resolve"])
+        .arg(format!("{HOST}:{https}:127.0.0.1"))
+        .args(["--cacert", &cert])
+        .arg(gw.https_url(HOST, "/api/v1/auth/who"))
+        .output()
+        .unwrap();
+    assert!(!direct.status.success(), "served without a PROXY header");
+    // A hand-written PROXY header from an untrusted address claims 203.0.113.9 in vain.
+    {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+        write!(
+            c,
+            "PROXY TCP4 203.0.113.9 127.0.0.1 5555 80\r\nGET /spoofed HTTP/1.1\r\nHost: {HOST}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
+    }
+    // The probes' own port answers without the header.
+    let r = gateway_support::curl(&[&format!(
+        "http://127.0.0.1:{}/healthz",
+        gw.layout.health_port
+    )]);
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    let r = gateway_support::curl(&[&format!(
+        "http://127.0.0.1:{}/api/v1/auth/x",
+        gw.layout.health_port
+    )]);
+    assert_eq!(r.status, 404);
+
+    let logged: Vec<(String, String)> = access_entries(&gw, 5)
+        .iter()
+        .map(|e| {
+            (
+                e["uri"].as_str().unwrap().to_string(),
+                e["remote_addr"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let addr_of = |uri: &str| {
+        logged
+            .iter()
+            .filter(|(u, _)| u == uri)
+            .map(|(_, a)| a.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        addr_of("/api/v1/auth/who"),
+        ["127.0.0.3", "127.0.0.5", "127.0.0.4"],
+        "{logged:?}"
+    );
+    assert_eq!(addr_of("/plain"), ["127.0.0.6"], "{logged:?}");
+    assert_eq!(addr_of("/spoofed"), ["127.0.0.1"], "{logged:?}");
+
+    // The rate limit: one client through the proxy is limited; right after, another client
+    // through the same proxy has a bucket of its own.
+    let many: Vec<Vec<String>> = (0..40)
+        .map(|_| through("v1", "127.0.0.3", "/api/v1/auth/a"))
+        .collect();
+    let limited = gateway_support::curl_each(&many)
+        .iter()
+        .filter(|r| r.status == 429)
+        .count();
+    assert!(limited > 0, "one client was not limited");
+    let statuses: Vec<u16> = gateway_support::curl_each(&[
+        through("v1", "127.0.0.7", "/api/v1/auth/b"),
+        through("v2", "127.0.0.8", "/api/v1/auth/b"),
+    ])
+    .iter()
+    .map(|r| r.status)
+    .collect();
+    assert_eq!(
+        statuses,
+        [200, 200],
+        "clients behind the proxy share its bucket"
+    );
+    assert!(!gw.error_log().contains("[emerg]"), "{}", gw.error_log());
+}
+
 /// Not a test: writes the gateway configuration for `scripts/bench-gateway`, rendered by the
 /// operator's builder exactly as for the tests. Reads OPSC_BENCH_DIR (with config/, tls/,
 /// tmp/), OPSC_BENCH_BACKEND_PORT, OPSC_BENCH_HTTP_PORT, OPSC_BENCH_HTTPS_PORT and, for the

@@ -118,10 +118,16 @@ fn config_checksum(config: &ConfigMap) -> String {
 
 pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
     let component = Component::Gateway;
+    // With the PROXY protocol on 8080, the probes go to a port of their own.
+    let probe_port = if stack.gateway.proxy_protocol {
+        nginx::HEALTH_PORT
+    } else {
+        nginx::HTTP_PORT
+    };
     let probe = |failure_threshold| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(nginx::HEALTH_PATH.into()),
-            port: IntOrString::Int(nginx::HTTP_PORT),
+            port: IntOrString::Int(probe_port),
             scheme: Some("HTTP".into()),
             ..HTTPGetAction::default()
         }),
@@ -261,7 +267,12 @@ pub fn service(stack: &Stack) -> Service {
             ("LoadBalancer", (!ranges.is_empty()).then_some(ranges))
         }
         GatewayServiceType::NodePort => ("NodePort", None),
+        GatewayServiceType::ClusterIp => ("ClusterIP", None),
     };
+    // Keeps the client's address, which rate limiting and allowedSourceRanges need; the API
+    // server refuses the field on a ClusterIP Service (only traffic from outside has it).
+    let external_traffic_policy =
+        (stack.gateway.service_type != GatewayServiceType::ClusterIp).then(|| "Local".to_string());
     Service {
         metadata: meta(stack, names::gateway(&stack.name), component),
         spec: Some(ServiceSpec {
@@ -272,8 +283,7 @@ pub fn service(stack: &Stack) -> Service {
                 port("http", 80, nginx::HTTP_PORT),
                 port("https", 443, nginx::HTTPS_PORT),
             ]),
-            // Keeps the client's address, which rate limiting and allowedSourceRanges need.
-            external_traffic_policy: Some("Local".into()),
+            external_traffic_policy,
             load_balancer_source_ranges: source_ranges,
             ..ServiceSpec::default()
         }),
@@ -334,6 +344,72 @@ mod tests {
         }
         out.push_str(rest);
         out
+    }
+
+    fn built(gateway: &str, tls: &str) -> (Deployment, Service) {
+        let yaml = format!(
+            "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
+             metadata: {{name: t, namespace: ns}}\nspec:\n  gateway: {{hosts: [a.example.com]{gateway}}}\n\
+             \x20 tls: {tls}\n  services: [{{name: web, image: x, route: /}}]\n"
+        );
+        let raw = crate::render::parse_stack("test", &yaml).unwrap();
+        let stack = crate::validate::validate(&raw, "ns").unwrap();
+        let options = crate::build::BuildOptions::default();
+        (
+            deployment(&stack, &config_map(&stack, &options)),
+            service(&stack),
+        )
+    }
+
+    #[test]
+    fn with_the_proxy_protocol_the_probes_use_their_own_port() {
+        let probe_ports = |d: &Deployment| {
+            let c = &d
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .spec
+                .as_ref()
+                .unwrap()
+                .containers[0];
+            [&c.readiness_probe, &c.liveness_probe]
+                .map(|p| p.as_ref().unwrap().http_get.as_ref().unwrap().port.clone())
+        };
+        let (d, _) = built("", "{secretName: own}");
+        let http = IntOrString::Int(nginx::HTTP_PORT);
+        assert_eq!(probe_ports(&d), [http.clone(), http]);
+        let (d, svc) = built(
+            ", proxyProtocol: true, trustedProxies: [10.0.0.0/8]",
+            "{secretName: own}",
+        );
+        let health = IntOrString::Int(nginx::HEALTH_PORT);
+        assert_eq!(probe_ports(&d), [health.clone(), health]);
+        // The probes' port is not exposed.
+        let ports: Vec<i32> = svc
+            .spec
+            .unwrap()
+            .ports
+            .unwrap()
+            .iter()
+            .map(|p| p.port)
+            .collect();
+        assert_eq!(ports, [80, 443]);
+    }
+
+    #[test]
+    fn a_cluster_ip_gateway_has_no_external_traffic_policy() {
+        let (_, svc) = built(", serviceType: ClusterIP", "{secretName: own}");
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(spec.external_traffic_policy, None);
+        assert_eq!(spec.load_balancer_source_ranges, None);
+        for ty in ["LoadBalancer", "NodePort"] {
+            let (_, svc) = built(&format!(", serviceType: {ty}"), "{secretName: own}");
+            let spec = svc.spec.unwrap();
+            assert_eq!(spec.type_.as_deref(), Some(ty));
+            assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+        }
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub const TLS_DIR: &str = "/etc/opsconductor/tls";
 pub const TMP_DIR: &str = "/tmp";
 pub const HTTP_PORT: i32 = 8080;
 pub const HTTPS_PORT: i32 = 8443;
+/// Answers the kubelet's probes when the listeners on [`HTTP_PORT`] and [`HTTPS_PORT`] expect
+/// the PROXY protocol (which the kubelet does not speak); not in the gateway Service.
+pub const HEALTH_PORT: i32 = 8081;
 /// Answered on the HTTP port for the kubelet's probes; never redirected.
 pub const HEALTH_PATH: &str = "/healthz";
 /// Where ACME HTTP-01 challenges are fetched (RFC 8555, section 8.3).
@@ -76,6 +79,7 @@ pub fn render(stack: &Stack, options: &BuildOptions) -> String {
     main_context(w);
     let _ = writeln!(w, "\nhttp {{");
     http_settings(w, stack);
+    client_address(w, stack);
     tls_settings(w);
     upstreams(w, stack, options);
     if stack.gateway.rate_limit.is_some() {
@@ -88,6 +92,9 @@ pub fn render(stack: &Stack, options: &BuildOptions) -> String {
         default \"\";
     }}"
         );
+    }
+    if stack.gateway.proxy_protocol {
+        health_server(w);
     }
     plain_http_server(w, stack, options);
     tls_servers(w, stack, options);
@@ -203,6 +210,68 @@ fn http_settings(w: &mut String, stack: &Stack) {
     }
 }
 
+/// Where the client's address comes from: the TCP peer, unless the peer is one of the
+/// trusted proxies; then the PROXY protocol header (with `proxyProtocol`) or the rightmost
+/// address of `X-Forwarded-For` that is not itself a trusted proxy. Everything keyed on
+/// `$remote_addr` (the rate limits, the access log, `X-Real-IP` and `X-Forwarded-For` towards
+/// the services) follows.
+fn client_address(w: &mut String, stack: &Stack) {
+    let g = &stack.gateway;
+    if g.trusted_proxies.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "
+    # The client's address as the trusted proxies in front report it; from anyone else, the
+    # TCP peer's address stands."
+    );
+    for cidr in &g.trusted_proxies {
+        let _ = writeln!(w, "    set_real_ip_from {cidr};");
+    }
+    if g.proxy_protocol {
+        let _ = writeln!(w, "    real_ip_header proxy_protocol;");
+    } else {
+        let _ = writeln!(
+            w,
+            "    real_ip_header X-Forwarded-For;
+    real_ip_recursive on;"
+        );
+    }
+}
+
+/// ` proxy_protocol` on the listeners of ports 8080 and 8443 when the spec asks for it.
+fn proxy_protocol(stack: &Stack) -> &'static str {
+    if stack.gateway.proxy_protocol {
+        " proxy_protocol"
+    } else {
+        ""
+    }
+}
+
+fn health_server(w: &mut String) {
+    let _ = writeln!(
+        w,
+        r#"
+    # Port {HEALTH_PORT}: the probes only. 8080 and 8443 expect the PROXY protocol, which the
+    # kubelet does not speak. Not part of the gateway Service.
+    server {{
+        listen {HEALTH_PORT} default_server;
+        listen [::]:{HEALTH_PORT} default_server;
+        access_log off;
+
+        location = {HEALTH_PATH} {{
+            default_type text/plain;
+            return 200 "ok\n";
+        }}
+
+        location / {{
+            return 404;
+        }}
+    }}"#
+    );
+}
+
 /// Hash bucket size for the server names and the SNI map alike. nginx stores each name with
 /// a pointer and two bytes of overhead, 8-byte aligned, plus a terminating pointer per
 /// bucket, and rounds the bucket size up to a cache line. Room for two of the longest names
@@ -285,15 +354,16 @@ fn plain_http_server(w: &mut String, stack: &Stack, options: &BuildOptions) {
         r#"
     # Port 8080: probes, ACME HTTP-01 challenges, and a redirect for everything else.
     server {{
-        listen {HTTP_PORT} default_server;
-        listen [::]:{HTTP_PORT} default_server;
+        listen {HTTP_PORT}{pp} default_server;
+        listen [::]:{HTTP_PORT}{pp} default_server;
 
         location = {HEALTH_PATH} {{
             access_log off;
             default_type text/plain;
             return 200 "ok\n";
         }}
-"#
+"#,
+        pp = proxy_protocol(stack),
     );
     match (&stack.tls.source, &options.acme_thumbprint) {
         (CertificateSource::Acme(_), Some(thumbprint)) => {
@@ -339,16 +409,16 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
     # Unknown or missing SNI: the TLS handshake is refused, no certificate is shown. A request
     # whose Host header names no configured host lands here too, on a session opened for one.
     server {{
-        listen {HTTPS_PORT} ssl http2 default_server;
-        listen [::]:{HTTPS_PORT} ssl http2 default_server;
+        listen {HTTPS_PORT} ssl http2{pp} default_server;
+        listen [::]:{HTTPS_PORT} ssl http2{pp} default_server;
         ssl_reject_handshake on;
 {headers}
         return 421;
     }}
 
     server {{
-        listen {HTTPS_PORT} ssl http2;
-        listen [::]:{HTTPS_PORT} ssl http2;
+        listen {HTTPS_PORT} ssl http2{pp};
+        listen [::]:{HTTPS_PORT} ssl http2{pp};
         server_name {hosts};
 
         # The Host header must name the host the TLS session was opened for (a client that
@@ -362,6 +432,7 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
         # Set here and nowhere below: a location with its own add_header would drop all of these.
 {headers}"#,
         hosts = g.hosts.join(" "),
+        pp = proxy_protocol(stack),
     );
     if let Some(rl) = g.rate_limit {
         let _ = writeln!(
@@ -387,10 +458,18 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
         proxy_set_header X-Forwarded-Port 443;
         proxy_set_header Forwarded "";
         proxy_set_header X-Request-ID $request_id;
+        # Headers the services trust from each other never come from outside.
+{strip}
         proxy_hide_header X-Powered-By;
         proxy_connect_timeout {connect}s;
         proxy_send_timeout {send}s;
         proxy_read_timeout {read}s;"#,
+        strip = g
+            .strip_request_headers
+            .iter()
+            .map(|h| format!("        proxy_set_header {h} \"\";"))
+            .collect::<Vec<_>>()
+            .join("\n"),
         connect = g.timeouts.connect.as_secs(),
         send = g.timeouts.send.as_secs(),
         read = g.timeouts.read.as_secs(),
@@ -689,6 +768,62 @@ spec:
         assert_eq!(server_names_hash_bucket_size(60), 192);
         // 253 characters: 8 + 253 + 2 = 263, aligned 264; two of them and the end pointer.
         assert_eq!(server_names_hash_bucket_size(253), 576);
+    }
+
+    #[test]
+    fn the_seeds_internal_headers_are_always_stripped_and_nothing_is_trusted_by_default() {
+        let conf = render(&stack(TWO_ROUTES), &BuildOptions::default());
+        assert!(conf.contains("proxy_set_header x-internal \"\";"));
+        assert!(conf.contains("proxy_set_header x-service \"\";"));
+        assert!(!conf.contains("real_ip"), "{conf}");
+        assert!(!conf.contains("proxy_protocol"), "{conf}");
+        assert!(!conf.contains(&HEALTH_PORT.to_string()), "{conf}");
+        let yaml = TWO_ROUTES.replace(
+            "    clientMaxBodySize: 3m\n",
+            "    clientMaxBodySize: 3m\n    stripRequestHeaders: [X-User-Id, X-Internal]\n",
+        );
+        let conf = render(&stack(&yaml), &BuildOptions::default());
+        assert_eq!(conf.matches("proxy_set_header x-internal \"\";").count(), 1);
+        assert!(conf.contains("proxy_set_header x-user-id \"\";"));
+    }
+
+    #[test]
+    fn trusted_proxies_name_the_client_by_x_forwarded_for_or_the_proxy_protocol() {
+        let xff = TWO_ROUTES.replace(
+            "    clientMaxBodySize: 3m\n",
+            "    clientMaxBodySize: 3m\n    trustedProxies: [10.0.0.0/8, fd00::/8]\n",
+        );
+        let conf = render(&stack(&xff), &BuildOptions::default());
+        for needle in [
+            "set_real_ip_from 10.0.0.0/8;",
+            "set_real_ip_from fd00::/8;",
+            "real_ip_header X-Forwarded-For;",
+            "real_ip_recursive on;",
+        ] {
+            assert!(conf.contains(needle), "missing {needle:?} in\n{conf}");
+        }
+        assert!(!conf.contains("proxy_protocol"), "{conf}");
+        let pp = xff.replace(
+            "trustedProxies:",
+            "proxyProtocol: true\n    trustedProxies:",
+        );
+        let conf = render(&stack(&pp), &BuildOptions::default());
+        assert!(conf.contains("real_ip_header proxy_protocol;"), "{conf}");
+        assert!(!conf.contains("X-Forwarded-For;"), "{conf}");
+        let listens: Vec<&str> = conf
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("listen "))
+            .collect();
+        assert_eq!(listens.len(), 8, "{listens:?}");
+        for l in &listens {
+            let health = l.contains(&format!("{HEALTH_PORT} "));
+            assert_eq!(!health, l.contains(" proxy_protocol"), "{l}");
+        }
+        let start = conf.find(&format!("listen {HEALTH_PORT} ")).unwrap();
+        let health = &conf[start..start + conf[start..].find("\n    }").unwrap()];
+        assert!(health.contains("location = /healthz {"), "{health}");
+        assert!(!health.contains("proxy_pass"), "{health}");
     }
 
     #[test]

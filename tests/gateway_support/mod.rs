@@ -468,6 +468,8 @@ pub struct Layout {
     pub dir: tempfile::TempDir,
     pub http_port: u16,
     pub https_port: u16,
+    /// For the probes-only listener of a gateway whose 8080/8443 expect the PROXY protocol.
+    pub health_port: u16,
 }
 
 impl Layout {
@@ -493,6 +495,7 @@ impl Layout {
             dir,
             http_port: free_port(),
             https_port: free_port(),
+            health_port: free_port(),
         }
     }
 
@@ -506,7 +509,13 @@ impl Layout {
 
     /// Rewrites the mount-path prefixes, `/tmp` and the listen ports; nothing else.
     pub fn install_config(&self, rendered: &str) {
-        let text = local_config(rendered, self.dir.path(), self.http_port, self.https_port);
+        let text = local_config_with_health(
+            rendered,
+            self.dir.path(),
+            self.http_port,
+            self.https_port,
+            Some(self.health_port),
+        );
         std::fs::write(self.config_path(), text).unwrap();
     }
 
@@ -605,6 +614,18 @@ impl Layout {
 /// `http_port`/`https_port` on loopback (`[::1]` only where the machine has IPv6). Nothing
 /// else changes.
 pub fn local_config(rendered: &str, dir: &Path, http_port: u16, https_port: u16) -> String {
+    local_config_with_health(rendered, dir, http_port, https_port, None)
+}
+
+/// [`local_config`], and the probes-only port [`nginx::HEALTH_PORT`] (rendered only with
+/// `proxyProtocol`) becomes `health_port`.
+pub fn local_config_with_health(
+    rendered: &str,
+    dir: &Path,
+    http_port: u16,
+    https_port: u16,
+    health_port: Option<u16>,
+) -> String {
     let d = dir.display();
     let v6 = ipv6_loopback();
     // /tmp first: the temp dir itself may live under /tmp.
@@ -622,6 +643,7 @@ pub fn local_config(rendered: &str, dir: &Path, http_port: u16, https_port: u16)
             let new_port = match port.parse::<i32>().unwrap() {
                 p if p == nginx::HTTP_PORT => http_port,
                 p if p == nginx::HTTPS_PORT => https_port,
+                p if p == nginx::HEALTH_PORT && health_port.is_some() => health_port.unwrap(),
                 p => panic!("unexpected listen port {p}"),
             };
             let sep = &rest[rest.find(&[' ', ';'][..]).unwrap()..][..1];
@@ -970,4 +992,162 @@ impl Drop for OldTlsServer {
 fn listening(port: u16) -> bool {
     let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
     std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| t.contains(&needle))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real PROXY protocol sender
+
+/// Whether `tool` (from Debian package `package`) runs, under the same rules as
+/// [`tools_present`]: a missing tool fails the test, also outside CI unless `OPSC_SKIP_NGINX=1`.
+pub fn tool_present(tool: &str, version_args: &[&str], package: &str) -> bool {
+    if std::env::var("OPSC_SKIP_NGINX").is_ok_and(|v| v == "1")
+        && !std::env::var("CI").is_ok_and(|v| v == "true")
+    {
+        eprintln!("OPSC_SKIP_NGINX=1: skipping a test that needs {tool}");
+        return false;
+    }
+    let ok = Command::new(tool)
+        .args(version_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "this test needs {tool} (Debian package {package}; scripts/install-nginx installs it), \
+         or outside CI OPSC_SKIP_NGINX=1 to skip it explicitly"
+    );
+    true
+}
+
+/// HAProxy (Debian's) in TCP mode in front of the gateway: each frontend listens on a free
+/// loopback port and forwards to a gateway port from a chosen source address, sending the
+/// PROXY protocol header (v1 or v2) naming the client it accepted.
+pub struct HaProxy {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// Frontend name -> the port it listens on (127.0.0.1).
+    pub ports: BTreeMap<String, u16>,
+}
+
+/// One HAProxy frontend: `name`, the gateway port it forwards to, the source address of its
+/// connections to the gateway, and `send-proxy` or `send-proxy-v2`.
+pub struct Frontend<'a> {
+    pub name: &'a str,
+    pub to_port: u16,
+    pub source: &'a str,
+    pub send_proxy: &'a str,
+}
+
+impl HaProxy {
+    pub fn start(frontends: &[Frontend<'_>]) -> HaProxy {
+        let dir = tempfile::Builder::new()
+            .prefix("opsc-haproxy-")
+            .tempdir()
+            .unwrap();
+        let mut ports = BTreeMap::new();
+        let mut cfg = String::from(
+            "global\n    maxconn 256\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    \
+             timeout client 60s\n    timeout server 60s\n",
+        );
+        for f in frontends {
+            let port = free_port();
+            ports.insert(f.name.to_string(), port);
+            cfg.push_str(&format!(
+                "\nfrontend {name}\n    bind 127.0.0.1:{port}\n    default_backend {name}_gw\n\n\
+                 backend {name}_gw\n    server gw 127.0.0.1:{to} source {source} {send}\n",
+                name = f.name,
+                to = f.to_port,
+                source = f.source,
+                send = f.send_proxy,
+            ));
+        }
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, &cfg).unwrap();
+        let check = Command::new("haproxy")
+            .arg("-c")
+            .arg("-f")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "haproxy refuses the configuration:\n{cfg}\n{}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        // -db: foreground, no daemon; the guard stops it by its PID.
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("haproxy.err")).unwrap())
+            .spawn()
+            .expect("haproxy starts");
+        let mut h = HaProxy { child, dir, ports };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !h.ports.values().all(|p| listening(*p)) {
+            if let Ok(Some(status)) = h.child.try_wait() {
+                panic!("haproxy exited ({status}):\n{}", h.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "haproxy did not listen:\n{}",
+                h.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        h
+    }
+
+    pub fn port(&self, frontend: &str) -> u16 {
+        self.ports[frontend]
+    }
+
+    pub fn log(&self) -> String {
+        ["haproxy.log", "haproxy.err"]
+            .iter()
+            .map(|f| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+        if thread::panicking() {
+            eprintln!("--- haproxy log ---\n{}", self.log());
+        }
+    }
+}
+
+/// One curl run with a group of arguments per request (`--next` between them: each request
+/// has its own headers, source address and so on, and connections are reused where they can
+/// be). Returns the responses in order.
+pub fn curl_each(groups: &[Vec<String>]) -> Vec<Response> {
+    let mut args: Vec<String> = Vec::new();
+    for (i, group) in groups.iter().enumerate() {
+        if i > 0 {
+            args.push("--next".into());
+        }
+        for a in ["-sS", "-i", "--max-time", "60", "-w", END_MARK] {
+            args.push(a.into());
+        }
+        args.extend(group.iter().cloned());
+    }
+    let out = Command::new("curl")
+        .args(&args)
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut parts: Vec<&str> = text.split(END_MARK).collect();
+    assert_eq!(parts.pop(), Some(""), "curl output ends with the mark");
+    parts.into_iter().map(parse_response).collect()
 }
