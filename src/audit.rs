@@ -838,6 +838,31 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_ip_gateway_turned_load_balancer_or_node_port_is_reported() {
+        // serviceType: ClusterIP (behind an existing ingress): the gateway has no exemption.
+        let mut stack = stack();
+        stack.gateway.service_type = crate::model::GatewayServiceType::ClusterIp;
+        let bundle = build(&stack, &BuildOptions::default());
+        let gateway = bundle
+            .services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some("prod-gateway"))
+            .unwrap()
+            .clone();
+        let found = |svc: &Service| Found {
+            services: vec![svc.clone()],
+            ..Found::default()
+        };
+        assert_eq!(audit(&stack, &bundle, &found(&gateway)), vec![]);
+        for ty in ["LoadBalancer", "NodePort"] {
+            let mut changed = gateway.clone();
+            changed.spec.as_mut().unwrap().type_ = Some(ty.into());
+            let v = only(audit(&stack, &bundle, &found(&changed)));
+            assert!(v.reason.starts_with(&format!("type {ty}")), "{}", v.reason);
+        }
+    }
+
+    #[test]
     fn copied_labels_do_not_make_a_service_managed() {
         let stack = stack();
         let bundle = build(&stack, &BuildOptions::default());
