@@ -97,6 +97,10 @@ pub struct OpsConductorStackSpec {
 /// The TLS gateway (nginx).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.proxyProtocol) || !self.proxyProtocol || (has(self.trustedProxies) && size(self.trustedProxies) > 0)",
+     "message": "proxyProtocol: true needs trustedProxies, the addresses of the proxies that send it"}
+]))]
 pub struct GatewaySpec {
     /// DNS names served by the gateway (1 to 100). The certificate covers all of them; a
     /// request for any other name is refused during the TLS handshake.
@@ -136,7 +140,10 @@ pub struct GatewaySpec {
     /// `X-Service`, which are always removed: headers the services trust from each other
     /// must never come from outside. Names of letters, digits and `-`, any case.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 50), inner(length(min = 1, max = 64)))]
+    #[schemars(
+        length(max = 50),
+        inner(length(min = 1, max = 64), pattern(r"^[A-Za-z0-9-]+$"))
+    )]
     pub strip_request_headers: Vec<String>,
     /// Per-client-address rate limit. Requests beyond it get HTTP 429.
     #[serde(default, skip_serializing_if = "Option::is_none")]
