@@ -833,6 +833,9 @@ fn the_access_log_is_one_json_object_per_request_on_stdout() {
         .collect();
     let tls = &entries[0];
     assert_eq!(tls["status"], 200);
+    // No trusted proxies: the client is the TCP peer.
+    assert_eq!(tls["remote_addr"], "127.0.0.1");
+    assert_eq!(tls["peer_addr"], "127.0.0.1");
     assert_eq!(tls["host"], HOST);
     assert_eq!(tls["sni"], HOST);
     assert_eq!(tls["tls"], "TLSv1.3");
@@ -1122,21 +1125,25 @@ fn x_forwarded_for_is_believed_only_from_trusted_proxies() {
     // From anyone else the claim is ignored.
     assert_eq!(ask(&s, "127.0.0.3", "203.0.113.7"), "127.0.0.3");
     assert_eq!(ask(&s, "127.0.0.1", "127.0.0.2, 203.0.113.8"), "127.0.0.1");
-    // The access log has the same addresses.
-    let logged: Vec<String> = access_entries(&s.gw, 5)
+    // The access log has the same addresses, and the TCP peer beside them.
+    let logged: Vec<(String, String)> = access_entries(&s.gw, 5)
         .iter()
-        .map(|e| e["remote_addr"].as_str().unwrap().to_string())
+        .map(|e| {
+            (
+                e["remote_addr"].as_str().unwrap().to_string(),
+                e["peer_addr"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
-    assert_eq!(
-        logged,
-        [
-            "203.0.113.7",
-            "203.0.113.7",
-            "203.0.113.7",
-            "127.0.0.3",
-            "127.0.0.1"
-        ]
-    );
+    let want = [
+        ("203.0.113.7", "127.0.0.2"),
+        ("203.0.113.7", "127.0.0.2"),
+        ("203.0.113.7", "127.0.0.2"),
+        ("127.0.0.3", "127.0.0.3"),
+        ("127.0.0.1", "127.0.0.1"),
+    ]
+    .map(|(a, b)| (a.to_string(), b.to_string()));
+    assert_eq!(logged, want);
 }
 
 /// Arguments of one curl request to the gateway's HTTPS port from `from`, claiming `xff`.
@@ -1333,29 +1340,40 @@ fn the_proxy_protocol_names_the_client_only_when_a_trusted_proxy_sends_it() {
     )]);
     assert_eq!(r.status, 404);
 
-    let logged: Vec<(String, String)> = access_entries(&gw, 5)
+    // The log: the client, and the TCP peer (the sender of the PROXY header) beside it.
+    let logged: Vec<(String, String, String)> = access_entries(&gw, 5)
         .iter()
         .map(|e| {
-            (
-                e["uri"].as_str().unwrap().to_string(),
-                e["remote_addr"].as_str().unwrap().to_string(),
-            )
+            let field = |k: &str| e[k].as_str().unwrap().to_string();
+            (field("uri"), field("remote_addr"), field("peer_addr"))
         })
         .collect();
     let addr_of = |uri: &str| {
         logged
             .iter()
-            .filter(|(u, _)| u == uri)
-            .map(|(_, a)| a.as_str())
+            .filter(|(u, _, _)| u == uri)
+            .map(|(_, a, p)| (a.as_str(), p.as_str()))
             .collect::<Vec<_>>()
     };
     assert_eq!(
         addr_of("/api/v1/auth/who"),
-        ["127.0.0.3", "127.0.0.5", "127.0.0.4"],
+        [
+            ("127.0.0.3", "127.0.0.2"),
+            ("127.0.0.5", "127.0.0.2"),
+            ("127.0.0.4", "127.0.0.4")
+        ],
         "{logged:?}"
     );
-    assert_eq!(addr_of("/plain"), ["127.0.0.6"], "{logged:?}");
-    assert_eq!(addr_of("/spoofed"), ["127.0.0.1"], "{logged:?}");
+    assert_eq!(
+        addr_of("/plain"),
+        [("127.0.0.6", "127.0.0.2")],
+        "{logged:?}"
+    );
+    assert_eq!(
+        addr_of("/spoofed"),
+        [("127.0.0.1", "127.0.0.1")],
+        "{logged:?}"
+    );
 
     // The rate limit: one client through the proxy is limited; right after, another client
     // through the same proxy has a bucket of its own.

@@ -153,8 +153,10 @@ fn http_settings(w: &mut String, stack: &Stack) {
     scgi_temp_path {TMP_DIR}/scgi;
 
     # One JSON object per request on stdout: every request that reaches the edge, in one place.
+    # remote_addr is the client (named by a trusted proxy, if any); peer_addr the TCP peer.
     log_format opsconductor_json escape=json
-        '{{"time":"$time_iso8601","remote_addr":"$remote_addr","request_id":"$request_id",'
+        '{{"time":"$time_iso8601","remote_addr":"$remote_addr","peer_addr":"$realip_remote_addr",'
+        '"request_id":"$request_id",'
         '"host":"$host","sni":"$ssl_server_name","method":"$request_method","uri":"$request_uri",'
         '"protocol":"$server_protocol","status":$status,"bytes_sent":$body_bytes_sent,'
         '"request_time":$request_time,"upstream":"$upstream_addr",'
