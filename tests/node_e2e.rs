@@ -20,6 +20,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
 use opsconductor_operator::crd::OpsConductorStack;
@@ -176,6 +177,43 @@ async fn helm_install_runs_two_operator_pods_and_one_holds_the_lease() {
     .await;
     eprintln!("Lease {RELEASE_NS}/{LEASE} held by {holder}");
 
+    // A stack for the leader to keep: after the failover, drift on it must be reverted by
+    // whoever leads then. Its pods need not run for that; its NetworkPolicies must exist.
+    let Some(ns) = NodeNamespace::new("node-failover").await else {
+        return;
+    };
+    let _cert = tls_secret(
+        cluster,
+        &ns.name,
+        "failover-cert",
+        "failover.opsconductor.test",
+    );
+    let stack = format!(
+        r#"apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata: {{name: failover, namespace: {ns}}}
+spec:
+  gateway: {{hosts: [failover.opsconductor.test], image: {gateway}, replicas: 1, serviceType: NodePort}}
+  tls: {{secretName: failover-cert}}
+  services:
+    - {{name: web, image: {svc}, route: /}}
+"#,
+        ns = ns.name,
+        gateway = cluster.image("gateway"),
+        svc = cluster.image("test-service"),
+    );
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), stack).expect("writing the stack");
+    cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
+    let policies: Api<NetworkPolicy> = ns.api();
+    let guarded = "failover-svc-web";
+    let original = eventually(
+        "the stack's NetworkPolicy failover-svc-web",
+        Duration::from_secs(60),
+        || async { policies.get_opt(guarded).await.ok()?.and_then(|p| p.spec) },
+    )
+    .await;
+
     // Failover: the leader pod is deleted (SIGTERM: it hands the Lease over as it stops), and
     // another live operator pod takes the Lease: the standby, or the leader's replacement when
     // its first try comes before the standby's next retry (both are standbys then).
@@ -210,6 +248,52 @@ async fn helm_install_runs_two_operator_pods_and_one_holds_the_lease() {
             "the leader's replacement"
         }
     );
+    // The new leader reverts drift. The old leader pod is gone first, so nobody else could.
+    eventually(
+        "the old leader pod to be gone",
+        Duration::from_secs(60),
+        || async { pods.get_opt(&leader).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    cluster.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "networkpolicy",
+        guarded,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"ingress":[{}]}}"#,
+    ]);
+    let reverted_after = std::time::Instant::now();
+    eventually(
+        "the new leader to revert the opened NetworkPolicy",
+        Duration::from_secs(60),
+        || async {
+            let now = policies.get_opt(guarded).await.ok()??.spec?;
+            (now == original).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "drift on {guarded} reverted by the new leader {new_holder} {:.1} s after the change",
+        reverted_after.elapsed().as_secs_f64()
+    );
+    let events = cluster.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "get",
+        "events",
+        "--field-selector",
+        "reason=DriftReverted",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    assert!(
+        events.contains(guarded),
+        "a DriftReverted Event names {guarded}: {events:?}"
+    );
+
     // The Deployment replaces the deleted pod: two Ready replicas again (for the next test).
     eventually(
         "the operator Deployment back at two Ready replicas",
@@ -746,7 +830,9 @@ async fn the_certificate_comes_from_pebble_through_the_gateway_pod() {
             "externalAccountBindingRequired": false,
             "retryAfter": {"authz": 1, "order": 1},
             "keyAlgorithm": "ecdsa",
-            "profiles": {"default": {"description": "node test", "validityPeriod": 86400}}
+            // Ten-minute certificates, renewed 500 s before they expire (below): the renewal
+            // comes about 100 s after the first issuance, with 500 s left for the rollout.
+            "profiles": {"default": {"description": "node test", "validityPeriod": 600}}
         }
     });
     std::fs::write(dir.path().join("pebble.json"), config.to_string()).unwrap();
@@ -795,6 +881,7 @@ spec:
       email: e2e@opsconductor.test
       acceptTermsOfService: true
       caBundleSecretRef: {{name: pebble-ca, key: ca.crt}}
+    renewBefore: 500s
   services:
     - name: web
       image: {svc}
@@ -895,6 +982,125 @@ spec:
     eprintln!(
         "the gateway served pebble's certificate {:.0} s after CertificateReady",
         ready_at.elapsed().as_secs_f64()
+    );
+
+    // Renewal under load: clients keep sending requests, each on a new TLS connection (so
+    // each sees the certificate served at that moment), while the renewed certificate goes
+    // from the operator through the kubelet's Secret-volume update and the reload loop into
+    // the running nginx. Not one request may fail.
+    let serial_in_status = || {
+        cluster
+            .kubectl_ok(&[
+                "-n",
+                &ns.name,
+                "get",
+                "opsconductorstack",
+                "acme",
+                "-o",
+                "jsonpath={.status.certificate.serial}",
+            ])
+            .trim()
+            .to_string()
+    };
+    let first = serial_in_status();
+    assert!(!first.is_empty(), "status.certificate.serial is set");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let out = Command::new("curl")
+                        .args(["-s", "-S", "-o", "/dev/null", "-w", "%{http_code}"])
+                        .args(["--max-time", "10"])
+                        .args(&args)
+                        .stdin(Stdio::null())
+                        .output()
+                        .expect("curl runs");
+                    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+                    if out.status.success() && code == "200" {
+                        ok += 1;
+                    } else {
+                        failed.push(format!(
+                            "{code} {}",
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        ));
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let served = |name: &str, port: &str| -> Option<String> {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl s_client -connect {node}:{port} -servername {name} </dev/null 2>/dev/null \
+                 | openssl x509 -noout -serial"
+            ))
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Some(text.trim().strip_prefix("serial=")?.to_string())
+    };
+    let norm = |s: &str| {
+        s.replace(':', "")
+            .trim_start_matches('0')
+            .to_ascii_lowercase()
+    };
+    // With 500 s of 600 renewed early, the operator renews every 100 s or so: the kubelet may
+    // bring a later renewal than the first. Any renewed certificate served ends the wait; when
+    // the status was seen to name it, the kubelet's delay is measured from that moment.
+    let mut first_seen: std::collections::BTreeMap<String, std::time::Instant> =
+        std::collections::BTreeMap::new();
+    let start = std::time::Instant::now();
+    let (renewed, delay) = loop {
+        let in_status = serial_in_status();
+        if !in_status.is_empty() && norm(&in_status) != norm(&first) {
+            first_seen
+                .entry(norm(&in_status))
+                .or_insert_with(std::time::Instant::now);
+        }
+        if let Some(now) = served(host, &https).filter(|s| norm(s) != norm(&first)) {
+            break (
+                now.clone(),
+                first_seen
+                    .get(&norm(&now))
+                    .map(|t| t.elapsed().as_secs_f64()),
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(420),
+            "the gateway still serves {first} after 420 s; renewed serials seen in the status: \
+             {:?}",
+            first_seen.keys().collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let delay = delay.map_or("(the status named it between two looks)".to_string(), |d| {
+        format!("{d:.0} s")
+    });
+    // A little more load on the new certificate, then stop.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for t in load {
+        let (o, f) = t.join().expect("load thread");
+        ok += o;
+        failed.extend(f);
+    }
+    eprintln!(
+        "renewal under load: serial {first} -> {renewed}; served by the gateway {delay} after \
+         the status named it (kubelet Secret-volume update + reload loop); {ok} requests \
+         succeeded, {} failed",
+        failed.len()
+    );
+    assert!(ok > 0, "the load ran");
+    assert!(
+        failed.is_empty(),
+        "requests failed during the renewal: {failed:?}"
     );
 }
 
