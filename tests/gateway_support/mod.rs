@@ -1040,7 +1040,22 @@ pub struct Frontend<'a> {
 }
 
 impl HaProxy {
+    /// Starts HAProxy with `frontends` and waits until it listens on every frontend port. A
+    /// free port can be taken by someone else before HAProxy binds it: then HAProxy exits,
+    /// and it is started again on other ports.
     pub fn start(frontends: &[Frontend<'_>]) -> HaProxy {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::try_start(frontends) {
+                Ok(h) => return h,
+                Err(log) if attempt < 3 && log.contains("cannot bind") => continue,
+                Err(log) => panic!("haproxy did not start:\n{log}"),
+            }
+        }
+    }
+
+    fn try_start(frontends: &[Frontend<'_>]) -> Result<HaProxy, String> {
         let dir = tempfile::Builder::new()
             .prefix("opsc-haproxy-")
             .tempdir()
@@ -1087,9 +1102,14 @@ impl HaProxy {
             .expect("haproxy starts");
         let mut h = HaProxy { child, dir, ports };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !h.ports.values().all(|p| listening(*p)) {
+        // Listening sockets of HAProxy's own process, not merely someone's on those ports.
+        while !h
+            .ports
+            .values()
+            .all(|p| listening_inode(*p).is_some_and(|i| owns_socket(h.child.id(), i)))
+        {
             if let Ok(Some(status)) = h.child.try_wait() {
-                panic!("haproxy exited ({status}):\n{}", h.log());
+                return Err(format!("haproxy exited ({status}):\n{}", h.log()));
             }
             assert!(
                 Instant::now() < deadline,
@@ -1098,7 +1118,7 @@ impl HaProxy {
             );
             thread::sleep(Duration::from_millis(20));
         }
-        h
+        Ok(h)
     }
 
     pub fn port(&self, frontend: &str) -> u16 {
@@ -1121,6 +1141,26 @@ impl Drop for HaProxy {
             eprintln!("--- haproxy log ---\n{}", self.log());
         }
     }
+}
+
+/// The inode of the socket listening on 127.0.0.1:port, from /proc/net/tcp.
+fn listening_inode(port: u16) -> Option<String> {
+    let local = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .ok()?
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 9 && f[1] == local && f[3] == "0A")
+        .map(|f| f[9].to_string())
+}
+
+/// Whether process `pid` holds the socket with `inode`.
+fn owns_socket(pid: u32, inode: String) -> bool {
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy() == want))
+    })
 }
 
 /// One curl run with a group of arguments per request (`--next` between them: each request
