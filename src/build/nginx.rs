@@ -76,7 +76,7 @@ pub fn render(stack: &Stack, options: &BuildOptions) -> String {
          # Do not edit: the operator reverts changes. Change the stack's spec instead.",
         stack.namespace, stack.name
     );
-    main_context(w);
+    main_context(w, stack);
     let _ = writeln!(w, "\nhttp {{");
     http_settings(w, stack);
     client_address(w, stack);
@@ -102,11 +102,44 @@ pub fn render(stack: &Stack, options: &BuildOptions) -> String {
     c
 }
 
-fn main_context(w: &mut String) {
+/// nginx workers: one per CPU the pod may use. `auto` counts the node's CPUs, which with a CPU
+/// limit on a large node means dozens of workers, each with its own memory, for a share of a
+/// core (issue 14, item 6); so with a CPU limit, its value rounded up (at most 64).
+pub fn worker_processes(stack: &Stack) -> String {
+    let limit = stack
+        .gateway
+        .resources
+        .limits
+        .as_ref()
+        .and_then(|l| l.get("cpu"))
+        .and_then(|q| cpu_cores(&q.0));
+    match limit {
+        Some(cores) => cores.clamp(1, 64).to_string(),
+        None => "auto".into(),
+    }
+}
+
+/// A CPU quantity (`500m`, `1`, `1.5`, `2`) rounded up to whole cores; `None` for other forms.
+fn cpu_cores(q: &str) -> Option<u32> {
+    let q = q.trim();
+    let cores = if let Some(milli) = q.strip_suffix('m') {
+        milli.parse::<u64>().ok()?.div_ceil(1000)
+    } else {
+        let v = q
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)?;
+        v.ceil() as u64
+    };
+    u32::try_from(cores).ok()
+}
+
+fn main_context(w: &mut String, stack: &Stack) {
+    let workers = worker_processes(stack);
     let _ = writeln!(
         w,
         "
-worker_processes auto;
+worker_processes {workers};
 daemon off;
 pid {TMP_DIR}/nginx.pid;
 error_log stderr notice;
@@ -837,5 +870,44 @@ spec:
             let close = conf.matches('}').count();
             assert_eq!(open, close, "{conf}");
         }
+    }
+
+    #[test]
+    fn workers_follow_the_cpu_limit_and_stay_auto_without_one() {
+        let with = |resources: &str| {
+            stack(&format!(
+                "apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata: {{name: t, namespace: ns}}
+spec:
+  gateway: {{hosts: [a.example.com]{resources}}}
+  tls: {{secretName: own}}
+  services: [{{name: web, image: web:1, route: /}}]
+"
+            ))
+        };
+        assert_eq!(worker_processes(&with("")), "auto");
+        assert!(render(&with(""), &BuildOptions::default()).contains("\nworker_processes auto;\n"));
+        for (cpu, workers) in [
+            ("1", "1"),
+            ("\"1500m\"", "2"),
+            ("\"250m\"", "1"),
+            ("3", "3"),
+            ("0.5", "1"),
+            ("200", "64"),
+        ] {
+            let s = with(&format!(
+                ", resources: {{limits: {{cpu: {cpu}, memory: 1Gi}}}}"
+            ));
+            assert_eq!(worker_processes(&s), workers, "cpu {cpu}");
+            assert!(
+                render(&s, &BuildOptions::default())
+                    .contains(&format!("\nworker_processes {workers};\n")),
+                "cpu {cpu}"
+            );
+        }
+        // A request alone changes nothing: nginx may use more than it asked for.
+        let s = with(", resources: {requests: {cpu: \"1\"}}");
+        assert_eq!(worker_processes(&s), "auto");
     }
 }
