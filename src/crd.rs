@@ -24,6 +24,9 @@ pub const DEFAULT_GATEWAY_IMAGE: &str = concat!(
 
 /// One stack of internal HTTP services behind one TLS gateway, with the network policy that
 /// keeps it that way.
+// The `printcolumn` entries repeat `type_ = "string"` by design; clippy reads them as
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "opsconductor.io",

@@ -18,11 +18,13 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
+/// A series: its metric name and its sorted label pairs.
+type SeriesKey = (&'static str, Vec<(&'static str, String)>);
+
 #[derive(Default)]
 struct Inner {
-    /// (metric name, sorted label pairs) -> value
-    counters: BTreeMap<(&'static str, Vec<(&'static str, String)>), u64>,
-    gauges: BTreeMap<(&'static str, Vec<(&'static str, String)>), f64>,
+    counters: BTreeMap<SeriesKey, u64>,
+    gauges: BTreeMap<SeriesKey, f64>,
     reconcile_buckets: Vec<u64>,
     reconcile_sum: f64,
     reconcile_count: u64,

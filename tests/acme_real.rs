@@ -9,7 +9,6 @@
 //! test with a message naming it.
 
 mod acme_support;
-#[allow(dead_code)]
 mod gateway_support;
 mod support;
 

@@ -488,22 +488,23 @@ async fn audit_drift_event(
 ) {
     let before = status::condition(stack.status.as_ref(), status::POLICY_ENFORCED);
     let after = status::condition(Some(new_status), status::POLICY_ENFORCED);
-    if let Some(after) = after {
-        if after.reason == "DriftDetected" && before.is_none_or(|b| b.message != after.message) {
-            ctx.metrics.inc(
-                "opsconductor_drift_total",
-                &[("kind", "any"), ("action", "reported")],
-            );
-            publish(
-                stack,
-                ctx,
-                EventType::Warning,
-                "DriftDetected",
-                "Audit",
-                &after.message,
-            )
-            .await;
-        }
+    if let Some(after) = after
+        && after.reason == "DriftDetected"
+        && before.is_none_or(|b| b.message != after.message)
+    {
+        ctx.metrics.inc(
+            "opsconductor_drift_total",
+            &[("kind", "any"), ("action", "reported")],
+        );
+        publish(
+            stack,
+            ctx,
+            EventType::Warning,
+            "DriftDetected",
+            "Audit",
+            &after.message,
+        )
+        .await;
     }
 }
 
