@@ -1,74 +1,43 @@
-//! The one-command local demo (`scripts/demo`, issue #8) runs end to end, as CI runs it: the
-//! stack is Ready, pebble issued the certificate, an HTTPS request through the gateway's real
-//! nginx (verified against pebble's root only) reached the stand-in services, and afterwards
-//! nothing the demo started is left running.
+//! The one-command demo (`scripts/demo`, issues #8 and #13) runs end to end on the real node,
+//! as CI runs it: the chart is installed with the local operator image, the example stack is
+//! Ready with every pod running, pebble issued the certificate through the gateway pod, HTTPS
+//! through the gateway's NodePort (verified against pebble's root only) reached both services,
+//! and afterwards nothing the demo started or added is left.
 //!
-//! The demo gets its own state dir (so a demo a developer keeps running with `--keep` is not
-//! touched) and the operator binary cargo built for this test (no nested cargo build).
+//! The cluster is brought up first (`support::node::cluster`, as the node tier does), so the
+//! demo takes the path of a user whose cluster already runs: it must leave the cluster running
+//! and remove its namespace and the release it installed. The demo gets its own state dir, so
+//! a demo a developer keeps running with `--keep` is not touched (the demo's lock refuses a
+//! second run instead).
 //!
-//! Under `CI=true` a missing part fails the test with a message naming it; outside CI,
-//! `OPSC_SKIP_CONTROLPLANE=1` or `OPSC_SKIP_NGINX=1` skips it explicitly.
+//! Needs root and the node; under `CI=true` a missing part fails the test (see
+//! tests/support/node.rs), outside CI `OPSC_SKIP_NODE=1` skips it explicitly.
+
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// Whether the demo can run here; panics naming what is missing unless explicitly skipped.
-fn parts_present() -> bool {
-    let set = |var: &str| std::env::var(var).is_ok_and(|v| v == "1" || v == "true");
-    if !set("CI") && (set("OPSC_SKIP_CONTROLPLANE") || set("OPSC_SKIP_NGINX")) {
-        eprintln!("OPSC_SKIP_CONTROLPLANE/OPSC_SKIP_NGINX set: skipping the demo test");
-        return false;
-    }
-    let missing: Vec<&str> = [
-        ("python3", "--version"),
-        ("go", "version"),
-        ("nginx", "-v"),
-        ("openssl", "version"),
-        ("curl", "--version"),
-    ]
-    .into_iter()
-    .filter(|(tool, arg)| {
-        !Command::new(tool)
-            .arg(arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-    .map(|(tool, _)| tool)
-    .collect();
-    assert!(
-        missing.is_empty(),
-        "the demo test needs {} (scripts/install-nginx installs nginx, openssl and curl; go \
-         builds the control plane and pebble){}",
-        missing.join(", "),
-        if set("CI") {
-            ""
-        } else {
-            "; outside CI, OPSC_SKIP_CONTROLPLANE=1 skips this test explicitly"
-        }
-    );
-    true
-}
+use support::node::{Cluster, cluster};
 
 /// The live processes of a demo run with `state`: every process the demo starts inherits the
-/// state dir variable the test sets (`entry`), and nginx, which reuses the memory of its
-/// environment for its process title, names the state dir on its command line.
-fn processes_of(state: &Path, entry: &str) -> Vec<(u32, String)> {
+/// state dir variable the test sets (`entry`).
+fn processes_of(entry: &str) -> Vec<(u32, String)> {
     let needle = format!("{entry}\0");
-    let state = state.display().to_string();
     let mut found = Vec::new();
     for dir in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = dir.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
+        if pid == std::process::id() {
+            continue;
+        }
         let read = |f: &str| {
             String::from_utf8_lossy(&std::fs::read(dir.path().join(f)).unwrap_or_default())
                 .into_owned()
         };
-        let (environ, cmdline) = (read("environ"), read("cmdline").replace('\0', " "));
-        if environ.contains(&needle) || cmdline.contains(&state) {
-            found.push((pid, cmdline));
+        if read("environ").contains(&needle) {
+            found.push((pid, read("cmdline").replace('\0', " ")));
         }
     }
     found
@@ -80,22 +49,38 @@ fn pid_files(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+fn helm_releases(cluster: &Cluster) -> String {
+    let tools = support::tools_bin_dir().expect("the test tools (helm)");
+    let home = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(tools.join("helm"))
+        .args(["list", "-A", "-q"])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .output()
+        .expect("helm runs");
+    assert!(out.status.success(), "helm list failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
-fn the_demo_issues_a_certificate_serves_https_through_nginx_and_stops_everything() {
-    if !parts_present() {
-        return;
-    }
+fn the_demo_installs_the_chart_serves_https_through_the_gateway_pod_and_cleans_up() {
+    let Some(cluster) = cluster() else { return };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let state = std::env::temp_dir().join("opsconductor-demo-test");
     let state_entry = format!("OPSC_DEMO_STATE={}", state.display());
+    // The release the node tier installs would be reused, and so not removed by the demo.
+    assert!(
+        !helm_releases(cluster)
+            .lines()
+            .any(|r| r == "opsconductor-operator"),
+        "the chart is already installed on the cluster; the demo test needs a cluster without it"
+    );
     eprintln!("demo test: running scripts/demo with {state_entry}");
-    // stderr (build and control plane progress) goes straight to the test's output.
+    // stderr (build and cluster progress) goes straight to the test's output.
     let out = Command::new(root.join("scripts/demo"))
         .env("OPSC_DEMO_STATE", &state)
-        .env(
-            "OPSC_DEMO_OPERATOR_BIN",
-            env!("CARGO_BIN_EXE_opsconductor-operator"),
-        )
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -106,20 +91,24 @@ fn the_demo_issues_a_certificate_serves_https_through_nginx_and_stops_everything
 
     // The progress steps, in order.
     let steps: Vec<&str> = stdout.lines().filter(|l| l.starts_with("==> ")).collect();
-    for expected in [
-        "==> control plane up",
+    let expected = [
+        "==> the one-node cluster",
+        "==> images",
+        "==> operator: helm upgrade --install",
         "==> pebble",
-        "==> operator",
         "==> stack applied",
         "==> waiting for the certificate",
+        "==> waiting for the stack to be Ready",
         "==> kubectl get opsconductorstacks",
-        "==> HTTPS through the gateway",
+        "==> HTTPS through the gateway pod",
         "==> stopping everything the demo started",
-    ] {
-        assert!(
-            steps.iter().any(|s| s.starts_with(expected)),
-            "no step {expected:?} in {steps:#?}"
-        );
+    ];
+    let mut at = 0;
+    for e in expected {
+        at += steps[at..]
+            .iter()
+            .position(|s| s.starts_with(e))
+            .unwrap_or_else(|| panic!("no step {e:?} (in this order) in {steps:#?}"));
     }
 
     // `kubectl get opsconductorstacks`: Ready, both services, the host, a Valid certificate.
@@ -133,6 +122,12 @@ fn the_demo_issues_a_certificate_serves_https_through_nginx_and_stops_everything
         &row[..5],
         ["demo", "True", "2/2", "demo.opsconductor.test", "Valid"]
     );
+    // Real pods: the gateway and both services Running.
+    let running = stdout
+        .lines()
+        .filter(|l| l.starts_with("pod/") && l.contains(" 1/1 ") && l.contains("Running"))
+        .count();
+    assert_eq!(running, 3, "three pods Running and Ready:\n{stdout}");
 
     // The certificate pebble issued (not the operator's temporary one) for the demo host.
     let issuer = stdout
@@ -142,16 +137,17 @@ fn the_demo_issues_a_certificate_serves_https_through_nginx_and_stops_everything
     assert!(issuer.contains("Pebble Intermediate CA"), "{issuer}");
     assert!(stdout.contains("DNS:demo.opsconductor.test"), "the SAN");
 
-    // The HTTPS requests: curl trusted only pebble's root and reached each stand-in through
-    // nginx, which said it was HTTPS and added the gateway's headers.
+    // The HTTPS requests: curl trusted only pebble's root and reached each service's pod
+    // through the gateway pod, which said it was HTTPS and added the gateway's headers.
     assert_eq!(stdout.matches("HTTP/2 200").count(), 2, "two HTTPS 200s");
-    for service in ["web", "api"] {
+    for (service, uri) in [("web", "/"), ("api", "/api/hello")] {
         assert!(
-            stdout.contains(&format!("\"service\": \"{service}\"")),
-            "the stand-in {service} answered"
+            stdout.contains(&format!("\"service\":\"{service}\""))
+                && stdout.contains(&format!("\"uri\":\"{uri}\"")),
+            "the service {service} answered {uri}"
         );
     }
-    assert!(stdout.contains("\"x-forwarded-proto\": \"https\""));
+    assert!(stdout.contains("\"x-forwarded-proto\":\"https\""));
     assert!(
         stdout
             .to_ascii_lowercase()
@@ -159,17 +155,42 @@ fn the_demo_issues_a_certificate_serves_https_through_nginx_and_stops_everything
     );
     assert!(stdout.contains("demo OK in "));
 
-    // Nothing it started is left: no process belongs to the run, and neither the demo's nor
-    // the control plane's PID files remain.
-    let left = processes_of(&state, &state_entry);
+    // Nothing it started is left: no process of the run, no PID files, neither its namespace
+    // nor the release it installed; the cluster, running before, still runs.
+    let left = processes_of(&state_entry);
     assert!(left.is_empty(), "still running after the demo: {left:#?}");
-    for dir in [state.join("demo/pids"), state.join("pids")] {
-        assert_eq!(pid_files(&dir), Vec::<PathBuf>::new(), "{}", dir.display());
-    }
-    for name in ["challtestsrv", "pebble", "kubelet", "operator"] {
+    assert_eq!(pid_files(&state.join("pids")), Vec::<PathBuf>::new());
+    for name in ["challtestsrv", "pebble"] {
         assert!(
             stdout.contains(&format!("stopped {name} (pid ")),
             "the demo reports stopping {name}"
         );
     }
+    let ns = cluster
+        .kubectl()
+        .args([
+            "get",
+            "namespace",
+            "opsc-demo",
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ])
+        .output()
+        .expect("kubectl runs");
+    assert_eq!(
+        String::from_utf8_lossy(&ns.stdout).trim(),
+        "",
+        "namespace opsc-demo is gone"
+    );
+    assert!(
+        !helm_releases(cluster)
+            .lines()
+            .any(|r| r == "opsconductor-operator"),
+        "the release the demo installed is uninstalled"
+    );
+    assert!(
+        stdout.contains("uninstalled the release opsconductor-operator"),
+        "the demo reports the uninstall"
+    );
 }
