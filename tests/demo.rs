@@ -49,19 +49,29 @@ fn pid_files(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-fn helm_releases(cluster: &Cluster) -> String {
+fn helm(cluster: &Cluster, args: &[&str]) -> String {
     let tools = support::tools_bin_dir().expect("the test tools (helm)");
     let home = tempfile::tempdir().expect("tempdir");
     let out = Command::new(tools.join("helm"))
-        .args(["list", "-A", "-q"])
+        .args(args)
         .env("KUBECONFIG", &cluster.kubeconfig)
         .env("HELM_CACHE_HOME", home.path().join("cache"))
         .env("HELM_CONFIG_HOME", home.path().join("config"))
         .env("HELM_DATA_HOME", home.path().join("data"))
         .output()
         .expect("helm runs");
-    assert!(out.status.success(), "helm list failed");
+    assert!(
+        out.status.success(),
+        "helm {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn release_installed(cluster: &Cluster) -> bool {
+    helm(cluster, &["list", "-A", "-q"])
+        .lines()
+        .any(|r| r == "opsconductor-operator")
 }
 
 #[test]
@@ -70,13 +80,21 @@ fn the_demo_installs_the_chart_serves_https_through_the_gateway_pod_and_cleans_u
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let state = std::env::temp_dir().join("opsconductor-demo-test");
     let state_entry = format!("OPSC_DEMO_STATE={}", state.display());
-    // The release the node tier installs would be reused, and so not removed by the demo.
-    assert!(
-        !helm_releases(cluster)
-            .lines()
-            .any(|r| r == "opsconductor-operator"),
-        "the chart is already installed on the cluster; the demo test needs a cluster without it"
-    );
+    // The release the node tier installs (and leaves, for its next test binary) would be
+    // reused, and so not removed by the demo: the demo installs its own.
+    if release_installed(cluster) {
+        eprintln!("demo test: uninstalling the release an earlier node test left");
+        helm(
+            cluster,
+            &[
+                "uninstall",
+                "opsconductor-operator",
+                "-n",
+                "opsconductor-system",
+                "--wait",
+            ],
+        );
+    }
     eprintln!("demo test: running scripts/demo with {state_entry}");
     // stderr (build and cluster progress) goes straight to the test's output.
     let out = Command::new(root.join("scripts/demo"))
@@ -184,9 +202,7 @@ fn the_demo_installs_the_chart_serves_https_through_the_gateway_pod_and_cleans_u
         "namespace opsc-demo is gone"
     );
     assert!(
-        !helm_releases(cluster)
-            .lines()
-            .any(|r| r == "opsconductor-operator"),
+        !release_installed(cluster),
         "the release the demo installed is uninstalled"
     );
     assert!(
