@@ -830,9 +830,10 @@ async fn the_certificate_comes_from_pebble_through_the_gateway_pod() {
             "externalAccountBindingRequired": false,
             "retryAfter": {"authz": 1, "order": 1},
             "keyAlgorithm": "ecdsa",
-            // Ten-minute certificates, renewed 500 s before they expire (below): the renewal
-            // comes about 100 s after the first issuance, with 500 s left for the rollout.
-            "profiles": {"default": {"description": "node test", "validityPeriod": 600}}
+            // Five-minute certificates, renewed 270 s before they expire (below): renewals
+            // come every 30 s or so from the first issuance on, each with 270 s left for the
+            // rollout (the kubelet's Secret-volume update takes up to about 90 s).
+            "profiles": {"default": {"description": "node test", "validityPeriod": 300}}
         }
     });
     std::fs::write(dir.path().join("pebble.json"), config.to_string()).unwrap();
@@ -881,7 +882,7 @@ spec:
       email: e2e@opsconductor.test
       acceptTermsOfService: true
       caBundleSecretRef: {{name: pebble-ca, key: ca.crt}}
-    renewBefore: 500s
+    renewBefore: 270s
   services:
     - name: web
       image: {svc}
@@ -1050,7 +1051,7 @@ spec:
             .trim_start_matches('0')
             .to_ascii_lowercase()
     };
-    // With 500 s of 600 renewed early, the operator renews every 100 s or so: the kubelet may
+    // With 270 s of 300 renewed early, the operator renews every 30 s or so: the kubelet may
     // bring a later renewal than the first. Any renewed certificate served ends the wait; when
     // the status was seen to name it, the kubelet's delay is measured from that moment.
     let mut first_seen: std::collections::BTreeMap<String, std::time::Instant> =
