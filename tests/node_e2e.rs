@@ -1696,6 +1696,16 @@ spec:
                     );
                 }
             }
+            let ext_never_open = !seen
+                .iter()
+                .any(|((_, d, _), open)| d.starts_with("external") && *open);
+            if ext_never_open {
+                report += &format!(
+                    "  (no pod reached the external host at all: a cluster started before \
+                     scripts/cluster routed {EXT_NET} to the node has no such route in its CNI \
+                     config; restart it with scripts/cluster down && scripts/cluster up)\n"
+                );
+            }
             panic!(
                 "the network plugin and the analyzer disagree (after 90 s):\n{report}\
                  analyzed objects: {}",
