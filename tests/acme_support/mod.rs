@@ -343,7 +343,11 @@ impl Operator {
             dns_resolver,
         ])
         .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info,opsconductor_operator=debug");
+        .env("RUST_LOG", "info,opsconductor_operator=debug")
+        // As tests/support/process.rs: no guardrails on the test control plane, pebble on
+        // 127.0.0.1; also when the test binary runs without cargo (scripts/test --repeat).
+        .env("OPSC_ADMISSION_GUARDRAILS", "ignore")
+        .env("OPSC_ALLOW_LOOPBACK_ACME_DIRECTORY", "true");
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -54,7 +54,15 @@ impl OperatorProcess {
         ])
         .args(s.args)
         .env("KUBECONFIG", s.kubeconfig)
-        .env("RUST_LOG", "info,opsconductor_operator=debug");
+        .env("RUST_LOG", "info,opsconductor_operator=debug")
+        // The test control planes have no admission guardrails installed (cluster-wide
+        // policies would guard every other test's namespaces), and the tests' pebble listens on
+        // 127.0.0.1: the two defaults of the released binary that tests must relax. Set here,
+        // not only in .cargo/config.toml, so that a test binary run directly (scripts/test
+        // --repeat) starts the same operator; a test's own `env` overrides them
+        // (tests/guardrails_real.rs, tests/acme_directory_real.rs).
+        .env("OPSC_ADMISSION_GUARDRAILS", "ignore")
+        .env("OPSC_ALLOW_LOOPBACK_ACME_DIRECTORY", "true");
         for (k, v) in s.env {
             cmd.env(k, v);
         }
