@@ -16,8 +16,8 @@ use std::time::Duration;
 use kube::Api;
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::json;
-use support::operator::{OPERATOR_USER, apply_stack, install_crd, write_impersonating_kubeconfig};
-use support::process::{OperatorProcess, Spawn};
+use support::operator::{apply_stack, install_crd};
+use support::process::{OperatorProcess, spawn_as_operator};
 use support::{ControlPlane, TestNamespace, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -47,24 +47,7 @@ async fn ready(api: &Api<OpsConductorStack>, name: &str) -> Option<(String, Stri
 }
 
 fn operator(cp: &ControlPlane, tag: &str, args: &[&str], env: &[(&str, &str)]) -> OperatorProcess {
-    let dir = cp.state_dir.join("acme-directory-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join(format!("kubeconfig-{}", std::process::id()));
-    write_impersonating_kubeconfig(
-        cp,
-        &kubeconfig,
-        OPERATOR_USER,
-        &["system:masters", "system:authenticated"],
-    );
-    let mut all = vec!["--dns-resolver", "none"];
-    all.extend_from_slice(args);
-    OperatorProcess::spawn(Spawn {
-        name: tag,
-        kubeconfig: &kubeconfig,
-        log_dir: &dir,
-        args: &all,
-        env,
-    })
+    spawn_as_operator(cp, tag, args, env)
 }
 
 #[tokio::test]

@@ -11,8 +11,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::json;
-use support::operator::{OPERATOR_USER, apply_stack, install_crd, write_impersonating_kubeconfig};
-use support::process::{OperatorProcess, Spawn};
+use support::operator::{apply_stack, install_crd};
+use support::process::spawn_as_operator;
 use support::{TestNamespace, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -39,22 +39,12 @@ async fn gateway_images_outside_the_operators_allow_list_are_refused() {
     };
     let cp = ns.control_plane;
     install_crd(cp).await;
-    let dir = cp.state_dir.join("gateway-images-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join(format!("kubeconfig-{}", std::process::id()));
-    write_impersonating_kubeconfig(
+    let op = spawn_as_operator(
         cp,
-        &kubeconfig,
-        OPERATOR_USER,
-        &["system:masters", "system:authenticated"],
+        "gateway-images",
+        &[],
+        &[("OPSC_ALLOWED_GATEWAY_IMAGES", ALLOWED)],
     );
-    let op = OperatorProcess::spawn(Spawn {
-        name: "gateway-images",
-        kubeconfig: &kubeconfig,
-        log_dir: &dir,
-        args: &["--dns-resolver", "none"],
-        env: &[("OPSC_ALLOWED_GATEWAY_IMAGES", ALLOWED)],
-    });
     eventually("the operator's caches to sync", WAIT, || async {
         op.ready().then_some(())
     })

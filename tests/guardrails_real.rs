@@ -20,10 +20,8 @@ use kube::{Api, Client};
 use opsconductor_operator::admission::{self, ENFORCE, OperatorIdentity, PODS_POLICY};
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::Value;
-use support::operator::{
-    OPERATOR_USER, apply_stack, example, install_crd, write_impersonating_kubeconfig,
-};
-use support::process::{OperatorProcess, Spawn};
+use support::operator::{apply_stack, example, install_crd};
+use support::process::spawn_as_operator;
 use support::{ControlPlane, TestNamespace, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -120,24 +118,14 @@ async fn policy_enforced_requires_the_admission_guardrails_to_be_installed_and_b
     // A leftover of an earlier, killed run would make the first check meaningless.
     drop(Installed(cp));
 
-    let dir = cp.state_dir.join("guardrails-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join(format!("kubeconfig-{}", std::process::id()));
-    write_impersonating_kubeconfig(
+    // What the chart sets with admission.enabled (its default) and the binary's default; the
+    // environment overrides the "ignore" other tests' operators run with.
+    let op = spawn_as_operator(
         cp,
-        &kubeconfig,
-        OPERATOR_USER,
-        &["system:masters", "system:authenticated"],
+        "guardrails",
+        &[],
+        &[("OPSC_ADMISSION_GUARDRAILS", "require")],
     );
-    let op = OperatorProcess::spawn(Spawn {
-        name: "guardrails",
-        kubeconfig: &kubeconfig,
-        log_dir: &dir,
-        args: &["--dns-resolver", "none"],
-        // What the chart sets with admission.enabled (its default) and the binary's default;
-        // the environment overrides the "ignore" other tests run with (.cargo/config.toml).
-        env: &[("OPSC_ADMISSION_GUARDRAILS", "require")],
-    });
     eventually("the operator's caches to sync", WAIT, || async {
         op.ready().then_some(())
     })

@@ -19,8 +19,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use opsconductor_operator::server::MAX_CONNECTIONS;
-use support::operator::{OPERATOR_USER, http_get, install_crd, write_impersonating_kubeconfig};
-use support::process::{OperatorProcess, Spawn};
+use support::operator::{http_get, install_crd};
+use support::process::spawn_as_operator;
 use support::{TestNamespace, eventually};
 
 fn open_fds(pid: u32) -> usize {
@@ -80,22 +80,7 @@ async fn the_metrics_endpoint_caps_connections_survives_fd_exhaustion_and_drops_
     };
     let cp = ns.control_plane;
     install_crd(cp).await;
-    let dir = cp.state_dir.join("metrics-endpoint-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join(format!("kubeconfig-{}", std::process::id()));
-    write_impersonating_kubeconfig(
-        cp,
-        &kubeconfig,
-        OPERATOR_USER,
-        &["system:masters", "system:authenticated"],
-    );
-    let op = OperatorProcess::spawn(Spawn {
-        name: "metrics-endpoint",
-        kubeconfig: &kubeconfig,
-        log_dir: &dir,
-        args: &["--dns-resolver", "none"],
-        env: &[],
-    });
+    let op = spawn_as_operator(cp, "metrics-endpoint", &[], &[]);
     let pid = op.child.id();
     let addr = op.metrics_addr.clone();
     eventually(

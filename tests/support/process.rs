@@ -151,3 +151,33 @@ impl Drop for OperatorProcess {
         self.kill();
     }
 }
+
+/// An operator process of a test's own on `cp`, as the chart's service account
+/// ([`super::operator::OPERATOR_USER`] with `system:masters`, so the audit log tells its writes
+/// apart), with `--dns-resolver none` before `args`. Its kubeconfig and log go to
+/// `<state>/<name>-tests/`.
+pub fn spawn_as_operator(
+    cp: &super::ControlPlane,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> OperatorProcess {
+    let dir = cp.state_dir.join(format!("{name}-tests"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join(format!("kubeconfig-{name}-{}", std::process::id()));
+    super::operator::write_impersonating_kubeconfig(
+        cp,
+        &kubeconfig,
+        super::operator::OPERATOR_USER,
+        &["system:masters", "system:authenticated"],
+    );
+    let mut all = vec!["--dns-resolver", "none"];
+    all.extend_from_slice(args);
+    OperatorProcess::spawn(Spawn {
+        name,
+        kubeconfig: &kubeconfig,
+        log_dir: &dir,
+        args: &all,
+        env,
+    })
+}
