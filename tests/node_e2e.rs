@@ -343,6 +343,33 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// The node port of `service`'s `port` in `ns` (empty when it has none).
+fn node_port(cluster: &Cluster, ns: &str, service: &str, port: u16) -> String {
+    cluster
+        .kubectl_ok(&[
+            "-n",
+            ns,
+            "get",
+            "service",
+            service,
+            "-o",
+            &format!("jsonpath={{.spec.ports[?(@.port=={port})].nodePort}}"),
+        ])
+        .trim()
+        .to_string()
+}
+
+/// curl arguments for `https://<host>:<port><path>` on the node address, trusting only `ca`.
+fn https_on_node(ca: &Path, host: &str, port: &str, path: &str) -> Vec<String> {
+    vec![
+        "--cacert".to_string(),
+        path_str(ca).to_string(),
+        "--resolve".to_string(),
+        format!("{host}:{port}:10.250.0.1"),
+        format!("https://{host}:{port}{path}"),
+    ]
+}
+
 /// `kubectl exec <target> -- timeout 5 wget -qO- <url>` (busybox wget: its own `-T` crashes
 /// in Debian 12's busybox-static); the body when the request succeeded.
 fn wget_from(cluster: &Cluster, ns: &str, target: &str, url: &str) -> Option<String> {
@@ -498,21 +525,10 @@ spec:
     // Traffic through the gateway pod, reached through its NodePort Service on the node's
     // address: each route lands on its service with the prefix kept, plain HTTP redirects to
     // HTTPS, and HSTS is sent.
-    let node_port = |port: &str| {
-        cluster
-            .kubectl_ok(&[
-                "-n",
-                &ns.name,
-                "get",
-                "service",
-                "e2e-gateway",
-                "-o",
-                &format!("jsonpath={{.spec.ports[?(@.port=={port})].nodePort}}"),
-            ])
-            .trim()
-            .to_string()
-    };
-    let (https, http) = (node_port("443"), node_port("80"));
+    let (https, http) = (
+        node_port(cluster, &ns.name, "e2e-gateway", 443),
+        node_port(cluster, &ns.name, "e2e-gateway", 80),
+    );
     assert!(
         !https.is_empty() && !http.is_empty(),
         "the gateway Service has NodePorts for 80 and 443"
@@ -521,13 +537,7 @@ spec:
     let ca = cert_dir.path().join("tls.crt");
     // The Service's endpoint reaches kube-proxy's rules a moment after the pod is Ready: wait
     // until the gateway answers at all, then check what it answers.
-    let probe = [
-        "--cacert".to_string(),
-        path_str(&ca).to_string(),
-        "--resolve".to_string(),
-        format!("{host}:{https}:{node}"),
-        format!("https://{host}:{https}/"),
-    ];
+    let probe = https_on_node(&ca, host, &https, "/");
     let probe: Vec<&str> = probe.iter().map(String::as_str).collect();
     eventually(
         "the gateway to answer through its NodePort",
@@ -612,13 +622,7 @@ spec:
     )
     .await;
     // Serving again once kube-proxy has the endpoint back (a moment after the pod is Ready).
-    let args = [
-        "--cacert".to_string(),
-        path_str(&ca).to_string(),
-        "--resolve".to_string(),
-        format!("{host}:{https}:{node}"),
-        format!("https://{host}:{https}/api/after-restart"),
-    ];
+    let args = https_on_node(&ca, host, &https, "/api/after-restart");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     eventually(
         "the restarted gateway to serve HTTPS again",
@@ -947,26 +951,9 @@ spec:
         .expect("curl runs");
     assert!(root.status.success(), "pebble's root");
     std::fs::write(dir.path().join("root.pem"), &root.stdout).unwrap();
-    let https = cluster
-        .kubectl_ok(&[
-            "-n",
-            &ns.name,
-            "get",
-            "service",
-            "acme-gateway",
-            "-o",
-            "jsonpath={.spec.ports[?(@.port==443)].nodePort}",
-        ])
-        .trim()
-        .to_string();
+    let https = node_port(cluster, &ns.name, "acme-gateway", 443);
     let root_path = dir.path().join("root.pem");
-    let args = [
-        "--cacert".to_string(),
-        path_str(&root_path).to_string(),
-        "--resolve".to_string(),
-        format!("{host}:{https}:{node}"),
-        format!("https://{host}:{https}/issued"),
-    ];
+    let args = https_on_node(&root_path, host, &https, "/issued");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // Until the kubelet updates the gateway pod's Secret volume (at its next sync of the pod,
     // up to its syncFrequency of 1 min with jitter) and the reload loop sees the new files, the
