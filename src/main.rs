@@ -43,6 +43,12 @@ enum Command {
         #[arg(long, env = "OPSC_CLUSTER_DOMAIN", default_value = "cluster.local",
               value_parser = opsconductor_operator::validate::check_cluster_domain)]
         cluster_domain: String,
+        /// The cluster's own address ranges (pod, Service and node CIDRs), comma-separated.
+        /// Services' egress CIDRs never reach into them: a wider CIDR has them cut out, a
+        /// CIDR inside one is refused (pods and Services are reached by identity instead).
+        #[arg(long, env = "OPSC_CLUSTER_CIDRS", value_delimiter = ',',
+              value_parser = opsconductor_operator::validate::check_cluster_cidr)]
+        cluster_cidrs: Vec<ipnet::IpNet>,
     },
     /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
     Run {
@@ -95,6 +101,12 @@ enum Command {
         /// TLS key mounted.
         #[arg(long, env = "OPSC_ALLOWED_GATEWAY_IMAGES", value_delimiter = ',')]
         allowed_gateway_images: Vec<String>,
+        /// The cluster's own address ranges (pod, Service and node CIDRs), comma-separated.
+        /// Services' egress CIDRs never reach into them: a wider CIDR has them cut out, a
+        /// CIDR inside one is refused (pods and Services are reached by identity instead).
+        #[arg(long, env = "OPSC_CLUSTER_CIDRS", value_delimiter = ',',
+              value_parser = opsconductor_operator::validate::check_cluster_cidr)]
+        cluster_cidrs: Vec<ipnet::IpNet>,
         #[command(flatten)]
         election: leader::ElectionArgs,
     },
@@ -127,6 +139,7 @@ fn main() -> ExitCode {
             admission_guardrails,
             allow_loopback_acme_directory,
             allowed_gateway_images,
+            cluster_cidrs,
             election,
         } => {
             init_logging(log_format);
@@ -146,6 +159,7 @@ fn main() -> ExitCode {
                     .map(|i| i.trim().to_string())
                     .filter(|i| !i.is_empty())
                     .collect(),
+                cluster_cidrs,
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(run(
@@ -172,9 +186,11 @@ fn main() -> ExitCode {
             output,
             namespace,
             cluster_domain,
+            cluster_cidrs,
         } => {
             let options = BuildOptions {
                 cluster_domain,
+                cluster_cidrs,
                 ..BuildOptions::default()
             };
             match render::render_file(&file, &namespace, &options, output) {

@@ -103,8 +103,20 @@ pub fn bundle_for(
     options: &BuildOptions,
 ) -> Result<Bundle, InputError> {
     let stack = parse_stack(path, text)?;
-    let model = validate::validate(&stack, namespace)?;
-    Ok(build::build(&model, options))
+    let cluster = validate::egress_cluster_problems(&stack, &options.cluster_cidrs);
+    match validate::validate(&stack, namespace) {
+        Ok(model) if cluster.is_empty() => Ok(build::build(&model, options)),
+        result => {
+            let mut errors = result.err().map(|e| e.0).unwrap_or_default();
+            errors.extend(
+                cluster
+                    .into_iter()
+                    .filter(|c| !errors.contains(c))
+                    .collect::<Vec<_>>(),
+            );
+            Err(ValidationErrors(errors).into())
+        }
+    }
 }
 
 /// Serializes the bundle in `format`. Deterministic: the same bundle gives the same bytes.

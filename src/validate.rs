@@ -702,9 +702,9 @@ pub fn secret_references(stack: &OpsConductorStack, stacks: &[String]) -> Vec<Fi
 /// address or `localhost`. IPv4 addresses are recognised in every form the system resolver
 /// accepts (`127.1`, `2130706433`, `0x7f.0.0.1`) and inside IPv6 (`::ffff:127.0.0.1`).
 ///
-/// Host names are not resolved here: a name that resolves to such an address is not caught
-/// (see docs/security.md); private addresses (`10.0.0.0/8`, ...) are allowed, private CAs
-/// live there.
+/// Host names are not resolved here: the CA client refuses to connect to a name that resolves
+/// to such an address (`acme::account::CaClient`). Private addresses (`10.0.0.0/8`, ...) are
+/// allowed, private CAs live there.
 pub fn directory_url_problems(stack: &OpsConductorStack, allow_loopback: bool) -> Vec<FieldError> {
     let Some(acme) = stack.spec.tls.acme.as_ref() else {
         return Vec::new();
@@ -714,21 +714,48 @@ pub fn directory_url_problems(stack: &OpsConductorStack, allow_loopback: bool) -
         return Vec::new();
     };
     let why = match internal_host(&host) {
-        Some(Internal::LinkLocal) => {
-            "names a link-local address: the node's own services and the cloud metadata \
-             service (169.254.169.254) live there, and the operator never fetches from them"
-        }
-        Some(Internal::Unspecified) => "names the unspecified address, which means this host",
-        Some(Internal::Loopback) if !allow_loopback => {
-            "names a loopback address, the operator's own pod; refused unless the operator \
-             runs with --allow-loopback-acme-directory (a test CA on the same machine)"
-        }
-        _ => return Vec::new(),
+        Some(Internal::Loopback) if allow_loopback => return Vec::new(),
+        Some(internal) => internal.why(),
+        None => return Vec::new(),
     };
     vec![FieldError {
         path: "spec.tls.acme.directoryUrl".into(),
-        message: format!("{:?} {why}", acme.directory_url),
+        message: format!("{:?} names {why}", acme.directory_url),
     }]
+}
+
+/// Egress CIDRs that lie inside the cluster's own ranges (`cluster_cidrs`, the operator's
+/// `--cluster-cidrs`: pod, Service and node ranges), each with its field path (issue 14,
+/// item 7). Inside the cluster a stack reaches pods and Services through `calls` and
+/// `backends`, which the policies grant by identity; an address range there would grant
+/// whatever runs at those addresses, today and after any reschedule. A wider CIDR that holds
+/// a cluster range is fine: the range is cut out of it (`except`, see `build::netpol`).
+pub fn egress_cluster_problems(
+    stack: &OpsConductorStack,
+    cluster_cidrs: &[IpNet],
+) -> Vec<FieldError> {
+    let mut out = Vec::new();
+    for (i, s) in stack.spec.services.iter().enumerate() {
+        for (k, e) in s.egress.iter().enumerate() {
+            let Ok(cidr) = e.cidr.parse::<IpNet>() else {
+                continue;
+            };
+            if let Some(range) = cluster_cidrs.iter().find(|r| r.trunc().contains(&cidr)) {
+                out.push(FieldError {
+                    path: format!("spec.services[{i}].egress[{k}].cidr"),
+                    message: format!(
+                        "{:?} lies inside the cluster's own range {} (the operator's \
+                         --cluster-cidrs): reach pods and Services of the cluster with \
+                         spec.services[{i}].calls or spec.backends, which the policies grant \
+                         by identity, not by address",
+                        e.cidr,
+                        range.trunc()
+                    ),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// The gateway image against the operator's allow-list (`--allowed-gateway-images`; empty:
@@ -785,19 +812,37 @@ fn url_host(url: &str) -> Option<String> {
     Some(host.trim_end_matches('.').to_ascii_lowercase())
 }
 
+/// The kinds of address the operator never fetches an ACME directory from (issue 14, item 8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Internal {
+pub enum Internal {
     Loopback,
     LinkLocal,
     Unspecified,
 }
 
-/// Whether `host` (as [`url_host`] returns it) names an address the operator must not fetch.
-fn internal_host(host: &str) -> Option<Internal> {
-    use std::net::{IpAddr, Ipv4Addr};
-    if host == "localhost" || host.ends_with(".localhost") {
-        return Some(Internal::Loopback);
+impl Internal {
+    /// Why such an address is refused, in words for status.
+    pub fn why(self) -> &'static str {
+        match self {
+            Internal::LinkLocal => {
+                "a link-local address: the node's own services and the cloud metadata service \
+                 (169.254.169.254) live there, and the operator never fetches from them"
+            }
+            Internal::Unspecified => "the unspecified address, which means this host",
+            Internal::Loopback => {
+                "a loopback address, the operator's own pod; refused unless the operator runs \
+                 with --allow-loopback-acme-directory (a test CA on the same machine)"
+            }
+        }
     }
+}
+
+/// Whether `ip` is an address the operator must not fetch from: loopback, link-local (with the
+/// cloud metadata addresses) or unspecified; an IPv4-mapped IPv6 address counts as its IPv4
+/// address. Used on the directory URL as written and on every address a CA's host name
+/// resolves to (`acme::account`).
+pub fn internal_ip(ip: std::net::IpAddr) -> Option<Internal> {
+    use std::net::{IpAddr, Ipv4Addr};
     let v4 = |ip: Ipv4Addr| {
         if ip.is_loopback() {
             Some(Internal::Loopback)
@@ -809,8 +854,8 @@ fn internal_host(host: &str) -> Option<Internal> {
             None
         }
     };
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V6(ip)) => {
+    match ip {
+        IpAddr::V6(ip) => {
             if let Some(mapped) = ip.to_ipv4_mapped() {
                 return v4(mapped);
             }
@@ -819,15 +864,25 @@ fn internal_host(host: &str) -> Option<Internal> {
             } else if ip.is_unspecified() {
                 Some(Internal::Unspecified)
             } else if (ip.segments()[0] & 0xffc0) == 0xfe80
-                || ip == "fd00:ec2::254".parse::<std::net::Ipv6Addr>().unwrap()
+                || ip == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
             {
                 Some(Internal::LinkLocal)
             } else {
                 None
             }
         }
-        Ok(IpAddr::V4(ip)) => v4(ip),
-        Err(_) => inet_aton(host).and_then(v4),
+        IpAddr::V4(ip) => v4(ip),
+    }
+}
+
+/// Whether `host` (as [`url_host`] returns it) names an address the operator must not fetch.
+fn internal_host(host: &str) -> Option<Internal> {
+    if host == "localhost" || host.ends_with(".localhost") {
+        return Some(Internal::Loopback);
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => internal_ip(ip),
+        Err(_) => inet_aton(host).and_then(|ip| internal_ip(ip.into())),
     }
 }
 
@@ -1153,6 +1208,21 @@ fn check_rfc1123_label(s: &str) -> Result<(), String> {
         return Err(format!("{s:?} contains '.'"));
     }
     check_subdomain(s)
+}
+
+/// One of the operator's `--cluster-cidrs`: a CIDR without host bits.
+pub fn check_cluster_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    match s.parse::<IpNet>() {
+        Ok(net) if net.trunc() == net => Ok(net),
+        Ok(net) => Err(format!(
+            "{s:?} has host bits set; did you mean {}?",
+            net.trunc()
+        )),
+        Err(_) => Err(format!(
+            "{s:?} is not a CIDR (e.g. 10.244.0.0/16 or fd00:10:96::/112)"
+        )),
+    }
 }
 
 /// The cluster's DNS domain (`--cluster-domain`), which goes into the gateway's upstream
@@ -1859,6 +1929,62 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("link-local"), "{err}");
+    }
+
+    #[test]
+    fn egress_into_the_clusters_own_ranges_is_refused() {
+        let cluster: Vec<IpNet> = ["10.244.0.0/16", "10.96.0.0/12", "fd00:10:96::/112"]
+            .iter()
+            .map(|c| check_cluster_cidr(c).unwrap())
+            .collect();
+        let problems = |cidr: &str| {
+            let mut v = base();
+            v["spec"]["services"][1]["egress"] =
+                json!([{"cidr": "203.0.113.0/24", "ports": [443]}, {"cidr": cidr, "ports": [443]}]);
+            let stack: OpsConductorStack = serde_json::from_value(v).unwrap();
+            egress_cluster_problems(&stack, &cluster)
+        };
+        for (cidr, range) in [
+            ("10.244.0.0/16", "10.244.0.0/16"),
+            ("10.244.7.0/24", "10.244.0.0/16"),
+            ("10.100.0.10/32", "10.96.0.0/12"),
+            ("fd00:10:96::a/128", "fd00:10:96::/112"),
+        ] {
+            let p = problems(cidr);
+            assert_eq!(p.len(), 1, "{cidr}: {p:?}");
+            assert_eq!(p[0].path, "spec.services[1].egress[1].cidr");
+            assert!(
+                p[0].message.starts_with(&format!(
+                    "{cidr:?} lies inside the cluster's own range {range} (the operator's \
+                     --cluster-cidrs)"
+                )),
+                "{cidr}: {}",
+                p[0].message
+            );
+        }
+        // Outside, or holding a cluster range (cut out of it when built): fine here.
+        for cidr in [
+            "10.0.0.0/8",
+            "0.0.0.0/0",
+            "10.243.0.0/16",
+            "192.0.2.1/32",
+            "::/0",
+        ] {
+            assert_eq!(problems(cidr), vec![], "{cidr}");
+        }
+        // No ranges configured: nothing to check.
+        let stack: OpsConductorStack = serde_json::from_value(base()).unwrap();
+        assert_eq!(egress_cluster_problems(&stack, &[]), vec![]);
+        assert!(
+            check_cluster_cidr("10.244.0.1/16")
+                .unwrap_err()
+                .contains("host bits")
+        );
+        assert!(
+            check_cluster_cidr("cluster")
+                .unwrap_err()
+                .contains("is not a CIDR")
+        );
     }
 
     #[test]

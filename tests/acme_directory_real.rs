@@ -5,6 +5,11 @@
 //! refused with the field path, and nothing connects to the listener; with the operator's
 //! opt-in `--allow-loopback-acme-directory` (what tests with pebble on 127.0.0.1 use), the same
 //! stack is accepted and the operator does connect.
+//!
+//! A host **name** that resolves to such an address is refused when the operator connects
+//! (the check above cannot see it): the operator runs in a mount namespace of its own whose
+//! `/etc/hosts` names the stand-ins, so the system resolver itself answers with loopback and
+//! link-local addresses (root, and `unshare` from util-linux, as the node tier needs).
 
 mod support;
 
@@ -17,10 +22,14 @@ use kube::Api;
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::json;
 use support::operator::{apply_stack, install_crd};
-use support::process::{OperatorProcess, spawn_as_operator};
+use support::process::{OperatorProcess, spawn_as_operator, spawn_as_operator_under};
 use support::{ControlPlane, TestNamespace, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// The tests run one at a time: each one's operators watch the whole control plane, and would
+/// otherwise act on the other's stacks (without its `/etc/hosts`, or with another flag).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn stack(name: &str, namespace: &str, directory_url: &str) -> OpsConductorStack {
     serde_json::from_value(json!({
@@ -52,6 +61,7 @@ fn operator(cp: &ControlPlane, tag: &str, args: &[&str], env: &[(&str, &str)]) -
 
 #[tokio::test]
 async fn directory_urls_on_loopback_or_link_local_addresses_are_never_fetched() {
+    let _serial = SERIAL.lock().await;
     let Some(ns) = TestNamespace::new("acme-directory").await else {
         return;
     };
@@ -130,4 +140,140 @@ async fn directory_urls_on_loopback_or_link_local_addresses_are_never_fetched() 
         .await;
     }
     drop(allowing);
+}
+
+/// Orders again within seconds after a failure (the next operator resumes the backoff the
+/// status records).
+const FAST_RETRY: [(&str, &str); 2] = [
+    ("OPSC_ACME_BACKOFF_FIRST_SECONDS", "1"),
+    ("OPSC_ACME_BACKOFF_CAP_SECONDS", "2"),
+];
+
+/// `status.certificate.lastFailureReason`.
+async fn certificate_failure(api: &Api<OpsConductorStack>, name: &str) -> Option<String> {
+    api.get(name)
+        .await
+        .ok()?
+        .status?
+        .certificate?
+        .last_failure_reason
+}
+
+#[tokio::test]
+async fn directory_host_names_that_resolve_to_internal_addresses_are_never_connected_to() {
+    let _serial = SERIAL.lock().await;
+    let Some(ns) = TestNamespace::new("acme-directory-names").await else {
+        return;
+    };
+    let cp = ns.control_plane;
+    install_crd(cp).await;
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    {
+        let connections = connections.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                connections.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+    }
+
+    // The operator's own /etc/hosts: names no static check can tell from a public CA's.
+    let hosts = cp
+        .state_dir
+        .join(format!("acme-directory-hosts-{}", std::process::id()));
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n\
+         127.0.0.1 ca.acme-directory.test\n\
+         169.254.169.254 metadata.acme-directory.test\n\
+         ::ffff:127.0.0.1 mapped.acme-directory.test\n",
+    )
+    .unwrap();
+    let hosts = hosts.to_str().unwrap().to_string();
+    let wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        r#"mount --bind "$0" /etc/hosts && exec "$@""#,
+        hosts.as_str(),
+    ];
+
+    let refusing = spawn_as_operator_under(
+        cp,
+        "resolving-refusing",
+        &[],
+        &[
+            ("OPSC_ALLOW_LOOPBACK_ACME_DIRECTORY", "false"),
+            FAST_RETRY[0],
+            FAST_RETRY[1],
+        ],
+        &wrapper,
+    );
+    eventually("the operator's caches to sync", WAIT, || async {
+        refusing.ready().then_some(())
+    })
+    .await;
+    let api: Api<OpsConductorStack> = ns.api();
+    let cases = [
+        ("by-name", "ca.acme-directory.test", "127.0.0.1"),
+        (
+            "metadata",
+            "metadata.acme-directory.test",
+            "169.254.169.254",
+        ),
+        ("mapped", "mapped.acme-directory.test", "::ffff:127.0.0.1"),
+    ];
+    for (name, host, _) in &cases {
+        let url = format!("https://{host}:{port}/dir");
+        apply_stack(&ns.client, &stack(name, &ns.name, &url)).await;
+    }
+    for (name, host, ip) in &cases {
+        let reason = eventually(&format!("{name} to be refused"), WAIT, || async {
+            certificate_failure(&api, name).await
+        })
+        .await;
+        assert!(
+            reason.contains(&format!("the CA's host \"{host}\" resolves to {ip}"))
+                && reason.contains("nothing was sent to it"),
+            "{name}: {reason}\n{}",
+            refusing.log_text()
+        );
+        eprintln!("{name}: {reason}");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "the operator connected to a name that resolves to a loopback address"
+    );
+    drop(refusing);
+
+    // Opted in to loopback: the same name is resolved and connected to (the listener is no
+    // TLS server, so the order fails after that, which is not the point); the metadata name
+    // stays refused.
+    let allowing = spawn_as_operator_under(
+        cp,
+        "resolving-allowing",
+        &["--allow-loopback-acme-directory"],
+        &FAST_RETRY,
+        &wrapper,
+    );
+    eventually(
+        "the operator to connect to the loopback name",
+        WAIT,
+        || async { (connections.load(Ordering::SeqCst) > 0).then_some(()) },
+    )
+    .await;
+    drop(allowing);
+    let reason = certificate_failure(&api, "metadata").await.unwrap();
+    assert!(
+        reason.contains("resolves to 169.254.169.254, a link-local address"),
+        "{reason}"
+    );
 }

@@ -248,3 +248,69 @@ fn crd_has_the_contracted_names_columns_and_rules() {
     assert_eq!(spec["services"]["maxItems"], 200);
     assert_eq!(spec["gateway"]["properties"]["hosts"]["maxItems"], 100);
 }
+
+/// `--cluster-cidrs` (issue 14, item 7): a wider egress CIDR has the cluster's ranges cut out,
+/// one inside a cluster range is refused with its field, a bad range is refused by the flag.
+#[test]
+fn egress_never_reaches_into_the_clusters_own_ranges() {
+    let f = write_temp(
+        "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
+         metadata: {name: s, namespace: ns}\n\
+         spec:\n  gateway: {hosts: [a.example.com]}\n  tls: {secretName: own-tls}\n\
+         \x20 services:\n  - {name: web, image: w, route: /, egress: [\
+         {cidr: 10.0.0.0/8, ports: [5432]}]}\n",
+    );
+    let path = f.path().to_str().unwrap();
+    let ranges = "--cluster-cidrs=10.244.0.0/16,10.96.0.0/12";
+    let out = run(&["render", "-f", path, "-o", "json", ranges]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objects: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let web = objects
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["kind"] == "NetworkPolicy" && o["metadata"]["name"] == "s-svc-web")
+        .unwrap();
+    let blocks: Vec<&serde_json::Value> = web["spec"]["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|rule| rule["to"][0].get("ipBlock"))
+        .collect();
+    assert_eq!(
+        blocks,
+        vec![
+            &serde_json::json!({"cidr": "10.0.0.0/8", "except": ["10.244.0.0/16", "10.96.0.0/12"]})
+        ]
+    );
+
+    // Without the flag, as before: nothing is cut out of 10.0.0.0/8.
+    let out = run(&["render", "-f", path, "-o", "json"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"cidr\": \"10.0.0.0/8\""));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("10.244.0.0/16"));
+
+    // Inside a cluster range: refused, naming the field and the range.
+    let out = run(&["render", "-f", path, "--cluster-cidrs=10.0.0.0/8"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr.contains(
+            "spec.services[0].egress[0].cidr: \"10.0.0.0/8\" lies inside the cluster's own range \
+             10.0.0.0/8"
+        ),
+        "{stderr}"
+    );
+
+    // A range with host bits is refused by the flag itself.
+    let out = run(&["render", "-f", path, "--cluster-cidrs=10.244.0.1/16"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("host bits"),
+        "{stderr}"
+    );
+}

@@ -13,8 +13,10 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -22,6 +24,8 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use http::Request;
 use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioExecutor;
 use instant_acme::{
     Account, AccountCredentials, BodyWrapper, BytesResponse, ExternalAccountKey, HttpClient, Key,
@@ -39,6 +43,7 @@ use super::Failure;
 use crate::model::{Acme, SecretKey, Stack};
 use crate::names::{self, Component};
 use crate::ownership::{self, Claim, NameConflict};
+use crate::validate::{self, Internal};
 
 /// Key of the credentials in the account Secret.
 pub const CREDENTIALS_KEY: &str = "credentials.json";
@@ -52,18 +57,105 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// stack's `caBundleSecretRef` when one is set (as cert-manager does for a private ACME
 /// server). It remembers the last `Retry-After` the CA sent, which instant-acme does not
 /// surface with a rate-limit error.
+///
+/// It never connects to an internal address (issue 14, item 8): every host name is resolved
+/// by [`GuardedResolver`], which refuses a name with any loopback, link-local (the cloud
+/// metadata service) or unspecified address, and connects only to the addresses it checked
+/// (no second lookup a changed DNS answer could slip through); a URL with such an address
+/// written as a literal (the directory can name any URL for its other resources) is refused
+/// before any connection. Loopback is allowed with `--allow-loopback-acme-directory`.
 #[derive(Clone)]
 pub struct CaClient {
     inner: HyperClient<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>,
         BodyWrapper<Bytes>,
     >,
     last_retry_after: Arc<Mutex<Option<SystemTime>>>,
+    allow_loopback: bool,
+}
+
+/// A connection the CA client refused because of where it would have gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedAddress {
+    pub host: String,
+    pub ip: IpAddr,
+    pub internal: Internal,
+}
+
+impl std::fmt::Display for RefusedAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host == self.ip.to_string() {
+            write!(f, "the CA's URL names {}, {}", self.ip, self.internal.why())
+        } else {
+            write!(
+                f,
+                "the CA's host {:?} resolves to {}, {}",
+                self.host,
+                self.ip,
+                self.internal.why()
+            )
+        }
+    }
+}
+
+impl std::error::Error for RefusedAddress {}
+
+/// The first address of `addrs` the operator must not connect to (loopback only when
+/// `allow_loopback` is false), as the error that refuses `host`.
+pub fn refuse_internal(
+    host: &str,
+    addrs: impl IntoIterator<Item = IpAddr>,
+    allow_loopback: bool,
+) -> Result<(), RefusedAddress> {
+    for ip in addrs {
+        match validate::internal_ip(ip) {
+            None => {}
+            Some(Internal::Loopback) if allow_loopback => {}
+            Some(internal) => {
+                return Err(RefusedAddress {
+                    host: host.to_string(),
+                    ip,
+                    internal,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The CA client's name resolver: the system's (`getaddrinfo`, as hyper's default), then
+/// [`refuse_internal`] on all the addresses of the name.
+#[derive(Clone, Debug)]
+pub struct GuardedResolver {
+    allow_loopback: bool,
+}
+
+impl tower_service::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let allow_loopback = self.allow_loopback;
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            // The port is set by the connector afterwards.
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            refuse_internal(&host, addrs.iter().map(|a| a.ip()), allow_loopback)?;
+            Ok(addrs.into_iter())
+        })
+    }
 }
 
 impl CaClient {
-    /// A client trusting `ca_bundle` (PEM) only, or the platform's roots without one.
-    pub fn new(ca_bundle: Option<&[u8]>) -> Result<CaClient, Failure> {
+    /// A client trusting `ca_bundle` (PEM) only, or the platform's roots without one; it
+    /// connects to loopback addresses only when `allow_loopback`.
+    pub fn new(ca_bundle: Option<&[u8]>, allow_loopback: bool) -> Result<CaClient, Failure> {
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
         let builder = match ca_bundle {
             Some(pem) => {
@@ -92,10 +184,18 @@ impl CaClient {
                 Failure::config(format!("cannot load the platform's CA roots: {e}"))
             })?,
         };
-        let connector = builder.https_only().enable_http1().enable_http2().build();
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { allow_loopback });
+        // The https connector refuses plain `http://` itself.
+        http.enforce_http(false);
+        let connector = builder
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
         Ok(CaClient {
             inner: HyperClient::builder(TokioExecutor::new()).build(connector),
             last_retry_after: Arc::default(),
+            allow_loopback,
         })
     }
 
@@ -110,12 +210,34 @@ impl HttpClient for CaClient {
         &self,
         req: Request<BodyWrapper<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        // A literal address skips the resolver.
+        let literal = req.uri().host().and_then(|h| {
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .ok()
+        });
+        if let Some(ip) = literal
+            && let Err(refused) = refuse_internal(&ip.to_string(), [ip], self.allow_loopback)
+        {
+            return Box::pin(async move { Err(instant_acme::Error::Other(Box::new(refused))) });
+        }
         let fut = self.inner.request(req);
         let slot = self.last_retry_after.clone();
         Box::pin(async move {
             let response = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
                 Ok(Ok(response)) => response,
-                Ok(Err(e)) => return Err(instant_acme::Error::Other(Box::new(e))),
+                Ok(Err(e)) => {
+                    // The resolver's refusal, as itself rather than "client error (Connect)".
+                    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+                    while let Some(s) = source {
+                        if let Some(refused) = s.downcast_ref::<RefusedAddress>() {
+                            return Err(instant_acme::Error::Other(Box::new(refused.clone())));
+                        }
+                        source = s.source();
+                    }
+                    return Err(instant_acme::Error::Other(Box::new(e)));
+                }
                 Err(_) => {
                     return Err(instant_acme::Error::Other(
                         format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()).into(),
@@ -475,6 +597,79 @@ mod tests {
     use super::*;
 
     #[test]
+    fn addresses_of_a_ca_host_on_loopback_or_link_local_are_refused() {
+        let ips =
+            |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|a| a.parse().unwrap()).collect() };
+        assert_eq!(
+            refuse_internal(
+                "ca.example",
+                ips(&["192.0.2.7", "10.1.2.3", "2001:db8::1"]),
+                false
+            ),
+            Ok(())
+        );
+        // One bad address among good ones refuses the name (a round-robin answer would reach
+        // it sooner or later).
+        let refused = refuse_internal("ca.example", ips(&["192.0.2.7", "169.254.169.254"]), true)
+            .unwrap_err();
+        assert_eq!(refused.internal, Internal::LinkLocal);
+        assert_eq!(
+            refused.to_string(),
+            "the CA's host \"ca.example\" resolves to 169.254.169.254, a link-local address: the \
+             node's own services and the cloud metadata service (169.254.169.254) live there, and \
+             the operator never fetches from them"
+        );
+        for (addr, allowed) in [
+            ("127.0.0.1", true),
+            ("::1", true),
+            ("::ffff:127.0.0.2", true),
+            ("fe80::1", false),
+            ("fd00:ec2::254", false),
+            ("0.0.0.0", false),
+            ("::", false),
+        ] {
+            assert!(refuse_internal("h", ips(&[addr]), false).is_err(), "{addr}");
+            assert_eq!(
+                refuse_internal("h", ips(&[addr]), true).is_ok(),
+                allowed,
+                "{addr}"
+            );
+        }
+        let literal = refuse_internal("127.0.0.1", ips(&["127.0.0.1"]), false).unwrap_err();
+        assert!(
+            literal
+                .to_string()
+                .starts_with("the CA's URL names 127.0.0.1, a loopback address"),
+            "{literal}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_url_with_an_internal_literal_address_is_refused_before_connecting() {
+        let http = CaClient::new(None, false).unwrap();
+        let request = |uri: &str| {
+            Request::get(uri)
+                .body(BodyWrapper::from(Vec::new()))
+                .unwrap()
+        };
+        for uri in [
+            "https://169.254.169.254/x",
+            "https://[::1]:9/x",
+            "https://[fe80::1]/x",
+        ] {
+            let e = http.request(request(uri)).await.err().unwrap();
+            let f = Failure::from_acme("fetching the order", e, &http);
+            assert_eq!(f.kind, super::super::FailureKind::Config, "{uri}");
+            assert!(
+                f.message
+                    .contains("nothing was sent to it (while fetching the order)"),
+                "{uri}: {}",
+                f.message
+            );
+        }
+    }
+
+    #[test]
     fn the_thumbprint_is_read_from_stored_credentials() {
         let (key, pkcs8) = Key::generate_pkcs8().unwrap();
         let credentials = serde_json::json!({
@@ -531,7 +726,7 @@ mod tests {
 
     #[test]
     fn a_refused_registration_names_the_binding_to_check() {
-        let http = CaClient::new(None).unwrap();
+        let http = CaClient::new(None, false).unwrap();
         let problem = |kind: &str, detail: &str| {
             instant_acme::Error::Api(
                 serde_json::from_value(serde_json::json!({

@@ -210,6 +210,9 @@ impl Failure {
                 FailureKind::OrderInvalid,
                 format!("order invalid: {} (while {step})", order::problem_text(&p)),
             ),
+            E::Other(e) if e.downcast_ref::<account::RefusedAddress>().is_some() => {
+                Failure::config(format!("{e}; nothing was sent to it (while {step})"))
+            }
             E::Timeout(_) => Failure::new(
                 FailureKind::CaUnreachable,
                 format!("CA unreachable: the CA did not finish in time (while {step})"),
@@ -318,6 +321,8 @@ pub struct Config {
     /// does not watch): bounds how long a change by someone else goes unnoticed. Env
     /// `OPSC_ACME_RECHECK_SECONDS`.
     pub recheck: Duration,
+    /// Whether the CA may be on a loopback address (`--allow-loopback-acme-directory`).
+    pub allow_loopback_directory: bool,
 }
 
 impl Default for Config {
@@ -331,6 +336,7 @@ impl Default for Config {
             ari_max: Duration::from_secs(6 * 3600),
             poll_interval: Duration::from_secs(2),
             recheck: Duration::from_secs(60),
+            allow_loopback_directory: false,
         }
     }
 }
@@ -362,6 +368,7 @@ impl Config {
             ari_max: secs("OPSC_ACME_ARI_MAX_SECONDS").unwrap_or(d.ari_max),
             poll_interval: d.poll_interval,
             recheck: secs("OPSC_ACME_RECHECK_SECONDS").unwrap_or(d.recheck),
+            allow_loopback_directory: d.allow_loopback_directory,
         }
     }
 
@@ -1146,7 +1153,7 @@ async fn ca_client(ctx: &JobContext) -> Result<account::CaClient, Failure> {
         ),
         None => None,
     };
-    account::CaClient::new(bundle.as_deref())
+    account::CaClient::new(bundle.as_deref(), ctx.config.allow_loopback_directory)
 }
 
 /// One order, from account to written Secret; records the outcome in the state.
@@ -1684,7 +1691,7 @@ mod tests {
 
     #[test]
     fn failures_are_put_in_plain_words() {
-        let http = account::CaClient::new(None).unwrap();
+        let http = account::CaClient::new(None, false).unwrap();
         let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
             "type": "urn:ietf:params:acme:error:rateLimited",
             "detail": "too many certificates for this name",

@@ -41,6 +41,11 @@ pub struct BuildOptions {
     /// `allowedSourceRanges`, the gateway's NetworkPolicy then also admits the operator's pods
     /// on 8080 for the ACME self-check.
     pub operator_namespace: Option<String>,
+    /// The cluster's own address ranges (pods, Services, nodes), from the operator's
+    /// `--cluster-cidrs`. A service's egress CIDR never reaches into them: they are cut out of
+    /// a wider CIDR (`except`), and validation refuses a CIDR inside one
+    /// ([`crate::validate::egress_cluster_problems`]).
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl Default for BuildOptions {
@@ -50,6 +55,7 @@ impl Default for BuildOptions {
             acme_thumbprint: None,
             dns_resolver: None,
             operator_namespace: None,
+            cluster_cidrs: Vec::new(),
         }
     }
 }
@@ -134,8 +140,11 @@ pub fn build(stack: &Stack, options: &BuildOptions) -> Bundle {
     bundle
         .pod_disruption_budgets
         .push(gateway::pod_disruption_budget(stack));
-    bundle.network_policies =
-        netpol::network_policies(stack, options.operator_namespace.as_deref());
+    bundle.network_policies = netpol::network_policies(
+        stack,
+        options.operator_namespace.as_deref(),
+        &options.cluster_cidrs,
+    );
     bundle
 }
 

@@ -25,13 +25,24 @@ use crate::names::{self, Component};
 pub const DNS_NAMESPACE: &str = "kube-system";
 pub const DNS_POD_LABEL: (&str, &str) = ("k8s-app", "kube-dns");
 
-pub fn network_policies(stack: &Stack, operator_namespace: Option<&str>) -> Vec<NetworkPolicy> {
+/// Every NetworkPolicy of the stack. `cluster_cidrs` (the operator's `--cluster-cidrs`) are
+/// cut out of the services' egress CIDRs, as [`NEVER_EGRESS`] is.
+pub fn network_policies(
+    stack: &Stack,
+    operator_namespace: Option<&str>,
+    cluster_cidrs: &[ipnet::IpNet],
+) -> Vec<NetworkPolicy> {
     let mut out = vec![
         default_deny(stack),
         allow_dns(stack),
         gateway(stack, operator_namespace),
     ];
-    out.extend(stack.services.iter().map(|s| service(stack, s)));
+    out.extend(
+        stack
+            .services
+            .iter()
+            .map(|s| service(stack, s, cluster_cidrs)),
+    );
     out.extend(stack.backends.iter().map(|b| {
         let selects = b.pod_selector.clone();
         let ingress = NetworkPolicyIngressRule {
@@ -114,14 +125,19 @@ pub const OPERATOR_POD_LABELS: [(&str, &str); 2] = [
 /// CIDRs inside them; these are cut out of wider ones.
 pub const NEVER_EGRESS: [&str; 3] = ["169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128"];
 
-/// The [`NEVER_EGRESS`] ranges inside `cidr`, as its `except` list.
-fn never_egress_within(cidr: &ipnet::IpNet) -> Option<Vec<String>> {
-    let within: Vec<String> = NEVER_EGRESS
+/// The [`NEVER_EGRESS`] ranges, then the cluster's own ranges, inside `cidr`: its `except`
+/// list, each range once.
+fn except_within(cidr: &ipnet::IpNet, cluster_cidrs: &[ipnet::IpNet]) -> Option<Vec<String>> {
+    let mut within: Vec<String> = Vec::new();
+    let ranges = NEVER_EGRESS
         .iter()
         .map(|r| r.parse::<ipnet::IpNet>().expect("a valid CIDR"))
-        .filter(|r| cidr.contains(r) && r != cidr)
-        .map(|r| r.to_string())
-        .collect();
+        .chain(cluster_cidrs.iter().map(|r| r.trunc()));
+    for r in ranges.filter(|r| cidr.contains(r) && r != cidr) {
+        if !within.contains(&r.to_string()) {
+            within.push(r.to_string());
+        }
+    }
     (!within.is_empty()).then_some(within)
 }
 
@@ -190,7 +206,7 @@ fn callees<'a>(stack: &'a Stack, svc: &'a Service) -> Vec<&'a Service> {
     }
 }
 
-fn service(stack: &Stack, svc: &Service) -> NetworkPolicy {
+fn service(stack: &Stack, svc: &Service, cluster_cidrs: &[ipnet::IpNet]) -> NetworkPolicy {
     let mut from = Vec::new();
     if svc.route.is_some() {
         from.push(pods(stack, Component::Gateway));
@@ -234,7 +250,7 @@ fn service(stack: &Stack, svc: &Service) -> NetworkPolicy {
             to: Some(vec![NetworkPolicyPeer {
                 ip_block: Some(IPBlock {
                     cidr: e.cidr.to_string(),
-                    except: never_egress_within(&e.cidr),
+                    except: except_within(&e.cidr, cluster_cidrs),
                 }),
                 ..NetworkPolicyPeer::default()
             }]),
@@ -318,7 +334,7 @@ mod tests {
     }
 
     fn gateway_ingress(stack: &Stack, operator_ns: Option<&str>) -> Vec<NetworkPolicyIngressRule> {
-        let policies = network_policies(stack, operator_ns);
+        let policies = network_policies(stack, operator_ns, &[]);
         let gw = policies
             .iter()
             .find(|p| p.metadata.name.as_deref() == Some("s-gateway"))
@@ -368,5 +384,53 @@ mod tests {
             gateway_ingress(&stack(ACME, "[192.0.2.0/24]"), None).len(),
             1
         );
+    }
+
+    #[test]
+    fn the_clusters_own_ranges_are_cut_out_of_wider_egress() {
+        let yaml = "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
+                    metadata: {name: s, namespace: ns}\n\
+                    spec:\n  gateway: {hosts: [a.example.com]}\n  tls: {secretName: own-tls}\n\
+                    \x20 services:\n  - {name: web, image: w, route: /, egress: [\
+                    {cidr: 0.0.0.0/0, ports: [443], allowWide: true}, \
+                    {cidr: 10.0.0.0/8, ports: [5432]}, {cidr: 192.0.2.0/24, ports: [25]}]}\n";
+        let cr: OpsConductorStack = serde_yaml::from_str(yaml).unwrap();
+        let stack = crate::validate::validate(&cr, "ns").unwrap();
+        let cluster: Vec<ipnet::IpNet> = ["10.244.0.0/16", "10.96.0.0/12", "fd00:10:96::/112"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        let excepts = |cluster: &[ipnet::IpNet]| -> Vec<Option<Vec<String>>> {
+            let policies = network_policies(&stack, None, cluster);
+            let web = policies
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some("s-svc-web"))
+                .unwrap();
+            web.spec
+                .as_ref()
+                .unwrap()
+                .egress
+                .as_ref()
+                .unwrap()
+                .iter()
+                .filter_map(|r| {
+                    r.to.as_ref()?[0]
+                        .ip_block
+                        .as_ref()
+                        .map(|b| b.except.clone())
+                })
+                .collect()
+        };
+        let strings = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            excepts(&cluster),
+            vec![
+                strings(&["169.254.0.0/16", "10.244.0.0/16", "10.96.0.0/12"]),
+                strings(&["10.244.0.0/16", "10.96.0.0/12"]),
+                None,
+            ]
+        );
+        // Without --cluster-cidrs: as before, only the link-local range.
+        assert_eq!(excepts(&[]), vec![strings(&["169.254.0.0/16"]), None, None]);
     }
 }

@@ -67,6 +67,9 @@ pub struct RunOptions {
     /// Gateway images stacks may use (`--allowed-gateway-images`); empty: any. See
     /// [`crate::validate::gateway_image_problems`].
     pub allowed_gateway_images: Vec<String>,
+    /// The cluster's own address ranges (`--cluster-cidrs`); see
+    /// [`crate::build::BuildOptions::cluster_cidrs`].
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl Default for RunOptions {
@@ -81,6 +84,7 @@ impl Default for RunOptions {
             require_guardrails: true,
             allow_loopback_acme_directory: false,
             allowed_gateway_images: Vec::new(),
+            cluster_cidrs: Vec::new(),
         }
     }
 }
@@ -516,7 +520,10 @@ pub async fn run(
             ready: tokio::sync::watch::Sender::new(false),
         },
         acme: crate::acme::Manager::new(
-            crate::acme::Config::from_env(&options.cluster_domain),
+            crate::acme::Config {
+                allow_loopback_directory: options.allow_loopback_acme_directory,
+                ..crate::acme::Config::from_env(&options.cluster_domain)
+            },
             health.metrics.clone(),
         ),
         options,

@@ -74,6 +74,11 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
         stack,
         &ctx.options.allowed_gateway_images,
     ));
+    // Egress by address never reaches into the cluster's own ranges.
+    references.extend(validate::egress_cluster_problems(
+        stack,
+        &ctx.options.cluster_cidrs,
+    ));
     let model = match validate::validate(stack, &namespace) {
         Ok(model) if references.is_empty() => model,
         result => {
@@ -97,6 +102,7 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
         acme_thumbprint: certificate.thumbprint.clone(),
         dns_resolver: ctx.options.dns_resolver,
         operator_namespace: ctx.options.operator_namespace.clone(),
+        cluster_cidrs: ctx.options.cluster_cidrs.clone(),
     };
     let bundle = build::build(&model, &options);
 

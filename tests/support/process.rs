@@ -35,6 +35,12 @@ pub struct Spawn<'a> {
 
 impl OperatorProcess {
     pub fn spawn(s: Spawn<'_>) -> Self {
+        Self::spawn_under(s, &[])
+    }
+
+    /// As [`OperatorProcess::spawn`], with the operator started by `wrapper` (a command that
+    /// ends by exec'ing the arguments after it, so the child's pid stays the operator's).
+    pub fn spawn_under(s: Spawn<'_>, wrapper: &[&str]) -> Self {
         std::fs::create_dir_all(s.log_dir).unwrap();
         let metrics_addr = free_loopback_addr();
         let port = metrics_addr.rsplit(':').next().unwrap_or_default();
@@ -43,7 +49,15 @@ impl OperatorProcess {
             s.name,
             std::process::id()
         ));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"));
+        let binary = env!("CARGO_BIN_EXE_opsconductor-operator");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
         cmd.args([
             "run",
             "--metrics-addr",
@@ -162,6 +176,17 @@ pub fn spawn_as_operator(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> OperatorProcess {
+    spawn_as_operator_under(cp, name, args, env, &[])
+}
+
+/// [`spawn_as_operator`], started by `wrapper` ([`OperatorProcess::spawn_under`]).
+pub fn spawn_as_operator_under(
+    cp: &super::ControlPlane,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    wrapper: &[&str],
+) -> OperatorProcess {
     let dir = cp.state_dir.join(format!("{name}-tests"));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join(format!("kubeconfig-{name}-{}", std::process::id()));
@@ -173,11 +198,14 @@ pub fn spawn_as_operator(
     );
     let mut all = vec!["--dns-resolver", "none"];
     all.extend_from_slice(args);
-    OperatorProcess::spawn(Spawn {
-        name,
-        kubeconfig: &kubeconfig,
-        log_dir: &dir,
-        args: &all,
-        env,
-    })
+    OperatorProcess::spawn_under(
+        Spawn {
+            name,
+            kubeconfig: &kubeconfig,
+            log_dir: &dir,
+            args: &all,
+            env,
+        },
+        wrapper,
+    )
 }
