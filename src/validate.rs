@@ -1623,7 +1623,8 @@ mod tests {
         assert_eq!(a.pass_headers, ["x-user-id"]);
         assert_eq!(a.cache_seconds, 0);
         assert!(stack.gateway_reaches(&stack.services[0]));
-        let cases: Vec<(Box<dyn FnOnce(&mut Value)>, &str)> = vec![
+        type Edit = Box<dyn FnOnce(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|v| v["spec"]["gateway"]["edgeAuth"]["service"] = json!("nobody")),
                 "spec.gateway.edgeAuth.service: unknown service \"nobody\"",
