@@ -447,3 +447,56 @@ fn the_content_security_policy_is_on_every_https_response() {
         "{r:?}"
     );
 }
+
+/// Figures, not a check (nothing asserts on time): what a verdict costs per request on this
+/// machine, 400 requests back to back on one HTTP/1.1 connection each, to an unprotected route,
+/// a protected one without a cache and one with it. Run with `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn figures_of_edge_authentication() {
+    if !tools_present(false) {
+        return;
+    }
+    let s = setup(
+        &format!("{EDGE_AUTH}      cacheSeconds: 300\n"),
+        "      edgeAuth: {}\n",
+        "",
+        "",
+    );
+    let s2 = setup(EDGE_AUTH, "      edgeAuth: {}\n", "", "");
+    let run = |gw: &Gateway, path: &str| {
+        let resolve = format!("{HOST}:{}:127.0.0.1", gw.layout.https_port);
+        let cert = gw.layout.cert().display().to_string();
+        let url = gw.https_url(HOST, path);
+        let mut args = vec![
+            "--http1.1",
+            "--resolve",
+            &resolve,
+            "--cacert",
+            &cert,
+            "-H",
+            "Authorization: Bearer user-1",
+        ];
+        for _ in 0..400 {
+            args.push(&url);
+        }
+        let start = std::time::Instant::now();
+        let responses = curl_many(&args);
+        let elapsed = start.elapsed();
+        assert!(responses.iter().all(|r| r.status == 200));
+        elapsed.as_secs_f64() * 1000.0 / 400.0
+    };
+    for round in 0..2 {
+        eprintln!(
+            "round {round}: ms per request: unprotected {:.3}, verdict each time {:.3}, cached verdict {:.3}",
+            run(&s2.gw, "/open/x"),
+            run(&s2.gw, "/x"),
+            run(&s.gw, "/x"),
+        );
+    }
+    eprintln!(
+        "verdict requests: {} without cache, {} with it",
+        verdicts(&s2).len(),
+        verdicts(&s).len()
+    );
+}
