@@ -151,6 +151,15 @@ pub struct GatewaySpec {
     /// Per-client-address rate limit. Requests beyond it get HTTP 429.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+    /// The auth service that gives verdicts for the routes with `edgeAuth`: before such a
+    /// request is proxied, the gateway asks this service (nginx `auth_request`) and passes the
+    /// request on only on a 2xx answer; 401 and 403 go back to the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_auth: Option<EdgeAuthSpec>,
+    /// A Content-Security-Policy header on every HTTPS response (errors included). Absent by
+    /// default: a policy that fits one app breaks another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_security_policy: Option<ContentSecurityPolicySpec>,
     /// The Strict-Transport-Security header sent on every HTTPS response.
     #[serde(default)]
     pub hsts: HstsSpec,
@@ -222,6 +231,93 @@ pub struct RateLimitSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 100000))]
     pub burst: i32,
+}
+
+/// The service that gives the gateway its verdicts on requests to routes with `edgeAuth`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeAuthSpec {
+    /// A service of this stack (it needs no route). The gateway may reach it on its port.
+    #[schemars(length(min = 1, max = 63))]
+    pub service: String,
+    /// The path on that service that answers the verdict, e.g. `/api/v1/auth/verify`. It gets
+    /// a GET with the client's headers (`Authorization` included, no body) and
+    /// `X-Original-URI`, `X-Original-Method`; it answers 2xx (pass), 401 or 403.
+    #[schemars(length(min = 1, max = 256))]
+    pub path: String,
+    /// Headers of a 2xx verdict passed on to the service behind the route, e.g. `X-User-Id`.
+    /// The gateway removes them from every client request first, on every route: a client
+    /// can never send them itself. Names of letters, digits and `-`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 20),
+        inner(length(min = 1, max = 64), pattern(r"^[A-Za-z0-9-]+$"))
+    )]
+    pub pass_headers: Vec<String>,
+    /// How long a verdict is reused, per route and `Authorization` header value, instead of
+    /// asking again (0 to 300 seconds). 0, the default: every request is checked. A request
+    /// without `Authorization` is never answered from the cache.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 0, max = 300))]
+    pub cache_seconds: i32,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+/// The Content-Security-Policy header.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentSecurityPolicySpec {
+    /// The policy, e.g. `default-src 'self'; frame-ancestors 'none'`. Printable ASCII without
+    /// `"`, `\`, `$`, `{` or `}`.
+    #[schemars(length(min = 1, max = 4096))]
+    pub policy: String,
+    /// Send it as `Content-Security-Policy-Report-Only`: browsers report violations and block
+    /// nothing (to try a policy out first).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub report_only: bool,
+}
+
+/// Edge authentication of one route.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteAuthSpec {
+    /// Paths under the route that skip the check, e.g. `/api/v1/auth/login`. A path ending
+    /// in `/` covers everything under it; any other path only itself (no query string).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50), inner(length(min = 1, max = 256)))]
+    pub public_paths: Vec<String>,
+}
+
+/// Limits of one route, on top of the gateway's own (`spec.gateway.rateLimit` and the 256
+/// requests in progress per client address): they can only make a route stricter.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!(has(self.requestsPerSecond) && has(self.requestsPerMinute))",
+     "message": "at most one of requestsPerSecond and requestsPerMinute"}
+]))]
+pub struct RouteLimitsSpec {
+    /// Sustained requests per second per client address on this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub requests_per_second: Option<i32>,
+    /// Sustained requests per minute per client address on this route (for slow ones such
+    /// as a login).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub requests_per_minute: Option<i32>,
+    /// Requests allowed above the rate in a short burst. Needs a rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub burst: Option<i32>,
+    /// Requests one client address may have in progress on this route (HTTP/2 streams count
+    /// one each), 1 to 256; more get 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub concurrent_requests_per_client: Option<i32>,
 }
 
 /// HTTP Strict Transport Security.
@@ -370,6 +466,14 @@ pub struct ServiceSpec {
          "message": "route must start and end with '/'"}
     ]))]
     pub route: Option<String>,
+    /// Requests on the route need a 2xx verdict from `spec.gateway.edgeAuth` first, except
+    /// on `publicPaths`. Needs `route`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_auth: Option<RouteAuthSpec>,
+    /// Rate and concurrency limits of the route, per client address and gateway pod, on top of
+    /// the gateway's. Needs `route`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_limits: Option<RouteLimitsSpec>,
     /// HTTP path used for the readiness and liveness probes.
     #[serde(default = "default_health_path")]
     #[schemars(length(min = 1, max = 256))]

@@ -83,6 +83,20 @@ impl Stack {
     pub fn service(&self, name: &DnsLabel) -> Option<&Service> {
         self.services.iter().find(|s| &s.name == name)
     }
+
+    /// Whether the gateway connects to `svc`: it has a route, or it gives the verdicts of
+    /// edge authentication (which needs no route of its own).
+    pub fn gateway_reaches(&self, svc: &Service) -> bool {
+        svc.route.is_some() || self.verdicts().is_some_and(|a| a.service == svc.name)
+    }
+
+    /// The verdict service of edge authentication, when at least one route uses it.
+    pub fn verdicts(&self) -> Option<&EdgeAuth> {
+        self.gateway
+            .edge_auth
+            .as_ref()
+            .filter(|_| self.services.iter().any(|s| s.edge_auth.is_some()))
+    }
 }
 
 /// The validated gateway.
@@ -103,6 +117,11 @@ pub struct Gateway {
     /// built-in [`ALWAYS_STRIPPED_HEADERS`] first, then the spec's, without repeats.
     pub strip_request_headers: Vec<String>,
     pub rate_limit: Option<RateLimit>,
+    /// Where routes with edge authentication get their verdicts.
+    pub edge_auth: Option<EdgeAuth>,
+    /// The Content-Security-Policy header, checked: printable ASCII that cannot end or escape
+    /// an nginx string (no `"`, `\`, `$`, braces, control characters).
+    pub content_security_policy: Option<ContentSecurityPolicy>,
     pub hsts: Hsts,
     /// nginx size syntax, checked: digits with an optional k/m/g suffix.
     pub client_max_body_size: String,
@@ -129,6 +148,57 @@ pub struct Timeouts {
 pub struct RateLimit {
     pub requests_per_second: u32,
     pub burst: u32,
+}
+
+/// The verdict service of edge authentication (issue 18).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeAuth {
+    /// A service of the stack.
+    pub service: DnsLabel,
+    /// A checked path (as a route's characters), without query.
+    pub path: String,
+    /// Header names of letters, digits and `-`, lowercase, none the gateway sets itself.
+    pub pass_headers: Vec<String>,
+    /// 0: no cache.
+    pub cache_seconds: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentSecurityPolicy {
+    pub policy: String,
+    pub report_only: bool,
+}
+
+/// Edge authentication of one route.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteAuth {
+    /// Checked paths under the route (longer than it, not under a longer route of another
+    /// service): ending in `/`, a prefix; otherwise one exact path.
+    pub public_paths: Vec<String>,
+}
+
+/// A route's own limits (on top of the gateway's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteLimits {
+    pub rate: Option<Rate>,
+    pub burst: u32,
+    pub concurrent_requests_per_client: Option<u32>,
+}
+
+/// A sustained request rate, as nginx writes it (`5r/s`, `10r/m`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rate {
+    PerSecond(u32),
+    PerMinute(u32),
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rate::PerSecond(n) => write!(f, "{n}r/s"),
+            Rate::PerMinute(n) => write!(f, "{n}r/m"),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,6 +247,10 @@ pub struct Service {
     pub replicas: i32,
     /// Starts and ends with `/`, made only of URL path characters that are safe in nginx.
     pub route: Option<String>,
+    /// Requests on the route need a verdict from [`Gateway::edge_auth`] (then `route` is set).
+    pub edge_auth: Option<RouteAuth>,
+    /// The route's own limits (then `route` is set).
+    pub route_limits: Option<RouteLimits>,
     pub health_path: String,
     pub env: Vec<EnvVar>,
     pub resources: Option<ResourceRequirements>,

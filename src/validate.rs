@@ -11,8 +11,8 @@ use ipnet::IpNet;
 
 use crate::crd::{OpsConductorStack, OpsConductorStackSpec};
 use crate::model::{
-    Acme, Backend, CertificateSource, DnsLabel, Egress, Gateway, Hsts, Port, RateLimit, SecretKey,
-    Service, Stack, Timeouts, Tls,
+    Acme, Backend, CertificateSource, ContentSecurityPolicy, DnsLabel, EdgeAuth, Egress, Gateway,
+    Hsts, Port, Rate, RateLimit, RouteAuth, RouteLimits, SecretKey, Service, Stack, Timeouts, Tls,
 };
 use crate::names::{self, Component};
 
@@ -222,6 +222,16 @@ fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<G
             burst: burst?,
         })
     });
+    let edge_auth = validate_edge_auth(spec, errs);
+    let content_security_policy = g.content_security_policy.as_ref().and_then(|c| {
+        check_csp(&c.policy)
+            .map_err(|e| errs.add("spec.gateway.contentSecurityPolicy.policy", e))
+            .ok()?;
+        Some(ContentSecurityPolicy {
+            policy: c.policy.trim().to_string(),
+            report_only: c.report_only,
+        })
+    });
     let max_age = u64::try_from(g.hsts.max_age_seconds).ok();
     if max_age.is_none() {
         errs.add("spec.gateway.hsts.maxAgeSeconds", "must not be negative");
@@ -266,6 +276,8 @@ fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<G
         service_type: g.service_type,
         allowed_source_ranges: ranges,
         rate_limit,
+        edge_auth,
+        content_security_policy,
         hsts: Hsts {
             max_age_seconds: max_age?,
             include_sub_domains: g.hsts.include_sub_domains,
@@ -330,6 +342,106 @@ fn validate_edge(spec: &OpsConductorStackSpec, errs: &mut Errors) -> (Vec<IpNet>
         }
     }
     (trusted, headers)
+}
+
+/// `spec.gateway.edgeAuth` (issue 18): a service of the stack, a path on it, the verdict's
+/// headers to pass on, the cache time. See docs/api.md#specgatewayedgeauth.
+fn validate_edge_auth(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<EdgeAuth> {
+    let a = spec.gateway.edge_auth.as_ref()?;
+    let p = "spec.gateway.edgeAuth";
+    let before = errs.0.len();
+    let service = errs.label(&format!("{p}.service"), &a.service);
+    if service.is_some() && !spec.services.iter().any(|s| s.name == a.service) {
+        errs.add(
+            format!("{p}.service"),
+            format!(
+                "unknown service {:?}: the verdicts come from a service of this stack",
+                a.service
+            ),
+        );
+    }
+    if let Err(e) = check_path(&a.path, false) {
+        errs.add(format!("{p}.path"), e);
+    }
+    let mut pass_headers: Vec<String> = Vec::new();
+    if a.pass_headers.len() > 20 {
+        errs.add(format!("{p}.passHeaders"), "at most 20 headers");
+    }
+    for (i, h) in a.pass_headers.iter().enumerate() {
+        let path = format!("{p}.passHeaders[{i}]");
+        let lower = h.to_ascii_lowercase();
+        if let Err(e) = check_pass_header(h) {
+            errs.add(&path, e);
+        } else if pass_headers.contains(&lower) {
+            errs.add(&path, format!("duplicate header {h:?}"));
+        } else {
+            pass_headers.push(lower);
+        }
+    }
+    let cache_seconds = match u32::try_from(a.cache_seconds) {
+        Ok(v) if v <= 300 => v,
+        _ => {
+            errs.add(
+                format!("{p}.cacheSeconds"),
+                format!(
+                    "{} is out of range 0 to 300 (a verdict outlives a revoked token that long)",
+                    a.cache_seconds
+                ),
+            );
+            0
+        }
+    };
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(EdgeAuth {
+        service: service?,
+        path: a.path.clone(),
+        pass_headers,
+        cache_seconds,
+    })
+}
+
+/// A header of the verdict passed on to a service: a name the gateway can remove from client
+/// requests (see [`check_strippable_header`]), and not the client's own credentials or one of
+/// the headers the services trust from each other.
+fn check_pass_header(h: &str) -> Result<(), String> {
+    check_strippable_header(h)?;
+    match h.to_ascii_lowercase().as_str() {
+        "authorization" | "proxy-authorization" | "cookie" => Err(format!(
+            "{h:?} carries the client's own credentials, which the services may need; pass the \
+             verdict in a header of its own, e.g. X-User-Id"
+        )),
+        "x-internal" | "x-service" => Err(format!(
+            "{h:?} is what the services trust from each other; a verdict about a client must \
+             not set it"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A Content-Security-Policy value that stays one nginx string and one header line: printable
+/// ASCII (no control characters, so no line break), and none of `"` (ends the string), `\`
+/// (escapes), `$` (nginx expands variables in add_header), `{` and `}` (not used by CSP, and
+/// kept out of nginx.conf). `;` and `'` are fine inside the quoted string.
+fn check_csp(v: &str) -> Result<(), String> {
+    let t = v.trim();
+    if t.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if t.len() > 4096 {
+        return Err(format!("is {} characters; at most 4096", t.len()));
+    }
+    if let Some(c) = t
+        .chars()
+        .find(|c| !(c.is_ascii_graphic() || *c == ' ') || "\"\\${}".contains(*c))
+    {
+        return Err(format!(
+            "contains {c:?}; a policy here is printable ASCII without '\"', '\\', '$', '{{' \
+             or '}}' (e.g. \"default-src 'self'; frame-ancestors 'none'\")"
+        ));
+    }
+    Ok(())
 }
 
 /// A request header the spec may have removed: a name nginx passes on from clients (letters,
@@ -547,6 +659,14 @@ fn validate_services(
         if let Err(e) = check_path(&s.health_path, false) {
             errs.add(format!("{p}.healthPath"), e);
         }
+        let edge_auth = s
+            .edge_auth
+            .as_ref()
+            .and_then(|a| route_auth(spec, i, a, errs));
+        let route_limits = s
+            .route_limits
+            .as_ref()
+            .and_then(|l| route_limits(s.route.is_some(), &format!("{p}.routeLimits"), l, errs));
         let mut calls = Vec::new();
         let mut seen_calls = BTreeSet::new();
         for (k, c) in s.calls.iter().enumerate() {
@@ -593,6 +713,8 @@ fn validate_services(
                 port,
                 replicas: s.replicas,
                 route: s.route.clone(),
+                edge_auth,
+                route_limits,
                 health_path: s.health_path.clone(),
                 env: s.env.clone(),
                 resources: s.resources.clone(),
@@ -602,6 +724,150 @@ fn validate_services(
         }
     }
     out
+}
+
+/// `spec.services[i].edgeAuth`: a routed service, a verdict service in `spec.gateway.edgeAuth`,
+/// public paths under the route that no longer route of another service takes.
+fn route_auth(
+    spec: &OpsConductorStackSpec,
+    i: usize,
+    a: &crate::crd::RouteAuthSpec,
+    errs: &mut Errors,
+) -> Option<RouteAuth> {
+    let p = format!("spec.services[{i}].edgeAuth");
+    let before = errs.0.len();
+    let route = spec.services[i].route.as_deref();
+    if route.is_none() {
+        errs.add(
+            &p,
+            "needs a route: a service without one is never reached from outside",
+        );
+    }
+    if spec.gateway.edge_auth.is_none() {
+        errs.add(
+            &p,
+            "needs spec.gateway.edgeAuth, the service that gives the verdicts",
+        );
+    }
+    if a.public_paths.len() > 50 {
+        errs.add(format!("{p}.publicPaths"), "at most 50 paths");
+    }
+    let mut seen = BTreeSet::new();
+    for (k, path) in a.public_paths.iter().enumerate() {
+        let pp = format!("{p}.publicPaths[{k}]");
+        if let Err(e) = check_path(path, false) {
+            errs.add(&pp, e);
+            continue;
+        }
+        if !seen.insert(path.as_str()) {
+            errs.add(&pp, format!("{path:?} is listed twice"));
+            continue;
+        }
+        let Some(route) = route else { continue };
+        if !path.starts_with(route) || path == route {
+            errs.add(
+                &pp,
+                format!(
+                    "{path:?} is not under the route {route:?}: a public path is a path below \
+                     it (to make the whole route public, leave out edgeAuth)"
+                ),
+            );
+            continue;
+        }
+        // A longer route of another service takes the path: it would never reach this one.
+        if let Some((j, other)) = spec.services.iter().enumerate().find_map(|(j, o)| {
+            let r = o.route.as_deref()?;
+            (j != i && r.len() > route.len() && path.starts_with(r)).then_some((j, r))
+        }) {
+            errs.add(
+                &pp,
+                format!(
+                    "{path:?} is under the route {other:?} of spec.services[{j}], which takes \
+                     its requests"
+                ),
+            );
+        }
+    }
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(RouteAuth {
+        public_paths: a.public_paths.clone(),
+    })
+}
+
+/// `spec.services[i].routeLimits`: a routed service, at most one rate, a burst only with a
+/// rate, at least one limit, values in range (the schema's ranges, repeated for `render`).
+fn route_limits(
+    routed: bool,
+    p: &str,
+    l: &crate::crd::RouteLimitsSpec,
+    errs: &mut Errors,
+) -> Option<RouteLimits> {
+    let before = errs.0.len();
+    if !routed {
+        errs.add(
+            p,
+            "needs a route: a service without one is never reached from outside",
+        );
+    }
+    let mut in_range = |field: &str, v: Option<i32>, min: i32, max: i32| -> Option<u32> {
+        let v = v?;
+        if (min..=max).contains(&v) {
+            Some(v as u32)
+        } else {
+            errs.add(
+                format!("{p}.{field}"),
+                format!("{v} is out of range {min} to {max}"),
+            );
+            None
+        }
+    };
+    let per_second = in_range("requestsPerSecond", l.requests_per_second, 1, 100_000);
+    let per_minute = in_range("requestsPerMinute", l.requests_per_minute, 1, 1_000_000);
+    let burst = in_range("burst", l.burst, 0, 100_000);
+    let concurrent = in_range(
+        "concurrentRequestsPerClient",
+        l.concurrent_requests_per_client,
+        1,
+        crate::build::nginx::MAX_REQUESTS_PER_CLIENT as i32,
+    );
+    let rate = match (l.requests_per_second, l.requests_per_minute) {
+        (Some(_), Some(_)) => {
+            errs.add(
+                format!("{p}.requestsPerMinute"),
+                "at most one of requestsPerSecond and requestsPerMinute",
+            );
+            None
+        }
+        _ => per_second
+            .map(Rate::PerSecond)
+            .or(per_minute.map(Rate::PerMinute)),
+    };
+    if l.burst.is_some() && l.requests_per_second.is_none() && l.requests_per_minute.is_none() {
+        errs.add(
+            format!("{p}.burst"),
+            "needs requestsPerSecond or requestsPerMinute: a burst is counted above a rate",
+        );
+    }
+    if l.requests_per_second.is_none()
+        && l.requests_per_minute.is_none()
+        && l.concurrent_requests_per_client.is_none()
+    {
+        errs.add(
+            p,
+            "sets no limit: give requestsPerSecond, requestsPerMinute or \
+             concurrentRequestsPerClient",
+        );
+    }
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(RouteLimits {
+        rate,
+        burst: burst.unwrap_or(0),
+        concurrent_requests_per_client: concurrent,
+    })
 }
 
 /// Names a stack service can never take, because the ServiceAccount, Deployment and Service
@@ -1404,6 +1670,231 @@ mod tests {
         assert!(
             errs.iter().any(|e| e.contains(expected)),
             "expected an error containing {expected:?}, got {errs:#?}"
+        );
+    }
+
+    /// The base stack with edge authentication from `auth` on the `users` route.
+    fn with_edge_auth(v: &mut Value) {
+        v["spec"]["gateway"]["edgeAuth"] =
+            json!({"service": "auth", "path": "/api/v1/auth/verify", "passHeaders": ["X-User-Id"]});
+        v["spec"]["services"][1]["route"] = json!("/api/v1/users/");
+        v["spec"]["services"][1]["edgeAuth"] = json!({"publicPaths": ["/api/v1/users/signup"]});
+    }
+
+    #[test]
+    fn edge_auth_is_checked_field_by_field() {
+        let stack = run({
+            let mut v = base();
+            with_edge_auth(&mut v);
+            v
+        })
+        .expect("valid");
+        let a = stack.gateway.edge_auth.as_ref().unwrap();
+        assert_eq!(a.pass_headers, ["x-user-id"]);
+        assert_eq!(a.cache_seconds, 0);
+        assert!(stack.gateway_reaches(&stack.services[0]));
+        type Edit = Box<dyn FnOnce(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|v| v["spec"]["gateway"]["edgeAuth"]["service"] = json!("nobody")),
+                "spec.gateway.edgeAuth.service: unknown service \"nobody\"",
+            ),
+            (
+                Box::new(|v| v["spec"]["gateway"]["edgeAuth"]["path"] = json!("/verify?x=1")),
+                "spec.gateway.edgeAuth.path: \"/verify?x=1\" contains '?'",
+            ),
+            (
+                Box::new(|v| {
+                    v["spec"]["gateway"]["edgeAuth"]["passHeaders"] =
+                        json!(["X-User-Id", "x-user-id"])
+                }),
+                "spec.gateway.edgeAuth.passHeaders[1]: duplicate header \"x-user-id\"",
+            ),
+            (
+                Box::new(|v| v["spec"]["gateway"]["edgeAuth"]["passHeaders"] = json!(["X_User"])),
+                "spec.gateway.edgeAuth.passHeaders[0]: \"X_User\" contains '_'",
+            ),
+            (
+                Box::new(|v| {
+                    v["spec"]["gateway"]["edgeAuth"]["passHeaders"] = json!(["Authorization"])
+                }),
+                "spec.gateway.edgeAuth.passHeaders[0]: \"Authorization\" carries the client's own credentials",
+            ),
+            (
+                Box::new(|v| {
+                    v["spec"]["gateway"]["edgeAuth"]["passHeaders"] = json!(["X-Service"])
+                }),
+                "spec.gateway.edgeAuth.passHeaders[0]: \"X-Service\" is what the services trust",
+            ),
+            (
+                Box::new(|v| v["spec"]["gateway"]["edgeAuth"]["passHeaders"] = json!(["Host"])),
+                "spec.gateway.edgeAuth.passHeaders[0]: \"Host\" is set by the gateway itself",
+            ),
+            (
+                Box::new(|v| v["spec"]["gateway"]["edgeAuth"]["cacheSeconds"] = json!(301)),
+                "spec.gateway.edgeAuth.cacheSeconds: 301 is out of range 0 to 300",
+            ),
+            (
+                Box::new(|v| v["spec"]["services"][1]["route"] = Value::Null),
+                "spec.services[1].edgeAuth: needs a route",
+            ),
+            (
+                Box::new(|v| {
+                    v["spec"]["gateway"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("edgeAuth");
+                }),
+                "spec.services[1].edgeAuth: needs spec.gateway.edgeAuth",
+            ),
+            (
+                Box::new(|v| {
+                    v["spec"]["services"][1]["edgeAuth"]["publicPaths"] =
+                        json!(["/api/v1/auth/login"])
+                }),
+                "spec.services[1].edgeAuth.publicPaths[0]: \"/api/v1/auth/login\" is not under the route \"/api/v1/users/\"",
+            ),
+            (
+                Box::new(|v| {
+                    v["spec"]["services"][1]["edgeAuth"]["publicPaths"] = json!(["/api/v1/users/"])
+                }),
+                "is not under the route",
+            ),
+            (
+                Box::new(|v| {
+                    v["spec"]["services"][1]["edgeAuth"]["publicPaths"] =
+                        json!(["/api/v1/users/a:b"])
+                }),
+                "spec.services[1].edgeAuth.publicPaths[0]: \"/api/v1/users/a:b\" contains ':'",
+            ),
+            (
+                Box::new(|v| {
+                    v["spec"]["services"][1]["edgeAuth"]["publicPaths"] =
+                        json!(["/api/v1/users/x", "/api/v1/users/x"])
+                }),
+                "spec.services[1].edgeAuth.publicPaths[1]: \"/api/v1/users/x\" is listed twice",
+            ),
+            (
+                Box::new(|v| {
+                    v["spec"]["services"][0]["route"] = json!("/api/v1/users/admin/");
+                    v["spec"]["services"][1]["edgeAuth"]["publicPaths"] =
+                        json!(["/api/v1/users/admin/login"]);
+                }),
+                "spec.services[1].edgeAuth.publicPaths[0]: \"/api/v1/users/admin/login\" is under the route \"/api/v1/users/admin/\" of spec.services[0]",
+            ),
+        ];
+        for (edit, expected) in cases {
+            assert_error(
+                |v| {
+                    with_edge_auth(v);
+                    edit(v);
+                },
+                expected,
+            );
+        }
+        // Edge authentication that no route uses: nothing reaches the verdict service.
+        let stack = run({
+            let mut v = base();
+            with_edge_auth(&mut v);
+            v["spec"]["services"][1]
+                .as_object_mut()
+                .unwrap()
+                .remove("edgeAuth");
+            v["spec"]["services"][0]
+                .as_object_mut()
+                .unwrap()
+                .remove("route");
+            v
+        })
+        .expect("valid");
+        assert!(stack.verdicts().is_none());
+        assert!(!stack.gateway_reaches(&stack.services[0]));
+    }
+
+    #[test]
+    fn route_limits_are_checked_field_by_field() {
+        let limits = |l: Value| move |v: &mut Value| v["spec"]["services"][0]["routeLimits"] = l;
+        let stack = run({
+            let mut v = base();
+            limits(json!({"requestsPerMinute": 30, "burst": 5, "concurrentRequestsPerClient": 4}))(
+                &mut v,
+            );
+            v
+        })
+        .expect("valid");
+        assert_eq!(
+            stack.services[0].route_limits,
+            Some(RouteLimits {
+                rate: Some(Rate::PerMinute(30)),
+                burst: 5,
+                concurrent_requests_per_client: Some(4)
+            })
+        );
+        for (l, expected) in [
+            (
+                json!({"requestsPerSecond": 1, "requestsPerMinute": 1}),
+                "spec.services[0].routeLimits.requestsPerMinute: at most one of requestsPerSecond and requestsPerMinute",
+            ),
+            (
+                json!({"burst": 3}),
+                "spec.services[0].routeLimits.burst: needs requestsPerSecond or requestsPerMinute",
+            ),
+            (json!({}), "spec.services[0].routeLimits: sets no limit"),
+            (
+                json!({"requestsPerSecond": 0}),
+                "spec.services[0].routeLimits.requestsPerSecond: 0 is out of range 1 to 100000",
+            ),
+            (
+                json!({"requestsPerMinute": 5, "burst": -1}),
+                "spec.services[0].routeLimits.burst: -1 is out of range 0 to 100000",
+            ),
+            (
+                json!({"concurrentRequestsPerClient": 257}),
+                "spec.services[0].routeLimits.concurrentRequestsPerClient: 257 is out of range 1 to 256",
+            ),
+        ] {
+            assert_error(limits(l), expected);
+        }
+        assert_error(
+            |v| v["spec"]["services"][1]["routeLimits"] = json!({"requestsPerSecond": 1}),
+            "spec.services[1].routeLimits: needs a route",
+        );
+    }
+
+    #[test]
+    fn a_content_security_policy_cannot_leave_its_nginx_string() {
+        let csp = |p: &str| {
+            let p = p.to_string();
+            move |v: &mut Value| {
+                v["spec"]["gateway"]["contentSecurityPolicy"] = json!({"policy": p})
+            }
+        };
+        let ok = "default-src 'self'; script-src 'self' 'nonce-abc+/='; report-uri https://r.example/csp?a=1&b=2#x";
+        let stack = run({
+            let mut v = base();
+            csp(ok)(&mut v);
+            v
+        })
+        .expect("valid");
+        assert_eq!(stack.gateway.content_security_policy.unwrap().policy, ok);
+        for (bad, ch) in [
+            ("default-src 'self'\" always; add_header X 1", "'\"'"),
+            ("default-src 'self';\nreturn 200", "'\\n'"),
+            ("default-src 'self';\rx", "'\\r'"),
+            ("default-src $host", "'$'"),
+            ("default-src 'self' \\", "'\\\\'"),
+            ("default-src {x}", "'{'"),
+            ("default-src 'self'\tx", "'\\t'"),
+            ("default-src é", "'é'"),
+        ] {
+            assert_error(
+                csp(bad),
+                &format!("spec.gateway.contentSecurityPolicy.policy: contains {ch}"),
+            );
+        }
+        assert_error(
+            csp("   "),
+            "spec.gateway.contentSecurityPolicy.policy: must not be empty",
         );
     }
 

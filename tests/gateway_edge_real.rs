@@ -333,3 +333,136 @@ async fn edge_fields_are_kept_by_the_api_server_and_bad_values_refused_with_thei
         assert!(stderr.contains(line), "missing {line:?} in:\n{stderr}");
     }
 }
+
+/// Edge authentication, per-route limits and the Content-Security-Policy (issue 18): the API
+/// server keeps the fields, its schema refuses what it can check (the CEL rule included), and
+/// the operator refuses the rest with field paths, exactly as `render` does.
+#[tokio::test]
+async fn edge_policy_fields_are_kept_by_the_api_server_and_bad_values_refused() {
+    let Some(ns) = TestNamespace::new("gateway-edge-policy").await else {
+        return;
+    };
+    install_crd(ns.control_plane).await;
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        ns.client.clone(),
+        &ns.name,
+        &kube::discovery::ApiResource::erase::<OpsConductorStack>(&()),
+    );
+    let stack = |name: &str, gateway: Value, web: Value| -> kube::api::DynamicObject {
+        let mut g = json!({"hosts": ["edge.example.com"]});
+        g.as_object_mut()
+            .unwrap()
+            .extend(gateway.as_object().unwrap().clone());
+        let mut w = json!({"name": "web", "image": "web:1", "route": "/"});
+        w.as_object_mut()
+            .unwrap()
+            .extend(web.as_object().unwrap().clone());
+        serde_json::from_value(json!({
+            "apiVersion": "opsconductor.io/v1alpha1",
+            "kind": "OpsConductorStack",
+            "metadata": {"name": name, "namespace": ns.name},
+            "spec": {
+                "gateway": g,
+                "tls": {"secretName": "own"},
+                "services": [w, {"name": "auth", "image": "auth:1"}],
+            }
+        }))
+        .unwrap()
+    };
+    let gateway = json!({
+        "edgeAuth": {"service": "auth", "path": "/verify", "passHeaders": ["X-User-Id"], "cacheSeconds": 5},
+        "contentSecurityPolicy": {"policy": "default-src 'self'; frame-ancestors 'none'", "reportOnly": true},
+    });
+    let web = json!({
+        "edgeAuth": {"publicPaths": ["/login", "/public/"]},
+        "routeLimits": {"requestsPerMinute": 30, "burst": 10, "concurrentRequestsPerClient": 4},
+    });
+    let created = api
+        .create(
+            &PostParams::default(),
+            &stack("ok", gateway.clone(), web.clone()),
+        )
+        .await
+        .unwrap();
+    let stored = serde_json::to_value(&created).unwrap();
+    assert_eq!(stored["spec"]["gateway"]["edgeAuth"], gateway["edgeAuth"]);
+    assert_eq!(
+        stored["spec"]["gateway"]["contentSecurityPolicy"],
+        gateway["contentSecurityPolicy"]
+    );
+    assert_eq!(stored["spec"]["services"][0]["edgeAuth"], web["edgeAuth"]);
+    assert_eq!(
+        stored["spec"]["services"][0]["routeLimits"],
+        web["routeLimits"]
+    );
+    let (code, stderr) = render(&stored);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // The schema's limits and the CEL rule, at admission.
+    for (gateway, web, words) in [
+        (
+            json!({}),
+            json!({"routeLimits": {"requestsPerSecond": 1, "requestsPerMinute": 1}}),
+            "at most one of requestsPerSecond and requestsPerMinute",
+        ),
+        (
+            json!({}),
+            json!({"routeLimits": {"concurrentRequestsPerClient": 257}}),
+            "concurrentRequestsPerClient",
+        ),
+        (
+            json!({"edgeAuth": {"service": "auth", "path": "/v", "cacheSeconds": 301}}),
+            json!({}),
+            "cacheSeconds",
+        ),
+        (
+            json!({"edgeAuth": {"service": "auth", "path": "/v", "passHeaders": ["X_User"]}}),
+            json!({}),
+            "passHeaders[0]",
+        ),
+        (
+            json!({"contentSecurityPolicy": {"policy": "x".repeat(4097)}}),
+            json!({}),
+            "contentSecurityPolicy.policy",
+        ),
+    ] {
+        let err = api
+            .create(
+                &PostParams::default(),
+                &stack("bad", gateway.clone(), web.clone()),
+            )
+            .await
+            .expect_err("refused at admission");
+        assert!(err.to_string().contains(words), "{gateway} {web}: {err}");
+    }
+
+    // The operator's checks: stored by the API server, refused by `render` with field paths.
+    let bad = api
+        .create(
+            &PostParams::default(),
+            &stack(
+                "refused",
+                json!({
+                    "edgeAuth": {"service": "nobody", "path": "/verify", "passHeaders": ["Authorization"]},
+                    "contentSecurityPolicy": {"policy": "default-src 'self'\" always; return 200 \"x"},
+                }),
+                json!({
+                    "edgeAuth": {"publicPaths": ["/login", "/login"]},
+                    "routeLimits": {"burst": 3},
+                }),
+            ),
+        )
+        .await
+        .unwrap();
+    let (code, stderr) = render(&serde_json::to_value(&bad).unwrap());
+    assert_eq!(code, Some(2), "{stderr}");
+    for line in [
+        "spec.gateway.edgeAuth.service: unknown service \"nobody\"",
+        "spec.gateway.edgeAuth.passHeaders[0]: \"Authorization\" carries the client's own credentials",
+        "spec.gateway.contentSecurityPolicy.policy: contains '\"'",
+        "spec.services[0].edgeAuth.publicPaths[1]: \"/login\" is listed twice",
+        "spec.services[0].routeLimits.burst: needs requestsPerSecond or requestsPerMinute",
+    ] {
+        assert!(stderr.contains(line), "missing {line:?} in:\n{stderr}");
+    }
+}

@@ -35,7 +35,9 @@ use serde_json::{Value, json};
 struct SpecService {
     name: String,
     port: u16,
-    routed: bool,
+    /// Routed, or the verdict service of edge authentication (`spec.gateway.edgeAuth`, when
+    /// a service has `edgeAuth`): the gateway connects to it.
+    gateway_reaches: bool,
     calls: Vec<String>,
     egress: Vec<(String, Vec<u16>)>,
 }
@@ -72,6 +74,14 @@ fn strings_of(v: &Value) -> Vec<String> {
 impl Spec {
     fn read(doc: &Value, default_namespace: &str) -> Spec {
         let spec = &doc["spec"];
+        let any_edge_auth = spec["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s.get("edgeAuth").is_some_and(|a| !a.is_null()));
+        let verdicts = spec["gateway"]["edgeAuth"]["service"]
+            .as_str()
+            .filter(|_| any_edge_auth);
         Spec {
             namespace: doc["metadata"]["namespace"]
                 .as_str()
@@ -87,7 +97,8 @@ impl Spec {
                 .map(|s| SpecService {
                     name: s["name"].as_str().unwrap().to_string(),
                     port: s["port"].as_u64().unwrap_or(8000) as u16,
-                    routed: s.get("route").is_some_and(|r| !r.is_null()),
+                    gateway_reaches: s.get("route").is_some_and(|r| !r.is_null())
+                        || verdicts == s["name"].as_str(),
                     calls: strings_of(&s["calls"]),
                     egress: s["egress"]
                         .as_array()
@@ -182,8 +193,8 @@ impl Spec {
             add(s.clone(), gw.clone(), tcp(8080));
             add(s, gw.clone(), tcp(8443));
         }
-        // Gateway -> routed services.
-        for s in self.services.iter().filter(|s| s.routed) {
+        // Gateway -> routed services and the verdict service of edge authentication.
+        for s in self.services.iter().filter(|s| s.gateway_reaches) {
             add(gw.clone(), self.service_pod(&s.name), tcp(s.port));
         }
         // Service -> service.
@@ -777,6 +788,20 @@ fn generated_shapes_allow_exactly_what_their_spec_declares() {
                 ]),
             ),
         ),
+        ("edge-auth-without-a-route", {
+            // The verdict service has no route: the gateway reaches it all the same, and
+            // nothing else changes.
+            let mut d = stack(
+                "edgeauth",
+                json!([
+                    with(with(svc("web"), "route", json!("/")), "edgeAuth", json!({})),
+                    with(svc("verdicts"), "port", json!(9000)),
+                    svc("other"),
+                ]),
+            );
+            d["spec"]["gateway"]["edgeAuth"] = json!({"service": "verdicts", "path": "/verify"});
+            d
+        }),
         ("source-ranges", {
             let mut d = stack("ranges", json!([with(svc("a"), "route", json!("/"))]));
             d["spec"]["gateway"]["allowedSourceRanges"] =

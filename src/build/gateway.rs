@@ -148,6 +148,9 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
         read_only: Some(read_only),
         ..VolumeMount::default()
     };
+    // Cached verdicts of edge authentication are keyed on the clients' Authorization values:
+    // a volume in memory of their own, so that those never reach the node's disk.
+    let verdict_cache = stack.verdicts().is_some_and(|a| a.cache_seconds > 0);
     let mut security = container_security_context();
     security.run_as_user = Some(NGINX_UID);
     security.run_as_group = Some(NGINX_UID);
@@ -169,11 +172,17 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
         readiness_probe: Some(probe(2)),
         liveness_probe: Some(probe(6)),
         security_context: Some(security),
-        volume_mounts: Some(vec![
-            mount("config", nginx::CONFIG_DIR, true),
-            mount("tls", nginx::TLS_DIR, true),
-            mount("tmp", "/tmp", false),
-        ]),
+        volume_mounts: Some({
+            let mut mounts = vec![
+                mount("config", nginx::CONFIG_DIR, true),
+                mount("tls", nginx::TLS_DIR, true),
+                mount("tmp", "/tmp", false),
+            ];
+            if verdict_cache {
+                mounts.push(mount("verdicts", nginx::VERDICT_CACHE_DIR, false));
+            }
+            mounts
+        }),
         ..Container::default()
     };
     let annotations = BTreeMap::from([(
@@ -212,32 +221,46 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
                     security_context: Some(pod_security_context()),
                     containers: vec![container],
                     termination_grace_period_seconds: Some(30),
-                    volumes: Some(vec![
-                        Volume {
-                            name: "config".into(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: names::gateway_config(&stack.name),
-                                ..ConfigMapVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                        Volume {
-                            name: "tls".into(),
-                            secret: Some(SecretVolumeSource {
-                                secret_name: Some(tls_secret_name(stack)),
-                                ..SecretVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                        Volume {
-                            name: "tmp".into(),
-                            empty_dir: Some(EmptyDirVolumeSource {
-                                size_limit: Some(Quantity("256Mi".into())),
-                                ..EmptyDirVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                    ]),
+                    volumes: Some({
+                        let mut volumes = vec![
+                            Volume {
+                                name: "config".into(),
+                                config_map: Some(ConfigMapVolumeSource {
+                                    name: names::gateway_config(&stack.name),
+                                    ..ConfigMapVolumeSource::default()
+                                }),
+                                ..Volume::default()
+                            },
+                            Volume {
+                                name: "tls".into(),
+                                secret: Some(SecretVolumeSource {
+                                    secret_name: Some(tls_secret_name(stack)),
+                                    ..SecretVolumeSource::default()
+                                }),
+                                ..Volume::default()
+                            },
+                            Volume {
+                                name: "tmp".into(),
+                                empty_dir: Some(EmptyDirVolumeSource {
+                                    size_limit: Some(Quantity("256Mi".into())),
+                                    ..EmptyDirVolumeSource::default()
+                                }),
+                                ..Volume::default()
+                            },
+                        ];
+                        if verdict_cache {
+                            volumes.push(Volume {
+                                name: "verdicts".into(),
+                                empty_dir: Some(EmptyDirVolumeSource {
+                                    medium: Some("Memory".into()),
+                                    // nginx keeps the cache within 8 MiB (max_size).
+                                    size_limit: Some(Quantity("16Mi".into())),
+                                }),
+                                ..Volume::default()
+                            });
+                        }
+                        volumes
+                    }),
                     ..PodSpec::default()
                 }),
             },

@@ -3,7 +3,8 @@
 //! ingress), so the graph holds whichever side a CNI evaluates first.
 //!
 //! The allowed edges are exactly those of "The policy" in docs/api.md:
-//! clients (or `allowedSourceRanges`) -> gateway 8080/8443; gateway -> routed services;
+//! clients (or `allowedSourceRanges`) -> gateway 8080/8443; gateway -> routed services and the
+//! verdict service of edge authentication;
 //! service -> service per `calls` (or all, with `serviceToService: All`); `allowFrom`
 //! services -> backends; every stack pod -> cluster DNS; a service -> its own `egress` CIDRs.
 //! Ports are always numeric, never named.
@@ -183,7 +184,7 @@ fn gateway(stack: &Stack, operator_namespace: Option<&str>) -> NetworkPolicy {
     let egress = stack
         .services
         .iter()
-        .filter(|s| s.route.is_some())
+        .filter(|s| stack.gateway_reaches(s))
         .map(|s| NetworkPolicyEgressRule {
             to: Some(vec![pods(stack, Component::Service(&s.name))]),
             ports: Some(tcp(&[s.port])),
@@ -208,7 +209,7 @@ fn callees<'a>(stack: &'a Stack, svc: &'a Service) -> Vec<&'a Service> {
 
 fn service(stack: &Stack, svc: &Service, cluster_cidrs: &[ipnet::IpNet]) -> NetworkPolicy {
     let mut from = Vec::new();
-    if svc.route.is_some() {
+    if stack.gateway_reaches(svc) {
         from.push(pods(stack, Component::Gateway));
     }
     for caller in &stack.services {

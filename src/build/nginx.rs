@@ -82,7 +82,9 @@ pub fn render(stack: &Stack, options: &BuildOptions) -> String {
     client_address(w, stack);
     tls_settings(w);
     upstreams(w, stack, options);
-    if stack.gateway.rate_limit.is_some() {
+    route_limit_zones(w, stack);
+    verdict_cache(w, stack);
+    if stack.gateway.rate_limit.is_some() || any_route_rate(stack) {
         let _ = writeln!(
             w,
             "
@@ -349,7 +351,8 @@ fn upstream_id(svc: &Service) -> String {
 }
 
 fn upstreams(w: &mut String, stack: &Stack, options: &BuildOptions) {
-    let routed = stack.services.iter().filter(|s| s.route.is_some());
+    // Routed services, and the verdict service of edge authentication.
+    let routed = stack.services.iter().filter(|s| stack.gateway_reaches(s));
     match options.dns_resolver {
         Some(resolver) => {
             let _ = writeln!(
@@ -476,8 +479,15 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
         limit_req zone=opsconductor_per_client burst={} nodelay;",
             rl.burst
         );
+    } else if any_route_rate(stack) {
+        let _ = writeln!(
+            w,
+            "        add_header Retry-After $opsconductor_retry_after always;"
+        );
     }
-    // Inherited by every location, none of which sets proxy_set_header itself.
+    verdict_variables(w, stack);
+    // Inherited by every location, none of which sets proxy_set_header itself (but the
+    // internal ones that ask for verdicts, which set their own).
     let _ = writeln!(
         w,
         r#"
@@ -499,12 +509,7 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
         proxy_connect_timeout {connect}s;
         proxy_send_timeout {send}s;
         proxy_read_timeout {read}s;"#,
-        strip = g
-            .strip_request_headers
-            .iter()
-            .map(|h| format!("        proxy_set_header {h} \"\";"))
-            .collect::<Vec<_>>()
-            .join("\n"),
+        strip = request_header_hygiene(stack),
         connect = g.timeouts.connect.as_secs(),
         send = g.timeouts.send.as_secs(),
         read = g.timeouts.read.as_secs(),
@@ -517,32 +522,38 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
         .collect();
     routed.sort_by(|a, b| a.0.cmp(b.0));
     for (route, svc) in &routed {
-        match options.dns_resolver {
-            // A variable makes nginx resolve the name per request (through the cache above).
-            // Without a URI part, the request URI goes upstream exactly as the client sent it.
-            Some(_) => {
-                let _ = writeln!(
-                    w,
-                    "
-        location {route} {{
+        // The route, then its public paths (edge authentication): the same service, the same
+        // limits, no verdict asked for.
+        for (location, policy) in route_locations(stack, route, svc) {
+            match options.dns_resolver {
+                // A variable makes nginx resolve the name per request (through the cache
+                // above). Without a URI part, the request URI goes upstream exactly as the
+                // client sent it.
+                Some(_) => {
+                    let _ = writeln!(
+                        w,
+                        "
+        location {location} {{{policy}
             set $opsconductor_upstream {host};
             proxy_pass http://$opsconductor_upstream;
         }}",
-                    host = upstream_host(stack, svc, options),
-                );
-            }
-            None => {
-                let _ = writeln!(
-                    w,
-                    "
-        location {route} {{
+                        host = upstream_host(stack, svc, options),
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        w,
+                        "
+        location {location} {{{policy}
             proxy_pass http://{id};
         }}",
-                    id = upstream_id(svc),
-                );
+                        id = upstream_id(svc),
+                    );
+                }
             }
         }
     }
+    verdict_locations(w, stack, options);
     if !routed.iter().any(|(r, _)| r.as_str() == "/") {
         let _ = writeln!(
             w,
@@ -555,6 +566,269 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
     let _ = writeln!(w, "    }}");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Edge policy per route (issue 18): edge authentication and per-route limits. Everything here is
+// location- or server-level, or a zone or cache at http level; the upstreams are the ones above.
+
+/// Prefix of the internal locations that ask the verdict service, one per route with edge
+/// authentication. `:` is never in a route or public path (validation), so no route or public
+/// path location can be the same; `internal` keeps clients out of them anyway (404).
+pub const VERDICT_LOCATION: &str = "/_opsconductor:verdict/";
+
+/// Where verdicts are cached (`spec.gateway.edgeAuth.cacheSeconds`): a memory-backed volume
+/// of its own in the pod, so that the cache keys, which hold the clients' `Authorization`
+/// values, never reach a disk.
+pub const VERDICT_CACHE_DIR: &str = "/tmp/verdicts";
+
+/// The nginx name part for a service: DNS-1035 labels have no `_`, so this is one to one.
+fn zone_id(svc: &Service) -> String {
+    svc.name.as_str().replace('-', "_")
+}
+
+/// The variable holding a verdict header (lowercase, `-` as `_`).
+fn verdict_var(header: &str) -> String {
+    format!("$opsconductor_verdict_{}", header.replace('-', "_"))
+}
+
+fn any_route_rate(stack: &Stack) -> bool {
+    stack
+        .services
+        .iter()
+        .any(|s| s.route_limits.is_some_and(|l| l.rate.is_some()))
+}
+
+/// One shared-memory zone per limit a route sets, keyed on the client address (as
+/// `client_address` finds it). 1 MiB holds about 16,000 addresses; the least recently used go
+/// first when it is full.
+fn route_limit_zones(w: &mut String, stack: &Stack) {
+    let limited: Vec<_> = stack
+        .services
+        .iter()
+        .filter_map(|s| s.route_limits.map(|l| (s, l)))
+        .collect();
+    if limited.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "\n    # Per-route limits (spec.services[].routeLimits), per client address and pod."
+    );
+    if stack.gateway.rate_limit.is_none() && any_route_rate(stack) {
+        let _ = writeln!(
+            w,
+            "    limit_req_status 429;\n    limit_req_log_level warn;"
+        );
+    }
+    for (svc, l) in limited {
+        let id = zone_id(svc);
+        if let Some(rate) = l.rate {
+            let _ = writeln!(
+                w,
+                "    limit_req_zone $binary_remote_addr zone=opsconductor_route_{id}:1m rate={rate};"
+            );
+        }
+        if l.concurrent_requests_per_client.is_some() {
+            let _ = writeln!(
+                w,
+                "    limit_conn_zone $binary_remote_addr zone=opsconductor_route_conn_{id}:1m;"
+            );
+        }
+    }
+}
+
+/// The verdict cache, when edge authentication asks for one.
+fn verdict_cache(w: &mut String, stack: &Stack) {
+    let Some(a) = stack.verdicts().filter(|a| a.cache_seconds > 0) else {
+        return;
+    };
+    let _ = writeln!(
+        w,
+        r#"
+    # Verdicts of edge authentication, kept {n} s per route and Authorization value, in memory
+    # only. A request without Authorization always asks.
+    proxy_cache_path {VERDICT_CACHE_DIR} levels=1:2 keys_zone=opsconductor_verdicts:1m max_size=8m inactive={n}s use_temp_path=off;
+    map $http_authorization $opsconductor_no_authorization {{
+        ""      1;
+        default 0;
+    }}"#,
+        n = a.cache_seconds
+    );
+}
+
+/// Server level: the verdict's headers start empty on every request, and only a verdict fills
+/// them (`auth_request_set`); an empty header is never sent.
+fn verdict_variables(w: &mut String, stack: &Stack) {
+    let Some(a) = stack.verdicts().filter(|a| !a.pass_headers.is_empty()) else {
+        return;
+    };
+    let _ = writeln!(
+        w,
+        "\n        # Headers of a verdict (edge authentication): filled on routes that ask for one."
+    );
+    for h in &a.pass_headers {
+        let _ = writeln!(w, "        set {} \"\";", verdict_var(h));
+    }
+}
+
+/// `proxy_set_header` lines that remove the headers the inside trusts from every request, and
+/// set the verdict's headers from the verdict alone (a client's own are never passed on).
+fn request_header_hygiene(stack: &Stack) -> String {
+    let g = &stack.gateway;
+    let pass: &[String] = g.edge_auth.as_ref().map_or(&[], |a| &a.pass_headers);
+    let mut lines: Vec<String> = g
+        .strip_request_headers
+        .iter()
+        .filter(|h| !pass.contains(h))
+        .map(|h| format!("        proxy_set_header {h} \"\";"))
+        .collect();
+    for h in pass {
+        let value = if stack.verdicts().is_some() {
+            verdict_var(h)
+        } else {
+            "\"\"".to_string()
+        };
+        lines.push(format!("        proxy_set_header {h} {value};"));
+    }
+    lines.join("\n")
+}
+
+/// The locations of one route: the route itself, then each public path (exact, or a prefix
+/// when it ends in `/`), each with the directives that go before its `proxy_pass`.
+fn route_locations(stack: &Stack, route: &str, svc: &Service) -> Vec<(String, String)> {
+    let limits = route_limit_lines(stack, svc);
+    let Some(auth) = &svc.edge_auth else {
+        return vec![(route.to_string(), limits)];
+    };
+    let mut verdict = format!("\n            auth_request {VERDICT_LOCATION}{};", svc.name);
+    for h in stack.verdicts().map_or(&[][..], |a| &a.pass_headers[..]) {
+        let _ = write!(
+            verdict,
+            "\n            auth_request_set {} $upstream_http_{};",
+            verdict_var(h),
+            h.replace('-', "_")
+        );
+    }
+    let mut out = vec![(route.to_string(), format!("{limits}{verdict}"))];
+    for p in &auth.public_paths {
+        let location = if p.ends_with('/') {
+            p.clone()
+        } else {
+            format!("= {p}")
+        };
+        out.push((location, limits.clone()));
+    }
+    out
+}
+
+/// A route's own limits. nginx drops inherited `limit_req` / `limit_conn` where a location
+/// has its own, so the gateway's are repeated beside them: a route's limits only add.
+fn route_limit_lines(stack: &Stack, svc: &Service) -> String {
+    let Some(l) = svc.route_limits else {
+        return String::new();
+    };
+    let id = zone_id(svc);
+    let mut out = String::new();
+    if l.rate.is_some() {
+        if let Some(rl) = stack.gateway.rate_limit {
+            let _ = write!(
+                out,
+                "\n            limit_req zone=opsconductor_per_client burst={} nodelay;",
+                rl.burst
+            );
+        }
+        let _ = write!(
+            out,
+            "\n            limit_req zone=opsconductor_route_{id} burst={} nodelay;",
+            l.burst
+        );
+    }
+    if let Some(n) = l.concurrent_requests_per_client {
+        let _ = write!(
+            out,
+            "\n            limit_conn opsconductor_conn_per_client {MAX_REQUESTS_PER_CLIENT};\
+             \n            limit_conn opsconductor_route_conn_{id} {n};"
+        );
+    }
+    out
+}
+
+/// One internal location per route with edge authentication: a GET without body to the
+/// verdict service's path, with the client's headers (but the ones the inside trusts), the
+/// original method and URI; 2xx passes, 401 and 403 go back to the client, anything else is a
+/// 500. It sets its own `proxy_set_header` list, so nothing of the server's is inherited.
+fn verdict_locations(w: &mut String, stack: &Stack, options: &BuildOptions) {
+    let Some(a) = stack.verdicts() else {
+        return;
+    };
+    let Some(verifier) = stack.service(&a.service) else {
+        return;
+    };
+    let target = match options.dns_resolver {
+        // Its own variable: a subrequest shares the variables of its request, whose
+        // $opsconductor_upstream names the route's service.
+        Some(_) => format!(
+            "set $opsconductor_verdict_upstream {};\n            \
+             proxy_pass http://$opsconductor_verdict_upstream{};",
+            upstream_host(stack, verifier, options),
+            a.path
+        ),
+        None => format!("proxy_pass http://{}{};", upstream_id(verifier), a.path),
+    };
+    let mut strip: Vec<&String> = stack.gateway.strip_request_headers.iter().collect();
+    for h in &a.pass_headers {
+        if !strip.contains(&h) {
+            strip.push(h);
+        }
+    }
+    let strip: String = strip
+        .iter()
+        .map(|h| format!("\n            proxy_set_header {h} \"\";"))
+        .collect();
+    let cache = if a.cache_seconds > 0 {
+        format!(
+            "
+            proxy_cache opsconductor_verdicts;
+            proxy_cache_key \"{{svc}} $http_authorization\";
+            proxy_cache_valid 200 204 401 403 {n}s;
+            proxy_cache_bypass $opsconductor_no_authorization;
+            proxy_no_cache $opsconductor_no_authorization;
+            # At most {n} s, whatever the verdict service says about caching.
+            proxy_ignore_headers Cache-Control Expires X-Accel-Expires Set-Cookie Vary;",
+            n = a.cache_seconds
+        )
+    } else {
+        String::new()
+    };
+    for svc in stack.services.iter().filter(|s| s.edge_auth.is_some()) {
+        let _ = writeln!(
+            w,
+            r#"
+        # Verdicts for route {route} from service {verifier} (edge authentication).
+        location = {VERDICT_LOCATION}{name} {{
+            internal;
+            {target}
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header Upgrade "";
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_set_header Forwarded "";
+            proxy_set_header X-Request-ID $request_id;
+            proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Original-Method $request_method;{strip}{cache}
+        }}"#,
+            route = svc.route.as_deref().unwrap_or_default(),
+            verifier = verifier.name,
+            name = svc.name,
+            cache = cache.replace("{svc}", svc.name.as_str()),
+        );
+    }
+}
+
 /// The headers of every HTTPS response, errors included (`always`).
 fn security_headers(stack: &Stack) -> String {
     format!(
@@ -562,9 +836,24 @@ fn security_headers(stack: &Stack) -> String {
         add_header X-Content-Type-Options "nosniff" always;
         add_header X-Frame-Options "DENY" always;
         add_header Referrer-Policy "strict-origin-when-cross-origin" always;
-        add_header X-Request-ID $request_id always;"#,
-        hsts = hsts_value(stack)
+        add_header X-Request-ID $request_id always;{csp}"#,
+        hsts = hsts_value(stack),
+        csp = csp_header(stack),
     )
+}
+
+/// The Content-Security-Policy line, if the stack has one. The value is checked: printable
+/// ASCII without '"', '\', '$' or braces (`validate::check_csp`), so it stays one string.
+fn csp_header(stack: &Stack) -> String {
+    let Some(c) = &stack.gateway.content_security_policy else {
+        return String::new();
+    };
+    let name = if c.report_only {
+        "Content-Security-Policy-Report-Only"
+    } else {
+        "Content-Security-Policy"
+    };
+    format!("\n        add_header {name} \"{}\" always;", c.policy)
 }
 
 fn hsts_value(stack: &Stack) -> String {
@@ -859,6 +1148,175 @@ spec:
         let health = &conf[start..start + conf[start..].find("\n    }").unwrap()];
         assert!(health.contains("location = /healthz {"), "{health}");
         assert!(!health.contains("proxy_pass"), "{health}");
+    }
+
+    const EDGE: &str = r#"
+apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata: {name: t, namespace: ns}
+spec:
+  gateway:
+    hosts: [a.example.com]
+    rateLimit: {requestsPerSecond: 5, burst: 7}
+    stripRequestHeaders: [X-User-Id, X-Tenant]
+    edgeAuth: {service: verdicts, path: /verify, passHeaders: [X-User-Id, X-Roles], cacheSeconds: 9}
+    contentSecurityPolicy: {policy: "default-src 'self'; frame-ancestors 'none'"}
+  tls: {secretName: own}
+  services:
+    - {name: verdicts, image: x, port: 7000}
+    - name: api
+      image: x
+      route: /api/
+      edgeAuth: {publicPaths: [/api/login, /api/public/]}
+      routeLimits: {requestsPerMinute: 30, burst: 2, concurrentRequestsPerClient: 3}
+    - {name: web, image: x, route: /}
+"#;
+
+    #[test]
+    fn edge_auth_asks_an_internal_location_and_public_paths_do_not() {
+        for options in [BuildOptions::default(), with_resolver()] {
+            let conf = render(&stack(EDGE), &options);
+            let locs = locations(&conf);
+            let body = |head: &str| {
+                locs.iter()
+                    .find(|(h, _)| h == head)
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "no {head} in
+{conf}"
+                        )
+                    })
+                    .1
+                    .clone()
+            };
+            let api = body("location /api/ {");
+            assert!(
+                api.contains(
+                    "auth_request /_opsconductor:verdict/api;
+"
+                ),
+                "{api}"
+            );
+            assert!(api.contains(
+                "auth_request_set $opsconductor_verdict_x_user_id $upstream_http_x_user_id;"
+            ));
+            for public in ["location = /api/login {", "location /api/public/ {"] {
+                let b = body(public);
+                assert!(!b.contains("auth_request"), "{public}: {b}");
+                // The route's limits hold on its public paths too.
+                assert!(b.contains("limit_req zone=opsconductor_route_api burst=2 nodelay;"));
+            }
+            assert!(!body("location / {").contains("auth_request"));
+            let verdict = body("location = /_opsconductor:verdict/api {");
+            assert!(
+                verdict.starts_with(
+                    "internal;
+"
+                ),
+                "{verdict}"
+            );
+            assert!(verdict.contains("proxy_pass_request_body off;"));
+            assert!(verdict.contains("proxy_set_header X-Original-URI $request_uri;"));
+            assert!(verdict.contains("proxy_set_header x-user-id \"\";"));
+            assert!(verdict.contains("proxy_set_header x-tenant \"\";"));
+            assert!(verdict.contains("proxy_cache_key \"api $http_authorization\";"));
+            assert!(verdict.contains("proxy_cache_valid 200 204 401 403 9s;"));
+            match options.dns_resolver {
+                Some(_) => assert!(
+                    verdict.contains("proxy_pass http://$opsconductor_verdict_upstream/verify;")
+                ),
+                None => {
+                    assert!(verdict.contains("proxy_pass http://svc_verdicts/verify;"));
+                    assert!(conf.contains("upstream svc_verdicts {"), "{conf}");
+                }
+            }
+            // The client's X-User-Id is replaced on every route by the verdict's (empty unless
+            // a verdict set it); never both a removal and the verdict for one name.
+            assert!(conf.contains("set $opsconductor_verdict_x_user_id \"\";"));
+            assert!(conf.contains("proxy_set_header x-user-id $opsconductor_verdict_x_user_id;"));
+            let server_headers = &conf[conf.find("proxy_http_version").unwrap()..];
+            let server_headers = &server_headers[..server_headers.find("location").unwrap()];
+            assert!(
+                !server_headers.contains("x-user-id \"\""),
+                "{server_headers}"
+            );
+            assert_eq!(
+                conf.matches("proxy_set_header x-user-id $opsconductor_verdict_x_user_id;")
+                    .count(),
+                1
+            );
+            assert!(conf.contains(
+                "proxy_cache_path /tmp/verdicts levels=1:2 keys_zone=opsconductor_verdicts:1m \
+                 max_size=8m inactive=9s use_temp_path=off;"
+            ));
+            assert_eq!(conf.matches('{').count(), conf.matches('}').count());
+        }
+        // Without a cache, no cache path (and no memory volume in the pod).
+        let conf = render(
+            &stack(&EDGE.replace(", cacheSeconds: 9", "")),
+            &BuildOptions::default(),
+        );
+        assert!(!conf.contains("proxy_cache"), "{conf}");
+        // Without any route using it, no verdict location, no upstream for the verdict service.
+        let conf = render(
+            &stack(&EDGE.replace(
+                "      edgeAuth: {publicPaths: [/api/login, /api/public/]}
+",
+                "",
+            )),
+            &BuildOptions::default(),
+        );
+        assert!(!conf.contains("verdict"), "{conf}");
+        assert!(
+            conf.contains("proxy_set_header x-user-id \"\";"),
+            "still removed: {conf}"
+        );
+    }
+
+    #[test]
+    fn route_limits_add_to_the_gateway_s_and_csp_is_a_security_header() {
+        let conf = render(&stack(EDGE), &BuildOptions::default());
+        assert!(conf.contains(
+            "limit_req_zone $binary_remote_addr zone=opsconductor_route_api:1m rate=30r/m;"
+        ));
+        assert!(
+            conf.contains(
+                "limit_conn_zone $binary_remote_addr zone=opsconductor_route_conn_api:1m;"
+            )
+        );
+        let api = locations(&conf)
+            .into_iter()
+            .find(|(h, _)| h == "location /api/ {")
+            .unwrap()
+            .1;
+        for line in [
+            "limit_req zone=opsconductor_per_client burst=7 nodelay;",
+            "limit_req zone=opsconductor_route_api burst=2 nodelay;",
+            "limit_conn opsconductor_conn_per_client 256;",
+            "limit_conn opsconductor_route_conn_api 3;",
+        ] {
+            assert!(api.contains(line), "{line} in {api}");
+        }
+        assert_eq!(
+            conf.matches(
+                "add_header Content-Security-Policy \"default-src 'self'; frame-ancestors 'none'\" always;"
+            )
+            .count(),
+            2,
+            "both HTTPS servers: {conf}"
+        );
+        // Route limits alone, without the gateway's: the 429 status and Retry-After all the same.
+        let conf = render(
+            &stack(&EDGE.replace(
+                "    rateLimit: {requestsPerSecond: 5, burst: 7}
+",
+                "",
+            )),
+            &BuildOptions::default(),
+        );
+        assert!(conf.contains("limit_req_status 429;"));
+        assert!(conf.contains("add_header Retry-After $opsconductor_retry_after always;"));
+        assert!(!conf.contains("opsconductor_per_client burst"), "{conf}");
     }
 
     #[test]

@@ -246,6 +246,8 @@ pub struct Backend {
     /// waiting.
     held: Arc<AtomicUsize>,
     release: Arc<AtomicBool>,
+    /// Every request received, as described in its response (held ones when answered).
+    seen: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Backend {
@@ -257,9 +259,10 @@ impl Backend {
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(AtomicBool::new(false));
+        let seen: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
         {
             let (connections, stop, name) = (connections.clone(), stop.clone(), name.to_string());
-            let (held, release) = (held.clone(), release.clone());
+            let (held, release, seen) = (held.clone(), release.clone(), seen.clone());
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
@@ -267,7 +270,8 @@ impl Backend {
                             let n = connections.fetch_add(1, Ordering::Relaxed) + 1;
                             let name = name.clone();
                             let hold = (held.clone(), release.clone());
-                            thread::spawn(move || serve(stream, &name, n, &hold));
+                            let seen = seen.clone();
+                            thread::spawn(move || serve(stream, &name, n, &hold, &seen));
                         }
                         Err(_) => thread::sleep(Duration::from_millis(10)),
                     }
@@ -281,7 +285,20 @@ impl Backend {
             stop,
             held,
             release,
+            seen,
         }
+    }
+
+    /// The requests received so far whose path starts with `prefix`, as described in their
+    /// responses (method, path, headers, body length).
+    pub fn requests(&self, prefix: &str) -> Vec<serde_json::Value> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with(prefix)))
+            .cloned()
+            .collect()
     }
 
     /// TCP connections accepted so far.
@@ -312,6 +329,7 @@ fn serve(
     name: &str,
     connection: usize,
     (held, release): &(Arc<AtomicUsize>, Arc<AtomicBool>),
+    seen: &Mutex<Vec<serde_json::Value>>,
 ) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -388,15 +406,40 @@ fn serve(
             }
             held.fetch_sub(1, Ordering::Relaxed);
         }
-        let description = serde_json::json!({
+        let described = serde_json::json!({
             "backend": name,
             "connection": connection,
             "method": method,
             "path": path,
             "headers": headers,
             "body_len": body_len,
-        })
-        .to_string();
+        });
+        seen.lock().unwrap().push(described.clone());
+        let description = described.to_string();
+        // A stand-in verdict service (edge authentication): `Bearer user-<id>` passes with
+        // X-User-Id and X-User-Roles, `Bearer forbidden` gets 403, anything else 401. It asks
+        // not to be cached, which the gateway overrides with its own time (docs/gateway.md).
+        if path.starts_with("/verdict") {
+            let token = headers
+                .get("authorization")
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            let head = match token.strip_prefix("user-") {
+                Some(id) => format!(
+                    "200 OK\r\nX-User-Id: {id}\r\nX-User-Roles: reader\r\nX-Other: not-passed"
+                ),
+                None if token == "forbidden" => "403 Forbidden".to_string(),
+                None => "401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"test\"".to_string(),
+            };
+            let _ = write!(
+                out,
+                "HTTP/1.1 {head}\r\nCache-Control: no-store\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{description}",
+                description.len()
+            );
+            let _ = out.flush();
+            continue;
+        }
         let close = headers
             .get("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
