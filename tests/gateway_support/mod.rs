@@ -1,14 +1,15 @@
 //! Real nginx for the gateway tests: the configuration exactly as the operator renders it into
 //! the gateway ConfigMap, a certificate made by `openssl`, small HTTP backends on loopback
-//! standing in for the services, and one of two ways to map in-cluster names to loopback
-//! without touching the machine's `/etc/hosts`:
+//! standing in for the services, and one of two ways to point the gateway at them:
 //!
-//! - [`Dns`]: a tiny DNS server on a loopback port, given to the operator's builder as the
-//!   cluster DNS address ([`BuildOptions::dns_resolver`]), exactly as the operator passes the
-//!   kube-dns ClusterIP. nginx then resolves names per request through it.
-//! - [`Resolution::Hosts`]: for the startup-resolution mode (no resolver), nginx runs in a
-//!   private mount namespace (`unshare -m`, root only) with a generated hosts file bind-mounted
-//!   over `/etc/hosts`.
+//! - [`Resolution::Loopback`] / [`Resolution::ClusterIps`]: the operator's mode
+//!   ([`Upstreams::ClusterIps`]): each routed Service's ClusterIP written into the
+//!   configuration, here 127.0.0.1 (the backends listen there, each on its service's port).
+//! - [`Resolution::Hosts`]: the offline `render` mode (names resolved when nginx starts): nginx
+//!   runs in a private mount namespace (`unshare -m`, root only) with a generated hosts file
+//!   bind-mounted over `/etc/hosts`, so the machine's own is not touched.
+//!
+//! [`Dns`] is a tiny DNS server for tests that need one (the ACME tests' CA resolves with it).
 //!
 //! The only changes made to the rendered text: the mount-path prefixes and `/tmp` point into a
 //! temp dir, and the listen ports 8080/8443 become free loopback ports (the machine may be
@@ -20,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use opsconductor_operator::build::{BuildOptions, nginx};
+use opsconductor_operator::build::{BuildOptions, Upstreams, nginx};
 use opsconductor_operator::render::bundle_for;
 
 /// Whether the real-nginx tests can run here. Under `CI=true` a missing tool fails the test
@@ -418,11 +419,26 @@ fn serve(
 // The gateway
 
 /// How the gateway finds the services' addresses.
-pub enum Resolution<'a> {
-    /// The operator's per-request mode: `resolver` pointing at this DNS server.
-    Dns(&'a Dns),
-    /// The startup mode (no resolver): names mapped through a private `/etc/hosts`.
+pub enum Resolution {
+    /// The operator's mode with every service of the stack at 127.0.0.1.
+    Loopback,
+    /// The operator's mode with these ClusterIPs (a routed service missing here answers 503).
+    ClusterIps(BTreeMap<String, IpAddr>),
+    /// The offline `render` mode: names mapped through a private `/etc/hosts`.
     Hosts(Vec<(String, Ipv4Addr)>),
+}
+
+/// The operator's mode for `stack_yaml`, with every service at 127.0.0.1.
+pub fn loopback_upstreams(stack_yaml: &str) -> Upstreams {
+    let stack = opsconductor_operator::render::parse_stack("test-stack.yaml", stack_yaml).unwrap();
+    let model = opsconductor_operator::validate::validate(&stack, "default").unwrap();
+    Upstreams::ClusterIps(
+        model
+            .services
+            .iter()
+            .map(|s| (s.name.to_string(), IpAddr::V4(Ipv4Addr::LOCALHOST)))
+            .collect(),
+    )
 }
 
 /// The rendered `nginx.conf` of `stack_yaml`, read from the gateway ConfigMap of the bundle
@@ -611,8 +627,10 @@ impl Layout {
 
 /// The rendered configuration for a local run rooted at `dir` (`config/`, `tls/`, `tmp/`):
 /// the mount-path prefixes and `/tmp` point into `dir`, and the listen ports become
-/// `http_port`/`https_port` on loopback (`[::1]` only where the machine has IPv6). Nothing
-/// else changes.
+/// `http_port`/`https_port` on loopback (`[::1]` only where the machine has IPv6), and a
+/// Service's ClusterIP in an `upstream` becomes 127.0.0.1 with the same port (a configuration
+/// written by the operator against the test control plane names its service range, where no
+/// test traffic may ever go; the backends listen on loopback). Nothing else changes.
 pub fn local_config(rendered: &str, dir: &Path, http_port: u16, https_port: u16) -> String {
     local_config_with_health(rendered, dir, http_port, https_port, None)
 }
@@ -652,6 +670,12 @@ pub fn local_config_with_health(
                 (true, true) => format!("listen [::1]:{new_port}{sep}{options}"),
                 (false, _) => format!("listen 127.0.0.1:{new_port}{sep}{options}"),
             }
+        } else if let Some((addr, rest)) = t
+            .strip_prefix("server ")
+            .and_then(|r| r.split_once(' '))
+            .and_then(|(a, rest)| Some((a.parse::<SocketAddr>().ok()?, rest)))
+        {
+            format!("server 127.0.0.1:{} {rest}", addr.port())
         } else {
             t.to_string()
         };
@@ -675,22 +699,26 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Renders `stack_yaml` with `options` (plus the DNS server, in DNS mode), installs the
+    /// Renders `stack_yaml` with `options` (and the upstreams of `resolution`), installs the
     /// configuration and a certificate for `hosts`, starts nginx and waits until it listens.
     pub fn start(
         stack_yaml: &str,
         options: BuildOptions,
-        resolution: Resolution<'_>,
+        resolution: Resolution,
         hosts: &[&str],
     ) -> Gateway {
         let mut options = options;
         let host_entries = match resolution {
-            Resolution::Dns(dns) => {
-                options.dns_resolver = Some(dns.addr);
+            Resolution::Loopback => {
+                options.upstreams = loopback_upstreams(stack_yaml);
+                None
+            }
+            Resolution::ClusterIps(ips) => {
+                options.upstreams = Upstreams::ClusterIps(ips);
                 None
             }
             Resolution::Hosts(entries) => {
-                options.dns_resolver = None;
+                options.upstreams = Upstreams::Names;
                 Some(entries)
             }
         };
@@ -761,6 +789,21 @@ impl Gateway {
 
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.layout.path("error.log")).unwrap_or_default()
+    }
+
+    /// The master's pid (the child: under `unshare`, sh `exec`s nginx).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `nginx -s reload`, as the pod's reload loop runs it: SIGHUP to the master, which
+    /// loads the installed configuration and starts new workers, while the old ones finish.
+    pub fn reload(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot signal nginx");
     }
 
     pub fn access_log(&self) -> String {
