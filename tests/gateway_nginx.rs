@@ -1461,3 +1461,127 @@ spec:
     );
     std::fs::write(dir.join("config/nginx.conf"), text).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Changes without a failed request (issue 15, item 2)
+
+/// A stack with `web` at `/` and `api`, routed at `/api/` or internal only.
+fn reload_stack(web: u16, api: u16, api_routed: bool) -> String {
+    let route = if api_routed { ", route: /api/" } else { "" };
+    format!(
+        "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
+         metadata: {{name: edge, namespace: shop}}\nspec:\n  gateway: {{hosts: [{HOST}]}}\n\
+         \x20 tls: {{secretName: own}}\n  services:\n\
+         \x20   - {{name: web, image: example/web:1, port: {web}, route: /}}\n\
+         \x20   - {{name: api, image: example/api:1, port: {api}{route}}}\n"
+    )
+}
+
+/// Polls `path` until the backend named `backend` answers it (a hang guard, not a timing
+/// assertion: how long the reload loop takes is not asserted).
+fn wait_for_backend(pod: &gateway_support::PodGateway, path: &str, backend: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = pod.curl_https(HOST, path);
+        if r.status == 200 && r.json()["backend"] == backend {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{path} never reached {backend}: {r:?}\n{}",
+            pod.error_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The gateway container's own command (its reload loop) with real nginx, the configuration
+/// directory laid out as the kubelet lays out a ConfigMap volume. Under a steady load of
+/// kept-alive and new connections, a route is added, a configuration that fails `nginx -t` is
+/// published (never loaded: nginx keeps serving, the loop says why), and the route is removed:
+/// no request fails (as defined in [`gateway_support::Load`]).
+#[test]
+fn a_route_added_and_removed_through_the_pods_reload_loop_fails_no_request() {
+    if !tools_present(false) {
+        return;
+    }
+    let web = Backend::start("web");
+    let api = Backend::start("api");
+    let render = |routed: bool| {
+        let yaml = reload_stack(web.port, api.port, routed);
+        let options = BuildOptions {
+            upstreams: gateway_support::loopback_upstreams(&yaml),
+            ..BuildOptions::default()
+        };
+        let bundle =
+            opsconductor_operator::render::bundle_for("reload.yaml", &yaml, "shop", &options)
+                .unwrap();
+        let deployment = serde_json::to_value(&bundle.deployments[0]).unwrap();
+        let script = deployment["spec"]["template"]["spec"]["containers"][0]["command"][2]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (rendered_config(&yaml, &options), script)
+    };
+    let (without_api, script) = render(false);
+    let (with_api, script_after) = render(true);
+    assert_eq!(script, script_after, "the container's command is the same");
+    let pod = gateway_support::PodGateway::start(&script, &without_api, &[HOST]);
+    assert_eq!(pod.curl_https(HOST, "/api/x").json()["backend"], "web");
+    assert!(pod.config_status().starts_with("loaded "));
+
+    let load = gateway_support::Load::start(HOST, pod.layout.https_port);
+    load.wait_for(200);
+
+    // The route is added: the kubelet swaps the ConfigMap volume, the loop reloads nginx.
+    pod.publish("..v1", &with_api);
+    wait_for_backend(&pod, "/api/x", "api");
+    load.wait_for(load.ok() + 200);
+
+    // A configuration nginx refuses is never loaded: the route stays, the loop says why.
+    pod.publish("..v2", &format!("{with_api}\nnot_a_directive on;\n"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !pod.config_status().starts_with("rejected ") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loop never reported the broken configuration: {:?}\n{}",
+            pod.config_status(),
+            pod.error_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        pod.error_log().contains(
+            "the configuration test failed, not loaded (nginx keeps serving the previous files)"
+        ),
+        "{}",
+        pod.error_log()
+    );
+    assert!(pod.error_log().contains("not_a_directive"));
+    assert_eq!(pod.curl_https(HOST, "/api/x").json()["backend"], "api");
+    load.wait_for(load.ok() + 200);
+
+    // The route is removed again.
+    pod.publish("..v3", &without_api);
+    wait_for_backend(&pod, "/api/x", "web");
+    assert!(pod.config_status().starts_with("loaded "));
+    load.wait_for(load.ok() + 200);
+
+    let report = load.stop();
+    let reloads = pod.error_log().matches("(SIGHUP) received").count();
+    eprintln!(
+        "MEASURED: route added, refused configuration, route removed under load: {} requests, \
+         {} failed, {} got no response on a reused or refused connection and succeeded on the \
+         one retry HTTP allows; {reloads} reloads",
+        report.ok,
+        report.failures.len(),
+        report.retried
+    );
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:#?}\n{}",
+        report.failures,
+        pod.error_log()
+    );
+    assert_eq!(reloads, 2, "two reloads, none for the refused file");
+}

@@ -136,9 +136,7 @@ pub fn build(stack: &Stack, options: &BuildOptions) -> Bundle {
     bundle
         .service_accounts
         .insert(0, gateway::service_account(stack));
-    bundle
-        .deployments
-        .insert(0, gateway::deployment(stack, &config));
+    bundle.deployments.insert(0, gateway::deployment(stack));
     bundle.services.insert(0, gateway::service(stack));
     bundle.config_maps.push(config);
     bundle

@@ -139,8 +139,22 @@ fn cpu_cores(q: &str) -> Option<u32> {
     u32::try_from(cores).ok()
 }
 
+/// Seconds nginx lets the requests in flight finish when it stops (SIGQUIT) or after a reload
+/// (the old workers), `worker_shutdown_timeout`: then it closes what is left (long downloads,
+/// WebSockets). A request that makes progress is bounded by the client timeout for its head
+/// and body, and the gateway's connect, send and read timeouts for the service: their sum.
+pub fn shutdown_timeout_seconds(stack: &Stack) -> u32 {
+    let t = &stack.gateway.timeouts;
+    let secs = u64::from(CLIENT_TIMEOUT_SECONDS)
+        + t.connect.as_secs()
+        + t.send.as_secs()
+        + t.read.as_secs();
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
 fn main_context(w: &mut String, stack: &Stack) {
     let workers = worker_processes(stack);
+    let shutdown = shutdown_timeout_seconds(stack);
     let _ = writeln!(
         w,
         "
@@ -151,6 +165,10 @@ error_log stderr notice;
 
 # Room for every connection a worker may hold: each proxied request takes two descriptors.
 worker_rlimit_nofile 10240;
+
+# After a reload, and when the pod stops (SIGQUIT), workers finish the requests in flight;
+# what is still open after this is closed (the pod's termination grace is longer).
+worker_shutdown_timeout {shutdown}s;
 
 events {{
     worker_connections 4096;
