@@ -400,7 +400,9 @@ async fn a_renewed_certificate_rolls_into_running_nginx_without_a_failed_request
         std::os::unix::fs::symlink(format!("..data/{f}"), tls.join(f)).unwrap();
     }
     let dir = layout.dir.path().display().to_string();
+    // /tmp first: the temp dir itself may live under /tmp.
     let local_script = script
+        .replace("=/tmp/", &format!("={dir}/tmp/"))
         .replace("/etc/opsconductor/tls", &format!("{dir}/tls"))
         .replace("/etc/opsconductor/config", &format!("{dir}/config"))
         .replace("nginx -", "nginx -e stderr -");
