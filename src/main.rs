@@ -73,10 +73,11 @@ enum Command {
         /// watch caches. For benchmarks only: it multiplies the writes to the API server.
         #[arg(long, hide = true, env = "OPSC_APPLY_ALWAYS")]
         apply_always: bool,
-        /// DNS server (IP or IP:port) the gateway uses to resolve service names per request;
-        /// `auto` looks up the kube-dns Service, `none` resolves names once at gateway start.
-        #[arg(long, env = "OPSC_DNS_RESOLVER", default_value = "auto")]
-        dns_resolver: String,
+        /// No longer used: the gateway reaches services by their ClusterIP, which the operator
+        /// writes into its configuration (docs/gateway.md). Accepted, and ignored with a
+        /// warning, so that existing installations keep starting.
+        #[arg(long, hide = true, env = "OPSC_DNS_RESOLVER")]
+        dns_resolver: Option<String>,
         /// Shut down cleanly when standard input reaches end of file: for a supervisor (or a
         /// test harness) that wants the operator to stop when it goes away.
         #[arg(long, hide = true)]
@@ -148,7 +149,6 @@ fn main() -> ExitCode {
                 compare_before_apply: !apply_always,
                 resync: Duration::from_secs(resync_seconds.max(10)),
                 max_concurrent_reconciles: max_concurrent_reconciles.max(1),
-                dns_resolver: None,
                 operator_namespace: std::env::var("POD_NAMESPACE")
                     .ok()
                     .filter(|n| !n.is_empty()),
@@ -222,29 +222,21 @@ fn init_logging(format: LogFormat) {
 
 async fn run(
     metrics_addr: String,
-    mut options: RunOptions,
-    dns_resolver: String,
+    options: RunOptions,
+    dns_resolver: Option<String>,
     exit_on_stdin_eof: bool,
     election: leader::ElectionArgs,
 ) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context(
         "cannot build a Kubernetes client from the kubeconfig or the in-cluster configuration",
     )?;
-    options.dns_resolver = match dns_resolver.as_str() {
-        "none" => None,
-        "auto" => controller::discover_dns(&client).await,
-        addr => Some(
-            addr.parse::<std::net::SocketAddr>()
-                .or_else(|_| {
-                    addr.parse::<std::net::IpAddr>()
-                        .map(|ip| std::net::SocketAddr::new(ip, 53))
-                })
-                .with_context(|| {
-                    format!("--dns-resolver {addr:?} is not an IP address, IP:port, auto or none")
-                })?,
-        ),
-    };
-    tracing::info!(dns_resolver = ?options.dns_resolver, "gateway DNS resolution");
+    if let Some(value) = dns_resolver {
+        tracing::warn!(
+            dns_resolver = %value,
+            "--dns-resolver is no longer used and is ignored: the gateway reaches services by \
+             their ClusterIP, which the operator writes into its configuration"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(&metrics_addr)
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?;

@@ -15,10 +15,6 @@ pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const PART_OF_LABEL: &str = "app.kubernetes.io/part-of";
 pub const PART_OF: &str = "opsconductor";
-/// Pod-template annotation holding the sha256 of the gateway configuration, so a changed
-/// configuration rolls the gateway pods.
-pub const CONFIG_CHECKSUM_ANNOTATION: &str = "opsconductor.io/config-sha256";
-
 /// What an object is part of: the gateway, one service, or the stack's policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Component<'a> {

@@ -38,7 +38,6 @@ struct World {
     _dns: ChallTestSrv,
     pebble: Pebble,
     gateway: GatewayRunner,
-    upstream_dns: gateway_support::Dns,
     _backend: gateway_support::Backend,
     operator: Option<Operator>,
     env: Vec<(&'static str, String)>,
@@ -104,12 +103,7 @@ impl World {
             )
             .await
             .unwrap();
-        let upstream_dns = gateway_support::Dns::start();
         let backend = gateway_support::Backend::start("web");
-        upstream_dns.insert(
-            &format!("web.{}.svc.cluster.local", ns.name),
-            std::net::Ipv4Addr::LOCALHOST,
-        );
         let env = vec![
             (
                 "OPSC_ACME_GATEWAY_URL",
@@ -128,7 +122,6 @@ impl World {
             _dns: dns,
             pebble,
             gateway,
-            upstream_dns,
             _backend: backend,
             operator: None,
             env,
@@ -137,8 +130,7 @@ impl World {
 
     fn start_operator(&mut self) {
         self.operator = None;
-        let resolver = self.upstream_dns.addr.to_string();
-        self.operator = Some(Operator::start(self.ns.control_plane, &self.env, &resolver));
+        self.operator = Some(Operator::start(self.ns.control_plane, &self.env));
     }
 
     fn operator(&self) -> &Operator {
@@ -367,12 +359,7 @@ async fn a_renewed_certificate_rolls_into_running_nginx_without_a_failed_request
         return;
     }
     let host = "roll.test";
-    let dns = gateway_support::Dns::start();
     let backend = gateway_support::Backend::start("web");
-    dns.insert(
-        "web.default.svc.cluster.local",
-        std::net::Ipv4Addr::LOCALHOST,
-    );
     let yaml = format!(
         "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\nmetadata: {{name: roll}}\n\
          spec:\n  gateway: {{hosts: [{host}]}}\n  tls: {{secretName: roll-cert}}\n  services:\n\
@@ -380,7 +367,7 @@ async fn a_renewed_certificate_rolls_into_running_nginx_without_a_failed_request
         backend.port
     );
     let options = opsconductor_operator::build::BuildOptions {
-        dns_resolver: Some(dns.addr),
+        upstreams: gateway_support::loopback_upstreams(&yaml),
         ..Default::default()
     };
     let bundle =
@@ -413,7 +400,9 @@ async fn a_renewed_certificate_rolls_into_running_nginx_without_a_failed_request
         std::os::unix::fs::symlink(format!("..data/{f}"), tls.join(f)).unwrap();
     }
     let dir = layout.dir.path().display().to_string();
+    // /tmp first: the temp dir itself may live under /tmp.
     let local_script = script
+        .replace("=/tmp/", &format!("={dir}/tmp/"))
         .replace("/etc/opsconductor/tls", &format!("{dir}/tls"))
         .replace("/etc/opsconductor/config", &format!("{dir}/config"))
         .replace("nginx -", "nginx -e stderr -");

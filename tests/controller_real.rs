@@ -812,3 +812,124 @@ async fn violations_by_other_objects_are_reported_and_cleared() {
     })
     .await;
 }
+
+/// Issue 15: a change of routes reaches the gateway through its ConfigMap (which the pods'
+/// reload loop applies in place, `tests/gateway_nginx.rs`): the gateway's pod template, and
+/// so its generation, stay the same, i.e. no roll. The configuration names each routed
+/// Service by its ClusterIP. A change of the image changes the template: a roll, drained
+/// (`preStop`, termination grace, `maxUnavailable: 0`).
+#[tokio::test]
+async fn a_route_change_is_applied_without_a_roll_and_an_image_change_rolls() {
+    let Some(_op) = operator().await else { return };
+    let Some(ns) = TestNamespace::new("noroll").await else {
+        return;
+    };
+    let mut stack = example("opsconductor.yaml", &ns.name);
+    apply_stack(&ns.client, &stack).await;
+    converged(&ns.client, &ns.name, "prod").await;
+    let deployments: Api<Deployment> = ns.api();
+    let config_maps: Api<ConfigMap> = ns.api();
+    let services: Api<Service> = ns.api();
+    let config = || async {
+        config_maps
+            .get("prod-gateway-config")
+            .await
+            .unwrap()
+            .data
+            .unwrap()["nginx.conf"]
+            .clone()
+    };
+    // Every routed Service by its ClusterIP, once the operator's cache has seen them.
+    let auth_ip = services
+        .get("auth")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .cluster_ip
+        .unwrap();
+    let with_ips = eventually(
+        "the ClusterIPs in the gateway configuration",
+        WAIT,
+        || async {
+            let text = config().await;
+            (text.contains(&format!("server {auth_ip}:8000 max_fails=0;"))
+                && !text.contains("return 503;"))
+            .then_some(text)
+        },
+    )
+    .await;
+    assert!(!with_ips.contains(".svc.cluster.local"), "{with_ips}");
+    assert!(!with_ips.contains("resolver"), "{with_ips}");
+
+    let gateway = deployments.get("prod-gateway").await.unwrap();
+    let generation = gateway.metadata.generation;
+    let template = serde_json::to_value(&gateway.spec.as_ref().unwrap().template).unwrap();
+    let pod = &template["spec"];
+    assert_eq!(
+        pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][0],
+        "sleep"
+    );
+    assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap() > 60 + 15);
+    assert_eq!(
+        gateway
+            .spec
+            .as_ref()
+            .unwrap()
+            .strategy
+            .as_ref()
+            .unwrap()
+            .rolling_update
+            .as_ref()
+            .unwrap()
+            .max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0))
+    );
+
+    // A route moves: the configuration changes, the pod template does not.
+    let auth = stack
+        .spec
+        .services
+        .iter_mut()
+        .find(|s| s.name == "auth")
+        .unwrap();
+    auth.route = Some("/api/v2/auth/".into());
+    apply_stack(&ns.client, &stack).await;
+    converged(&ns.client, &ns.name, "prod").await;
+    eventually(
+        "the new route in the gateway configuration",
+        WAIT,
+        || async {
+            config()
+                .await
+                .contains("location /api/v2/auth/ {")
+                .then_some(())
+        },
+    )
+    .await;
+    let after = deployments.get("prod-gateway").await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&after.spec.as_ref().unwrap().template).unwrap(),
+        template,
+        "a route change must not change the gateway's pod template (it would roll the pods)"
+    );
+    assert_eq!(after.metadata.generation, generation);
+
+    // The image changes: the template changes, the Deployment rolls.
+    stack.spec.gateway.image = "example.test/opsconductor-gateway:2".into();
+    apply_stack(&ns.client, &stack).await;
+    converged(&ns.client, &ns.name, "prod").await;
+    let rolled = eventually(
+        "the new image in the gateway's pod template",
+        WAIT,
+        || async {
+            let d = deployments.get("prod-gateway").await.unwrap();
+            let image = d.spec.as_ref()?.template.spec.as_ref()?.containers[0]
+                .image
+                .clone()?;
+            (image == "example.test/opsconductor-gateway:2").then_some(d)
+        },
+    )
+    .await;
+    assert!(rolled.metadata.generation > generation);
+}

@@ -11,7 +11,7 @@ mod gateway_support;
 
 use std::net::Ipv4Addr;
 
-use gateway_support::{Backend, Dns, Gateway, Resolution, Response, curl_many, tools_present};
+use gateway_support::{Backend, Gateway, Resolution, Response, curl_many, tools_present};
 use opsconductor_operator::build::BuildOptions;
 
 const HOST: &str = "shop.example.test";
@@ -64,28 +64,22 @@ spec:
 }
 
 struct Setup {
-    _dns: Dns,
     auth: Backend,
     web: Backend,
     gw: Gateway,
 }
 
 fn setup(gateway: &str, web: &str, auth: &str, slow: &str) -> Setup {
-    let dns = Dns::start();
     let auth_b = Backend::start("auth");
     let web_b = Backend::start("web");
-    for name in ["auth", "web", "open", "slow"] {
-        dns.insert(&fqdn(name), LOCALHOST);
-    }
     let yaml = stack(auth_b.port, web_b.port, gateway, web, auth, slow);
     let gw = Gateway::start(
         &yaml,
         BuildOptions::default(),
-        Resolution::Dns(&dns),
+        Resolution::Loopback,
         &[HOST],
     );
     Setup {
-        _dns: dns,
         auth: auth_b,
         web: web_b,
         gw,

@@ -47,13 +47,7 @@ impl Candidate {
             name,
             kubeconfig: &kubeconfig,
             log_dir: &dir,
-            args: &[
-                "--dns-resolver",
-                "none",
-                "--leader-election",
-                "--leader-election-namespace",
-                lease_ns,
-            ],
+            args: &["--leader-election", "--leader-election-namespace", lease_ns],
             env: &[("POD_NAME", name)],
         })
     }

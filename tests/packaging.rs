@@ -778,8 +778,7 @@ fn start_operator(
         user,
         &groups.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    let mut all = vec!["--dns-resolver", "none"];
-    all.extend_from_slice(args);
+    let all = args.to_vec();
     OperatorProcess::spawn(Spawn {
         name: tag,
         kubeconfig: &kubeconfig,

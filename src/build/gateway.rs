@@ -7,15 +7,15 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    HTTPGetAction, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource,
-    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, ExecAction,
+    HTTPGetAction, Lifecycle, LifecycleHandler, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use sha2::{Digest, Sha256};
 
 use super::service::{container_security_context, pod_security_context};
 use super::{BuildOptions, meta, nginx};
@@ -42,36 +42,66 @@ pub fn default_resources() -> ResourceRequirements {
 /// (`images/gateway/make-rootfs`), the same uid as in the nginx-unprivileged images.
 const NGINX_UID: i64 = 101;
 
-/// The gateway container's command (POSIX sh, dash in the gateway image): nginx in
-/// the foreground as PID 1, and a small loop beside it that reloads nginx gracefully when the
-/// mounted certificate changes. The kubelet updates a Secret volume in place (an atomic
-/// symlink swap), so a renewed certificate reaches running pods without a restart; the reload
-/// starts new workers with it while the old ones finish their requests. Configuration changes
-/// still roll the pods (the checksum annotation). The loop ends when nginx does (its parent,
-/// read from `/proc/self/stat`, is the shell that became nginx by `exec`), so it never
-/// outlives it where the container does not end with nginx (e.g. a test running the command).
-/// See `docs/acme.md`.
+/// The gateway container's command (POSIX sh, dash in the gateway image): nginx in the
+/// foreground as PID 1, and a small loop beside it that applies a changed configuration or
+/// certificate in place. The kubelet updates ConfigMap and Secret volumes in place (an atomic
+/// symlink swap), so a new `nginx.conf` or a renewed certificate reaches running pods without
+/// a restart. Every 2 s the loop takes the `cksum` of the three files; when it changed, it runs
+/// `nginx -t` on them, and only if that passes `nginx -s reload`: nginx starts new workers
+/// with the new files while the old ones finish their requests (graceful). Files that fail
+/// `nginx -t` are never loaded: nginx keeps serving the previous ones, the loop logs why on
+/// stderr and tries again at the next change (the operator's own checks normally prevent it:
+/// see `docs/gateway.md`). The last result is in [`CONFIG_STATUS_PATH`]. The loop ends when
+/// nginx does (its parent, read from `/proc/self/stat`, is the shell that became nginx by
+/// `exec`), so it never outlives it where the container does not end with nginx (e.g. a test
+/// running the command). See `docs/gateway.md` and `docs/acme.md`.
 ///
-/// No `$$` and no `$(NAME)`: the kubelet expands a container's command before running it
-/// (`$$` becomes `$`, `$(NAME)` an environment variable), so `kill -0 "$$"` ran as
-/// `kill -0 "$"` in a real pod, the loop ended after 2 s, and a renewed certificate never
-/// reached a running gateway. [`kubelet_expansion_leaves_the_command_alone`] guards it.
-pub const RELOAD_ON_CERTIFICATE_CHANGE: &str = r#"tls=/etc/opsconductor/tls
+/// No `$$` and no `$(NAME)` with a NAME the container defines: the kubelet expands a
+/// container's command before running it (`$$` becomes `$`, `$(NAME)` an environment
+/// variable), so `kill -0 "$$"` ran as `kill -0 "$"` in a real pod, the loop ended after 2 s,
+/// and a renewed certificate never reached a running gateway.
+/// [`kubelet_expansion_leaves_the_command_alone`] guards it.
+pub const RELOAD_ON_CHANGE: &str = r#"tls=/etc/opsconductor/tls
 conf=/etc/opsconductor/config/nginx.conf
-digest() { cat "$tls/tls.crt" "$tls/tls.key" 2>/dev/null | cksum; }
+result=/tmp/opsconductor-config-status
+digest() { cat "$conf" "$tls/tls.crt" "$tls/tls.key" 2>/dev/null | cksum; }
 (
   read -r _ _ _ nginx _ < /proc/self/stat
   last=$(digest)
+  echo "loaded $last" > "$result"
   while sleep 2; do
     kill -0 "$nginx" 2>/dev/null || exit 0
     now=$(digest)
-    if [ "$now" != "$last" ]; then
-      nginx -s reload -c "$conf" && last=$now
+    [ "$now" = "$last" ] && continue
+    if problem=$(nginx -t -q -c "$conf" 2>&1); then
+      nginx -s reload -c "$conf" && last=$now && echo "loaded $now" > "$result"
+    else
+      last=$now
+      echo "rejected $now" > "$result"
+      echo "opsconductor-gateway: the configuration test failed, not loaded (nginx keeps serving the previous files): $problem" >&2
     fi
   done
 ) &
 exec nginx -c "$conf"
 "#;
+
+/// Where the reload loop writes the result of the last change it saw: `loaded <cksum>` or
+/// `rejected <cksum>` (in the pod's emptyDir; `kubectl exec ... cat` shows it).
+pub const CONFIG_STATUS_PATH: &str = "/tmp/opsconductor-config-status";
+
+/// Seconds the `preStop` hook waits before nginx is told to stop: the pod leaves the Service's
+/// endpoints when its termination starts, and kube-proxy on every node, and a load balancer's
+/// health check, need a moment to stop sending new connections to it. nginx keeps accepting
+/// meanwhile. Then the kubelet sends the image's stop signal, SIGQUIT in the gateway image
+/// (`STOPSIGNAL`): nginx's graceful shutdown.
+pub const PRE_STOP_SECONDS: u32 = 10;
+
+/// Seconds the kubelet waits for the pod to end after its termination starts: the `preStop`
+/// wait, then the longest nginx lets requests in flight finish
+/// ([`nginx::shutdown_timeout_seconds`]), and 5 s of margin. After that the kubelet kills.
+pub fn termination_grace_seconds(stack: &Stack) -> i64 {
+    i64::from(PRE_STOP_SECONDS) + i64::from(nginx::shutdown_timeout_seconds(stack)) + 5
+}
 
 pub fn service_account(stack: &Stack) -> ServiceAccount {
     ServiceAccount {
@@ -105,18 +135,12 @@ pub fn tls_secret_name(stack: &Stack) -> String {
     }
 }
 
-fn config_checksum(config: &ConfigMap) -> String {
-    let mut hasher = Sha256::new();
-    for (k, v) in config.data.iter().flatten() {
-        hasher.update(k.as_bytes());
-        hasher.update([0]);
-        hasher.update(v.as_bytes());
-        hasher.update([0]);
-    }
-    format!("{:x}", hasher.finalize())
-}
-
-pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
+/// The gateway Deployment. The configuration is not part of the pod template (no checksum
+/// annotation): a change of routes, hosts or limits reaches the running pods through the
+/// ConfigMap volume and their reload loop, without a roll. What the template holds (image,
+/// resources, ports, probes, the Secret's name) rolls the pods, one surge pod at a time,
+/// each old pod drained (`preStop`, SIGQUIT, [`termination_grace_seconds`]).
+pub fn deployment(stack: &Stack) -> Deployment {
     let component = Component::Gateway;
     // With the PROXY protocol on 8080, the probes go to a port of their own.
     let probe_port = if stack.gateway.proxy_protocol {
@@ -161,9 +185,18 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
         command: Some(vec![
             "sh".into(),
             "-c".into(),
-            RELOAD_ON_CERTIFICATE_CHANGE.into(),
+            RELOAD_ON_CHANGE.into(),
             "opsconductor-gateway".into(),
         ]),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec!["sleep".into(), PRE_STOP_SECONDS.to_string()]),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         ports: Some(vec![
             port("http", nginx::HTTP_PORT),
             port("https", nginx::HTTPS_PORT),
@@ -185,10 +218,6 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
         }),
         ..Container::default()
     };
-    let annotations = BTreeMap::from([(
-        names::CONFIG_CHECKSUM_ANNOTATION.to_string(),
-        config_checksum(config),
-    )]);
     Deployment {
         metadata: meta(stack, names::gateway(&stack.name), component),
         spec: Some(DeploymentSpec {
@@ -208,7 +237,6 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(names::labels(&stack.name, component)),
-                    annotations: Some(annotations),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -220,7 +248,7 @@ pub fn deployment(stack: &Stack, config: &ConfigMap) -> Deployment {
                     host_ipc: Some(false),
                     security_context: Some(pod_security_context()),
                     containers: vec![container],
-                    termination_grace_period_seconds: Some(30),
+                    termination_grace_period_seconds: Some(termination_grace_seconds(stack)),
                     volumes: Some({
                         let mut volumes = vec![
                             Volume {
@@ -336,9 +364,11 @@ mod tests {
 
     #[test]
     fn the_reload_script_names_the_mounted_paths() {
-        assert!(RELOAD_ON_CERTIFICATE_CHANGE.contains(&format!("tls={}\n", nginx::TLS_DIR)));
-        assert!(RELOAD_ON_CERTIFICATE_CHANGE.contains(&format!("conf={}\n", nginx::CONFIG_PATH)));
-        assert!(RELOAD_ON_CERTIFICATE_CHANGE.ends_with("exec nginx -c \"$conf\"\n"));
+        assert!(RELOAD_ON_CHANGE.contains(&format!("tls={}\n", nginx::TLS_DIR)));
+        assert!(RELOAD_ON_CHANGE.contains(&format!("conf={}\n", nginx::CONFIG_PATH)));
+        assert!(RELOAD_ON_CHANGE.contains(&format!("result={CONFIG_STATUS_PATH}\n")));
+        assert!(CONFIG_STATUS_PATH.starts_with(&format!("{}/", nginx::TMP_DIR)));
+        assert!(RELOAD_ON_CHANGE.ends_with("exec nginx -c \"$conf\"\n"));
     }
 
     /// What the kubelet does to a container's command and args before it runs them (the
@@ -378,10 +408,8 @@ mod tests {
         let raw = crate::render::parse_stack("test", &yaml).unwrap();
         let stack = crate::validate::validate(&raw, "ns").unwrap();
         let options = crate::build::BuildOptions::default();
-        (
-            deployment(&stack, &config_map(&stack, &options)),
-            service(&stack),
-        )
+        let _ = config_map(&stack, &options);
+        (deployment(&stack), service(&stack))
     }
 
     #[test]
@@ -444,8 +472,7 @@ mod tests {
                     \x20 tls: {secretName: own}\n  services: [{name: web, image: x, route: /}]\n";
         let raw = crate::render::parse_stack("test", yaml).unwrap();
         let stack = crate::validate::validate(&raw, "ns").unwrap();
-        let options = crate::build::BuildOptions::default();
-        let deployment = deployment(&stack, &config_map(&stack, &options));
+        let deployment = deployment(&stack);
         let pod = deployment.spec.unwrap().template.spec.unwrap();
         let container = &pod.containers[0];
         let env: Vec<(String, String)> = container
@@ -455,11 +482,20 @@ mod tests {
             .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
             .collect();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let pre_stop = container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.exec.as_ref())
+            .and_then(|e| e.command.clone())
+            .unwrap_or_default();
+        assert!(!pre_stop.is_empty());
         for part in container
             .command
             .iter()
             .flatten()
             .chain(container.args.iter().flatten())
+            .chain(pre_stop.iter())
         {
             assert_eq!(
                 &kubelet_expansion(part, &env),

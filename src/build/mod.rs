@@ -30,13 +30,8 @@ pub struct BuildOptions {
     /// The ACME account key's JWK thumbprint (RFC 7638), once the account exists. The
     /// gateway answers HTTP-01 challenges with `<token>.<thumbprint>` (stateless mode).
     pub acme_thumbprint: Option<String>,
-    /// The cluster DNS server (the `kube-system/kube-dns` Service's ClusterIP, port 53), which
-    /// the operator looks up at reconcile time. With it, the gateway resolves service names
-    /// per request: it starts while a Service is missing and follows a re-created Service's
-    /// new ClusterIP, at the cost of upstream keepalive on nginx before 1.27.3. Without it,
-    /// names are resolved once at startup (kept-alive upstream connections, but nginx refuses
-    /// to start while any routed Service is missing). See `docs/gateway.md`.
-    pub dns_resolver: Option<std::net::SocketAddr>,
+    /// How the gateway finds the routed services (see [`Upstreams`]).
+    pub upstreams: Upstreams,
     /// The namespace the operator runs in, when known (in-cluster). With
     /// `allowedSourceRanges`, the gateway's NetworkPolicy then also admits the operator's pods
     /// on 8080 for the ACME self-check.
@@ -53,11 +48,26 @@ impl Default for BuildOptions {
         Self {
             cluster_domain: "cluster.local".into(),
             acme_thumbprint: None,
-            dns_resolver: None,
+            upstreams: Upstreams::Names,
             operator_namespace: None,
             cluster_cidrs: Vec::new(),
         }
     }
+}
+
+/// How the gateway reaches the routed services. Either way each service is an `upstream` block
+/// with kept-alive connections; nothing is resolved per request. See `docs/gateway.md`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstreams {
+    /// `server <service>.<namespace>.svc.<cluster domain>:<port>`, resolved by nginx once when
+    /// it starts or reloads (a name that does not resolve then stops it). What the offline
+    /// `render` writes: it has no cluster to ask for addresses.
+    Names,
+    /// The ClusterIP of each routed service's Service, by service name, as the operator's
+    /// Service cache shows it (`run`). A routed service missing here (its Service not created
+    /// yet, or not the stack's) answers 503 on its route until the operator writes the
+    /// configuration again with its address; nginx never waits for, or fails on, a name.
+    ClusterIps(std::collections::BTreeMap<String, std::net::IpAddr>),
 }
 
 /// Every object the operator wants to exist for one stack.
@@ -132,9 +142,7 @@ pub fn build(stack: &Stack, options: &BuildOptions) -> Bundle {
     bundle
         .service_accounts
         .insert(0, gateway::service_account(stack));
-    bundle
-        .deployments
-        .insert(0, gateway::deployment(stack, &config));
+    bundle.deployments.insert(0, gateway::deployment(stack));
     bundle.services.insert(0, gateway::service(stack));
     bundle.config_maps.push(config);
     bundle

@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 
-use super::BuildOptions;
+use super::{BuildOptions, Upstreams};
 use crate::model::{CertificateSource, Service, Stack};
 
 /// Key of the configuration in the gateway ConfigMap.
@@ -43,13 +43,18 @@ ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 /// that offer nothing else (some FIPS-restricted ones).
 pub const ECDH_CURVES: &str = "X25519:prime256v1:secp384r1";
 
-/// How long a resolved service address is trusted before nginx asks DNS again, whatever TTL
-/// the cluster DNS gave. Bounds how long a re-created Service (new ClusterIP) or a newly
-/// created one stays unreachable through the gateway.
-pub const DNS_VALID_SECONDS: u32 = 10;
-
-/// Idle upstream connections each worker keeps per service (static resolution only).
+/// Idle upstream connections each worker keeps per service.
 pub const UPSTREAM_KEEPALIVE: u32 = 32;
+
+/// Seconds an idle upstream connection is kept open. Below the idle timeout of common HTTP
+/// servers (Node.js 5 s, uvicorn 5 s, Tomcat 20 s), so that nginx, not the service, closes an
+/// idle connection, and a request is not sent on a connection the service is closing.
+pub const UPSTREAM_IDLE_SECONDS: u32 = 4;
+
+/// Seconds one upstream connection is used at most (it is closed after the request in
+/// progress then). kube-proxy picks a pod per connection, so this bounds how long a kept-alive
+/// connection stays with one pod: after a scale-up, new pods get their share within it.
+pub const UPSTREAM_CONNECTION_SECONDS: u32 = 60;
 
 /// Requests one client address may have in progress on one gateway pod (HTTP/2 streams count
 /// one each); more get 429. Bounds what one client holds of a pod's connections, so that it
@@ -136,8 +141,22 @@ fn cpu_cores(q: &str) -> Option<u32> {
     u32::try_from(cores).ok()
 }
 
+/// Seconds nginx lets the requests in flight finish when it stops (SIGQUIT) or after a reload
+/// (the old workers), `worker_shutdown_timeout`: then it closes what is left (long downloads,
+/// WebSockets). A request that makes progress is bounded by the client timeout for its head
+/// and body, and the gateway's connect, send and read timeouts for the service: their sum.
+pub fn shutdown_timeout_seconds(stack: &Stack) -> u32 {
+    let t = &stack.gateway.timeouts;
+    let secs = u64::from(CLIENT_TIMEOUT_SECONDS)
+        + t.connect.as_secs()
+        + t.send.as_secs()
+        + t.read.as_secs();
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
 fn main_context(w: &mut String, stack: &Stack) {
     let workers = worker_processes(stack);
+    let shutdown = shutdown_timeout_seconds(stack);
     let _ = writeln!(
         w,
         "
@@ -148,6 +167,10 @@ error_log stderr notice;
 
 # Room for every connection a worker may hold: each proxied request takes two descriptors.
 worker_rlimit_nofile 10240;
+
+# After a reload, and when the pod stops (SIGQUIT), workers finish the requests in flight;
+# what is still open after this is closed (the pod's termination grace is longer).
+worker_shutdown_timeout {shutdown}s;
 
 events {{
     worker_connections 4096;
@@ -350,39 +373,49 @@ fn upstream_id(svc: &Service) -> String {
     format!("svc_{}", svc.name.as_str().replace('-', "_"))
 }
 
+/// Where nginx sends a routed service's requests: its Service's name or ClusterIP with the
+/// port; `None` when the operator knows no address for it yet.
+fn upstream_server(stack: &Stack, svc: &Service, options: &BuildOptions) -> Option<String> {
+    match &options.upstreams {
+        Upstreams::Names => Some(upstream_host(stack, svc, options)),
+        Upstreams::ClusterIps(ips) => ips
+            .get(svc.name.as_str())
+            .map(|ip| std::net::SocketAddr::new(*ip, svc.port).to_string()),
+    }
+}
+
 fn upstreams(w: &mut String, stack: &Stack, options: &BuildOptions) {
+    let how = match options.upstreams {
+        Upstreams::Names => "by name, resolved once when nginx starts or reloads",
+        Upstreams::ClusterIps(_) => "by the ClusterIP of their Service",
+    };
+    let _ = writeln!(
+        w,
+        "
+    # Routed services, {how}.
+    # Nothing is resolved per request, and connections are kept alive: kube-proxy picks a
+    # ready pod for each new connection, and one connection serves for at most {UPSTREAM_CONNECTION_SECONDS}s,
+    # so load follows pods that come and go.
+    # Each address is listed twice: one retry, on a new connection, of an idempotent request
+    # that could not reach a pod (proxy_next_upstream); max_fails=0: never marked down."
+    );
     // Routed services, and the verdict service of edge authentication.
-    let routed = stack.services.iter().filter(|s| stack.gateway_reaches(s));
-    match options.dns_resolver {
-        Some(resolver) => {
-            let _ = writeln!(
-                w,
-                "
-    # Service names are resolved when a request needs them, not at startup: the gateway
-    # starts while a Service is missing, and follows a re-created Service's new ClusterIP.
-    resolver {resolver} valid={DNS_VALID_SECONDS}s;
-    resolver_timeout 5s;"
-            );
-        }
-        None => {
-            let _ = writeln!(
-                w,
-                "
-    # No cluster DNS address was given: names are resolved once, at startup."
-            );
-            for svc in routed {
-                let _ = writeln!(
-                    w,
-                    "
+    for svc in stack.services.iter().filter(|s| stack.gateway_reaches(s)) {
+        let Some(server) = upstream_server(stack, svc, options) else {
+            continue;
+        };
+        let _ = writeln!(
+            w,
+            "
     upstream {id} {{
-        server {host};
+        server {server} max_fails=0;
+        server {server} max_fails=0;
         keepalive {UPSTREAM_KEEPALIVE};
+        keepalive_timeout {UPSTREAM_IDLE_SECONDS}s;
+        keepalive_time {UPSTREAM_CONNECTION_SECONDS}s;
     }}",
-                    id = upstream_id(svc),
-                    host = upstream_host(stack, svc, options),
-                );
-            }
-        }
+            id = upstream_id(svc),
+        );
     }
 }
 
@@ -506,6 +539,11 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
         # Headers the services trust from each other never come from outside.
 {strip}
         proxy_hide_header X-Powered-By;
+        # A request that could not reach the service (refused, reset, connect timeout) is
+        # retried once on a new connection: only if idempotent (nginx never re-sends a POST,
+        # PATCH or LOCK that went out).
+        proxy_next_upstream error timeout;
+        proxy_next_upstream_tries 2;
         proxy_connect_timeout {connect}s;
         proxy_send_timeout {send}s;
         proxy_read_timeout {read}s;"#,
@@ -525,31 +563,27 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
         // The route, then its public paths (edge authentication): the same service, the same
         // limits, no verdict asked for.
         for (location, policy) in route_locations(stack, route, svc) {
-            match options.dns_resolver {
-                // A variable makes nginx resolve the name per request (through the cache
-                // above). Without a URI part, the request URI goes upstream exactly as the
-                // client sent it.
-                Some(_) => {
-                    let _ = writeln!(
-                        w,
-                        "
-        location {location} {{{policy}
-            set $opsconductor_upstream {host};
-            proxy_pass http://$opsconductor_upstream;
-        }}",
-                        host = upstream_host(stack, svc, options),
-                    );
-                }
-                None => {
-                    let _ = writeln!(
-                        w,
-                        "
+            if upstream_server(stack, svc, options).is_some() {
+                // Without a URI part, the request URI goes upstream exactly as the client sent
+                // it.
+                let _ = writeln!(
+                    w,
+                    "
         location {location} {{{policy}
             proxy_pass http://{id};
         }}",
-                        id = upstream_id(svc),
-                    );
-                }
+                    id = upstream_id(svc),
+                );
+            } else {
+                let _ = writeln!(
+                    w,
+                    "
+        location {location} {{{policy}
+            # No ClusterIP for Service {name} yet: written once the Service exists.
+            return 503;
+        }}",
+                    name = svc.name,
+                );
             }
         }
     }
@@ -763,16 +797,12 @@ fn verdict_locations(w: &mut String, stack: &Stack, options: &BuildOptions) {
     let Some(verifier) = stack.service(&a.service) else {
         return;
     };
-    let target = match options.dns_resolver {
-        // Its own variable: a subrequest shares the variables of its request, whose
-        // $opsconductor_upstream names the route's service.
-        Some(_) => format!(
-            "set $opsconductor_verdict_upstream {};\n            \
-             proxy_pass http://$opsconductor_verdict_upstream{};",
-            upstream_host(stack, verifier, options),
-            a.path
-        ),
-        None => format!("proxy_pass http://{}{};", upstream_id(verifier), a.path),
+    // A verdict service without an address yet (its Service is not created yet): the
+    // subrequest answers 503, which auth_request turns into 500: closed, never open.
+    let target = if upstream_server(stack, verifier, options).is_some() {
+        format!("proxy_pass http://{}{};", upstream_id(verifier), a.path)
+    } else {
+        "return 503;".to_string()
     };
     let mut strip: Vec<&String> = stack.gateway.strip_request_headers.iter().collect();
     for h in &a.pass_headers {
@@ -870,8 +900,6 @@ fn hsts_value(stack: &Stack) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
-
     use super::*;
     use crate::render::parse_stack;
     use crate::validate::validate;
@@ -897,9 +925,19 @@ spec:
     - {name: worker, image: x}
 "#;
 
-    fn with_resolver() -> BuildOptions {
+    /// The operator's mode: the ClusterIP of `api-v2` and `web` (`worker` is not routed).
+    fn with_cluster_ips() -> BuildOptions {
         BuildOptions {
-            dns_resolver: Some("10.96.0.10:53".parse::<SocketAddr>().unwrap()),
+            upstreams: Upstreams::ClusterIps(
+                [
+                    ("api-v2", "10.96.0.21"),
+                    ("web", "fd00::22"),
+                    ("worker", "10.96.0.23"),
+                ]
+                .into_iter()
+                .map(|(n, ip)| (n.to_string(), ip.parse().unwrap()))
+                .collect(),
+            ),
             ..BuildOptions::default()
         }
     }
@@ -927,7 +965,7 @@ spec:
 
     #[test]
     fn no_location_sets_headers_that_would_drop_the_server_ones() {
-        for options in [BuildOptions::default(), with_resolver()] {
+        for options in [BuildOptions::default(), with_cluster_ips()] {
             let conf = render(&stack(TWO_ROUTES), &options);
             let locs = locations(&conf);
             assert!(locs.len() >= 4, "{locs:?}");
@@ -970,47 +1008,88 @@ spec:
         assert!(!conf.contains("Retry-After"));
     }
 
-    #[test]
-    fn static_resolution_uses_keepalive_upstreams_for_routed_services_only() {
-        let conf = render(&stack(TWO_ROUTES), &BuildOptions::default());
-        assert!(conf.contains(
-            "upstream svc_api_v2 {\n        server api-v2.ns.svc.cluster.local:9000;\n        keepalive 32;"
-        ));
-        assert!(conf.contains("upstream svc_web {"));
-        assert!(!conf.contains("worker.ns"), "internal-only service exposed");
-        assert!(!conf.contains("resolver "));
-        let locs = locations(&conf);
-        let api = locs
-            .iter()
-            .find(|(h, _)| h == "location /api/ {")
-            .expect("route location");
-        assert_eq!(api.1, "proxy_pass http://svc_api_v2;\n");
+    /// The `upstream` block of `id`, from its header to its closing brace.
+    fn upstream_block<'a>(conf: &'a str, id: &str) -> &'a str {
+        let start = conf
+            .find(&format!("upstream {id} {{"))
+            .unwrap_or_else(|| panic!("no upstream {id} in\n{conf}"));
+        &conf[start..start + conf[start..].find('}').unwrap()]
     }
 
     #[test]
-    fn resolver_mode_resolves_per_request_and_keeps_the_uri() {
-        let conf = render(&stack(TWO_ROUTES), &with_resolver());
-        assert!(conf.contains("resolver 10.96.0.10:53 valid=10s;"));
-        assert!(!conf.contains("upstream svc_"));
+    fn offline_upstreams_name_the_routed_services_and_keep_connections_alive() {
+        let conf = render(&stack(TWO_ROUTES), &BuildOptions::default());
+        let api = upstream_block(&conf, "svc_api_v2");
+        assert_eq!(
+            api.matches("server api-v2.ns.svc.cluster.local:9000 max_fails=0;")
+                .count(),
+            2,
+            "{api}"
+        );
+        for needle in [
+            "keepalive 32;",
+            "keepalive_timeout 4s;",
+            "keepalive_time 60s;",
+        ] {
+            assert!(api.contains(needle), "missing {needle:?} in {api}");
+        }
+        assert!(conf.contains("upstream svc_web {"));
+        assert!(!conf.contains("worker.ns"), "internal-only service exposed");
+        assert!(
+            !conf.contains("resolver"),
+            "nothing is resolved per request"
+        );
         let locs = locations(&conf);
         let api = locs
             .iter()
             .find(|(h, _)| h == "location /api/ {")
             .expect("route location");
-        // No URI part after the variable: the path prefix is passed on unchanged.
-        assert_eq!(
-            api.1,
-            "set $opsconductor_upstream api-v2.ns.svc.cluster.local:9000;\n\
-             proxy_pass http://$opsconductor_upstream;\n"
+        // No URI part: the request URI goes upstream exactly as the client sent it.
+        assert_eq!(api.1, "proxy_pass http://svc_api_v2;\n");
+        assert!(conf.contains("proxy_next_upstream error timeout;"));
+        assert!(conf.contains("proxy_next_upstream_tries 2;"));
+        assert!(
+            !conf.contains("non_idempotent"),
+            "a POST is never sent twice"
         );
-        let v6 = BuildOptions {
-            dns_resolver: Some("[fd00::10]:53".parse().unwrap()),
-            cluster_domain: "corp.internal".into(),
+    }
+
+    #[test]
+    fn in_cluster_upstreams_are_cluster_ips_and_a_service_without_one_answers_503() {
+        let conf = render(&stack(TWO_ROUTES), &with_cluster_ips());
+        assert!(!conf.contains(".svc.cluster.local"), "{conf}");
+        assert!(!conf.contains("resolver"), "{conf}");
+        let api = upstream_block(&conf, "svc_api_v2");
+        assert_eq!(
+            api.matches("server 10.96.0.21:9000 max_fails=0;").count(),
+            2
+        );
+        let web = upstream_block(&conf, "svc_web");
+        assert_eq!(
+            web.matches("server [fd00::22]:8000 max_fails=0;").count(),
+            2
+        );
+        assert!(
+            !conf.contains("10.96.0.23"),
+            "internal-only service exposed"
+        );
+        // No address for `web` yet: its route answers 503, nothing refers to a name.
+        let only_api = BuildOptions {
+            upstreams: Upstreams::ClusterIps(
+                [("api-v2".to_string(), "10.96.0.21".parse().unwrap())].into(),
+            ),
             ..BuildOptions::default()
         };
-        let conf = render(&stack(TWO_ROUTES), &v6);
-        assert!(conf.contains("resolver [fd00::10]:53 valid=10s;"));
-        assert!(conf.contains("web.ns.svc.corp.internal:8000;"));
+        let conf = render(&stack(TWO_ROUTES), &only_api);
+        assert!(!conf.contains("svc_web"), "{conf}");
+        let locs = locations(&conf);
+        let root = locs
+            .iter()
+            .filter(|(h, _)| h == "location / {")
+            .map(|(_, b)| b.as_str())
+            .collect::<Vec<_>>();
+        assert!(root.contains(&"# No ClusterIP for Service web yet: written once the Service exists.\nreturn 503;\n"), "{root:?}");
+        assert!(conf.contains("proxy_pass http://svc_api_v2;"));
     }
 
     #[test]
@@ -1174,7 +1253,17 @@ spec:
 
     #[test]
     fn edge_auth_asks_an_internal_location_and_public_paths_do_not() {
-        for options in [BuildOptions::default(), with_resolver()] {
+        let addresses = BuildOptions {
+            upstreams: Upstreams::ClusterIps(
+                stack(EDGE)
+                    .services
+                    .iter()
+                    .map(|s| (s.name.to_string(), "10.96.0.9".parse().unwrap()))
+                    .collect(),
+            ),
+            ..BuildOptions::default()
+        };
+        for options in [BuildOptions::default(), addresses] {
             let conf = render(&stack(EDGE), &options);
             let locs = locations(&conf);
             let body = |head: &str| {
@@ -1221,15 +1310,8 @@ spec:
             assert!(verdict.contains("proxy_set_header x-tenant \"\";"));
             assert!(verdict.contains("proxy_cache_key \"api $http_authorization\";"));
             assert!(verdict.contains("proxy_cache_valid 200 204 401 403 9s;"));
-            match options.dns_resolver {
-                Some(_) => assert!(
-                    verdict.contains("proxy_pass http://$opsconductor_verdict_upstream/verify;")
-                ),
-                None => {
-                    assert!(verdict.contains("proxy_pass http://svc_verdicts/verify;"));
-                    assert!(conf.contains("upstream svc_verdicts {"), "{conf}");
-                }
-            }
+            assert!(verdict.contains("proxy_pass http://svc_verdicts/verify;"));
+            assert!(conf.contains("upstream svc_verdicts {"), "{conf}");
             // The client's X-User-Id is replaced on every route by the verdict's (empty unless
             // a verdict set it); never both a removal and the verdict for one name.
             assert!(conf.contains("set $opsconductor_verdict_x_user_id \"\";"));
@@ -1321,7 +1403,7 @@ spec:
 
     #[test]
     fn braces_balance() {
-        for options in [BuildOptions::default(), with_resolver()] {
+        for options in [BuildOptions::default(), with_cluster_ips()] {
             let conf = render(&stack(TWO_ROUTES), &options);
             // Braces inside quoted strings (the log format, the ACME regex) are balanced too.
             let open = conf.matches('{').count();

@@ -50,9 +50,6 @@ pub struct RunOptions {
     pub resync: Duration,
     /// Stacks reconciled at the same time.
     pub max_concurrent_reconciles: u16,
-    /// The cluster DNS server the gateway resolves service names with at request time
-    /// (see [`crate::build::BuildOptions::dns_resolver`]).
-    pub dns_resolver: Option<std::net::SocketAddr>,
     /// The operator's own namespace (`POD_NAMESPACE`, set by the chart), for the gateway
     /// NetworkPolicy rule that lets the ACME self-check through `allowedSourceRanges`.
     pub operator_namespace: Option<String>,
@@ -79,7 +76,6 @@ impl Default for RunOptions {
             compare_before_apply: true,
             resync: Duration::from_secs(300),
             max_concurrent_reconciles: 8,
-            dns_resolver: None,
             operator_namespace: None,
             require_guardrails: true,
             allow_loopback_acme_directory: false,
@@ -757,17 +753,6 @@ async fn write_namespace_marker(
     }
     tracing::info!(namespace, marker = ?wanted, "namespace admission marker updated");
     Ok(())
-}
-
-/// The ClusterIP of the cluster DNS Service (`kube-system/kube-dns`, the name CoreDNS keeps),
-/// or None when the cluster has none.
-pub async fn discover_dns(client: &Client) -> Option<std::net::SocketAddr> {
-    let svc = Api::<Service>::namespaced(client.clone(), "kube-system")
-        .get_opt("kube-dns")
-        .await
-        .ok()??;
-    let ip: std::net::IpAddr = svc.spec?.cluster_ip?.parse().ok()?;
-    Some(std::net::SocketAddr::new(ip, 53))
 }
 
 /// A reference to the stack for Events.

@@ -100,7 +100,7 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
     let options = BuildOptions {
         cluster_domain: ctx.options.cluster_domain.clone(),
         acme_thumbprint: certificate.thumbprint.clone(),
-        dns_resolver: ctx.options.dns_resolver,
+        upstreams: build::Upstreams::ClusterIps(cluster_ips(ctx, &model)),
         operator_namespace: ctx.options.operator_namespace.clone(),
         cluster_cidrs: ctx.options.cluster_cidrs.clone(),
     };
@@ -201,6 +201,38 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
         .requeue_after
         .map_or(ctx.options.resync, |d| d.min(ctx.options.resync));
     Ok(Action::requeue(requeue))
+}
+
+/// The ClusterIP of each routed service's Service, from the Service cache: only a Service of
+/// this stack (its stack and managed-by labels), so that a Service of the same name that is
+/// someone else's never receives the stack's traffic. The cache sees a Service created or
+/// re-created by this very reconcile a moment later, and that watch event reconciles the
+/// stack again with the address.
+fn cluster_ips(
+    ctx: &Context,
+    model: &Stack,
+) -> std::collections::BTreeMap<String, std::net::IpAddr> {
+    model
+        .services
+        .iter()
+        .filter(|svc| svc.route.is_some())
+        .filter_map(|svc| {
+            let service = ctx
+                .stores
+                .services
+                .get(&ObjectRef::new(svc.name.as_str()).within(&model.namespace))?
+                .decode();
+            let labels = service.metadata.labels.as_ref()?;
+            let ours = labels.get(names::STACK_LABEL).map(String::as_str)
+                == Some(model.name.as_str())
+                && labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGER);
+            if !ours {
+                return None;
+            }
+            let ip = service.spec?.cluster_ip?.parse().ok()?;
+            Some((svc.name.to_string(), ip))
+        })
+        .collect()
 }
 
 /// Ready=False/InvalidSpec with every problem; nothing else is touched. The Event is sent

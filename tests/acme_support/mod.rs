@@ -309,7 +309,7 @@ pub struct Operator {
 }
 
 impl Operator {
-    pub fn start(cp: &ControlPlane, env: &[(&str, String)], dns_resolver: &str) -> Operator {
+    pub fn start(cp: &ControlPlane, env: &[(&str, String)]) -> Operator {
         let dir = cp.state_dir.join("operator-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let kubeconfig = dir.join(format!("kubeconfig-acme-{}", std::process::id()));
@@ -339,8 +339,6 @@ impl Operator {
             "json",
             "--resync-seconds",
             "30",
-            "--dns-resolver",
-            dns_resolver,
         ])
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info,opsconductor_operator=debug")

@@ -1,14 +1,15 @@
 //! Real nginx for the gateway tests: the configuration exactly as the operator renders it into
 //! the gateway ConfigMap, a certificate made by `openssl`, small HTTP backends on loopback
-//! standing in for the services, and one of two ways to map in-cluster names to loopback
-//! without touching the machine's `/etc/hosts`:
+//! standing in for the services, and one of two ways to point the gateway at them:
 //!
-//! - [`Dns`]: a tiny DNS server on a loopback port, given to the operator's builder as the
-//!   cluster DNS address ([`BuildOptions::dns_resolver`]), exactly as the operator passes the
-//!   kube-dns ClusterIP. nginx then resolves names per request through it.
-//! - [`Resolution::Hosts`]: for the startup-resolution mode (no resolver), nginx runs in a
-//!   private mount namespace (`unshare -m`, root only) with a generated hosts file bind-mounted
-//!   over `/etc/hosts`.
+//! - [`Resolution::Loopback`] / [`Resolution::ClusterIps`]: the operator's mode
+//!   ([`Upstreams::ClusterIps`]): each routed Service's ClusterIP written into the
+//!   configuration, here 127.0.0.1 (the backends listen there, each on its service's port).
+//! - [`Resolution::Hosts`]: the offline `render` mode (names resolved when nginx starts): nginx
+//!   runs in a private mount namespace (`unshare -m`, root only) with a generated hosts file
+//!   bind-mounted over `/etc/hosts`, so the machine's own is not touched.
+//!
+//! [`Dns`] is a tiny DNS server for tests that need one (the ACME tests' CA resolves with it).
 //!
 //! The only changes made to the rendered text: the mount-path prefixes and `/tmp` point into a
 //! temp dir, and the listen ports 8080/8443 become free loopback ports (the machine may be
@@ -20,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use opsconductor_operator::build::{BuildOptions, nginx};
+use opsconductor_operator::build::{BuildOptions, Upstreams, nginx};
 use opsconductor_operator::render::bundle_for;
 
 /// Whether the real-nginx tests can run here. Under `CI=true` a missing tool fails the test
@@ -461,11 +462,26 @@ fn serve(
 // The gateway
 
 /// How the gateway finds the services' addresses.
-pub enum Resolution<'a> {
-    /// The operator's per-request mode: `resolver` pointing at this DNS server.
-    Dns(&'a Dns),
-    /// The startup mode (no resolver): names mapped through a private `/etc/hosts`.
+pub enum Resolution {
+    /// The operator's mode with every service of the stack at 127.0.0.1.
+    Loopback,
+    /// The operator's mode with these ClusterIPs (a routed service missing here answers 503).
+    ClusterIps(BTreeMap<String, IpAddr>),
+    /// The offline `render` mode: names mapped through a private `/etc/hosts`.
     Hosts(Vec<(String, Ipv4Addr)>),
+}
+
+/// The operator's mode for `stack_yaml`, with every service at 127.0.0.1.
+pub fn loopback_upstreams(stack_yaml: &str) -> Upstreams {
+    let stack = opsconductor_operator::render::parse_stack("test-stack.yaml", stack_yaml).unwrap();
+    let model = opsconductor_operator::validate::validate(&stack, "default").unwrap();
+    Upstreams::ClusterIps(
+        model
+            .services
+            .iter()
+            .map(|s| (s.name.to_string(), IpAddr::V4(Ipv4Addr::LOCALHOST)))
+            .collect(),
+    )
 }
 
 /// The rendered `nginx.conf` of `stack_yaml`, read from the gateway ConfigMap of the bundle
@@ -654,8 +670,10 @@ impl Layout {
 
 /// The rendered configuration for a local run rooted at `dir` (`config/`, `tls/`, `tmp/`):
 /// the mount-path prefixes and `/tmp` point into `dir`, and the listen ports become
-/// `http_port`/`https_port` on loopback (`[::1]` only where the machine has IPv6). Nothing
-/// else changes.
+/// `http_port`/`https_port` on loopback (`[::1]` only where the machine has IPv6), and a
+/// Service's ClusterIP in an `upstream` becomes 127.0.0.1 with the same port (a configuration
+/// written by the operator against the test control plane names its service range, where no
+/// test traffic may ever go; the backends listen on loopback). Nothing else changes.
 pub fn local_config(rendered: &str, dir: &Path, http_port: u16, https_port: u16) -> String {
     local_config_with_health(rendered, dir, http_port, https_port, None)
 }
@@ -695,6 +713,12 @@ pub fn local_config_with_health(
                 (true, true) => format!("listen [::1]:{new_port}{sep}{options}"),
                 (false, _) => format!("listen 127.0.0.1:{new_port}{sep}{options}"),
             }
+        } else if let Some((addr, rest)) = t
+            .strip_prefix("server ")
+            .and_then(|r| r.split_once(' '))
+            .and_then(|(a, rest)| Some((a.parse::<SocketAddr>().ok()?, rest)))
+        {
+            format!("server 127.0.0.1:{} {rest}", addr.port())
         } else {
             t.to_string()
         };
@@ -718,22 +742,26 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Renders `stack_yaml` with `options` (plus the DNS server, in DNS mode), installs the
+    /// Renders `stack_yaml` with `options` (and the upstreams of `resolution`), installs the
     /// configuration and a certificate for `hosts`, starts nginx and waits until it listens.
     pub fn start(
         stack_yaml: &str,
         options: BuildOptions,
-        resolution: Resolution<'_>,
+        resolution: Resolution,
         hosts: &[&str],
     ) -> Gateway {
         let mut options = options;
         let host_entries = match resolution {
-            Resolution::Dns(dns) => {
-                options.dns_resolver = Some(dns.addr);
+            Resolution::Loopback => {
+                options.upstreams = loopback_upstreams(stack_yaml);
+                None
+            }
+            Resolution::ClusterIps(ips) => {
+                options.upstreams = Upstreams::ClusterIps(ips);
                 None
             }
             Resolution::Hosts(entries) => {
-                options.dns_resolver = None;
+                options.upstreams = Upstreams::Names;
                 Some(entries)
             }
         };
@@ -804,6 +832,21 @@ impl Gateway {
 
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.layout.path("error.log")).unwrap_or_default()
+    }
+
+    /// The master's pid (the child: under `unshare`, sh `exec`s nginx).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `nginx -s reload`, as the pod's reload loop runs it: SIGHUP to the master, which
+    /// loads the installed configuration and starts new workers, while the old ones finish.
+    pub fn reload(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot signal nginx");
     }
 
     pub fn access_log(&self) -> String {
@@ -1233,4 +1276,285 @@ pub fn curl_each(groups: &[Vec<String>]) -> Vec<Response> {
     let mut parts: Vec<&str> = text.split(END_MARK).collect();
     assert_eq!(parts.pop(), Some(""), "curl output ends with the mark");
     parts.into_iter().map(parse_response).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Steady load
+
+/// A steady HTTPS load on the gateway: 3 clients, each a loop of curl runs of 20 requests over
+/// one kept-alive connection, plus one client opening a new connection per request, each to
+/// `/c<i>`. Bounded: at most 2000 runs per client, and it stops when told.
+///
+/// What a failed request is: every request must succeed for a client that behaves as HTTP
+/// allows and browsers do. A request that got no response at all on a connection that was
+/// reused (RFC 9112 section 9.3.1: the server may close an idle kept-alive connection at any
+/// time, and the client may retry an idempotent request then), or that an HTTP/2 server
+/// refused with GOAWAY before processing it (RFC 9113 section 6.8), is retried once on a new
+/// connection, and that retry must succeed; such retries are counted. Anything else is a
+/// failure: an error status, a response cut short, a request lost on a fresh connection, or a
+/// failed retry. (The same rule as the certificate rollout test in `tests/acme_real.rs`.)
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<Mutex<Vec<String>>>,
+    retried: Arc<AtomicUsize>,
+    clients: Vec<thread::JoinHandle<()>>,
+}
+
+/// What a [`Load`] saw.
+#[derive(Debug)]
+pub struct LoadReport {
+    pub ok: usize,
+    pub retried: usize,
+    pub failures: Vec<String>,
+}
+
+impl Load {
+    pub fn start(host: &str, https_port: u16) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(Mutex::new(Vec::<String>::new()));
+        let retried = Arc::new(AtomicUsize::new(0));
+        let mut clients = Vec::new();
+        for i in 0..4 {
+            let (stop, ok, failed, retried) =
+                (stop.clone(), ok.clone(), failed.clone(), retried.clone());
+            let url = format!("https://{host}:{https_port}/c{i}");
+            let resolve = format!("{host}:{https_port}:127.0.0.1");
+            clients.push(thread::spawn(move || {
+                let per_run = if i == 3 { 1 } else { 20 };
+                let curl = |urls: usize| {
+                    let mut args = vec![
+                        "-sk".to_string(),
+                        "--max-time".into(),
+                        "30".into(),
+                        "--resolve".into(),
+                        resolve.clone(),
+                        // Per transfer: status, new connections it opened (0: a reused one),
+                        // and curl's exit code for it (16: HTTP/2 stream refused).
+                        "-w".into(),
+                        "%{http_code} %{num_connects} %{exitcode}\\n".into(),
+                    ];
+                    for _ in 0..urls {
+                        args.extend(["-o".to_string(), "/dev/null".to_string(), url.clone()]);
+                    }
+                    let out = Command::new("curl").args(&args).output().unwrap();
+                    let lines: Vec<(String, u32, u32)> = String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .map(|l| {
+                            let mut f = l.split_whitespace();
+                            let code = f.next().unwrap_or("").to_string();
+                            let connects = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                            let exit = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                            (code, connects, exit)
+                        })
+                        .collect();
+                    (lines, String::from_utf8_lossy(&out.stderr).to_string())
+                };
+                for _ in 0..2000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (lines, stderr) = curl(per_run);
+                    let note = |what: String| {
+                        let mut note = format!("client {i}: {what}; curl stderr: {stderr}");
+                        note.truncate(400);
+                        failed.lock().unwrap().push(note);
+                    };
+                    if lines.len() != per_run {
+                        note(format!(
+                            "{} of {per_run} transfers reported: {lines:?}",
+                            lines.len()
+                        ));
+                    }
+                    for (code, connects, exit) in lines {
+                        if code == "200" {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        let no_response = code == "000";
+                        let may_retry = no_response && (connects == 0 || exit == 16);
+                        if !may_retry {
+                            note(format!(
+                                "status {code}, {connects} new connection(s), exit {exit}"
+                            ));
+                            continue;
+                        }
+                        let (again, _) = curl(1);
+                        if again.first().is_some_and(|(c, _, _)| c == "200") {
+                            retried.fetch_add(1, Ordering::Relaxed);
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            note(format!(
+                                "no response (exit {exit}, {connects} new connection(s)), and the retry got {again:?}"
+                            ));
+                        }
+                    }
+                }
+            }));
+        }
+        Load {
+            stop,
+            ok,
+            failed,
+            retried,
+            clients,
+        }
+    }
+
+    /// Requests that succeeded so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` requests succeeded in all (a hang guard, not a timing assertion).
+    pub fn wait_for(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.ok() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the load did not reach {n} requests: {} ok, failures {:?}",
+                self.ok(),
+                self.failed.lock().unwrap()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(mut self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in self.clients.drain(..) {
+            c.join().unwrap();
+        }
+        LoadReport {
+            ok: self.ok(),
+            retried: self.retried.load(Ordering::Relaxed),
+            failures: self.failed.lock().unwrap().clone(),
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway container's own command
+
+/// The gateway container's command run as the pod runs it (`sh -c <script>`: nginx as the
+/// shell's `exec`, the reload loop beside it), on `layout`, with the configuration directory
+/// laid out as the kubelet lays out a ConfigMap volume: `nginx.conf -> ..data/nginx.conf`,
+/// `..data -> ..<version>`, and a new version published by an atomic swap of `..data`.
+pub struct PodGateway {
+    pub layout: Layout,
+    child: Child,
+}
+
+impl PodGateway {
+    /// `script` is the container's command script from the rendered Deployment; `rendered`
+    /// the first nginx.conf. Paths are rewritten as [`local_config`] rewrites the file's.
+    pub fn start(script: &str, rendered: &str, hosts: &[&str]) -> PodGateway {
+        let layout = Layout::new();
+        layout.make_certificate(hosts);
+        let gw_dir = layout.dir.path().display().to_string();
+        let pod = PodGateway {
+            child: {
+                publish_config(&layout, "..v0", rendered);
+                std::os::unix::fs::symlink("..data/nginx.conf", layout.config_path()).unwrap();
+                // /tmp first: the temp dir itself may live under /tmp.
+                let local = script
+                    .replace(&format!("={}/", nginx::TMP_DIR), &format!("={gw_dir}/tmp/"))
+                    .replace(nginx::TLS_DIR, &format!("{gw_dir}/tls"))
+                    .replace(nginx::CONFIG_DIR, &format!("{gw_dir}/config"))
+                    .replace("nginx -", "nginx -e stderr -");
+                assert!(
+                    !local.contains("/etc/opsconductor")
+                        && local.contains(&format!("{gw_dir}/tmp/")),
+                    "{local}"
+                );
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(&local)
+                    .env("OPENSSL_CONF", layout.permissive_openssl_conf())
+                    .stdout(std::fs::File::create(layout.path("access.log")).unwrap())
+                    .stderr(std::fs::File::create(layout.path("error.log")).unwrap())
+                    .spawn()
+                    .unwrap()
+            },
+            layout,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", pod.layout.https_port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start:\n{}",
+                pod.error_log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        pod
+    }
+
+    /// Publishes `rendered` as ConfigMap volume version `version` (`..v1`, `..v2`, ...).
+    pub fn publish(&self, version: &str, rendered: &str) {
+        publish_config(&self.layout, version, rendered);
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.layout.path("error.log")).unwrap_or_default()
+    }
+
+    /// The reload loop's last result (`loaded <cksum>` or `rejected <cksum>`).
+    pub fn config_status(&self) -> String {
+        std::fs::read_to_string(self.layout.path("tmp/opsconductor-config-status"))
+            .unwrap_or_default()
+    }
+
+    /// curl to the HTTPS port, trusting the test certificate.
+    pub fn curl_https(&self, host: &str, path: &str) -> Response {
+        let resolve = format!("{host}:{}:127.0.0.1", self.layout.https_port);
+        let cert = self.layout.cert().display().to_string();
+        let url = format!("https://{host}:{}{path}", self.layout.https_port);
+        curl(&["--resolve", &resolve, "--cacert", &cert, &url])
+    }
+}
+
+impl Drop for PodGateway {
+    fn drop(&mut self) {
+        // SIGQUIT, as the pod's stop signal: a graceful stop.
+        let _ = Command::new("kill")
+            .args(["-QUIT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        terminate(&mut self.child);
+        if thread::panicking() {
+            eprintln!("--- nginx error log ---\n{}", self.error_log());
+        }
+    }
+}
+
+/// Writes `rendered` (made local) as `config/<version>/nginx.conf` and points `config/..data`
+/// at it with an atomic rename, as the kubelet's atomic writer does.
+fn publish_config(layout: &Layout, version: &str, rendered: &str) {
+    let text = local_config_with_health(
+        rendered,
+        layout.dir.path(),
+        layout.http_port,
+        layout.https_port,
+        Some(layout.health_port),
+    );
+    let config = layout.path("config");
+    std::fs::create_dir(config.join(version)).unwrap();
+    std::fs::write(config.join(version).join("nginx.conf"), text).unwrap();
+    let _ = std::fs::remove_file(config.join("..data_tmp"));
+    std::os::unix::fs::symlink(version, config.join("..data_tmp")).unwrap();
+    std::fs::rename(config.join("..data_tmp"), config.join("..data")).unwrap();
 }

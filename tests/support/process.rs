@@ -168,7 +168,7 @@ impl Drop for OperatorProcess {
 
 /// An operator process of a test's own on `cp`, as the chart's service account
 /// ([`super::operator::OPERATOR_USER`] with `system:masters`, so the audit log tells its writes
-/// apart), with `--dns-resolver none` before `args`. Its kubeconfig and log go to
+/// apart), with `args`. Its kubeconfig and log go to
 /// `<state>/<name>-tests/`.
 pub fn spawn_as_operator(
     cp: &super::ControlPlane,
@@ -196,14 +196,12 @@ pub fn spawn_as_operator_under(
         super::operator::OPERATOR_USER,
         &["system:masters", "system:authenticated"],
     );
-    let mut all = vec!["--dns-resolver", "none"];
-    all.extend_from_slice(args);
     OperatorProcess::spawn_under(
         Spawn {
             name,
             kubeconfig: &kubeconfig,
             log_dir: &dir,
-            args: &all,
+            args,
             env,
         },
         wrapper,
