@@ -95,6 +95,11 @@ enum Command {
         /// TLS key mounted.
         #[arg(long, env = "OPSC_ALLOWED_GATEWAY_IMAGES", value_delimiter = ',')]
         allowed_gateway_images: Vec<String>,
+        /// Serve only these namespaces, comma-separated: every watch is then one per listed
+        /// namespace, and nothing outside them is read or written (one release per tenant;
+        /// docs/operations.md). Empty: every namespace, through cluster-wide watches.
+        #[arg(long, env = "OPSC_WATCH_NAMESPACES", value_delimiter = ',')]
+        watch_namespaces: Vec<String>,
         #[command(flatten)]
         election: leader::ElectionArgs,
     },
@@ -127,9 +132,17 @@ fn main() -> ExitCode {
             admission_guardrails,
             allow_loopback_acme_directory,
             allowed_gateway_images,
+            watch_namespaces,
             election,
         } => {
             init_logging(log_format);
+            let scope = match controller::scope::Scope::from_list(&watch_namespaces) {
+                Ok(scope) => scope,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let options = RunOptions {
                 cluster_domain,
                 compare_before_apply: !apply_always,
@@ -146,6 +159,7 @@ fn main() -> ExitCode {
                     .map(|i| i.trim().to_string())
                     .filter(|i| !i.is_empty())
                     .collect(),
+                scope,
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(run(
@@ -229,6 +243,7 @@ async fn run(
         ),
     };
     tracing::info!(dns_resolver = ?options.dns_resolver, "gateway DNS resolution");
+    tracing::info!(namespaces = %options.scope.describe(), "watch scope");
     let listener = tokio::net::TcpListener::bind(&metrics_addr)
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?;

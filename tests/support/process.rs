@@ -33,6 +33,16 @@ pub struct Spawn<'a> {
     pub env: &'a [(&'a str, &'a str)],
 }
 
+/// The operator binary cargo built for this test binary, or `OPSC_TEST_OPERATOR_BIN` when set: a
+/// copy of it, for a target directory shared with builds of other branches (any of which
+/// replaces cargo's binary at any time).
+pub fn operator_binary() -> PathBuf {
+    std::env::var_os("OPSC_TEST_OPERATOR_BIN")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_opsconductor-operator")))
+}
+
 impl OperatorProcess {
     pub fn spawn(s: Spawn<'_>) -> Self {
         std::fs::create_dir_all(s.log_dir).unwrap();
@@ -43,7 +53,7 @@ impl OperatorProcess {
             s.name,
             std::process::id()
         ));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"));
+        let mut cmd = Command::new(operator_binary());
         cmd.args([
             "run",
             "--metrics-addr",
