@@ -108,6 +108,11 @@ enum Command {
         #[arg(long, env = "OPSC_CLUSTER_CIDRS", value_delimiter = ',',
               value_parser = opsconductor_operator::validate::check_cluster_cidr)]
         cluster_cidrs: Vec<ipnet::IpNet>,
+        /// Serve only these namespaces, comma-separated: every watch is then one per listed
+        /// namespace, and nothing outside them is read or written (one release per tenant;
+        /// docs/operations.md). Empty: every namespace, through cluster-wide watches.
+        #[arg(long, env = "OPSC_WATCH_NAMESPACES", value_delimiter = ',')]
+        watch_namespaces: Vec<String>,
         #[command(flatten)]
         election: leader::ElectionArgs,
     },
@@ -141,9 +146,17 @@ fn main() -> ExitCode {
             allow_loopback_acme_directory,
             allowed_gateway_images,
             cluster_cidrs,
+            watch_namespaces,
             election,
         } => {
             init_logging(log_format);
+            let scope = match controller::scope::Scope::from_list(&watch_namespaces) {
+                Ok(scope) => scope,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let options = RunOptions {
                 cluster_domain,
                 compare_before_apply: !apply_always,
@@ -160,6 +173,7 @@ fn main() -> ExitCode {
                     .filter(|i| !i.is_empty())
                     .collect(),
                 cluster_cidrs,
+                scope,
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(run(
@@ -237,6 +251,7 @@ async fn run(
              their ClusterIP, which the operator writes into its configuration"
         );
     }
+    tracing::info!(namespaces = %options.scope.describe(), "watch scope");
     let listener = tokio::net::TcpListener::bind(&metrics_addr)
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?;

@@ -634,6 +634,113 @@ fn bad_values_are_refused_with_a_reason() {
     assert!(e.contains("renewDeadlineSeconds must be less than"), "{e}");
     let e = template_error(&["--set", "leaderElection.enabled=false"]).unwrap();
     assert!(e.contains("replicaCount > 1 needs leaderElection"), "{e}");
+    let e = template_error(&["--set", "operator.watchNamespaces={Team_A}"]).unwrap();
+    assert!(e.contains("watchNamespaces"), "{e}");
+}
+
+/// `operator.watchNamespaces`: the operator gets `--watch-namespaces`, everything inside a
+/// namespace is granted by a Role there, and the ClusterRole keeps only the listed Namespaces
+/// (by name) and the admission policies (read only).
+#[test]
+fn a_scoped_release_gets_roles_in_its_namespaces_and_almost_no_cluster_rules() {
+    let Some(yaml) = template(
+        "opsconductor-operator",
+        "team-a-system",
+        &["--set", "operator.watchNamespaces={team-a,team-a-staging}"],
+    ) else {
+        return;
+    };
+    let docs = documents(&yaml);
+    let rules_of = |doc: &Value| -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for r in doc["rules"].as_array().unwrap() {
+            for resource in r["resources"].as_array().unwrap() {
+                for verb in r["verbs"].as_array().unwrap() {
+                    let names = r["resourceNames"]
+                        .as_array()
+                        .map(|n| format!(" {}", Value::Array(n.clone())))
+                        .unwrap_or_default();
+                    out.insert(format!(
+                        "{}/{} {}{names}",
+                        r["apiGroups"][0].as_str().unwrap(),
+                        resource.as_str().unwrap(),
+                        verb.as_str().unwrap()
+                    ));
+                }
+            }
+        }
+        out
+    };
+    let cluster = rules_of(find(
+        &docs,
+        "ClusterRole",
+        "opsconductor-operator-team-a-system",
+    ));
+    let names = r#" ["team-a","team-a-staging"]"#;
+    let expected: BTreeSet<String> = [
+        format!("/namespaces list{names}"),
+        format!("/namespaces watch{names}"),
+        format!("/namespaces patch{names}"),
+        "admissionregistration.k8s.io/validatingadmissionpolicies list".into(),
+        "admissionregistration.k8s.io/validatingadmissionpolicies watch".into(),
+        "admissionregistration.k8s.io/validatingadmissionpolicybindings list".into(),
+        "admissionregistration.k8s.io/validatingadmissionpolicybindings watch".into(),
+    ]
+    .into();
+    assert_eq!(cluster, expected);
+    // The rules a cluster-wide release has in its ClusterRole, now in each namespace's Role.
+    let unscoped = documents(&template("opsconductor-operator", "team-a-system", &[]).unwrap());
+    let mut wide = rules_of(find(
+        &unscoped,
+        "ClusterRole",
+        "opsconductor-operator-team-a-system",
+    ));
+    wide.retain(|r| !r.starts_with("/namespaces ") && !r.starts_with("admissionregistration"));
+    assert!(wide.contains("/secrets get"), "{wide:?}");
+    for ns in ["team-a", "team-a-staging"] {
+        let role = docs
+            .iter()
+            .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == ns)
+            .unwrap_or_else(|| panic!("no Role in {ns}"));
+        assert_eq!(rules_of(role), wide, "Role in {ns}");
+        let binding = docs
+            .iter()
+            .find(|d| d["kind"] == "RoleBinding" && d["metadata"]["namespace"] == ns)
+            .unwrap_or_else(|| panic!("no RoleBinding in {ns}"));
+        assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "opsconductor-operator", "namespace": "team-a-system"}])
+        );
+    }
+    // --dns-resolver auto: only the kube-dns Service in kube-system.
+    let dns = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == "kube-system")
+        .expect("a Role for the kube-dns lookup");
+    assert_eq!(
+        rules_of(dns),
+        BTreeSet::from([r#"/services get ["kube-dns"]"#.to_string()])
+    );
+    let deployment = find(&docs, "Deployment", "opsconductor-operator");
+    let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(
+        args.as_array()
+            .unwrap()
+            .contains(&json!("--watch-namespaces=team-a,team-a-staging")),
+        "{args}"
+    );
+    // Not scoped: no namespace Roles, no --watch-namespaces.
+    assert!(
+        !unscoped
+            .iter()
+            .any(|d| d["kind"] == "Role" && d["metadata"]["namespace"] != "team-a-system")
+    );
+    assert!(!yaml_has(&unscoped, "--watch-namespaces"));
+}
+
+fn yaml_has(docs: &[Value], needle: &str) -> bool {
+    docs.iter().any(|d| d.to_string().contains(needle))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ pub mod compact;
 pub mod diff;
 pub mod janitor;
 mod reconcile;
+pub mod scope;
 mod slim;
 pub mod status;
 
@@ -67,6 +68,8 @@ pub struct RunOptions {
     /// The cluster's own address ranges (`--cluster-cidrs`); see
     /// [`crate::build::BuildOptions::cluster_cidrs`].
     pub cluster_cidrs: Vec<ipnet::IpNet>,
+    /// The namespaces served (`--watch-namespaces`); see [`scope`].
+    pub scope: scope::Scope,
 }
 
 impl Default for RunOptions {
@@ -81,6 +84,7 @@ impl Default for RunOptions {
             allow_loopback_acme_directory: false,
             allowed_gateway_images: Vec::new(),
             cluster_cidrs: Vec::new(),
+            scope: scope::Scope::Cluster,
         }
     }
 }
@@ -354,12 +358,22 @@ pub async fn run(
         ($kind:ty) => {
             child_watch!($kind, managed.clone())
         };
-        ($kind:ty, $config:expr) => {{
+        ($kind:ty, $config:expr) => {
+            child_watch!($kind, $config, |reader| options.scope.watch(
+                |ns| match ns {
+                    Some(ns) => Api::<Compact<$kind>>::namespaced(client.clone(), ns),
+                    None => Api::<Compact<$kind>>::all(client.clone()),
+                },
+                $config,
+                reader,
+            ))
+        };
+        ($kind:ty, $config:expr, $watch:expr) => {{
             // Cached compactly: see `compact` (managedFields and what `Slim` drops are gone
             // before an object is kept).
             let (reader, writer) = reflector::store::<Compact<$kind>>();
-            let stream = watcher(Api::<Compact<$kind>>::all(client.clone()), $config)
-                .backoff(WatchBackoff::default())
+            // Over the scope: cluster-wide, or one watch per namespace merged (see `scope`).
+            let stream = ($watch)(reader.clone())
                 .reflect(writer)
                 // Only changes of what the cache keeps trigger a reconcile (see `Changes`).
                 .filter_map({
@@ -395,10 +409,28 @@ pub async fn run(
     let (audit_ingresses, audit_ing_stream) = child_watch!(Ingress, everything.clone());
     let (audit_policies, audit_np_stream) = child_watch!(NetworkPolicy, everything.clone());
     let (services, network_policies) = (audit_services.clone(), audit_policies.clone());
-    let (namespaces, ns_stream) = child_watch!(Namespace, everything.clone());
-    let stacks = Api::<OpsConductorStack>::all(client.clone());
-    let mut controller = Controller::new(stacks, watcher::Config::default().any_semantic());
-    let stack_store = controller.store();
+    let (namespaces, ns_stream) = child_watch!(Namespace, everything.clone(), |reader| {
+        options.scope.watch_namespaces(
+            Api::<Compact<Namespace>>::all(client.clone()),
+            everything.clone(),
+            reader,
+        )
+    });
+    // The stacks, over the scope like everything else.
+    let (stack_store, stack_writer) = reflector::store::<OpsConductorStack>();
+    let stack_stream = options
+        .scope
+        .watch(
+            |ns| match ns {
+                Some(ns) => Api::<OpsConductorStack>::namespaced(client.clone(), ns),
+                None => Api::<OpsConductorStack>::all(client.clone()),
+            },
+            watcher::Config::default().any_semantic(),
+            stack_store.clone(),
+        )
+        .reflect(stack_writer)
+        .applied_objects();
+    let mut controller = Controller::for_stream(stack_stream, stack_store.clone());
     // An object anywhere in a namespace concerns every stack of that namespace.
     let in_namespace = {
         let stack_store = stack_store.clone();
@@ -417,20 +449,27 @@ pub async fn run(
     for (kind, resource) in served_route_kinds(&client).await {
         let writer = reflector::store::Writer::new(resource.clone());
         let reader = writer.as_reader();
-        let stream = watcher(
-            Api::<DynamicObject>::all_with(client.clone(), &resource),
-            everything.clone(),
-        )
-        .backoff(WatchBackoff::default())
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(writer)
-        .touched_objects()
-        .filter_map(|event| async move {
-            event
-                .map_err(|e| tracing::warn!(error = %e, "route watch failed; retrying"))
-                .ok()
-                .map(Ok)
-        });
+        let stream = options
+            .scope
+            .watch(
+                |ns| match ns {
+                    Some(ns) => {
+                        Api::<DynamicObject>::namespaced_with(client.clone(), ns, &resource)
+                    }
+                    None => Api::<DynamicObject>::all_with(client.clone(), &resource),
+                },
+                everything.clone(),
+                reader.clone(),
+            )
+            .modify(|o| o.managed_fields_mut().clear())
+            .reflect(writer)
+            .touched_objects()
+            .filter_map(|event| async move {
+                event
+                    .map_err(|e| tracing::warn!(error = %e, "route watch failed; retrying"))
+                    .ok()
+                    .map(Ok)
+            });
         let mapper = in_namespace.clone();
         controller = controller.watches_stream_with(
             stream,

@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 
 use super::controlplane::ControlPlane;
 
-/// One audited write request.
+/// Reads (get, list, watch) by members of this group are recorded too (scripts/controlplane).
+pub const AUDIT_READS_GROUP: &str = "opsconductor:audit-reads";
+
+/// One audited request: a write, or a read by a member of [`AUDIT_READS_GROUP`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEvent {
     /// The authenticated user (with impersonation: the impersonated user).
@@ -43,6 +46,8 @@ pub struct AuditEvent {
     pub stage_timestamp: String,
     /// True for `?dryRun=All` requests (they change nothing).
     pub dry_run: bool,
+    /// ResponseStarted (a watch that is still open) or ResponseComplete.
+    pub stage: String,
 }
 
 impl AuditEvent {
@@ -53,7 +58,8 @@ impl AuditEvent {
                 .unwrap_or("")
                 .to_string()
         };
-        if s("/stage") != "ResponseComplete" {
+        let stage = s("/stage");
+        if stage != "ResponseComplete" && stage != "ResponseStarted" {
             return None;
         }
         let request_uri = s("/requestURI");
@@ -84,6 +90,7 @@ impl AuditEvent {
             request_uri,
             user_agent: s("/userAgent"),
             stage_timestamp: s("/stageTimestamp"),
+            stage,
         })
     }
 
@@ -148,8 +155,18 @@ impl AuditLog {
         }
     }
 
-    /// Every audited event after `mark` (after letting the log settle).
+    /// Every audited request after `mark` that completed (after letting the log settle).
     pub fn events_since(&self, mark: &AuditMark) -> Vec<AuditEvent> {
+        self.requests_since(mark)
+            .into_iter()
+            .filter(|e| e.stage == "ResponseComplete")
+            .collect()
+    }
+
+    /// Every audited request after `mark`, also the ones still open (a watch is recorded at
+    /// ResponseStarted when it starts, and again at ResponseComplete when it ends). Reads are
+    /// recorded only for members of the group [`AUDIT_READS_GROUP`].
+    pub fn requests_since(&self, mark: &AuditMark) -> Vec<AuditEvent> {
         self.settle();
         let mut f = match std::fs::File::open(&self.path) {
             Ok(f) => f,

@@ -33,6 +33,16 @@ pub struct Spawn<'a> {
     pub env: &'a [(&'a str, &'a str)],
 }
 
+/// The operator binary cargo built for this test binary, or `OPSC_TEST_OPERATOR_BIN` when set: a
+/// copy of it, for a target directory shared with builds of other branches (any of which
+/// replaces cargo's binary at any time).
+pub fn operator_binary() -> PathBuf {
+    std::env::var_os("OPSC_TEST_OPERATOR_BIN")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_opsconductor-operator")))
+}
+
 impl OperatorProcess {
     pub fn spawn(s: Spawn<'_>) -> Self {
         Self::spawn_under(s, &[])
@@ -49,7 +59,7 @@ impl OperatorProcess {
             s.name,
             std::process::id()
         ));
-        let binary = env!("CARGO_BIN_EXE_opsconductor-operator");
+        let binary = operator_binary();
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = Command::new(program);

@@ -1,0 +1,414 @@
+//! Scoping (`--watch-namespaces`, the chart's `operator.watchNamespaces`) on the real control
+//! plane: two operator processes with disjoint scopes side by side, each as its own release's
+//! ServiceAccount with only the RBAC the chart renders for that scope (Roles in the listed
+//! namespaces, a ClusterRole naming only those Namespaces).
+//!
+//! Proved from the audit log, which records every request of the group
+//! `opsconductor:audit-reads` (reads included, scripts/controlplane) the operators are put in:
+//! - each reconciles the stack of its own namespace, and neither writes anything of the other's
+//!   or of a third namespace that neither serves;
+//! - no request of either lists, watches or reads anything outside its scope (a namespaced
+//!   request names one of its namespaces; the only cluster-scoped ones name its Namespaces);
+//! - the chart's scoped RBAC is enough: no request is refused.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kube::{Api, ResourceExt};
+use opsconductor_operator::crd::OpsConductorStack;
+use support::audit::AUDIT_READS_GROUP;
+use support::operator::{apply_stack, example, install_crd, owned_objects, rendered_objects};
+use support::process::{OperatorProcess, Spawn};
+use support::{AuditEvent, AuditLog, ControlPlane, TestNamespace, eventually, tools_bin_dir};
+
+const RELEASE: &str = "opsconductor-operator";
+const SERVICE_ACCOUNT: &str = "op";
+
+fn helm() -> PathBuf {
+    tools_bin_dir()
+        .expect("the tools (helm) are built: scripts/build-parts tools")
+        .join("helm")
+}
+
+/// The chart's ServiceAccount, ClusterRole, Roles (the leader election's too) and bindings for a
+/// release in
+/// `release_ns` serving `scope`, as helm renders them (YAML).
+fn chart_rbac(release_ns: &str, scope: &[&str]) -> String {
+    let home = std::env::temp_dir().join(format!("opsc-helm-scope-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let chart = support::controlplane::repo_root().join("charts/opsconductor-operator");
+    let out = Command::new(helm())
+        .env("HOME", &home)
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .args(["template", RELEASE])
+        .arg(&chart)
+        .args(["--namespace", release_ns])
+        .args([
+            "--set",
+            &format!("operator.watchNamespaces={{{}}}", scope.join(",")),
+        ])
+        // The control plane has no kube-dns; the operators run with --dns-resolver none.
+        .args(["--set", "operator.dnsResolver=none"])
+        // Short: the operator's user name is a certificate's CN (at most 64 characters).
+        .args(["--set", &format!("serviceAccount.name={SERVICE_ACCOUNT}")])
+        .args(["--show-only", "templates/serviceaccount.yaml"])
+        .args(["--show-only", "templates/clusterrole.yaml"])
+        .args(["--show-only", "templates/namespace-roles.yaml"])
+        .args(["--show-only", "templates/role.yaml"])
+        .output()
+        .expect("helm runs");
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `kubectl apply` (or `delete`) of `yaml`.
+fn kubectl(cp: &ControlPlane, verb: &[&str], yaml: &str) {
+    use std::io::Write as _;
+    let mut child = cp
+        .kubectl()
+        .args(verb)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {verb:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Deletes the cluster-scoped RBAC of a release when dropped (the namespaced part goes with the
+/// test namespaces).
+struct ClusterRbac<'a> {
+    cp: &'a ControlPlane,
+    yaml: String,
+}
+
+impl Drop for ClusterRbac<'_> {
+    fn drop(&mut self) {
+        let cluster: String = self
+            .yaml
+            .split("\n---")
+            .filter(|d| d.contains("kind: ClusterRole"))
+            .map(|d| format!("---\n{d}\n"))
+            .collect();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            kubectl(
+                self.cp,
+                &["delete", "--ignore-not-found", "--wait=false"],
+                &cluster,
+            )
+        }));
+    }
+}
+
+/// A kubeconfig that authenticates as `user` in `group` with a client certificate of the control
+/// plane's CA. Not impersonation: the API server's audit policy matches the authenticated user,
+/// which for an impersonated request is the admin; a certificate's user is the one the policy
+/// sees, so the reads of `group` are recorded (scripts/controlplane). RBAC binds a ServiceAccount
+/// subject by its user name, so `system:serviceaccount:<ns>:<name>` gets the chart's bindings.
+fn write_certificate_kubeconfig(cp: &ControlPlane, path: &Path, user: &str, group: &str) {
+    let pki = cp.state_dir.join("pki");
+    let key = path.with_extension("key");
+    let csr = path.with_extension("csr");
+    let crt = path.with_extension("crt");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let subject = format!("/O={group}/CN={user}");
+    // Extensions make it an X.509 v3 certificate (rustls accepts no other).
+    let ext = path.with_extension("ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-new",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        &subject,
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        csr.to_str().unwrap(),
+    ]);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let serial = format!("0x{nanos:x}");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        csr.to_str().unwrap(),
+        "-CA",
+        pki.join("ca.crt").to_str().unwrap(),
+        "-CAkey",
+        pki.join("ca.key").to_str().unwrap(),
+        "-set_serial",
+        &serial,
+        "-days",
+        "1",
+        "-out",
+        crt.to_str().unwrap(),
+        "-extfile",
+        ext.to_str().unwrap(),
+    ]);
+    let mut kc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&cp.kubeconfig).unwrap()).unwrap();
+    for entry in kc["users"].as_sequence_mut().expect("kubeconfig has users") {
+        let mut user = serde_yaml::Mapping::new();
+        user.insert("client-certificate".into(), crt.to_str().unwrap().into());
+        user.insert("client-key".into(), key.to_str().unwrap().into());
+        entry["user"] = serde_yaml::Value::Mapping(user);
+    }
+    std::fs::write(path, serde_yaml::to_string(&kc).unwrap()).unwrap();
+}
+
+/// One tenant: its release namespace and the namespace it serves.
+struct Tenant {
+    release: TestNamespace,
+    served: TestNamespace,
+    user: String,
+}
+
+impl Tenant {
+    async fn new(tag: &str) -> Option<Tenant> {
+        let release = TestNamespace::new(&format!("scope-{tag}-sys")).await?;
+        let served = TestNamespace::new(&format!("scope-{tag}")).await?;
+        let user = format!("system:serviceaccount:{}:{SERVICE_ACCOUNT}", release.name);
+        Some(Tenant {
+            release,
+            served,
+            user,
+        })
+    }
+
+    fn install_rbac(&self) -> ClusterRbac<'static> {
+        let cp = self.release.control_plane;
+        let yaml = chart_rbac(&self.release.name, &[&self.served.name]);
+        kubectl(cp, &["apply"], &yaml);
+        ClusterRbac { cp, yaml }
+    }
+
+    /// The operator as this release's ServiceAccount (never system:masters), its reads audited.
+    fn start(&self, dir: &Path) -> OperatorProcess {
+        let cp = self.release.control_plane;
+        let kubeconfig = dir.join(format!(
+            "kubeconfig-{}-{}",
+            self.release.name,
+            std::process::id()
+        ));
+        write_certificate_kubeconfig(cp, &kubeconfig, &self.user, AUDIT_READS_GROUP);
+        OperatorProcess::spawn(Spawn {
+            name: &self.release.name,
+            kubeconfig: &kubeconfig,
+            log_dir: dir,
+            args: &[
+                "--dns-resolver",
+                "none",
+                "--watch-namespaces",
+                &self.served.name,
+                "--leader-election",
+                "--leader-election-namespace",
+                &self.release.name,
+            ],
+            env: &[("POD_NAME", &self.release.name)],
+        })
+    }
+
+    /// Whether `e`, a request of this tenant's operator, stays inside its scope: a namespaced
+    /// request in the served or the release namespace (its Lease), a cluster-scoped one only on
+    /// the served Namespace, or a request on no object at all (API discovery).
+    fn in_scope(&self, e: &AuditEvent) -> bool {
+        if e.resource.is_empty() {
+            return true;
+        }
+        if e.resource == "namespaces" {
+            return e.name == self.served.name;
+        }
+        e.namespace == self.served.name || e.namespace == self.release.name
+    }
+}
+
+#[tokio::test]
+async fn two_operators_with_disjoint_scopes_touch_only_their_own_namespaces() {
+    let Some(a) = Tenant::new("a").await else {
+        return;
+    };
+    let b = Tenant::new("b").await.unwrap();
+    // A namespace with a stack that neither operator serves.
+    let outside = TestNamespace::new("scope-outside").await.unwrap();
+    let cp = a.release.control_plane;
+    let policy = std::fs::read_to_string(cp.state_dir.join("audit-policy.yaml")).unwrap();
+    assert!(
+        policy.contains(AUDIT_READS_GROUP),
+        "the control plane at {} was started before its audit policy recorded the reads of \
+         {AUDIT_READS_GROUP}: stop it (OPSC_STATE={} scripts/controlplane down) and run again",
+        cp.state_dir.display(),
+        cp.state_dir.display()
+    );
+    install_crd(cp).await;
+    let _rbac_a = a.install_rbac();
+    let _rbac_b = b.install_rbac();
+
+    let audit = AuditLog::of(cp);
+    let mark = audit.mark();
+    let dir = cp.state_dir.join("scope-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let op_a = a.start(&dir);
+    let op_b = b.start(&dir);
+    for op in [&op_a, &op_b] {
+        eventually(
+            "both scoped operators to lead and sync their caches (/readyz)",
+            Duration::from_secs(90),
+            || async { op.ready().then_some(()) },
+        )
+        .await;
+    }
+
+    let mut stacks = Vec::new();
+    for ns in [&a.served, &b.served, &outside] {
+        stacks.push(apply_stack(&ns.client, &example("minimal.yaml", &ns.name)).await);
+    }
+    for (tenant, stack) in [(&a, &stacks[0]), (&b, &stacks[1])] {
+        let expected = rendered_objects(stack);
+        let uid = stack.uid().unwrap();
+        let (client, ns) = (tenant.served.client.clone(), tenant.served.name.clone());
+        eventually(
+            "each served stack's objects, owned by it",
+            Duration::from_secs(90),
+            || {
+                let (client, ns, uid, expected) =
+                    (client.clone(), ns.clone(), uid.clone(), expected.clone());
+                async move { (owned_objects(&client, &ns, &uid).await == expected).then_some(()) }
+            },
+        )
+        .await;
+        let api: Api<OpsConductorStack> = tenant.served.api();
+        eventually(
+            "each served stack's status to describe its generation",
+            Duration::from_secs(90),
+            || {
+                let api = api.clone();
+                async move {
+                    let s = api.get("hello").await.ok()?;
+                    let observed = s.status.as_ref()?.observed_generation;
+                    (observed.is_some() && observed == s.metadata.generation).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    // A few resyncs' worth of steady state, so that late requests are in the log too.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let requests = audit.requests_since(&mark);
+    for (tenant, other) in [(&a, &b), (&b, &a)] {
+        let mine: Vec<&AuditEvent> = requests.iter().filter(|e| e.user == tenant.user).collect();
+        let reads: Vec<&&AuditEvent> = mine
+            .iter()
+            .filter(|e| matches!(e.verb.as_str(), "list" | "watch"))
+            .collect();
+        assert!(
+            reads.len() >= 8,
+            "the audit log has only {} list/watch requests of {}: are its reads recorded?",
+            reads.len(),
+            tenant.user
+        );
+        let outside_scope: Vec<String> = mine
+            .iter()
+            .filter(|e| !tenant.in_scope(e))
+            .map(|e| format!("{} {}", e.verb, e.request_uri))
+            .collect();
+        assert!(
+            outside_scope.is_empty(),
+            "requests of {} outside its scope {:?}:\n{}",
+            tenant.user,
+            tenant.served.name,
+            outside_scope.join("\n")
+        );
+        let refused: Vec<String> = mine
+            .iter()
+            .filter(|e| e.code == 403)
+            .map(|e| format!("{} {}", e.verb, e.request_uri))
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "the chart's scoped RBAC refused requests of {}:\n{}",
+            tenant.user,
+            refused.join("\n")
+        );
+        // It wrote its own stack's objects and status, and nothing in the other's namespace or
+        // in the namespace nobody serves.
+        let writes: Vec<&&AuditEvent> = mine.iter().filter(|e| e.is_write()).collect();
+        assert!(
+            writes.iter().any(|e| e.namespace == tenant.served.name
+                && e.resource == "opsconductorstacks"
+                && e.subresource == "status"
+                && e.succeeded()),
+            "{} never wrote its stack's status",
+            tenant.user
+        );
+        let trespass: Vec<String> = writes
+            .iter()
+            .filter(|e| e.namespace == other.served.name || e.namespace == outside.name)
+            .map(|e| format!("{} {}", e.verb, e.request_uri))
+            .collect();
+        assert!(
+            trespass.is_empty(),
+            "{} wrote outside its scope:\n{}",
+            tenant.user,
+            trespass.join("\n")
+        );
+    }
+    // The stack nobody serves has no status from either operator (another test binary's
+    // cluster-wide operator may serve it; only these two users are checked).
+    let served: BTreeSet<&str> = [a.user.as_str(), b.user.as_str()].into();
+    let touched: Vec<String> = requests
+        .iter()
+        .filter(|e| served.contains(e.user.as_str()) && e.namespace == outside.name)
+        .map(|e| format!("{} {} {}", e.user, e.verb, e.request_uri))
+        .collect();
+    assert!(touched.is_empty(), "{}", touched.join("\n"));
+    for op in [&op_a, &op_b] {
+        let log = op.log_text();
+        let denials: Vec<&str> = log.lines().filter(|l| l.contains("forbidden")).collect();
+        assert!(denials.is_empty(), "{}:\n{}", op.name, denials.join("\n"));
+    }
+}
