@@ -11,8 +11,8 @@ use ipnet::IpNet;
 
 use crate::crd::{OpsConductorStack, OpsConductorStackSpec};
 use crate::model::{
-    Acme, Backend, CertificateSource, DnsLabel, Egress, Gateway, Hsts, Port, RateLimit, SecretKey,
-    Service, Stack, Timeouts, Tls,
+    Acme, Backend, CertificateSource, Dns01, DnsLabel, Egress, Gateway, Hsts, Port, RateLimit,
+    Rfc2136, SecretKey, Service, Stack, Timeouts, Tls,
 };
 use crate::names::{self, Component};
 
@@ -143,6 +143,9 @@ pub fn validate(
     let tls = validate_tls(spec, &mut errs);
     let services = validate_services(spec, name.as_ref(), &mut errs);
     let backends = validate_backends(spec, name.as_ref(), &services, &mut errs);
+    if let (Some(gateway), Some(tls)) = (&gateway, &tls) {
+        check_wildcards(gateway, tls, &mut errs);
+    }
     if name.is_some() {
         errs.0
             .extend(secret_references(stack, std::slice::from_ref(&raw_name)));
@@ -445,7 +448,9 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
                     format!("{profile:?} is not a profile name"),
                 );
             }
+            let dns01 = acme.dns01.as_ref().map(|d| validate_dns01(d, errs));
             Some(CertificateSource::Acme(Acme {
+                dns01,
                 directory_url: url.to_string(),
                 email: acme.email.clone(),
                 external_account_binding: eab,
@@ -462,6 +467,140 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
         source: source?,
         renew_before,
     })
+}
+
+/// Wildcard hosts need a certificate that HTTP-01 cannot get: DNS-01 for that host, or the
+/// user's own Secret.
+fn check_wildcards(gateway: &Gateway, tls: &Tls, errs: &mut Errors) {
+    let CertificateSource::Acme(acme) = &tls.source else {
+        return;
+    };
+    for (i, host) in gateway.hosts.iter().enumerate() {
+        if !host.starts_with("*.") {
+            continue;
+        }
+        let message = match &acme.dns01 {
+            Some(d) if d.covers(host) => continue,
+            Some(_) => format!(
+                "{host:?} is a wildcard and none of spec.tls.acme.dns01.domains covers it: \
+                 HTTP-01 validation cannot issue wildcard certificates; add its domain to \
+                 dns01.domains"
+            ),
+            None => format!(
+                "{host:?} is a wildcard; HTTP-01 validation cannot issue wildcard \
+                 certificates: set spec.tls.acme.dns01 (DNS-01 validation), or bring your own \
+                 certificate with spec.tls.secretName"
+            ),
+        };
+        errs.add(format!("spec.gateway.hosts[{i}]"), message);
+    }
+}
+
+/// `host` or `host:port` (an IPv6 address in brackets) with the port, 53 when missing.
+fn check_nameserver(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (v6, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("{s:?}: an IPv6 address needs a closing ']'"))?;
+        v6.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| format!("{s:?}: {v6:?} is not an IPv6 address"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(format!("{s:?} is not host:port")),
+        };
+        (format!("[{v6}]"), port)
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (s.to_string(), None),
+        }
+    };
+    let port = match port {
+        None => 53,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{s:?}: {p:?} is not a port (1 to 65535)"))?,
+    };
+    if !host.starts_with('[') && host.parse::<std::net::Ipv4Addr>().is_err() {
+        check_subdomain(&host.to_ascii_lowercase())
+            .map_err(|e| format!("{s:?}: not an address or host name: {e}"))?;
+    }
+    Ok(format!("{host}:{port}"))
+}
+
+fn validate_dns01(d: &crate::crd::Dns01Spec, errs: &mut Errors) -> Dns01 {
+    let path = "spec.tls.acme.dns01";
+    let mut domains = Vec::new();
+    for (i, domain) in d.domains.iter().enumerate() {
+        let lower = domain.trim_end_matches('.').to_ascii_lowercase();
+        match check_subdomain(&lower) {
+            Ok(()) if lower.contains('.') => domains.push(lower),
+            Ok(()) => errs.add(
+                format!("{path}.domains[{i}]"),
+                format!("{domain:?} is not a fully qualified DNS name"),
+            ),
+            Err(e) => errs.add(format!("{path}.domains[{i}]"), e),
+        }
+    }
+    if !(1..=3600).contains(&d.propagation_timeout_seconds) {
+        errs.add(
+            format!("{path}.propagationTimeoutSeconds"),
+            format!(
+                "{} is out of range 1 to 3600",
+                d.propagation_timeout_seconds
+            ),
+        );
+    }
+    let r = &d.rfc2136;
+    let nameserver = match check_nameserver(&r.nameserver) {
+        Ok(ns) => ns,
+        Err(e) => {
+            errs.add(format!("{path}.rfc2136.nameserver"), e);
+            String::new()
+        }
+    };
+    let zone = r.zone.as_ref().map(|z| {
+        let lower = z.trim_end_matches('.').to_ascii_lowercase();
+        if let Err(e) = check_subdomain(&lower) {
+            errs.add(format!("{path}.rfc2136.zone"), e);
+        }
+        lower
+    });
+    let key_name = r.tsig_key_name.trim_end_matches('.');
+    let key_name_ok = !key_name.is_empty()
+        && key_name.len() <= 253
+        && key_name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if !key_name_ok {
+        errs.add(
+            format!("{path}.rfc2136.tsigKeyName"),
+            format!(
+                "{:?} is not a key name (a DNS name: letters, digits, '-', '_' and '.')",
+                r.tsig_key_name
+            ),
+        );
+    }
+    let tsig_secret = secret_key(errs, &format!("{path}.rfc2136.tsigSecretRef"), &r.tsig_secret_ref);
+    Dns01 {
+        domains,
+        propagation_timeout: Duration::from_secs(d.propagation_timeout_seconds.max(1) as u64),
+        rfc2136: Rfc2136 {
+            nameserver,
+            zone,
+            tsig_key_name: key_name.to_string(),
+            tsig_algorithm: r.tsig_algorithm,
+            tsig_secret,
+        },
+    }
 }
 
 fn secret_key(errs: &mut Errors, path: &str, r: &crate::crd::SecretKeyRef) -> SecretKey {
@@ -691,6 +830,13 @@ pub fn secret_references(stack: &OpsConductorStack, stacks: &[String]) -> Vec<Fi
         if let Some(r) = &acme.ca_bundle_secret_ref {
             check("spec.tls.acme.caBundleSecretRef.name".into(), &r.name, true);
         }
+        if let Some(d) = &acme.dns01 {
+            check(
+                "spec.tls.acme.dns01.rfc2136.tsigSecretRef.name".into(),
+                &d.rfc2136.tsig_secret_ref.name,
+                true,
+            );
+        }
     }
     out
 }
@@ -709,9 +855,35 @@ pub fn directory_url_problems(stack: &OpsConductorStack, allow_loopback: bool) -
     let Some(acme) = stack.spec.tls.acme.as_ref() else {
         return Vec::new();
     };
+    let mut out = Vec::new();
+    if let Some(d) = &acme.dns01 {
+        let host = check_nameserver(&d.rfc2136.nameserver)
+            .ok()
+            .and_then(|ns| url_host(&format!("https://{ns}")));
+        let why = match host.as_deref().and_then(internal_host) {
+            Some(Internal::LinkLocal) => Some(
+                "names a link-local address: the node's own services and the cloud metadata \
+                 service live there, and the operator never sends to them",
+            ),
+            Some(Internal::Unspecified) => {
+                Some("names the unspecified address, which means this host")
+            }
+            Some(Internal::Loopback) if !allow_loopback => Some(
+                "names a loopback address, the operator's own pod; refused unless the operator \
+                 runs with --allow-loopback-acme-directory (a test DNS server on the same machine)",
+            ),
+            _ => None,
+        };
+        if let Some(why) = why {
+            out.push(FieldError {
+                path: "spec.tls.acme.dns01.rfc2136.nameserver".into(),
+                message: format!("{:?} {why}", d.rfc2136.nameserver),
+            });
+        }
+    }
     let url = acme.directory_url.trim();
     let Some(host) = url_host(url) else {
-        return Vec::new();
+        return out;
     };
     let why = match internal_host(&host) {
         Some(Internal::LinkLocal) => {
@@ -723,12 +895,13 @@ pub fn directory_url_problems(stack: &OpsConductorStack, allow_loopback: bool) -
             "names a loopback address, the operator's own pod; refused unless the operator \
              runs with --allow-loopback-acme-directory (a test CA on the same machine)"
         }
-        _ => return Vec::new(),
+        _ => return out,
     };
-    vec![FieldError {
+    out.push(FieldError {
         path: "spec.tls.acme.directoryUrl".into(),
         message: format!("{:?} {why}", acme.directory_url),
-    }]
+    });
+    out
 }
 
 /// The gateway image against the operator's allow-list (`--allowed-gateway-images`; empty:
@@ -1126,9 +1299,20 @@ fn ports(errs: &mut Errors, path: &str, raw: &[i32]) -> Option<Vec<Port>> {
 /// A host name the certificate can cover with HTTP-01: a lowercase DNS name, no wildcard,
 /// not an IP address.
 fn check_host(host: &str) -> Result<String, String> {
-    if host.starts_with("*.") {
+    if let Some(rest) = host.strip_prefix("*.") {
+        // A wildcard names one label below `rest` (RFC 6125); allowed where the certificate
+        // comes from DNS-01 or the user's own Secret (checked in `check_wildcards`).
+        return match check_host(rest) {
+            Ok(_) => Ok(host.to_string()),
+            Err(_) if rest.contains('*') => Err(format!(
+                "{host:?}: a wildcard is allowed only as the whole first label (\"*.example.com\")"
+            )),
+            Err(e) => Err(format!("{host:?}: after \"*.\": {e}")),
+        };
+    }
+    if host.contains('*') {
         return Err(format!(
-            "{host:?} is a wildcard; HTTP-01 validation cannot issue wildcard certificates"
+            "{host:?}: a wildcard is allowed only as the whole first label (\"*.example.com\")"
         ));
     }
     if host.parse::<std::net::IpAddr>().is_ok() {
