@@ -160,7 +160,8 @@ pub struct Acme {
     pub ca_bundle: Option<SecretKey>,
     pub profile: Option<String>,
     pub key_algorithm: crate::crd::KeyAlgorithm,
-    pub dns01: Option<Dns01>,
+    /// Boxed: most stacks have none, and it would make every certificate source as large.
+    pub dns01: Option<Box<Dns01>>,
 }
 
 /// Validated DNS-01 settings.

@@ -448,7 +448,10 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
                     format!("{profile:?} is not a profile name"),
                 );
             }
-            let dns01 = acme.dns01.as_ref().map(|d| validate_dns01(d, errs));
+            let dns01 = acme
+                .dns01
+                .as_ref()
+                .map(|d| Box::new(validate_dns01(d, errs)));
             Some(CertificateSource::Acme(Acme {
                 dns01,
                 directory_url: url.to_string(),
@@ -589,7 +592,11 @@ fn validate_dns01(d: &crate::crd::Dns01Spec, errs: &mut Errors) -> Dns01 {
             ),
         );
     }
-    let tsig_secret = secret_key(errs, &format!("{path}.rfc2136.tsigSecretRef"), &r.tsig_secret_ref);
+    let tsig_secret = secret_key(
+        errs,
+        &format!("{path}.rfc2136.tsigSecretRef"),
+        &r.tsig_secret_ref,
+    );
     Dns01 {
         domains,
         propagation_timeout: Duration::from_secs(d.propagation_timeout_seconds.max(1) as u64),
@@ -1940,6 +1947,190 @@ mod tests {
         assert!(DnsLabel::parse("a.b").is_err());
         assert!(DnsLabel::parse(&"a".repeat(63)).is_ok());
         assert!(DnsLabel::parse(&"a".repeat(64)).is_err());
+    }
+
+    fn dns01() -> Value {
+        json!({"rfc2136": {
+            "nameserver": "192.0.2.53",
+            "tsigKeyName": "acme-key",
+            "tsigSecretRef": {"name": "tsig", "key": "secret"},
+        }})
+    }
+
+    #[test]
+    fn dns01_settings_are_checked_field_by_field() {
+        let mut v = base();
+        v["spec"]["tls"]["acme"]["dns01"] = dns01();
+        let stack = run(v).expect("valid");
+        let CertificateSource::Acme(acme) = &stack.tls.source else {
+            panic!("acme")
+        };
+        let d = acme.dns01.as_ref().unwrap();
+        assert_eq!(d.rfc2136.nameserver, "192.0.2.53:53");
+        assert_eq!(
+            d.rfc2136.tsig_algorithm,
+            crate::crd::TsigAlgorithm::HmacSha256
+        );
+        assert_eq!(d.propagation_timeout, Duration::from_secs(300));
+        assert!(d.covers("anything.example.org") && d.covers("*.example.org"));
+
+        let with = |edit: fn(&mut Value)| {
+            move |v: &mut Value| {
+                v["spec"]["tls"]["acme"]["dns01"] = dns01();
+                edit(&mut v["spec"]["tls"]["acme"]["dns01"]);
+            }
+        };
+        assert_error(
+            with(|d| d["rfc2136"]["nameserver"] = json!("ns.example.com:0")),
+            "spec.tls.acme.dns01.rfc2136.nameserver: \"ns.example.com:0\": \"0\" is not a port",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["nameserver"] = json!("[2001:db8::1")),
+            "spec.tls.acme.dns01.rfc2136.nameserver",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["nameserver"] = json!("NS_1!")),
+            "spec.tls.acme.dns01.rfc2136.nameserver",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["zone"] = json!("Bad Zone")),
+            "spec.tls.acme.dns01.rfc2136.zone",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["tsigKeyName"] = json!("key with spaces")),
+            "spec.tls.acme.dns01.rfc2136.tsigKeyName",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["tsigSecretRef"]["key"] = json!("a/b")),
+            "spec.tls.acme.dns01.rfc2136.tsigSecretRef.key",
+        );
+        assert_error(
+            with(|d| d["propagationTimeoutSeconds"] = json!(0)),
+            "spec.tls.acme.dns01.propagationTimeoutSeconds: 0 is out of range 1 to 3600",
+        );
+        assert_error(
+            with(|d| d["domains"] = json!(["localhost"])),
+            "spec.tls.acme.dns01.domains[0]: \"localhost\" is not a fully qualified DNS name",
+        );
+        // The Secrets the operator keeps for stacks are never a TSIG key.
+        assert_error(
+            with(|d| d["rfc2136"]["tsigSecretRef"]["name"] = json!("prod-acme-account")),
+            "spec.tls.acme.dns01.rfc2136.tsigSecretRef.name: Secret \"prod-acme-account\" is the ACME account key",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["tsigSecretRef"]["name"] = json!("prod-tls")),
+            "spec.tls.acme.dns01.rfc2136.tsigSecretRef.name: Secret \"prod-tls\" holds the gateway certificate",
+        );
+        // Bracketed IPv6 with a port, and a host name without one.
+        let mut v = base();
+        v["spec"]["tls"]["acme"]["dns01"] = dns01();
+        v["spec"]["tls"]["acme"]["dns01"]["rfc2136"]["nameserver"] = json!("[2001:db8::53]:5353");
+        assert!(run(v).is_ok());
+    }
+
+    #[test]
+    fn wildcards_need_dns01_or_an_own_secret() {
+        let wildcard = |v: &mut Value| {
+            v["spec"]["gateway"]["hosts"] = json!(["example.com", "*.example.com"]);
+        };
+        // HTTP-01: refused, naming DNS-01.
+        assert_error(
+            wildcard,
+            "spec.gateway.hosts[1]: \"*.example.com\" is a wildcard; HTTP-01 validation cannot \
+             issue wildcard certificates: set spec.tls.acme.dns01",
+        );
+        // DNS-01 for every host: allowed.
+        let mut v = base();
+        wildcard(&mut v);
+        v["spec"]["tls"]["acme"]["dns01"] = dns01();
+        assert_eq!(
+            run(v).unwrap().gateway.hosts,
+            ["example.com", "*.example.com"]
+        );
+        // DNS-01 for other domains only: refused, naming dns01.domains.
+        assert_error(
+            |v| {
+                wildcard(v);
+                v["spec"]["tls"]["acme"]["dns01"] = dns01();
+                v["spec"]["tls"]["acme"]["dns01"]["domains"] = json!(["example.org"]);
+            },
+            "none of spec.tls.acme.dns01.domains covers it",
+        );
+        let mut v = base();
+        wildcard(&mut v);
+        v["spec"]["tls"]["acme"]["dns01"] = dns01();
+        v["spec"]["tls"]["acme"]["dns01"]["domains"] = json!(["example.com"]);
+        assert!(run(v).is_ok());
+        // The user's own Secret: allowed.
+        let mut v = base();
+        wildcard(&mut v);
+        v["spec"]["tls"] = json!({"secretName": "wild-cert"});
+        assert!(run(v).is_ok());
+        // Only as the whole first label.
+        for bad in [
+            "a.*.example.com",
+            "*x.example.com",
+            "*.com",
+            "**.example.com",
+        ] {
+            let errs = errors(|v| {
+                v["spec"]["gateway"]["hosts"] = json!([bad]);
+                v["spec"]["tls"] = json!({"secretName": "wild-cert"});
+            });
+            assert!(
+                errs.iter().any(|e| e.starts_with("spec.gateway.hosts[0]")),
+                "{bad}: {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn dns01_per_domain_covers_the_domain_and_below() {
+        let d = Dns01 {
+            domains: vec!["example.com".into()],
+            propagation_timeout: Duration::from_secs(1),
+            rfc2136: Rfc2136 {
+                nameserver: "ns:53".into(),
+                zone: None,
+                tsig_key_name: "k".into(),
+                tsig_algorithm: Default::default(),
+                tsig_secret: SecretKey {
+                    name: "s".into(),
+                    key: "k".into(),
+                },
+            },
+        };
+        for host in ["example.com", "*.example.com", "a.b.example.com"] {
+            assert!(d.covers(host), "{host}");
+        }
+        for host in ["example.org", "notexample.com", "*.com"] {
+            assert!(!d.covers(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn dns01_nameservers_on_internal_addresses_are_refused() {
+        let problems = |ns: &str, allow_loopback: bool| {
+            let mut v = base();
+            v["spec"]["tls"]["acme"]["dns01"] = dns01();
+            v["spec"]["tls"]["acme"]["dns01"]["rfc2136"]["nameserver"] = json!(ns);
+            let stack: OpsConductorStack = serde_json::from_value(v).unwrap();
+            directory_url_problems(&stack, allow_loopback)
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert!(problems("169.254.169.254", true).contains("link-local"));
+        assert!(problems("[fe80::1]:53", true).contains("link-local"));
+        assert!(problems("0.0.0.0:53", true).contains("unspecified"));
+        let p = problems("127.0.0.1:5353", false);
+        assert!(
+            p.starts_with("spec.tls.acme.dns01.rfc2136.nameserver: ") && p.contains("loopback"),
+            "{p}"
+        );
+        assert_eq!(problems("127.0.0.1:5353", true), "");
+        assert_eq!(problems("ns1.example.com", false), "");
     }
 
     #[test]

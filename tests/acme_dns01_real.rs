@@ -107,7 +107,11 @@ impl Knot {
         } else {
             String::new()
         };
-        let zone_acl = if updates { "    acl: acme_update\n" } else { "" };
+        let zone_acl = if updates {
+            "    acl: acme_update\n"
+        } else {
+            ""
+        };
         let config = format!(
             "server:\n    rundir: \"{d}\"\n    listen: {address}@{port}\n\n\
              control:\n    listen: \"{d}/knot.sock\"\n\n\
@@ -140,7 +144,9 @@ impl Knot {
                 );
             }
             if TcpStream::connect((address, port)).is_ok()
-                && kdig(address, port, "SOA", ZONE).iter().any(|l| l.contains("ns1"))
+                && kdig(address, port, "SOA", ZONE)
+                    .iter()
+                    .any(|l| l.contains("ns1"))
             {
                 break;
             }
@@ -183,7 +189,15 @@ impl Drop for Knot {
 fn kdig(address: &str, port: u16, rtype: &str, name: &str) -> Vec<String> {
     let out = Command::new("kdig")
         .arg(format!("@{address}"))
-        .args(["-p", &port.to_string(), "+short", "+norecurse", "+tcp", rtype, name])
+        .args([
+            "-p",
+            &port.to_string(),
+            "+short",
+            "+norecurse",
+            "+tcp",
+            rtype,
+            name,
+        ])
         .output()
         .expect("kdig runs");
     String::from_utf8_lossy(&out.stdout)
@@ -207,7 +221,9 @@ fn knsupdate(port: u16, commands: &str) {
         .stdin
         .take()
         .unwrap()
-        .write_all(format!("server 127.0.0.1 {port}\nzone {ZONE}.\n{commands}\nsend\nquit\n").as_bytes())
+        .write_all(
+            format!("server 127.0.0.1 {port}\nzone {ZONE}.\n{commands}\nsend\nquit\n").as_bytes(),
+        )
         .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -273,7 +289,10 @@ impl World {
             operator: None,
             env: vec![
                 // Closed: nothing may go through the gateway.
-                ("OPSC_ACME_GATEWAY_URL", format!("http://127.0.0.1:{}", free_port())),
+                (
+                    "OPSC_ACME_GATEWAY_URL",
+                    format!("http://127.0.0.1:{}", free_port()),
+                ),
                 ("OPSC_ACME_SELF_CHECK_SECONDS", "2".to_string()),
                 ("OPSC_ACME_BACKOFF_FIRST_SECONDS", "2".to_string()),
                 ("OPSC_ACME_BACKOFF_CAP_SECONDS", "16".to_string()),
@@ -281,7 +300,8 @@ impl World {
                 ("OPSC_ACME_DNS01_NS_PORT", port.to_string()),
             ],
         };
-        w.put_secret("pebble-ca", "ca.crt", &w.pebble.tls_ca_pem.clone()).await;
+        w.put_secret("pebble-ca", "ca.crt", &w.pebble.tls_ca_pem.clone())
+            .await;
         w.put_secret("tsig", "secret", KEY_SECRET).await;
         Some(w)
     }
@@ -312,7 +332,13 @@ impl World {
 
     /// A stack `name` for `hosts`, every host through DNS-01 with the test key; `dns01` adds
     /// or replaces fields of `spec.tls.acme.dns01`, `gateway` of `spec.gateway`.
-    async fn apply(&self, name: &str, hosts: &[&str], dns01: serde_json::Value, gateway: serde_json::Value) {
+    async fn apply(
+        &self,
+        name: &str,
+        hosts: &[&str],
+        dns01: serde_json::Value,
+        gateway: serde_json::Value,
+    ) {
         let mut stack = json!({
             "apiVersion": "opsconductor.io/v1alpha1",
             "kind": "OpsConductorStack",
@@ -376,7 +402,9 @@ impl World {
         eventually(&format!("a failure naming {needle:?}"), WAIT, || async {
             let c = self.certificate(name).await?;
             (c.failed_attempts >= 1
-                && c.last_failure_reason.as_deref().is_some_and(|r| r.contains(needle)))
+                && c.last_failure_reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains(needle)))
             .then_some(c)
         })
         .await
@@ -424,7 +452,10 @@ impl World {
     }
 
     fn operator_log(&self) -> String {
-        self.operator.as_ref().map(Operator::log_text).unwrap_or_default()
+        self.operator
+            .as_ref()
+            .map(Operator::log_text)
+            .unwrap_or_default()
     }
 }
 
@@ -479,7 +510,10 @@ async fn wildcard_and_apex_issued_through_rfc2136_for_a_private_gateway() {
     assert_certificate_for(&w, "shop", &["dns.example.test", "*.dns.example.test"]).await;
 
     // Cleaned up: no TXT record left at the challenge name, and the ledger is empty.
-    assert_eq!(w.txt("_acme-challenge.dns.example.test"), Vec::<String>::new());
+    assert_eq!(
+        w.txt("_acme-challenge.dns.example.test"),
+        Vec::<String>::new()
+    );
     assert!(w.ledger("shop").await.is_empty());
     // Validated through DNS only: no self-check of the gateway, no HTTP-01 at pebble.
     let log = w.operator_log();
@@ -510,16 +544,23 @@ async fn a_wrong_tsig_key_is_named_in_status_and_no_order_is_placed() {
     };
     w.put_secret("tsig", "secret", WRONG_SECRET).await;
     w.start_operator();
-    w.apply("shop", &["key.example.test"], json!({}), json!({})).await;
+    w.apply("shop", &["key.example.test"], json!({}), json!({}))
+        .await;
     let failed = w.failure("shop", "NOTAUTH").await;
     let reason = failed.last_failure_reason.unwrap();
     assert!(reason.contains("Secret tsig, key \"secret\""), "{reason}");
     assert!(reason.contains(KEY_NAME), "{reason}");
-    assert!(!reason.contains(WRONG_SECRET) && !reason.contains(KEY_SECRET), "{reason}");
+    assert!(
+        !reason.contains(WRONG_SECRET) && !reason.contains(KEY_SECRET),
+        "{reason}"
+    );
     assert_eq!(failed.state, CertificateState::Failed);
     // Found before ordering: the CA saw no order.
     assert_eq!(pebble_orders(&w.pebble.log()), 0);
-    assert_eq!(w.txt("_acme-challenge.key.example.test"), Vec::<String>::new());
+    assert_eq!(
+        w.txt("_acme-challenge.key.example.test"),
+        Vec::<String>::new()
+    );
 
     // The right key in the Secret (no other change): issued at the next attempt.
     w.put_secret("tsig", "secret", KEY_SECRET).await;
@@ -534,11 +575,18 @@ async fn a_zone_the_server_does_not_serve_is_named_and_no_order_is_placed() {
         return;
     };
     w.start_operator();
-    w.apply("shop", &["www.elsewhere.test"], json!({}), json!({})).await;
+    w.apply("shop", &["www.elsewhere.test"], json!({}), json!({}))
+        .await;
     let failed = w.failure("shop", "serves no zone").await;
     let reason = failed.last_failure_reason.unwrap();
-    assert!(reason.contains("_acme-challenge.www.elsewhere.test"), "{reason}");
-    assert!(reason.contains(&format!("127.0.0.1:{}", w.port)), "{reason}");
+    assert!(
+        reason.contains("_acme-challenge.www.elsewhere.test"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains(&format!("127.0.0.1:{}", w.port)),
+        "{reason}"
+    );
     assert_eq!(pebble_orders(&w.pebble.log()), 0);
 }
 
@@ -607,7 +655,7 @@ async fn a_record_left_by_an_operator_stopped_mid_order_is_removed_by_the_next()
 
     // Stopped mid-order; the zone loses its lagging server meanwhile.
     w.stop_operator();
-    assert_eq!(w.txt(name), [left.clone()]);
+    assert_eq!(w.txt(name), std::slice::from_ref(&left));
     knsupdate(w.port, &format!("update delete {ZONE}. NS ns2.{ZONE}."));
 
     w.start_operator();
@@ -635,8 +683,10 @@ async fn two_stacks_in_one_zone_leave_each_other_and_foreign_records_alone() {
     knsupdate(w.port, &format!("update add {name}. 60 TXT \"not-ours\""));
     w.start_operator();
     // Both validate at _acme-challenge.shared.example.test, at the same time.
-    w.apply("alpha", &["shared.example.test"], json!({}), json!({})).await;
-    w.apply("beta", &["*.shared.example.test"], json!({}), json!({})).await;
+    w.apply("alpha", &["shared.example.test"], json!({}), json!({}))
+        .await;
+    w.apply("beta", &["*.shared.example.test"], json!({}), json!({}))
+        .await;
     w.valid("alpha").await;
     w.valid("beta").await;
     assert_certificate_for(&w, "alpha", &["shared.example.test"]).await;

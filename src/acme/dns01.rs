@@ -52,7 +52,8 @@ pub trait DnsProvider: Send + Sync {
         value: &str,
     ) -> impl Future<Output = Result<Vec<String>, Failure>> + Send;
     /// Removes exactly the record `value` at `name`.
-    fn clean_up(&self, name: &str, value: &str) -> impl Future<Output = Result<(), Failure>> + Send;
+    fn clean_up(&self, name: &str, value: &str)
+    -> impl Future<Output = Result<(), Failure>> + Send;
 }
 
 /// A TXT record written for a challenge.
@@ -74,7 +75,9 @@ pub trait Ledger: Send + Sync {
 pub fn challenge_name(host: &str) -> String {
     format!(
         "_acme-challenge.{}",
-        host.strip_prefix("*.").unwrap_or(host).trim_end_matches('.')
+        host.strip_prefix("*.")
+            .unwrap_or(host)
+            .trim_end_matches('.')
     )
 }
 
@@ -153,7 +156,12 @@ impl<P: DnsProvider, L: Ledger> Solver for Dns01Solver<P, L> {
         self.provider.prepare(&names).await
     }
 
-    async fn present(&self, host: &str, _token: &str, key_authorization: &str) -> Result<(), Failure> {
+    async fn present(
+        &self,
+        host: &str,
+        _token: &str,
+        key_authorization: &str,
+    ) -> Result<(), Failure> {
         let record = Record {
             name: challenge_name(host),
             value: txt_value(key_authorization),
@@ -168,7 +176,12 @@ impl<P: DnsProvider, L: Ledger> Solver for Dns01Solver<P, L> {
         self.provider.present(&record.name, &record.value).await
     }
 
-    async fn check(&self, host: &str, _token: &str, key_authorization: &str) -> Result<(), Failure> {
+    async fn check(
+        &self,
+        host: &str,
+        _token: &str,
+        key_authorization: &str,
+    ) -> Result<(), Failure> {
         let (name, value) = (challenge_name(host), txt_value(key_authorization));
         let started = Instant::now();
         let deadline = started + self.propagation_timeout;
@@ -305,7 +318,10 @@ impl Rfc2136 {
             .map_err(|e| {
                 Failure::new(
                     FailureKind::DnsUpdateFailed,
-                    format!("DNS-01: nameserver {} does not resolve: {e}", self.nameserver),
+                    format!(
+                        "DNS-01: nameserver {} does not resolve: {e}",
+                        self.nameserver
+                    ),
                 )
             })?;
         addrs.next().ok_or_else(|| {
@@ -337,7 +353,10 @@ impl Rfc2136 {
         let answer = query(server, &wanted, RecordType::SOA).await.map_err(|e| {
             Failure::new(
                 FailureKind::DnsUpdateFailed,
-                format!("DNS-01: looking up the zone of {name} at {}: {e}", self.nameserver),
+                format!(
+                    "DNS-01: looking up the zone of {name} at {}: {e}",
+                    self.nameserver
+                ),
             )
         })?;
         let soa_owner = answer
@@ -626,10 +645,7 @@ async fn exchange(
     let answer = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
         .await
         .map_err(|_| {
-            ExchangeError::Other(format!(
-                "no answer within {} s",
-                EXCHANGE_TIMEOUT.as_secs()
-            ))
+            ExchangeError::Other(format!("no answer within {} s", EXCHANGE_TIMEOUT.as_secs()))
         })??;
     let parsed = Message::from_vec(&answer)
         .map_err(|e| ExchangeError::Other(format!("unreadable answer: {e}")))?;
@@ -657,8 +673,14 @@ mod tests {
 
     #[test]
     fn challenge_names_and_values() {
-        assert_eq!(challenge_name("a.example.com"), "_acme-challenge.a.example.com");
-        assert_eq!(challenge_name("*.example.com"), "_acme-challenge.example.com");
+        assert_eq!(
+            challenge_name("a.example.com"),
+            "_acme-challenge.a.example.com"
+        );
+        assert_eq!(
+            challenge_name("*.example.com"),
+            "_acme-challenge.example.com"
+        );
         // RFC 8555 section 8.4: base64url(SHA-256("token.thumbprint")), 43 characters.
         let v = txt_value("token.thumbprint");
         assert_eq!(v.len(), 43);

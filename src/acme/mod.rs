@@ -1441,7 +1441,9 @@ impl dns01::Ledger for SecretLedger {
         Api::<Secret>::namespaced(self.client.clone(), &self.stack.namespace)
             .patch(&name, &params, &Patch::Merge(&value))
             .await
-            .map_err(|e| Failure::kube(format!("recording DNS-01 records in Secret {name}: {e}")))?;
+            .map_err(|e| {
+                Failure::kube(format!("recording DNS-01 records in Secret {name}: {e}"))
+            })?;
         Ok(())
     }
 }

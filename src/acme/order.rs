@@ -176,7 +176,12 @@ impl GatewaySolver {
 
 impl GatewaySolver {
     /// Waits up to the patience for the gateway to answer `token` with `key_authorization`.
-    async fn answered(&self, host: &str, token: &str, key_authorization: &str) -> Result<(), String> {
+    async fn answered(
+        &self,
+        host: &str,
+        token: &str,
+        key_authorization: &str,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + self.patience;
         let mut pause = Duration::from_millis(200);
         loop {
@@ -226,7 +231,12 @@ impl Solver for GatewaySolver {
             })
     }
 
-    async fn present(&self, _host: &str, _token: &str, _key_authorization: &str) -> Result<(), Failure> {
+    async fn present(
+        &self,
+        _host: &str,
+        _token: &str,
+        _key_authorization: &str,
+    ) -> Result<(), Failure> {
         Ok(())
     }
 
@@ -410,7 +420,10 @@ pub async fn issue<S: Solver>(
             let authz = match next {
                 Ok(a) => a,
                 Err(e) => {
-                    failed = Some((String::new(), Failure::from_acme("fetching an authorization", e, http)));
+                    failed = Some((
+                        String::new(),
+                        Failure::from_acme("fetching an authorization", e, http),
+                    ));
                     break;
                 }
             };
@@ -483,17 +496,21 @@ pub async fn issue<S: Solver>(
                 continue;
             };
             debug_assert_eq!(challenge.key_authorization().as_str(), p.key_authorization);
-            if let Err(e) =
-                nonce_retries!(timed(metrics, "challengeReady", challenge.set_ready()))
+            if let Err(e) = nonce_retries!(timed(metrics, "challengeReady", challenge.set_ready()))
             {
-                failed = Some((String::new(), Failure::from_acme("answering the challenge", e, http)));
+                failed = Some((
+                    String::new(),
+                    Failure::from_acme("answering the challenge", e, http),
+                ));
                 break;
             }
         }
     }
     if let Some((host, failure)) = failed {
         for p in &presented {
-            solver.clean_up(&p.host, &p.token, &p.key_authorization).await;
+            solver
+                .clean_up(&p.host, &p.token, &p.key_authorization)
+                .await;
         }
         // An authorization whose challenge the CA was never asked to validate does not
         // linger as pending at the CA.
@@ -516,7 +533,9 @@ pub async fn issue<S: Solver>(
         .timeout(Duration::from_secs(120));
     let status = nonce_retries!(timed(metrics, "pollOrder", order.poll_ready(&polling)));
     for p in &presented {
-        solver.clean_up(&p.host, &p.token, &p.key_authorization).await;
+        solver
+            .clean_up(&p.host, &p.token, &p.key_authorization)
+            .await;
     }
     match status {
         Ok(OrderStatus::Ready) => {}

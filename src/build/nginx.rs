@@ -257,7 +257,10 @@ fn http_settings(w: &mut String, stack: &Stack) {
                 None => format!("        {h} {h};\n"),
             })
             .collect::<String>();
-        w.truncate(w.rfind("    # The configured host a plain-HTTP request names").unwrap_or(w.len()));
+        w.truncate(
+            w.rfind("    # The configured host a plain-HTTP request names")
+                .unwrap_or(w.len()),
+        );
         let _ = writeln!(
             w,
             r#"    # The configured host a plain-HTTP request names, for the redirect to HTTPS: never a host
