@@ -143,9 +143,7 @@ pub fn validate(
     let tls = validate_tls(spec, &mut errs);
     let services = validate_services(spec, name.as_ref(), &mut errs);
     let backends = validate_backends(spec, name.as_ref(), &services, &mut errs);
-    if let (Some(gateway), Some(tls)) = (&gateway, &tls) {
-        check_wildcards(gateway, tls, &mut errs);
-    }
+    check_wildcards(spec, &mut errs);
     if name.is_some() {
         errs.0
             .extend(secret_references(stack, std::slice::from_ref(&raw_name)));
@@ -473,22 +471,35 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
 }
 
 /// Wildcard hosts need a certificate that HTTP-01 cannot get: DNS-01 for that host, or the
-/// user's own Secret.
-fn check_wildcards(gateway: &Gateway, tls: &Tls, errs: &mut Errors) {
-    let CertificateSource::Acme(acme) = &tls.source else {
+/// user's own Secret. From the raw spec, so that it is reported beside every other problem.
+fn check_wildcards(spec: &OpsConductorStackSpec, errs: &mut Errors) {
+    let Some(acme) = &spec.tls.acme else {
         return;
     };
-    for (i, host) in gateway.hosts.iter().enumerate() {
-        if !host.starts_with("*.") {
+    if spec.tls.secret_name.is_some() {
+        return; // "exactly one of" is reported already
+    }
+    for (i, host) in spec.gateway.hosts.iter().enumerate() {
+        if !host.starts_with("*.") || check_host(host).is_err() {
             continue;
         }
         let message = match &acme.dns01 {
-            Some(d) if d.covers(host) => continue,
-            Some(_) => format!(
-                "{host:?} is a wildcard and none of spec.tls.acme.dns01.domains covers it: \
-                 HTTP-01 validation cannot issue wildcard certificates; add its domain to \
-                 dns01.domains"
-            ),
+            Some(d) => {
+                let covered = d.domains.is_empty()
+                    || d.domains.iter().any(|domain| {
+                        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+                        let name = &host[2..];
+                        name == domain || name.ends_with(&format!(".{domain}"))
+                    });
+                if covered {
+                    continue;
+                }
+                format!(
+                    "{host:?} is a wildcard and none of spec.tls.acme.dns01.domains covers it: \
+                     HTTP-01 validation cannot issue wildcard certificates; add its domain to \
+                     dns01.domains"
+                )
+            }
             None => format!(
                 "{host:?} is a wildcard; HTTP-01 validation cannot issue wildcard \
                  certificates: set spec.tls.acme.dns01 (DNS-01 validation), or bring your own \

@@ -4,9 +4,9 @@
 //! plane.
 //!
 //! The zone `example.test` is served by a primary on 127.0.0.1 (updates allowed with the key
-//! `acme-key`) and, where a test needs a second authoritative server that never sees the
-//! updates, a second knot on 127.0.0.2 with the same port serving the zone file as it was
-//! (no transfers). The operator asks the zone's NS servers on that port
+//! `acme-key`) and, where a test needs a second authoritative server, a second knot on
+//! 127.0.0.2 with the same port: either serving the zone file as it was (never sees an
+//! update) or a real secondary (NOTIFY from the primary, then a transfer). The operator asks the zone's NS servers on that port
 //! (`OPSC_ACME_DNS01_NS_PORT`). No gateway runs: `OPSC_ACME_GATEWAY_URL` names a closed
 //! port, so nothing here can go through HTTP-01.
 //!
@@ -83,6 +83,17 @@ fn shared_port() -> u16 {
     }
 }
 
+/// What a knotd is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Takes the updates (and transfers to the secondary, NOTIFYing it when `notify`).
+    Primary { notify: bool },
+    /// Serves the zone file as it is: never sees an update.
+    StaticCopy,
+    /// A real secondary: NOTIFY from the primary, then a transfer.
+    Secondary,
+}
+
 /// One knotd, stopped by its PID on drop.
 struct Knot {
     dir: tempfile::TempDir,
@@ -92,25 +103,40 @@ struct Knot {
 impl Knot {
     /// knotd on `address:port` serving `zone_file` for example.test; `updates` allows RFC 2136
     /// updates signed with the test key.
-    fn start(address: &str, port: u16, zone_file: &str, updates: bool) -> Knot {
+    fn start(address: &str, port: u16, zone_file: &str, role: Role) -> Knot {
         let dir = tempfile::Builder::new()
             .prefix("opsc-knot-")
             .tempdir()
             .unwrap();
         let d = dir.path().display();
         std::fs::write(dir.path().join(format!("{ZONE}.zone")), zone_file).unwrap();
-        let acl = if updates {
-            format!(
-                "acl:\n  - id: acme_update\n    key: {KEY_NAME}\n    action: update\n\
-                 \x20   update-type: [TXT, NS]\n"
-            )
-        } else {
-            String::new()
-        };
-        let zone_acl = if updates {
-            "    acl: acme_update\n"
-        } else {
-            ""
+        // Transfers and NOTIFY between the two loopback servers (the kernel picks the source
+        // address, so the whole loopback range is allowed).
+        let (remote, acl, zone_extra) = match role {
+            Role::Primary { notify } => (
+                if notify {
+                    format!("remote:\n  - id: secondary\n    address: 127.0.0.2@{port}\n\n")
+                } else {
+                    String::new()
+                },
+                format!(
+                    "acl:\n  - id: acme_update\n    key: {KEY_NAME}\n    action: update\n\
+                     \x20   update-type: [TXT, NS]\n  - id: transfer\n    address: 127.0.0.0/8\n\
+                     \x20   action: transfer\n"
+                ),
+                if notify {
+                    "    acl: [acme_update, transfer]\n    notify: secondary\n"
+                } else {
+                    "    acl: [acme_update, transfer]\n"
+                },
+            ),
+            Role::StaticCopy => (String::new(), String::new(), ""),
+            Role::Secondary => (
+                format!("remote:\n  - id: primary\n    address: 127.0.0.1@{port}\n\n"),
+                "acl:\n  - id: notify_from_primary\n    address: 127.0.0.0/8\n    action: notify\n"
+                    .to_string(),
+                "    master: primary\n    acl: notify_from_primary\n",
+            ),
         };
         let config = format!(
             "server:\n    rundir: \"{d}\"\n    listen: {address}@{port}\n\n\
@@ -118,10 +144,10 @@ impl Knot {
              log:\n  - target: stderr\n    any: info\n\n\
              database:\n    storage: \"{d}\"\n\n\
              key:\n  - id: {KEY_NAME}\n    algorithm: hmac-sha256\n    secret: {KEY_SECRET}\n\n\
-             {acl}\n\
+             {remote}{acl}\n\
              template:\n  - id: default\n    storage: \"{d}\"\n    zonefile-sync: -1\n    \
              journal-content: changes\n    semantic-checks: off\n\n\
-             zone:\n  - domain: {ZONE}\n    file: \"{ZONE}.zone\"\n{zone_acl}"
+             zone:\n  - domain: {ZONE}\n    file: \"{ZONE}.zone\"\n{zone_extra}"
         );
         let config_path = dir.path().join("knot.conf");
         std::fs::write(&config_path, config).unwrap();
@@ -256,9 +282,10 @@ struct World {
 }
 
 impl World {
-    /// Knot (and, with `second_server`, a second authoritative server that never sees
-    /// updates), pebble validating through knot, the TSIG Secret and the pebble CA Secret.
-    async fn new(prefix: &str, second_server: bool) -> Option<World> {
+    /// Knot (and, with `second`, a second authoritative server of the zone on 127.0.0.2: a
+    /// static copy that never sees updates, or a real secondary), pebble validating through
+    /// knot, the TSIG Secret and the pebble CA Secret.
+    async fn new(prefix: &str, second: Option<Role>) -> Option<World> {
         if !knot_present() || !acme_support::parts_present() {
             return None;
         }
@@ -266,9 +293,15 @@ impl World {
         let tools = support::tools_bin_dir()?;
         support::operator::install_crd(ns.control_plane).await;
         let port = shared_port();
-        let primary = Knot::start("127.0.0.1", port, &zone_file(second_server), true);
-        let secondary =
-            second_server.then(|| Knot::start("127.0.0.2", port, &zone_file(true), false));
+        let primary = Knot::start(
+            "127.0.0.1",
+            port,
+            &zone_file(second.is_some()),
+            Role::Primary {
+                notify: second == Some(Role::Secondary),
+            },
+        );
+        let secondary = second.map(|role| Knot::start("127.0.0.2", port, &zone_file(true), role));
         let pebble = Pebble::start(
             tools,
             port,
@@ -490,7 +523,7 @@ fn propagation_waits(log: &str) -> Vec<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcard_and_apex_issued_through_rfc2136_for_a_private_gateway() {
     let _serial = SERIAL.lock().await;
-    let Some(mut w) = World::new("dns01-issue", false).await else {
+    let Some(mut w) = World::new("dns01-issue", None).await else {
         return;
     };
     w.start_operator();
@@ -539,7 +572,7 @@ async fn wildcard_and_apex_issued_through_rfc2136_for_a_private_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_tsig_key_is_named_in_status_and_no_order_is_placed() {
     let _serial = SERIAL.lock().await;
-    let Some(mut w) = World::new("dns01-key", false).await else {
+    let Some(mut w) = World::new("dns01-key", None).await else {
         return;
     };
     w.put_secret("tsig", "secret", WRONG_SECRET).await;
@@ -571,7 +604,7 @@ async fn a_wrong_tsig_key_is_named_in_status_and_no_order_is_placed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zone_the_server_does_not_serve_is_named_and_no_order_is_placed() {
     let _serial = SERIAL.lock().await;
-    let Some(mut w) = World::new("dns01-zone", false).await else {
+    let Some(mut w) = World::new("dns01-zone", None).await else {
         return;
     };
     w.start_operator();
@@ -593,7 +626,7 @@ async fn a_zone_the_server_does_not_serve_is_named_and_no_order_is_placed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_not_served_in_time_names_the_server_and_is_removed() {
     let _serial = SERIAL.lock().await;
-    let Some(mut w) = World::new("dns01-slow", true).await else {
+    let Some(mut w) = World::new("dns01-slow", Some(Role::StaticCopy)).await else {
         return;
     };
     w.start_operator();
@@ -625,7 +658,7 @@ async fn a_record_not_served_in_time_names_the_server_and_is_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_left_by_an_operator_stopped_mid_order_is_removed_by_the_next() {
     let _serial = SERIAL.lock().await;
-    let Some(mut w) = World::new("dns01-restart", true).await else {
+    let Some(mut w) = World::new("dns01-restart", Some(Role::StaticCopy)).await else {
         return;
     };
     w.start_operator();
@@ -675,7 +708,7 @@ async fn a_record_left_by_an_operator_stopped_mid_order_is_removed_by_the_next()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_stacks_in_one_zone_leave_each_other_and_foreign_records_alone() {
     let _serial = SERIAL.lock().await;
-    let Some(mut w) = World::new("dns01-two", false).await else {
+    let Some(mut w) = World::new("dns01-two", None).await else {
         return;
     };
     // Someone else's record at the name both stacks use.
@@ -694,4 +727,57 @@ async fn two_stacks_in_one_zone_leave_each_other_and_foreign_records_alone() {
     assert_eq!(w.txt(name), ["not-ours"]);
     assert!(w.ledger("alpha").await.is_empty() && w.ledger("beta").await.is_empty());
     let _ = &w.primary;
+}
+
+/// The propagation wait with a real secondary: the primary NOTIFYs it after the update, and
+/// the operator waits until the secondary has transferred the record. Prints the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_propagation_wait_covers_a_real_secondary_by_notify_and_transfer() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut w) = World::new("dns01-secondary", Some(Role::Secondary)).await else {
+        return;
+    };
+    eventually("the secondary to serve the zone", WAIT, || async {
+        (!kdig("127.0.0.2", w.port, "SOA", ZONE).is_empty()).then_some(())
+    })
+    .await;
+    w.start_operator();
+    let applied = Instant::now();
+    w.apply(
+        "shop",
+        &["sec.example.test", "*.sec.example.test"],
+        json!({}),
+        json!({}),
+    )
+    .await;
+    w.valid("shop").await;
+    let elapsed = applied.elapsed();
+    assert_certificate_for(&w, "shop", &["sec.example.test", "*.sec.example.test"]).await;
+    let log = w.operator_log();
+    let waits = propagation_waits(&log);
+    assert!(!waits.is_empty(), "the propagation wait is logged: {log}");
+    // Removed at both servers once the secondary has the removal too.
+    eventually("the records removed at both servers", WAIT, || async {
+        (w.txt("_acme-challenge.sec.example.test").is_empty()
+            && kdig(
+                "127.0.0.2",
+                w.port,
+                "TXT",
+                "_acme-challenge.sec.example.test",
+            )
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    let events = w.events().await;
+    let issued = events
+        .iter()
+        .find(|(r, _)| r == "CertificateIssued")
+        .map(|(_, m)| m.clone())
+        .unwrap_or_default();
+    eprintln!(
+        "MEASURED: DNS-01 with a knot secondary (NOTIFY + IXFR): stack applied to Valid in \
+         {:.2} s; operator: {issued}; propagation waits: {waits:?} s",
+        elapsed.as_secs_f64()
+    );
 }

@@ -5,7 +5,8 @@
 //! - [`cert`]: inspecting a `kubernetes.io/tls` Secret's contents, keys, CSRs, the bootstrap
 //!   certificate;
 //! - [`account`]: the account Secret, registration, the CA's HTTP client, the thumbprint;
-//! - [`order`]: one order, HTTP-01 through the gateway behind the [`order::Solver`] interface.
+//! - [`order`]: one order behind the [`order::Solver`] interface; HTTP-01 through the gateway;
+//! - [`dns01`]: DNS-01 through a [`dns01::DnsProvider`] (RFC 2136 with TSIG).
 //!
 //! Reconcile never waits for the CA: [`Manager::reconcile`] reads the Secrets, decides with
 //! [`policy`], starts at most one background job per stack (an order, or an ARI check) and
@@ -1181,6 +1182,9 @@ async fn order_job(ctx: JobContext, why: Why, replaces: Option<String>) {
     let started = Instant::now();
     let result = order_once(&ctx, replaces).await;
     let now = SystemTime::now();
+    // Whatever the order waited for is over.
+    let progress = ctx.state.lock().unwrap().progress.clone();
+    *progress.lock().unwrap() = None;
     let outcome = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics
         .observe_acme("order", outcome, started.elapsed());

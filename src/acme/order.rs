@@ -1,14 +1,17 @@
-//! One ACME order for all of a stack's gateway hosts, answered over HTTP-01 by the gateway.
+//! One ACME order for all of a stack's gateway hosts, answered over HTTP-01 by the gateway or
+//! over DNS-01 through a DNS provider (`dns01.rs`), chosen per host.
 //!
 //! The steps, each one a request to the CA (counted in the metrics by type and outcome):
-//! 1. self-check before ordering: the gateway must already answer a probe token with
-//!    `<token>.<thumbprint>`, or no order is placed at all (a gateway that cannot answer would
-//!    only burn the CA's failed-validation limits);
+//! 1. prepare: the solver checks that the challenges can be answered at all, or no order is
+//!    placed (HTTP-01: the gateway must already answer a probe token with
+//!    `<token>.<thumbprint>`; DNS-01: the zone is found and the TSIG key accepted). A
+//!    challenge that cannot be answered would only burn the CA's failed-validation limits;
 //! 2. `newOrder` for every host, with the `profile` and, on a renewal, `replaces` (ARI);
-//! 3. per pending authorization: present (nothing to do: the gateway answers statelessly),
-//!    self-check the real token through the gateway, then tell the CA the challenge is ready;
-//!    a challenge that fails the self-check is not offered to the CA and its authorization is
-//!    deactivated (clean-up);
+//! 3. every pending authorization's answer presented (HTTP-01: nothing to do, the gateway
+//!    answers statelessly; DNS-01: a TXT record), then each checked as the CA would (through
+//!    the gateway; at every authoritative server), then the CA told the challenges are ready.
+//!    On a failure before that, what was presented is cleaned up and the authorization that
+//!    failed is deactivated;
 //! 4. poll the order (honouring `Retry-After`) until ready, finalize with a CSR for a new key,
 //!    poll until the certificate is issued and download the full chain;
 //! 5. check chain, key and host coverage before handing the result back. Nothing is written
