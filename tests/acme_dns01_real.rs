@@ -21,7 +21,7 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use acme_support::{Operator, Pebble, PebbleOptions, free_port, pebble_orders};
+use acme_support::{GatewayRunner, Operator, Pebble, PebbleOptions, free_port, pebble_orders};
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -263,7 +263,7 @@ fn knsupdate(port: u16, commands: &str) {
 fn zone_file(second_server: bool) -> String {
     let mut z = format!(
         "$ORIGIN {ZONE}.\n$TTL 60\n@ SOA ns1.{ZONE}. hostmaster.{ZONE}. 1 60 60 3600 60\n\
-         @ NS ns1.{ZONE}.\nns1 A 127.0.0.1\n"
+         @ NS ns1.{ZONE}.\nns1 A 127.0.0.1\nwww A 127.0.0.1\n"
     );
     if second_server {
         z.push_str(&format!("@ NS ns2.{ZONE}.\nns2 A 127.0.0.2\n"));
@@ -277,6 +277,7 @@ struct World {
     primary: Knot,
     _secondary: Option<Knot>,
     pebble: Pebble,
+    _gateway: Option<GatewayRunner>,
     operator: Option<Operator>,
     env: Vec<(&'static str, String)>,
 }
@@ -286,6 +287,13 @@ impl World {
     /// static copy that never sees updates, or a real secondary), pebble validating through
     /// knot, the TSIG Secret and the pebble CA Secret.
     async fn new(prefix: &str, second: Option<Role>) -> Option<World> {
+        Self::with(prefix, second, false).await
+    }
+
+    /// With `gateway`, also real nginx running the gateway configuration of stack `shop` as
+    /// the operator writes it: pebble's HTTP-01 validation and the operator's self-check go
+    /// there (for the hosts not under `dns01.domains`).
+    async fn with(prefix: &str, second: Option<Role>, gateway: bool) -> Option<World> {
         if !knot_present() || !acme_support::parts_present() {
             return None;
         }
@@ -302,12 +310,16 @@ impl World {
             },
         );
         let secondary = second.map(|role| Knot::start("127.0.0.2", port, &zone_file(true), role));
+        let gateway = gateway.then(|| GatewayRunner::start(ns.client.clone(), &ns.name, "shop"));
+        let gateway_port = gateway
+            .as_ref()
+            .map_or_else(free_port, GatewayRunner::http_port);
         let pebble = Pebble::start(
             tools,
             port,
             PebbleOptions {
                 validity_seconds: 90 * 86_400,
-                http_port: free_port(),
+                http_port: gateway_port,
                 nonce_reject: 0,
                 va_sleep: None,
                 external_account_binding: None,
@@ -319,12 +331,13 @@ impl World {
             primary,
             _secondary: secondary,
             pebble,
+            _gateway: gateway,
             operator: None,
             env: vec![
-                // Closed: nothing may go through the gateway.
+                // Without a gateway, a closed port: nothing may go through the gateway.
                 (
                     "OPSC_ACME_GATEWAY_URL",
-                    format!("http://127.0.0.1:{}", free_port()),
+                    format!("http://127.0.0.1:{gateway_port}"),
                 ),
                 ("OPSC_ACME_SELF_CHECK_SECONDS", "2".to_string()),
                 ("OPSC_ACME_BACKOFF_FIRST_SECONDS", "2".to_string()),
@@ -390,7 +403,7 @@ impl World {
                         },
                     },
                 }},
-                "services": [{"name": "web", "image": "web:1", "route": "/", "port": 8080}],
+                "services": [{"name": "web", "image": "web:1", "port": 8080}],
             }
         });
         for (k, v) in dns01.as_object().unwrap() {
@@ -786,4 +799,46 @@ async fn the_propagation_wait_covers_a_real_secondary_by_notify_and_transfer() {
          {:.2} s; operator: {issued}; propagation waits: {waits:?} s",
         elapsed.as_secs_f64()
     );
+}
+
+/// HTTP-01 and DNS-01 in one order, chosen by `dns01.domains`: `www.example.test` through the
+/// real gateway (nginx running the operator's configuration; pebble fetches the answer there),
+/// `*.apps.example.test` and `apps.example.test` through knot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_and_dns01_in_one_order_chosen_by_domain() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut w) = World::with("dns01-mixed", None, true).await else {
+        return;
+    };
+    w.start_operator();
+    let hosts = [
+        "www.example.test",
+        "apps.example.test",
+        "*.apps.example.test",
+    ];
+    w.apply(
+        "shop",
+        &hosts,
+        json!({"domains": ["apps.example.test"]}),
+        json!({}),
+    )
+    .await;
+    w.valid("shop").await;
+    assert_certificate_for(&w, "shop", &hosts).await;
+    let pebble = w.pebble.log();
+    // pebble validated www over HTTP (at the gateway), and apps and its wildcard in DNS (it
+    // logs only its HTTP attempts; the operator logs each DNS record's propagation).
+    assert!(
+        pebble.contains("Attempting to validate w/ HTTP: http://www.example.test:"),
+        "{pebble}"
+    );
+    assert!(
+        !pebble.contains("validate w/ HTTP: http://apps.example.test"),
+        "{pebble}"
+    );
+    assert_eq!(
+        w.txt("_acme-challenge.apps.example.test"),
+        Vec::<String>::new()
+    );
+    assert!(w.operator_log().contains("DNS-01 record visible"));
 }
