@@ -398,6 +398,74 @@ pub struct AcmeSpec {
     /// Key type of the certificate; a new key is generated for every issuance.
     #[serde(default)]
     pub key_algorithm: KeyAlgorithm,
+    /// Answer DNS-01 challenges (TXT records at `_acme-challenge.<host>`) instead of HTTP-01,
+    /// for every host or for the hosts under `dns01.domains`. Needed for wildcard hosts and
+    /// for gateways the CA cannot reach (`allowedSourceRanges`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns01: Option<Dns01Spec>,
+}
+
+/// DNS-01 challenges: which hosts, and the DNS provider that writes the TXT records.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Dns01Spec {
+    /// The gateway hosts validated with DNS-01: a host is when it equals one of these domains
+    /// or lies below one (`example.com` covers `example.com`, `*.example.com` and
+    /// `a.b.example.com`); the other hosts use HTTP-01. Empty (the default): every host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(min = 1, max = 253)))]
+    pub domains: Vec<String>,
+    /// How long to wait for every authoritative server of the zone to serve the TXT records
+    /// before telling the CA (seconds, 1 to 3600). Default 300.
+    #[serde(default = "default_propagation_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub propagation_timeout_seconds: i32,
+    /// RFC 2136 dynamic update, authenticated with TSIG (BIND, Knot, PowerDNS, Windows DNS,
+    /// several managed DNS services).
+    pub rfc2136: Rfc2136Spec,
+}
+
+fn default_propagation_timeout() -> i32 {
+    300
+}
+
+/// An authoritative server accepting RFC 2136 dynamic updates signed with a TSIG key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rfc2136Spec {
+    /// The primary server that takes the updates: `host` or `host:port` (port 53 by default;
+    /// an IPv6 address in brackets, `[2001:db8::53]:53`).
+    #[schemars(length(min = 1, max = 261))]
+    pub nameserver: String,
+    /// The zone to update (e.g. `example.com`). Default: found by asking the nameserver for
+    /// the SOA of each `_acme-challenge` name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub zone: Option<String>,
+    /// The TSIG key's name, as the server knows it.
+    #[schemars(length(min = 1, max = 253))]
+    pub tsig_key_name: String,
+    /// The TSIG algorithm.
+    #[serde(default)]
+    pub tsig_algorithm: TsigAlgorithm,
+    /// The TSIG secret (base64, as `tsig-keygen` or `keymgr` print it) in a Secret of the
+    /// stack's namespace.
+    pub tsig_secret_ref: SecretKeyRef,
+}
+
+/// A TSIG HMAC algorithm (RFC 8945).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TsigAlgorithm {
+    /// HMAC-SHA256 (the default).
+    #[default]
+    #[serde(rename = "hmac-sha256")]
+    HmacSha256,
+    /// HMAC-SHA384.
+    #[serde(rename = "hmac-sha384")]
+    HmacSha384,
+    /// HMAC-SHA512.
+    #[serde(rename = "hmac-sha512")]
+    HmacSha512,
 }
 
 /// Private key type of the gateway certificate.

@@ -230,6 +230,41 @@ pub struct Acme {
     pub ca_bundle: Option<SecretKey>,
     pub profile: Option<String>,
     pub key_algorithm: crate::crd::KeyAlgorithm,
+    /// Boxed: most stacks have none, and it would make every certificate source as large.
+    pub dns01: Option<Box<Dns01>>,
+}
+
+/// Validated DNS-01 settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dns01 {
+    /// Lowercase domains whose hosts use DNS-01; empty: every host.
+    pub domains: Vec<String>,
+    pub propagation_timeout: std::time::Duration,
+    pub rfc2136: Rfc2136,
+}
+
+impl Dns01 {
+    /// Whether `host` (possibly `*.name`) is validated with DNS-01.
+    pub fn covers(&self, host: &str) -> bool {
+        let name = host.strip_prefix("*.").unwrap_or(host);
+        self.domains.is_empty()
+            || self
+                .domains
+                .iter()
+                .any(|d| name == d || name.ends_with(&format!(".{d}")))
+    }
+}
+
+/// Validated RFC 2136 settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rfc2136 {
+    /// `host:port` as written (port added when missing).
+    pub nameserver: String,
+    /// Lowercase, without the trailing dot.
+    pub zone: Option<String>,
+    pub tsig_key_name: String,
+    pub tsig_algorithm: crate::crd::TsigAlgorithm,
+    pub tsig_secret: SecretKey,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

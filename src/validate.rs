@@ -11,8 +11,9 @@ use ipnet::IpNet;
 
 use crate::crd::{OpsConductorStack, OpsConductorStackSpec};
 use crate::model::{
-    Acme, Backend, CertificateSource, ContentSecurityPolicy, DnsLabel, EdgeAuth, Egress, Gateway,
-    Hsts, Port, Rate, RateLimit, RouteAuth, RouteLimits, SecretKey, Service, Stack, Timeouts, Tls,
+    Acme, Backend, CertificateSource, ContentSecurityPolicy, Dns01, DnsLabel, EdgeAuth, Egress,
+    Gateway, Hsts, Port, Rate, RateLimit, Rfc2136, RouteAuth, RouteLimits, SecretKey, Service,
+    Stack, Timeouts, Tls,
 };
 use crate::names::{self, Component};
 
@@ -143,6 +144,7 @@ pub fn validate(
     let tls = validate_tls(spec, &mut errs);
     let services = validate_services(spec, name.as_ref(), &mut errs);
     let backends = validate_backends(spec, name.as_ref(), &services, &mut errs);
+    check_wildcards(spec, &mut errs);
     if name.is_some() {
         errs.0
             .extend(secret_references(stack, std::slice::from_ref(&raw_name)));
@@ -557,7 +559,12 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
                     format!("{profile:?} is not a profile name"),
                 );
             }
+            let dns01 = acme
+                .dns01
+                .as_ref()
+                .map(|d| Box::new(validate_dns01(d, errs)));
             Some(CertificateSource::Acme(Acme {
+                dns01,
                 directory_url: url.to_string(),
                 email: acme.email.clone(),
                 external_account_binding: eab,
@@ -574,6 +581,157 @@ fn validate_tls(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<Tls> 
         source: source?,
         renew_before,
     })
+}
+
+/// Wildcard hosts need a certificate that HTTP-01 cannot get: DNS-01 for that host, or the
+/// user's own Secret. From the raw spec, so that it is reported beside every other problem.
+fn check_wildcards(spec: &OpsConductorStackSpec, errs: &mut Errors) {
+    let Some(acme) = &spec.tls.acme else {
+        return;
+    };
+    if spec.tls.secret_name.is_some() {
+        return; // "exactly one of" is reported already
+    }
+    for (i, host) in spec.gateway.hosts.iter().enumerate() {
+        if !host.starts_with("*.") || check_host(host).is_err() {
+            continue;
+        }
+        let message = match &acme.dns01 {
+            Some(d) => {
+                let covered = d.domains.is_empty()
+                    || d.domains.iter().any(|domain| {
+                        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+                        let name = &host[2..];
+                        name == domain || name.ends_with(&format!(".{domain}"))
+                    });
+                if covered {
+                    continue;
+                }
+                format!(
+                    "{host:?} is a wildcard and none of spec.tls.acme.dns01.domains covers it: \
+                     HTTP-01 validation cannot issue wildcard certificates; add its domain to \
+                     dns01.domains"
+                )
+            }
+            None => format!(
+                "{host:?} is a wildcard; HTTP-01 validation cannot issue wildcard \
+                 certificates: set spec.tls.acme.dns01 (DNS-01 validation), or bring your own \
+                 certificate with spec.tls.secretName"
+            ),
+        };
+        errs.add(format!("spec.gateway.hosts[{i}]"), message);
+    }
+}
+
+/// `host` or `host:port` (an IPv6 address in brackets) with the port, 53 when missing.
+fn check_nameserver(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (v6, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("{s:?}: an IPv6 address needs a closing ']'"))?;
+        v6.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| format!("{s:?}: {v6:?} is not an IPv6 address"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(format!("{s:?} is not host:port")),
+        };
+        (format!("[{v6}]"), port)
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (s.to_string(), None),
+        }
+    };
+    let port = match port {
+        None => 53,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{s:?}: {p:?} is not a port (1 to 65535)"))?,
+    };
+    if !host.starts_with('[') && host.parse::<std::net::Ipv4Addr>().is_err() {
+        check_subdomain(&host.to_ascii_lowercase())
+            .map_err(|e| format!("{s:?}: not an address or host name: {e}"))?;
+    }
+    Ok(format!("{host}:{port}"))
+}
+
+fn validate_dns01(d: &crate::crd::Dns01Spec, errs: &mut Errors) -> Dns01 {
+    let path = "spec.tls.acme.dns01";
+    let mut domains = Vec::new();
+    for (i, domain) in d.domains.iter().enumerate() {
+        let lower = domain.trim_end_matches('.').to_ascii_lowercase();
+        match check_subdomain(&lower) {
+            Ok(()) if lower.contains('.') => domains.push(lower),
+            Ok(()) => errs.add(
+                format!("{path}.domains[{i}]"),
+                format!("{domain:?} is not a fully qualified DNS name"),
+            ),
+            Err(e) => errs.add(format!("{path}.domains[{i}]"), e),
+        }
+    }
+    if !(1..=3600).contains(&d.propagation_timeout_seconds) {
+        errs.add(
+            format!("{path}.propagationTimeoutSeconds"),
+            format!(
+                "{} is out of range 1 to 3600",
+                d.propagation_timeout_seconds
+            ),
+        );
+    }
+    let r = &d.rfc2136;
+    let nameserver = match check_nameserver(&r.nameserver) {
+        Ok(ns) => ns,
+        Err(e) => {
+            errs.add(format!("{path}.rfc2136.nameserver"), e);
+            String::new()
+        }
+    };
+    let zone = r.zone.as_ref().map(|z| {
+        let lower = z.trim_end_matches('.').to_ascii_lowercase();
+        if let Err(e) = check_subdomain(&lower) {
+            errs.add(format!("{path}.rfc2136.zone"), e);
+        }
+        lower
+    });
+    let key_name = r.tsig_key_name.trim_end_matches('.');
+    let key_name_ok = !key_name.is_empty()
+        && key_name.len() <= 253
+        && key_name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if !key_name_ok {
+        errs.add(
+            format!("{path}.rfc2136.tsigKeyName"),
+            format!(
+                "{:?} is not a key name (a DNS name: letters, digits, '-', '_' and '.')",
+                r.tsig_key_name
+            ),
+        );
+    }
+    let tsig_secret = secret_key(
+        errs,
+        &format!("{path}.rfc2136.tsigSecretRef"),
+        &r.tsig_secret_ref,
+    );
+    Dns01 {
+        domains,
+        propagation_timeout: Duration::from_secs(d.propagation_timeout_seconds.max(1) as u64),
+        rfc2136: Rfc2136 {
+            nameserver,
+            zone,
+            tsig_key_name: key_name.to_string(),
+            tsig_algorithm: r.tsig_algorithm,
+            tsig_secret,
+        },
+    }
 }
 
 fn secret_key(errs: &mut Errors, path: &str, r: &crate::crd::SecretKeyRef) -> SecretKey {
@@ -957,6 +1115,13 @@ pub fn secret_references(stack: &OpsConductorStack, stacks: &[String]) -> Vec<Fi
         if let Some(r) = &acme.ca_bundle_secret_ref {
             check("spec.tls.acme.caBundleSecretRef.name".into(), &r.name, true);
         }
+        if let Some(d) = &acme.dns01 {
+            check(
+                "spec.tls.acme.dns01.rfc2136.tsigSecretRef.name".into(),
+                &d.rfc2136.tsig_secret_ref.name,
+                true,
+            );
+        }
     }
     out
 }
@@ -975,19 +1140,46 @@ pub fn directory_url_problems(stack: &OpsConductorStack, allow_loopback: bool) -
     let Some(acme) = stack.spec.tls.acme.as_ref() else {
         return Vec::new();
     };
+    let mut out = Vec::new();
+    if let Some(d) = &acme.dns01 {
+        let host = check_nameserver(&d.rfc2136.nameserver)
+            .ok()
+            .and_then(|ns| url_host(&format!("https://{ns}")));
+        let why = match host.as_deref().and_then(internal_host) {
+            Some(Internal::LinkLocal) => Some(
+                "names a link-local address: the node's own services and the cloud metadata \
+                 service live there, and the operator never sends to them",
+            ),
+            Some(Internal::Unspecified) => {
+                Some("names the unspecified address, which means this host")
+            }
+            Some(Internal::Loopback) if !allow_loopback => Some(
+                "names a loopback address, the operator's own pod; refused unless the operator \
+                 runs with --allow-loopback-acme-directory (a test DNS server on the same machine)",
+            ),
+            _ => None,
+        };
+        if let Some(why) = why {
+            out.push(FieldError {
+                path: "spec.tls.acme.dns01.rfc2136.nameserver".into(),
+                message: format!("{:?} {why}", d.rfc2136.nameserver),
+            });
+        }
+    }
     let url = acme.directory_url.trim();
     let Some(host) = url_host(url) else {
-        return Vec::new();
+        return out;
     };
     let why = match internal_host(&host) {
-        Some(Internal::Loopback) if allow_loopback => return Vec::new(),
+        Some(Internal::Loopback) if allow_loopback => return out,
         Some(internal) => internal.why(),
-        None => return Vec::new(),
+        None => return out,
     };
-    vec![FieldError {
+    out.push(FieldError {
         path: "spec.tls.acme.directoryUrl".into(),
         message: format!("{:?} names {why}", acme.directory_url),
-    }]
+    });
+    out
 }
 
 /// Egress CIDRs that lie inside the cluster's own ranges (`cluster_cidrs`, the operator's
@@ -1447,9 +1639,20 @@ fn ports(errs: &mut Errors, path: &str, raw: &[i32]) -> Option<Vec<Port>> {
 /// A host name the certificate can cover with HTTP-01: a lowercase DNS name, no wildcard,
 /// not an IP address.
 fn check_host(host: &str) -> Result<String, String> {
-    if host.starts_with("*.") {
+    if let Some(rest) = host.strip_prefix("*.") {
+        // A wildcard names one label below `rest` (RFC 6125); allowed where the certificate
+        // comes from DNS-01 or the user's own Secret (checked in `check_wildcards`).
+        return match check_host(rest) {
+            Ok(_) => Ok(host.to_string()),
+            Err(_) if rest.contains('*') => Err(format!(
+                "{host:?}: a wildcard is allowed only as the whole first label (\"*.example.com\")"
+            )),
+            Err(e) => Err(format!("{host:?}: after \"*.\": {e}")),
+        };
+    }
+    if host.contains('*') {
         return Err(format!(
-            "{host:?} is a wildcard; HTTP-01 validation cannot issue wildcard certificates"
+            "{host:?}: a wildcard is allowed only as the whole first label (\"*.example.com\")"
         ));
     }
     if host.parse::<std::net::IpAddr>().is_ok() {
@@ -2317,6 +2520,190 @@ mod tests {
         assert!(DnsLabel::parse("a.b").is_err());
         assert!(DnsLabel::parse(&"a".repeat(63)).is_ok());
         assert!(DnsLabel::parse(&"a".repeat(64)).is_err());
+    }
+
+    fn dns01() -> Value {
+        json!({"rfc2136": {
+            "nameserver": "192.0.2.53",
+            "tsigKeyName": "acme-key",
+            "tsigSecretRef": {"name": "tsig", "key": "secret"},
+        }})
+    }
+
+    #[test]
+    fn dns01_settings_are_checked_field_by_field() {
+        let mut v = base();
+        v["spec"]["tls"]["acme"]["dns01"] = dns01();
+        let stack = run(v).expect("valid");
+        let CertificateSource::Acme(acme) = &stack.tls.source else {
+            panic!("acme")
+        };
+        let d = acme.dns01.as_ref().unwrap();
+        assert_eq!(d.rfc2136.nameserver, "192.0.2.53:53");
+        assert_eq!(
+            d.rfc2136.tsig_algorithm,
+            crate::crd::TsigAlgorithm::HmacSha256
+        );
+        assert_eq!(d.propagation_timeout, Duration::from_secs(300));
+        assert!(d.covers("anything.example.org") && d.covers("*.example.org"));
+
+        let with = |edit: fn(&mut Value)| {
+            move |v: &mut Value| {
+                v["spec"]["tls"]["acme"]["dns01"] = dns01();
+                edit(&mut v["spec"]["tls"]["acme"]["dns01"]);
+            }
+        };
+        assert_error(
+            with(|d| d["rfc2136"]["nameserver"] = json!("ns.example.com:0")),
+            "spec.tls.acme.dns01.rfc2136.nameserver: \"ns.example.com:0\": \"0\" is not a port",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["nameserver"] = json!("[2001:db8::1")),
+            "spec.tls.acme.dns01.rfc2136.nameserver",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["nameserver"] = json!("NS_1!")),
+            "spec.tls.acme.dns01.rfc2136.nameserver",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["zone"] = json!("Bad Zone")),
+            "spec.tls.acme.dns01.rfc2136.zone",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["tsigKeyName"] = json!("key with spaces")),
+            "spec.tls.acme.dns01.rfc2136.tsigKeyName",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["tsigSecretRef"]["key"] = json!("a/b")),
+            "spec.tls.acme.dns01.rfc2136.tsigSecretRef.key",
+        );
+        assert_error(
+            with(|d| d["propagationTimeoutSeconds"] = json!(0)),
+            "spec.tls.acme.dns01.propagationTimeoutSeconds: 0 is out of range 1 to 3600",
+        );
+        assert_error(
+            with(|d| d["domains"] = json!(["localhost"])),
+            "spec.tls.acme.dns01.domains[0]: \"localhost\" is not a fully qualified DNS name",
+        );
+        // The Secrets the operator keeps for stacks are never a TSIG key.
+        assert_error(
+            with(|d| d["rfc2136"]["tsigSecretRef"]["name"] = json!("prod-acme-account")),
+            "spec.tls.acme.dns01.rfc2136.tsigSecretRef.name: Secret \"prod-acme-account\" is the ACME account key",
+        );
+        assert_error(
+            with(|d| d["rfc2136"]["tsigSecretRef"]["name"] = json!("prod-tls")),
+            "spec.tls.acme.dns01.rfc2136.tsigSecretRef.name: Secret \"prod-tls\" holds the gateway certificate",
+        );
+        // Bracketed IPv6 with a port, and a host name without one.
+        let mut v = base();
+        v["spec"]["tls"]["acme"]["dns01"] = dns01();
+        v["spec"]["tls"]["acme"]["dns01"]["rfc2136"]["nameserver"] = json!("[2001:db8::53]:5353");
+        assert!(run(v).is_ok());
+    }
+
+    #[test]
+    fn wildcards_need_dns01_or_an_own_secret() {
+        let wildcard = |v: &mut Value| {
+            v["spec"]["gateway"]["hosts"] = json!(["example.com", "*.example.com"]);
+        };
+        // HTTP-01: refused, naming DNS-01.
+        assert_error(
+            wildcard,
+            "spec.gateway.hosts[1]: \"*.example.com\" is a wildcard; HTTP-01 validation cannot \
+             issue wildcard certificates: set spec.tls.acme.dns01",
+        );
+        // DNS-01 for every host: allowed.
+        let mut v = base();
+        wildcard(&mut v);
+        v["spec"]["tls"]["acme"]["dns01"] = dns01();
+        assert_eq!(
+            run(v).unwrap().gateway.hosts,
+            ["example.com", "*.example.com"]
+        );
+        // DNS-01 for other domains only: refused, naming dns01.domains.
+        assert_error(
+            |v| {
+                wildcard(v);
+                v["spec"]["tls"]["acme"]["dns01"] = dns01();
+                v["spec"]["tls"]["acme"]["dns01"]["domains"] = json!(["example.org"]);
+            },
+            "none of spec.tls.acme.dns01.domains covers it",
+        );
+        let mut v = base();
+        wildcard(&mut v);
+        v["spec"]["tls"]["acme"]["dns01"] = dns01();
+        v["spec"]["tls"]["acme"]["dns01"]["domains"] = json!(["example.com"]);
+        assert!(run(v).is_ok());
+        // The user's own Secret: allowed.
+        let mut v = base();
+        wildcard(&mut v);
+        v["spec"]["tls"] = json!({"secretName": "wild-cert"});
+        assert!(run(v).is_ok());
+        // Only as the whole first label.
+        for bad in [
+            "a.*.example.com",
+            "*x.example.com",
+            "*.com",
+            "**.example.com",
+        ] {
+            let errs = errors(|v| {
+                v["spec"]["gateway"]["hosts"] = json!([bad]);
+                v["spec"]["tls"] = json!({"secretName": "wild-cert"});
+            });
+            assert!(
+                errs.iter().any(|e| e.starts_with("spec.gateway.hosts[0]")),
+                "{bad}: {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn dns01_per_domain_covers_the_domain_and_below() {
+        let d = Dns01 {
+            domains: vec!["example.com".into()],
+            propagation_timeout: Duration::from_secs(1),
+            rfc2136: Rfc2136 {
+                nameserver: "ns:53".into(),
+                zone: None,
+                tsig_key_name: "k".into(),
+                tsig_algorithm: Default::default(),
+                tsig_secret: SecretKey {
+                    name: "s".into(),
+                    key: "k".into(),
+                },
+            },
+        };
+        for host in ["example.com", "*.example.com", "a.b.example.com"] {
+            assert!(d.covers(host), "{host}");
+        }
+        for host in ["example.org", "notexample.com", "*.com"] {
+            assert!(!d.covers(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn dns01_nameservers_on_internal_addresses_are_refused() {
+        let problems = |ns: &str, allow_loopback: bool| {
+            let mut v = base();
+            v["spec"]["tls"]["acme"]["dns01"] = dns01();
+            v["spec"]["tls"]["acme"]["dns01"]["rfc2136"]["nameserver"] = json!(ns);
+            let stack: OpsConductorStack = serde_json::from_value(v).unwrap();
+            directory_url_problems(&stack, allow_loopback)
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert!(problems("169.254.169.254", true).contains("link-local"));
+        assert!(problems("[fe80::1]:53", true).contains("link-local"));
+        assert!(problems("0.0.0.0:53", true).contains("unspecified"));
+        let p = problems("127.0.0.1:5353", false);
+        assert!(
+            p.starts_with("spec.tls.acme.dns01.rfc2136.nameserver: ") && p.contains("loopback"),
+            "{p}"
+        );
+        assert_eq!(problems("127.0.0.1:5353", true), "");
+        assert_eq!(problems("ns1.example.com", false), "");
     }
 
     #[test]

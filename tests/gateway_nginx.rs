@@ -1585,3 +1585,85 @@ fn a_route_added_and_removed_through_the_pods_reload_loop_fails_no_request() {
     );
     assert_eq!(reloads, 2, "two reloads, none for the refused file");
 }
+
+/// Issue 19: a wildcard host (allowed with DNS-01 or the user's own Secret) is served for
+/// exactly one label below it; the 421 rule holds the Host header to the configured host or
+/// wildcard the SNI name matched; the redirect names only names a configured host or wildcard
+/// covers.
+#[test]
+fn a_wildcard_host_serves_one_label_and_keeps_the_421_and_redirect_rules() {
+    if !tools_present(false) {
+        return;
+    }
+    let web = Backend::start("web");
+    let yaml = format!(
+        r#"apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata: {{name: edge, namespace: shop}}
+spec:
+  gateway:
+    hosts: [{HOST}, "*.apps.example.test"]
+  tls:
+    secretName: wild-cert
+  services:
+    - {{name: web, image: example/web:1, port: {}, route: /}}
+"#,
+        web.port
+    );
+    let gw = Gateway::start(
+        &yaml,
+        BuildOptions::default(),
+        Resolution::Loopback,
+        &[HOST, "*.apps.example.test"],
+    );
+    // One label below the wildcard: served (curl checks the certificate's wildcard name).
+    for host in ["a.apps.example.test", "x-1.apps.example.test"] {
+        let r = gw.curl_https(host, "/", &[]);
+        assert_eq!(r.status, 200, "{host}: {r:?}");
+        assert_eq!(r.json()["backend"], "web");
+    }
+    // Not the wildcard's own domain, not two labels below: refused in the handshake.
+    for sni in [
+        "apps.example.test",
+        "a.b.apps.example.test",
+        "a.apps.example.test.evil",
+    ] {
+        let (ok, out) = gw.s_client(&["-servername", sni], b"");
+        assert!(!ok, "SNI {sni} accepted:\n{out}");
+    }
+    // Host within the same wildcard as the SNI name: the certificate covers both, served.
+    let r = gw.curl_https(
+        "a.apps.example.test",
+        "/",
+        &["-H", "Host: b.apps.example.test"],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let reached = web.connections();
+    // Host of another configured host, or of nothing configured, over a wildcard session: 421;
+    // and a wildcard Host over the exact host's session: 421.
+    for (sni, host) in [
+        ("a.apps.example.test", HOST),
+        ("a.apps.example.test", "evil.example.test"),
+        ("a.apps.example.test", "a.b.apps.example.test"),
+        (HOST, "a.apps.example.test"),
+    ] {
+        let r = gw.curl_https(sni, "/", &["-H", &format!("Host: {host}")]);
+        assert_eq!(r.status, 421, "SNI {sni}, Host {host}: {r:?}");
+    }
+    assert_eq!(web.connections(), reached, "a 421 reached a backend");
+    // The exact host still works as before.
+    assert_eq!(gw.curl_https(HOST, "/", &[]).status, 200);
+
+    // Plain HTTP: redirected to the name asked for when a configured host or wildcard covers
+    // it, never elsewhere.
+    let r = gw.curl_http("a.apps.example.test", "/x?y=z");
+    assert_eq!(r.status, 308, "{r:?}");
+    assert_eq!(
+        r.header("location"),
+        Some("https://a.apps.example.test/x?y=z")
+    );
+    for host in ["a.b.apps.example.test", "apps.example.test", "evil.example"] {
+        let r = gw.curl_http(host, "/");
+        assert_ne!(r.status, 308, "Host {host}: {r:?}");
+    }
+}

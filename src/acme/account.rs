@@ -744,6 +744,7 @@ mod tests {
             ca_bundle: None,
             profile: None,
             key_algorithm: Default::default(),
+            dns01: None,
         };
         // No binding configured, and the CA wants one.
         let f = registration_failure(

@@ -5,7 +5,8 @@
 //! - [`cert`]: inspecting a `kubernetes.io/tls` Secret's contents, keys, CSRs, the bootstrap
 //!   certificate;
 //! - [`account`]: the account Secret, registration, the CA's HTTP client, the thumbprint;
-//! - [`order`]: one order, HTTP-01 through the gateway behind the [`order::Solver`] interface.
+//! - [`order`]: one order behind the [`order::Solver`] interface; HTTP-01 through the gateway;
+//! - [`dns01`]: DNS-01 through a [`dns01::DnsProvider`] (RFC 2136 with TSIG).
 //!
 //! Reconcile never waits for the CA: [`Manager::reconcile`] reads the Secrets, decides with
 //! [`policy`], starts at most one background job per stack (an order, or an ARI check) and
@@ -14,6 +15,7 @@
 
 pub mod account;
 pub mod cert;
+pub mod dns01;
 pub mod order;
 pub mod policy;
 
@@ -66,6 +68,10 @@ pub enum FailureKind {
     ChallengeUnreachable,
     /// The CA tried the challenge and failed.
     ChallengeFailed,
+    /// DNS-01: the DNS server could not be reached or did not take the update.
+    DnsUpdateFailed,
+    /// DNS-01: an authoritative server did not serve the TXT record in time.
+    DnsNotPropagated,
     /// No answer from the CA, or a TLS or HTTP error talking to it.
     CaUnreachable,
     /// The CA said `rateLimited`.
@@ -91,9 +97,11 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    const ALL: [FailureKind; 13] = [
+    const ALL: [FailureKind; 15] = [
         FailureKind::ChallengeUnreachable,
         FailureKind::ChallengeFailed,
+        FailureKind::DnsUpdateFailed,
+        FailureKind::DnsNotPropagated,
         FailureKind::CaUnreachable,
         FailureKind::RateLimited,
         FailureKind::OrderInvalid,
@@ -122,6 +130,8 @@ impl FailureKind {
         match self {
             FailureKind::ChallengeUnreachable => "ChallengeUnreachable",
             FailureKind::ChallengeFailed => "ChallengeFailed",
+            FailureKind::DnsUpdateFailed => "DNSUpdateFailed",
+            FailureKind::DnsNotPropagated => "DNSNotPropagated",
             FailureKind::CaUnreachable => "CAUnreachable",
             FailureKind::RateLimited => "RateLimited",
             FailureKind::OrderInvalid => "OrderInvalid",
@@ -323,6 +333,9 @@ pub struct Config {
     pub recheck: Duration,
     /// Whether the CA may be on a loopback address (`--allow-loopback-acme-directory`).
     pub allow_loopback_directory: bool,
+    /// The port on which the zone's NS servers are asked whether they serve a DNS-01 record
+    /// (53; a test's servers on loopback listen elsewhere). Env `OPSC_ACME_DNS01_NS_PORT`.
+    pub dns01_ns_port: u16,
 }
 
 impl Default for Config {
@@ -337,6 +350,7 @@ impl Default for Config {
             poll_interval: Duration::from_secs(2),
             recheck: Duration::from_secs(60),
             allow_loopback_directory: false,
+            dns01_ns_port: 53,
         }
     }
 }
@@ -369,6 +383,11 @@ impl Config {
             poll_interval: d.poll_interval,
             recheck: secs("OPSC_ACME_RECHECK_SECONDS").unwrap_or(d.recheck),
             allow_loopback_directory: d.allow_loopback_directory,
+            dns01_ns_port: std::env::var("OPSC_ACME_DNS01_NS_PORT")
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .filter(|p| *p > 0)
+                .unwrap_or(d.dns01_ns_port),
         }
     }
 
@@ -460,6 +479,8 @@ struct State {
     events: Vec<CertEvent>,
     /// (state, reason) last reported, for Events on changes only.
     announced: Option<(CertificateState, &'static str)>,
+    /// What a running order waits for (a DNS record not yet served by some server).
+    progress: Arc<Mutex<Option<String>>>,
 }
 
 impl State {
@@ -545,12 +566,13 @@ fn fingerprint(stack: &Stack, acme: &Acme) -> String {
         .collect();
     hosts.sort();
     format!(
-        "{}|{:?}|{:?}|{:?}|{:?}|{}",
+        "{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
         acme.directory_url,
         acme.profile,
         acme.key_algorithm,
         acme.external_account_binding,
         acme.ca_bundle,
+        acme.dns01,
         hosts.join(",")
     )
 }
@@ -768,10 +790,16 @@ impl Manager {
                 match (running, st.next_attempt) {
                     (Some(Job::Order), _) => {
                         requeue = Some(self.config.poll_interval);
+                        let progress = st.progress.lock().unwrap().clone();
                         (
                             busy_state,
                             "Ordering",
-                            format!("ordering a certificate: {}", why.describe()),
+                            match progress {
+                                Some(p) => {
+                                    format!("ordering a certificate: {}; {p}", why.describe())
+                                }
+                                None => format!("ordering a certificate: {}", why.describe()),
+                            },
                         )
                     }
                     (Some(Job::RenewalInfo), _) => {
@@ -1161,6 +1189,9 @@ async fn order_job(ctx: JobContext, why: Why, replaces: Option<String>) {
     let started = Instant::now();
     let result = order_once(&ctx, replaces).await;
     let now = SystemTime::now();
+    // Whatever the order waited for is over.
+    let progress = ctx.state.lock().unwrap().progress.clone();
+    *progress.lock().unwrap() = None;
     let outcome = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics
         .observe_acme("order", outcome, started.elapsed());
@@ -1225,9 +1256,9 @@ async fn order_once(
     replaces: Option<String>,
 ) -> Result<(Good, Duration), Failure> {
     let http = ca_client(ctx).await?;
-    let mut ready = account::load_or_register(&ctx.client, &ctx.stack, &ctx.acme, &http).await?;
+    let ready = account::load_or_register(&ctx.client, &ctx.stack, &ctx.acme, &http).await?;
     ctx.state.lock().unwrap().thumbprint = Some(ready.thumbprint.clone());
-    let solver = order::GatewaySolver::new(
+    let gateway = order::GatewaySolver::new(
         ctx.config.gateway_url(&ctx.stack),
         ctx.config.self_check_patience,
     );
@@ -1242,10 +1273,61 @@ async fn order_once(
         },
     };
     let started = Instant::now();
+    let Some(dns01) = &ctx.acme.dns01 else {
+        return issue_with(ctx, &http, ready, &gateway, &request, started).await;
+    };
+    let progress = ctx.state.lock().unwrap().progress.clone();
+    let secret = account::secret_value(
+        &ctx.client,
+        &ctx.stack.namespace,
+        &dns01.rfc2136.tsig_secret,
+        "spec.tls.acme.dns01.rfc2136.tsigSecretRef",
+    )
+    .await?;
+    let key_source = format!(
+        "Secret {}, key {:?}",
+        dns01.rfc2136.tsig_secret.name, dns01.rfc2136.tsig_secret.key
+    );
+    let secret = account::decode_hmac(&secret).map_err(|e| {
+        Failure::config(format!(
+            "spec.tls.acme.dns01.rfc2136.tsigSecretRef: the TSIG secret in {key_source} is {e}"
+        ))
+    })?;
+    let provider =
+        dns01::Rfc2136::new(&dns01.rfc2136, secret, key_source, ctx.config.dns01_ns_port)?;
+    let dns = dns01::Dns01Solver::new(
+        provider,
+        SecretLedger {
+            client: ctx.client.clone(),
+            stack: ctx.stack.clone(),
+        },
+        dns01.propagation_timeout,
+        progress,
+    );
+    let solver = order::ByHost {
+        first: dns,
+        second: gateway,
+        use_first: |host: &str| dns01.covers(host),
+    };
+    issue_with(ctx, &http, ready, &solver, &request, started).await
+}
+
+/// The order with `solver`, registering the account again when the CA forgot it; writes the
+/// Secret.
+async fn issue_with<S: order::Solver>(
+    ctx: &JobContext,
+    http: &account::CaClient,
+    mut ready: account::Ready,
+    solver: &S,
+    request: &order::Request,
+    started: Instant,
+) -> Result<(Good, Duration), Failure> {
+    let http = http.clone();
+    let request = request.clone();
     let mut attempt = order::issue(
         &ready.account,
         &http,
-        &solver,
+        solver,
         &ready.thumbprint,
         &request,
         &ctx.metrics,
@@ -1265,7 +1347,7 @@ async fn order_once(
         attempt = order::issue(
             &ready.account,
             &http,
-            &solver,
+            solver,
             &ready.thumbprint,
             &request,
             &ctx.metrics,
@@ -1319,6 +1401,62 @@ async fn order_once(
         },
         started.elapsed(),
     ))
+}
+
+/// Annotation on `<stack>-tls`: the DNS-01 records written and not yet removed (JSON list of
+/// `{name, value}`), written before each record is, under its own field manager.
+pub const DNS01_RECORDS_ANNOTATION: &str = "opsconductor.io/dns01-records";
+/// The field manager of [`DNS01_RECORDS_ANNOTATION`] (apart from the Secret's content, so
+/// that neither write removes the other's fields).
+const DNS01_MANAGER: &str = "opsconductor-operator-dns01";
+
+/// The DNS-01 ledger kept in an annotation of the stack's certificate Secret: the Secret
+/// exists before any order (the temporary certificate), belongs to the stack and goes with
+/// it; a record listed there was written by this stack's orders and by nothing else.
+struct SecretLedger {
+    client: Client,
+    stack: Stack,
+}
+
+impl dns01::Ledger for SecretLedger {
+    async fn load(&self) -> Result<Vec<dns01::Record>, Failure> {
+        let name = names::tls_secret(&self.stack.name);
+        let secret = Api::<Secret>::namespaced(self.client.clone(), &self.stack.namespace)
+            .get_opt(&name)
+            .await
+            .map_err(|e| Failure::kube(format!("reading Secret {name}: {e}")))?;
+        let text = secret
+            .and_then(|s| s.metadata.annotations)
+            .and_then(|mut a| a.remove(DNS01_RECORDS_ANNOTATION));
+        Ok(text
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default())
+    }
+
+    async fn save(&self, records: &[dns01::Record]) -> Result<(), Failure> {
+        let name = names::tls_secret(&self.stack.name);
+        // A merge patch: it never creates the Secret (gone with its stack, or replaced by
+        // someone else's meanwhile: a 404 or a conflict, not a Secret made here).
+        let listed = if records.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::Value::String(serde_json::to_string(records).unwrap_or_default())
+        };
+        let value = serde_json::json!({
+            "metadata": {"annotations": {DNS01_RECORDS_ANNOTATION: listed}},
+        });
+        let params = PatchParams {
+            field_manager: Some(DNS01_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        Api::<Secret>::namespaced(self.client.clone(), &self.stack.namespace)
+            .patch(&name, &params, &Patch::Merge(&value))
+            .await
+            .map_err(|e| {
+                Failure::kube(format!("recording DNS-01 records in Secret {name}: {e}"))
+            })?;
+        Ok(())
+    }
 }
 
 /// Fetches the CA's renewal window for the certificate `serial`.

@@ -1,20 +1,24 @@
-//! One ACME order for all of a stack's gateway hosts, answered over HTTP-01 by the gateway.
+//! One ACME order for all of a stack's gateway hosts, answered over HTTP-01 by the gateway or
+//! over DNS-01 through a DNS provider (`dns01.rs`), chosen per host.
 //!
 //! The steps, each one a request to the CA (counted in the metrics by type and outcome):
-//! 1. self-check before ordering: the gateway must already answer a probe token with
-//!    `<token>.<thumbprint>`, or no order is placed at all (a gateway that cannot answer would
-//!    only burn the CA's failed-validation limits);
+//! 1. prepare: the solver checks that the challenges can be answered at all, or no order is
+//!    placed (HTTP-01: the gateway must already answer a probe token with
+//!    `<token>.<thumbprint>`; DNS-01: the zone is found and the TSIG key accepted). A
+//!    challenge that cannot be answered would only burn the CA's failed-validation limits;
 //! 2. `newOrder` for every host, with the `profile` and, on a renewal, `replaces` (ARI);
-//! 3. per pending authorization: present (nothing to do: the gateway answers statelessly),
-//!    self-check the real token through the gateway, then tell the CA the challenge is ready;
-//!    a challenge that fails the self-check is not offered to the CA and its authorization is
-//!    deactivated (clean-up);
+//! 3. every pending authorization's answer presented (HTTP-01: nothing to do, the gateway
+//!    answers statelessly; DNS-01: a TXT record), then each checked as the CA would (through
+//!    the gateway; at every authoritative server), then the CA told the challenges are ready.
+//!    On a failure before that, what was presented is cleaned up and the authorization that
+//!    failed is deactivated;
 //! 4. poll the order (honouring `Retry-After`) until ready, finalize with a CSR for a new key,
 //!    poll until the certificate is issued and download the full chain;
 //! 5. check chain, key and host coverage before handing the result back. Nothing is written
 //!    here: the caller writes the Secret only after this check.
 //!
-//! The challenge solver sits behind [`Solver`], so tests and other solvers can stand in.
+//! The challenge solver sits behind [`Solver`] (HTTP-01 through the gateway, DNS-01 through a
+//! DNS provider, or both by host), so the flow above is the same for every kind of challenge.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,25 +39,97 @@ use super::cert::{self, KeyAlgorithm};
 use super::{Failure, FailureKind};
 use crate::metrics::Metrics;
 
-/// Presents, checks and cleans up HTTP-01 challenge answers.
+/// Answers the challenges of one kind: presents, checks and cleans up. The order flow picks
+/// the challenge of [`Solver::challenge_type`] for each host and calls the rest; it knows
+/// nothing else about how a challenge is answered. HTTP-01: [`GatewaySolver`]; DNS-01:
+/// [`super::dns01::Dns01Solver`] over a DNS provider; both at once: [`ByHost`].
 pub trait Solver: Send + Sync {
-    /// Makes `key_authorization` available at `/.well-known/acme-challenge/<token>` of `host`.
+    /// The challenge this solver answers for `host` (a wildcard host is `*.name`).
+    fn challenge_type(&self, host: &str) -> ChallengeType;
+    /// Before an order is placed: can the challenges for `hosts` be answered at all (a
+    /// failure here means no order, so no failed validation at the CA)? `thumbprint` is the
+    /// account's.
+    fn prepare(
+        &self,
+        hosts: &[String],
+        thumbprint: &str,
+    ) -> impl Future<Output = Result<(), Failure>> + Send;
+    /// Makes the answer for `key_authorization` (`<token>.<thumbprint>`) available for `host`.
     fn present(
         &self,
         host: &str,
         token: &str,
         key_authorization: &str,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), Failure>> + Send;
     /// Checks, as the CA would, that the answer is reachable; waits up to the solver's
-    /// patience for it (a gateway that is still reloading its configuration).
+    /// patience for it (a gateway still reloading, a DNS record still propagating).
     fn check(
         &self,
         host: &str,
         token: &str,
         key_authorization: &str,
-    ) -> impl Future<Output = Result<(), String>> + Send;
-    /// Removes what `present` made.
-    fn clean_up(&self, host: &str, token: &str) -> impl Future<Output = ()> + Send;
+    ) -> impl Future<Output = Result<(), Failure>> + Send;
+    /// Removes what `present` made (after validation, whatever its outcome).
+    fn clean_up(
+        &self,
+        host: &str,
+        token: &str,
+        key_authorization: &str,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Two solvers, chosen per host: `first` for the hosts `use_first` accepts (DNS-01 for the
+/// hosts under `dns01.domains`), `second` for the others.
+pub struct ByHost<A, B, F> {
+    pub first: A,
+    pub second: B,
+    pub use_first: F,
+}
+
+impl<A: Solver, B: Solver, F: Fn(&str) -> bool + Send + Sync> Solver for ByHost<A, B, F> {
+    fn challenge_type(&self, host: &str) -> ChallengeType {
+        if (self.use_first)(host) {
+            self.first.challenge_type(host)
+        } else {
+            self.second.challenge_type(host)
+        }
+    }
+
+    async fn prepare(&self, hosts: &[String], thumbprint: &str) -> Result<(), Failure> {
+        let (first, second): (Vec<String>, Vec<String>) =
+            hosts.iter().cloned().partition(|h| (self.use_first)(h));
+        if !first.is_empty() {
+            self.first.prepare(&first, thumbprint).await?;
+        }
+        if !second.is_empty() {
+            self.second.prepare(&second, thumbprint).await?;
+        }
+        Ok(())
+    }
+
+    async fn present(&self, host: &str, token: &str, ka: &str) -> Result<(), Failure> {
+        if (self.use_first)(host) {
+            self.first.present(host, token, ka).await
+        } else {
+            self.second.present(host, token, ka).await
+        }
+    }
+
+    async fn check(&self, host: &str, token: &str, ka: &str) -> Result<(), Failure> {
+        if (self.use_first)(host) {
+            self.first.check(host, token, ka).await
+        } else {
+            self.second.check(host, token, ka).await
+        }
+    }
+
+    async fn clean_up(&self, host: &str, token: &str, ka: &str) {
+        if (self.use_first)(host) {
+            self.first.clean_up(host, token, ka).await
+        } else {
+            self.second.clean_up(host, token, ka).await
+        }
+    }
 }
 
 /// The gateway answers every token with `<token>.<thumbprint>` from its nginx configuration:
@@ -101,17 +177,14 @@ impl GatewaySolver {
     }
 }
 
-impl Solver for GatewaySolver {
-    async fn present(
+impl GatewaySolver {
+    /// Waits up to the patience for the gateway to answer `token` with `key_authorization`.
+    async fn answered(
         &self,
-        _host: &str,
-        _token: &str,
-        _key_authorization: &str,
+        host: &str,
+        token: &str,
+        key_authorization: &str,
     ) -> Result<(), String> {
-        Ok(())
-    }
-
-    async fn check(&self, host: &str, token: &str, key_authorization: &str) -> Result<(), String> {
         let deadline = Instant::now() + self.patience;
         let mut pause = Duration::from_millis(200);
         loop {
@@ -138,8 +211,58 @@ impl Solver for GatewaySolver {
             pause = (pause * 2).min(Duration::from_secs(5));
         }
     }
+}
 
-    async fn clean_up(&self, _host: &str, _token: &str) {}
+impl Solver for GatewaySolver {
+    fn challenge_type(&self, _host: &str) -> ChallengeType {
+        ChallengeType::Http01
+    }
+
+    /// The gateway must answer a probe token before the CA is asked to look.
+    async fn prepare(&self, hosts: &[String], thumbprint: &str) -> Result<(), Failure> {
+        let host = hosts.first().map(String::as_str).unwrap_or("");
+        let probe = probe_token();
+        self.answered(host, &probe, &format!("{probe}.{thumbprint}"))
+            .await
+            .map_err(|e| {
+                Failure::new(
+                    FailureKind::ChallengeUnreachable,
+                    format!(
+                        "challenge not reachable through the gateway (self-check before ordering): {e}"
+                    ),
+                )
+            })
+    }
+
+    async fn present(
+        &self,
+        _host: &str,
+        _token: &str,
+        _key_authorization: &str,
+    ) -> Result<(), Failure> {
+        Ok(())
+    }
+
+    async fn check(&self, host: &str, token: &str, key_authorization: &str) -> Result<(), Failure> {
+        self.answered(host, token, key_authorization)
+            .await
+            .map_err(|e| {
+                Failure::new(
+                    FailureKind::ChallengeUnreachable,
+                    format!("challenge not reachable through the gateway for {host}: {e}"),
+                )
+            })
+    }
+
+    async fn clean_up(&self, _host: &str, _token: &str, _key_authorization: &str) {}
+}
+
+/// A challenge answer made available.
+struct Presented {
+    host: String,
+    token: String,
+    key_authorization: String,
+    kind: ChallengeType,
 }
 
 /// What to order.
@@ -240,20 +363,8 @@ pub async fn issue<S: Solver>(
     metrics: &Arc<Metrics>,
     now: impl Fn() -> SystemTime,
 ) -> Result<Issued, Failure> {
-    let gateway_host = request.hosts.first().map(String::as_str).unwrap_or("");
-    // 1. The gateway must answer before the CA is asked to look.
-    let probe = probe_token();
-    solver
-        .check(gateway_host, &probe, &format!("{probe}.{thumbprint}"))
-        .await
-        .map_err(|e| {
-            Failure::new(
-                FailureKind::ChallengeUnreachable,
-                format!(
-                    "challenge not reachable through the gateway (self-check before ordering): {e}"
-                ),
-            )
-        })?;
+    // 1. The challenges must be answerable before the CA is asked to look.
+    solver.prepare(&request.hosts, thumbprint).await?;
 
     // 2. The order.
     let identifiers: Vec<Identifier> = request.hosts.iter().cloned().map(Identifier::Dns).collect();
@@ -302,60 +413,120 @@ pub async fn issue<S: Solver>(
     };
     tracing::info!(order = order.url(), hosts = ?request.hosts, replaced, "ACME order placed");
 
-    // 3. Challenges.
-    let mut offered = Vec::new();
+    // 3. Challenges: every answer presented, then checked, then offered to the CA (one
+    // propagation wait for all DNS records, not one per host).
+    let mut presented: Vec<Presented> = Vec::new();
+    let mut failed: Option<(String, Failure)> = None;
     {
         let mut authorizations = order.authorizations();
         while let Some(next) = authorizations.next().await {
-            let mut authz =
-                next.map_err(|e| Failure::from_acme("fetching an authorization", e, http))?;
+            let authz = match next {
+                Ok(a) => a,
+                Err(e) => {
+                    failed = Some((
+                        String::new(),
+                        Failure::from_acme("fetching an authorization", e, http),
+                    ));
+                    break;
+                }
+            };
             match authz.status {
                 AuthorizationStatus::Valid => continue,
                 AuthorizationStatus::Pending => {}
                 status => {
-                    return Err(Failure::new(
-                        FailureKind::OrderInvalid,
-                        format!(
-                            "order invalid: the authorization for {} is {status:?}",
-                            authz.identifier()
+                    failed = Some((
+                        String::new(),
+                        Failure::new(
+                            FailureKind::OrderInvalid,
+                            format!(
+                                "order invalid: the authorization for {} is {status:?}",
+                                authz.identifier()
+                            ),
                         ),
                     ));
+                    break;
                 }
             }
             let host = authz.identifier().to_string();
+            let kind = solver.challenge_type(&host);
             let Some(token) = authz
                 .challenges
                 .iter()
-                .find(|c| c.r#type == ChallengeType::Http01)
+                .find(|c| c.r#type == kind)
                 .map(|c| c.token.clone())
             else {
-                return Err(Failure::new(
-                    FailureKind::OrderInvalid,
-                    format!("order invalid: the CA offers no HTTP-01 challenge for {host}"),
+                failed = Some((
+                    String::new(),
+                    Failure::new(
+                        FailureKind::OrderInvalid,
+                        format!("order invalid: the CA offers no {kind:?} challenge for {host}"),
+                    ),
                 ));
+                break;
             };
-            // The key authorization (RFC 8555 section 8.1), exactly what the gateway answers.
+            // The key authorization (RFC 8555 section 8.1).
             let key_authorization = format!("{token}.{thumbprint}");
-            let checked = match solver.present(&host, &token, &key_authorization).await {
-                Ok(()) => solver.check(&host, &token, &key_authorization).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = checked {
-                solver.clean_up(&host, &token).await;
-                let _ = timed(metrics, "deactivateAuthorization", authz.deactivate()).await;
-                return Err(Failure::new(
-                    FailureKind::ChallengeUnreachable,
-                    format!("challenge not reachable through the gateway for {host}: {e}"),
-                ));
+            let result = solver.present(&host, &token, &key_authorization).await;
+            presented.push(Presented {
+                host: host.clone(),
+                token,
+                key_authorization,
+                kind,
+            });
+            if let Err(f) = result {
+                failed = Some((host, f));
+                break;
             }
-            let mut challenge = authz
-                .challenge(ChallengeType::Http01)
-                .expect("the HTTP-01 challenge found above");
-            debug_assert_eq!(challenge.key_authorization().as_str(), key_authorization);
-            nonce_retries!(timed(metrics, "challengeReady", challenge.set_ready()))
-                .map_err(|e| Failure::from_acme("answering the challenge", e, http))?;
-            offered.push((host, token));
         }
+    }
+    if failed.is_none() {
+        for p in &presented {
+            if let Err(f) = solver.check(&p.host, &p.token, &p.key_authorization).await {
+                failed = Some((p.host.clone(), f));
+                break;
+            }
+        }
+    }
+    if failed.is_none() {
+        let mut authorizations = order.authorizations();
+        while let Some(next) = authorizations.next().await {
+            let Ok(mut authz) = next else { continue };
+            let host = authz.identifier().to_string();
+            let Some(p) = presented.iter().find(|p| p.host == host) else {
+                continue;
+            };
+            let Some(mut challenge) = authz.challenge(p.kind.clone()) else {
+                continue;
+            };
+            debug_assert_eq!(challenge.key_authorization().as_str(), p.key_authorization);
+            if let Err(e) = nonce_retries!(timed(metrics, "challengeReady", challenge.set_ready()))
+            {
+                failed = Some((
+                    String::new(),
+                    Failure::from_acme("answering the challenge", e, http),
+                ));
+                break;
+            }
+        }
+    }
+    if let Some((host, failure)) = failed {
+        for p in &presented {
+            solver
+                .clean_up(&p.host, &p.token, &p.key_authorization)
+                .await;
+        }
+        // An authorization whose challenge the CA was never asked to validate does not
+        // linger as pending at the CA.
+        if !host.is_empty() {
+            let mut authorizations = order.authorizations();
+            while let Some(Ok(mut authz)) = authorizations.next().await {
+                if authz.identifier().to_string() == host {
+                    let _ = timed(metrics, "deactivateAuthorization", authz.deactivate()).await;
+                    break;
+                }
+            }
+        }
+        return Err(failure);
     }
 
     // 4. Wait for validation, finalize, download.
@@ -364,8 +535,10 @@ pub async fn issue<S: Solver>(
         .backoff(1.5)
         .timeout(Duration::from_secs(120));
     let status = nonce_retries!(timed(metrics, "pollOrder", order.poll_ready(&polling)));
-    for (host, token) in &offered {
-        solver.clean_up(host, token).await;
+    for p in &presented {
+        solver
+            .clean_up(&p.host, &p.token, &p.key_authorization)
+            .await;
     }
     match status {
         Ok(OrderStatus::Ready) => {}

@@ -254,9 +254,54 @@ fn http_settings(w: &mut String, stack: &Stack) {
         sni_hosts = g
             .hosts
             .iter()
-            .map(|h| format!("        {h} {h};\n"))
+            .map(|h| match wildcard_regex(h) {
+                // A wildcard host: the pattern stands for the name (compared with the
+                // pattern the Host header maps to, below).
+                Some(re) => format!("        \"~*{re}\" \"{h}\";\n"),
+                None => format!("        {h} {h};\n"),
+            })
             .collect::<String>(),
     );
+    if g.hosts.iter().any(|h| wildcard_regex(h).is_some()) {
+        // With wildcard hosts the redirect names the request's own host when a wildcard
+        // matches it (`$host`: lowercase, and checked by the pattern), and the 421 rule
+        // compares the configured host (or wildcard) the Host header and the SNI name match.
+        let redirect = g
+            .hosts
+            .iter()
+            .map(|h| match wildcard_regex(h) {
+                Some(re) => format!("        \"~{re}\" $host;\n"),
+                None => format!("        {h} {h};\n"),
+            })
+            .collect::<String>();
+        let patterns = g
+            .hosts
+            .iter()
+            .map(|h| match wildcard_regex(h) {
+                Some(re) => format!("        \"~{re}\" \"{h}\";\n"),
+                None => format!("        {h} {h};\n"),
+            })
+            .collect::<String>();
+        w.truncate(
+            w.rfind("    # The configured host a plain-HTTP request names")
+                .unwrap_or(w.len()),
+        );
+        let _ = writeln!(
+            w,
+            r#"    # The configured host a plain-HTTP request names, for the redirect to HTTPS: never a host
+    # the client made up (that would be an open redirect).
+    map $host $opsconductor_redirect_host {{
+        hostnames;
+        default "";
+{redirect}    }}
+
+    # The configured host or wildcard the Host header matches (the 421 rule).
+    map $host $opsconductor_host_pattern {{
+        hostnames;
+        default "";
+{patterns}    }}"#
+        );
+    }
     if let Some(rl) = g.rate_limit {
         let _ = writeln!(
             w,
@@ -336,6 +381,14 @@ fn health_server(w: &mut String) {
 /// a pointer and two bytes of overhead, 8-byte aligned, plus a terminating pointer per
 /// bucket, and rounds the bucket size up to a cache line. Room for two of the longest names
 /// per bucket lets nginx find a table size quickly even with the 100 hosts the spec allows.
+/// For a wildcard host `*.example.com`, the regex of the names it covers: exactly one label
+/// in front (as a certificate's wildcard does, RFC 6125 section 6.4.3), so `a.b.example.com`
+/// and `example.com` are not matched. nginx's own `*.example.com` would match any depth.
+fn wildcard_regex(host: &str) -> Option<String> {
+    let rest = host.strip_prefix("*.")?;
+    Some(format!("^[a-z0-9-]+\\.{}$", rest.replace('.', "\\.")))
+}
+
 fn server_names_hash_bucket_size(longest_name: usize) -> usize {
     let element = (8 + longest_name + 2).div_ceil(8) * 8;
     (2 * element + 8).div_ceil(64) * 64
@@ -494,15 +547,28 @@ fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions) {
 
         # The Host header must name the host the TLS session was opened for (a client that
         # coalesced connections retries on a new one, RFC 9110 section 15.5.20).
-        if ($host != $opsconductor_sni_host) {{
-            return 421;
-        }}
+        {host_rule}
 
         limit_conn opsconductor_conn_per_client {MAX_REQUESTS_PER_CLIENT};
 
         # Set here and nowhere below: a location with its own add_header would drop all of these.
 {headers}"#,
-        hosts = g.hosts.join(" "),
+        hosts = g
+            .hosts
+            .iter()
+            .map(|h| match wildcard_regex(h) {
+                Some(re) => format!("\"~{re}\""),
+                None => h.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        host_rule = if g.hosts.iter().any(|h| wildcard_regex(h).is_some()) {
+            // A wildcard host: the Host header must match the same configured host or
+            // wildcard as the SNI name (the certificate covers both names).
+            "if ($opsconductor_host_pattern != $opsconductor_sni_host) {\n            return 421;\n        }\n        if ($opsconductor_sni_host = \"\") {\n            return 421;\n        }"
+        } else {
+            "if ($host != $opsconductor_sni_host) {\n            return 421;\n        }"
+        },
         pp = proxy_protocol(stack),
     );
     if let Some(rl) = g.rate_limit {
