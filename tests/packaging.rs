@@ -713,14 +713,13 @@ fn a_scoped_release_gets_roles_in_its_namespaces_and_almost_no_cluster_rules() {
             json!([{"kind": "ServiceAccount", "name": "opsconductor-operator", "namespace": "team-a-system"}])
         );
     }
-    // --dns-resolver auto: only the kube-dns Service in kube-system.
-    let dns = docs
-        .iter()
-        .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == "kube-system")
-        .expect("a Role for the kube-dns lookup");
-    assert_eq!(
-        rules_of(dns),
-        BTreeSet::from([r#"/services get ["kube-dns"]"#.to_string()])
+    // Nothing in kube-system: the operator no longer looks up the cluster DNS Service (the
+    // gateway reaches services by ClusterIP).
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["metadata"]["namespace"] == "kube-system"),
+        "an object in kube-system"
     );
     let deployment = find(&docs, "Deployment", "opsconductor-operator");
     let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
