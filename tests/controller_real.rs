@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
-use opsconductor_operator::crd::OpsConductorStack;
+use opsconductor_operator::crd::{CertificateState, OpsConductorStack};
 use serde_json::json;
 use support::operator::{
     OPERATOR_USER, apply_stack, example, operator, owned_objects, rendered_objects,
@@ -77,12 +77,27 @@ async fn creates_every_object_and_then_writes_nothing() {
     )
     .await;
     converged(&ns.client, &ns.name, "prod").await;
+    // The example orders its certificate from a CA this control plane cannot reach: the order
+    // fails in the background, and the reconcile that follows writes that (an Event and the
+    // status). On a loaded machine the failure can land after the status above was written,
+    // so wait for it: "unchanged" starts once nothing is left in flight.
+    let api: Api<OpsConductorStack> = Api::namespaced(ns.client.clone(), &ns.name);
+    eventually(
+        "the certificate order to have failed and its failure to be in the status",
+        WAIT,
+        || async {
+            let s = api.get("prod").await.ok()?;
+            let status = s.status?;
+            let failed = status.certificate.as_ref()?.state == CertificateState::Failed;
+            (failed && status.observed_generation == s.metadata.generation).then_some(())
+        },
+    )
+    .await;
 
     // A second reconcile, triggered by a change that does not alter the spec, writes nothing.
     let audit = AuditLog::of(ns.control_plane);
     let reconciles = op.metric("opsconductor_reconciles_total{result=\"ok\"}");
     let mark = audit.mark();
-    let api: Api<OpsConductorStack> = Api::namespaced(ns.client.clone(), &ns.name);
     api.patch(
         "prod",
         &PatchParams::default(),
@@ -887,13 +902,15 @@ async fn a_route_change_is_applied_without_a_roll_and_an_image_change_rolls() {
     );
 
     // A route moves: the configuration changes, the pod template does not.
-    let auth = stack
+    // (users: its route has no public paths of edge authentication that would have to move
+    // with it.)
+    let users = stack
         .spec
         .services
         .iter_mut()
-        .find(|s| s.name == "auth")
+        .find(|s| s.name == "users")
         .unwrap();
-    auth.route = Some("/api/v2/auth/".into());
+    users.route = Some("/api/v2/users/".into());
     apply_stack(&ns.client, &stack).await;
     converged(&ns.client, &ns.name, "prod").await;
     eventually(
@@ -902,7 +919,7 @@ async fn a_route_change_is_applied_without_a_roll_and_an_image_change_rolls() {
         || async {
             config()
                 .await
-                .contains("location /api/v2/auth/ {")
+                .contains("location /api/v2/users/ {")
                 .then_some(())
         },
     )
