@@ -55,6 +55,22 @@ async fn ready(api: &Api<OpsConductorStack>, name: &str) -> Option<(String, Stri
         .map(|c| (c.reason, c.message))
 }
 
+/// A TCP listener on 127.0.0.1 (what listens on the operator's loopback): its port, and the
+/// number of connections made to it so far.
+fn counting_listener() -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (port, connections)
+}
+
 fn operator(cp: &ControlPlane, tag: &str, args: &[&str], env: &[(&str, &str)]) -> OperatorProcess {
     spawn_as_operator(cp, tag, args, env)
 }
@@ -68,19 +84,7 @@ async fn directory_urls_on_loopback_or_link_local_addresses_are_never_fetched() 
     let cp = ns.control_plane;
     install_crd(cp).await;
 
-    // What listens on the operator's loopback: counts every connection made to it.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let connections = Arc::new(AtomicUsize::new(0));
-    {
-        let connections = connections.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                connections.fetch_add(1, Ordering::SeqCst);
-                drop(stream);
-            }
-        });
-    }
+    let (port, connections) = counting_listener();
 
     // The released default: no loopback (the environment of cargo's processes allows it).
     let refusing = operator(
@@ -168,18 +172,7 @@ async fn directory_host_names_that_resolve_to_internal_addresses_are_never_conne
     let cp = ns.control_plane;
     install_crd(cp).await;
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let connections = Arc::new(AtomicUsize::new(0));
-    {
-        let connections = connections.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                connections.fetch_add(1, Ordering::SeqCst);
-                drop(stream);
-            }
-        });
-    }
+    let (port, connections) = counting_listener();
 
     // The operator's own /etc/hosts: names no static check can tell from a public CA's.
     let hosts = cp
