@@ -939,7 +939,7 @@ fn security_headers(stack: &Stack) -> String {
 }
 
 /// The Content-Security-Policy line, if the stack has one. The value is checked: printable
-/// ASCII without '"', '\', '$' or braces (`validate::check_csp`), so it stays one string.
+/// ASCII without '"', '\', '$' or braces (`validate::gateway::check_csp`), so it stays one string.
 fn csp_header(stack: &Stack) -> String {
     let Some(c) = &stack.gateway.content_security_policy else {
         return String::new();
