@@ -491,9 +491,7 @@ where
 }
 
 fn set_leader(health: &Health, leader: bool) {
-    health
-        .metrics
-        .set("opsconductor_leader", &[], if leader { 1.0 } else { 0.0 });
+    health.metrics.set_leader(leader);
 }
 
 async fn wait_true(mut rx: watch::Receiver<bool>) {

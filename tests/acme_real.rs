@@ -303,7 +303,7 @@ async fn first_issuance_through_the_real_http01_path_then_account_reuse_and_a_ho
             >= 2.0
     );
     let ready_metric = format!(
-        "opsconductor_certificate_ready{{stack=\"{}/{STACK}\"}}",
+        "opsconductor_certificate_ready{{namespace=\"{}\",name=\"{STACK}\"}}",
         w.ns.name
     );
     eventually("the ready metric", WAIT, || async {
@@ -1010,7 +1010,7 @@ async fn a_background_delete_mid_order_stops_the_job_and_the_ca_hears_no_more() 
         .delete(STACK, &kube::api::DeleteParams::background())
         .await
         .unwrap();
-    let series = format!("stack=\"{}/{STACK}\"", w.ns.name);
+    let series = format!("namespace=\"{}\",name=\"{STACK}\"", w.ns.name);
     eventually("the stack's metric series to be gone", WAIT, || async {
         (!w.operator().metrics().contains(&series)).then_some(())
     })

@@ -780,7 +780,7 @@ async fn violations_by_other_objects_are_reported_and_cleared() {
         events.contains("legacy-admin") && events.contains("shortcut"),
         "{events}"
     );
-    assert!(op.metric("opsconductor_violations{stack=") >= 2.0);
+    assert!(op.metric("opsconductor_violations{namespace=") >= 2.0);
     // Nothing the operator does not manage is modified or deleted.
     assert_eq!(
         services

@@ -110,7 +110,10 @@ async fn a_background_delete_drops_the_stacks_metric_series() {
     let stacks: Api<OpsConductorStack> = ns.api();
     let namespaces: Api<Namespace> = Api::all(ns.client.clone());
     let op = own_operator(cp).await;
-    let series = format!("opsconductor_violations{{stack=\"{}/hello\"}}", ns.name);
+    let series = format!(
+        "opsconductor_violations{{namespace=\"{}\",name=\"hello\"}}",
+        ns.name
+    );
 
     apply_stack(&ns.client, &example("minimal.yaml", &ns.name)).await;
     eventually("the stack's violations series", WAIT, || async {

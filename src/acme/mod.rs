@@ -625,7 +625,7 @@ impl Manager {
     pub fn forget(&self, namespace: &str, name: &str) {
         let key = format!("{namespace}/{name}");
         self.stacks.lock().unwrap().drop_state(&key);
-        self.metrics.forget("stack", &key);
+        self.metrics.forget_stack(&key);
     }
 
     /// One look at the certificate of an ACME stack. Talks to the API server (the two
@@ -906,23 +906,12 @@ impl Manager {
         }
         drop(st);
 
-        let label = [("stack", key.as_str())];
-        self.metrics.set(
-            "opsconductor_certificate_ready",
-            &label,
-            if ok { 1.0 } else { 0.0 },
+        self.metrics.certificate(
+            &key,
+            ok,
+            in_use.map(|leaf| unix(leaf.facts.not_after)),
+            renewal_time.map(unix),
         );
-        if let Some(leaf) = in_use {
-            self.metrics.set(
-                "opsconductor_certificate_not_after_seconds",
-                &label,
-                unix(leaf.facts.not_after),
-            );
-        }
-        if let Some(at) = renewal_time {
-            self.metrics
-                .set("opsconductor_certificate_renewal_seconds", &label, unix(at));
-        }
         Ok(Report {
             status,
             ok,
@@ -958,8 +947,7 @@ impl Manager {
     /// or written until it is gone or handed over.
     fn conflict_report(&self, key: &str, conflicts: Vec<NameConflict>) -> Report {
         let objects: Vec<String> = conflicts.iter().map(NameConflict::object).collect();
-        self.metrics
-            .set("opsconductor_certificate_ready", &[("stack", key)], 0.0);
+        self.metrics.certificate(key, false, None, None);
         Report {
             status: CertificateStatus {
                 state: CertificateState::Failed,

@@ -385,10 +385,7 @@ async fn apply_kind<K: Child>(
             Cause::Drift => "drift",
             Cause::Adopted => "adopted",
         };
-        ctx.metrics.inc(
-            "opsconductor_objects_applied_total",
-            &[("kind", kind), ("cause", cause_label)],
-        );
+        ctx.metrics.applied(kind, cause_label);
         if !unchanged {
             report.written.push((cause, kind, name));
         }
@@ -422,8 +419,7 @@ async fn prune_kind<K: Child>(
         }
         ctx.applied
             .forget(&(kind, target.namespace.to_string(), name.clone()));
-        ctx.metrics
-            .inc("opsconductor_objects_pruned_total", &[("kind", kind)]);
+        ctx.metrics.pruned(kind);
         report.pruned.push((kind, name));
     }
     Ok(())

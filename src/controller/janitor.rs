@@ -162,8 +162,8 @@ fn forget_gone_stacks(ctx: &Context, present: &BTreeSet<String>, namespaces: &BT
         tracing::info!(stack = %key, "stack is gone: forgetting its certificate job and metrics");
         ctx.acme.forget(namespace, name);
     }
-    for key in gone(&ctx.metrics.label_values("stack"), present) {
-        ctx.metrics.forget("stack", &key);
+    for key in gone(&ctx.metrics.stack_keys(), present) {
+        ctx.metrics.forget_stack(&key);
     }
     ctx.failures
         .lock()

@@ -186,7 +186,7 @@ impl Stores {
 impl Stores {
     /// Sets the cache gauges: objects and JSON bytes per kind.
     fn export_sizes(&self, metrics: &Metrics) {
-        fn one<K>(metrics: &Metrics, kind: &str, store: &Store<Compact<K>>)
+        fn one<K>(metrics: &Metrics, kind: &'static str, store: &Store<Compact<K>>)
         where
             K: Resource<DynamicType = ()>
                 + serde::Serialize
@@ -195,16 +195,7 @@ impl Stores {
         {
             let state = store.state();
             let bytes: usize = state.iter().map(|o| o.json_len()).sum();
-            metrics.set(
-                "opsconductor_cache_objects",
-                &[("kind", kind)],
-                state.len() as f64,
-            );
-            metrics.set(
-                "opsconductor_cache_json_bytes",
-                &[("kind", kind)],
-                bytes as f64,
-            );
+            metrics.cache(kind, state.len(), bytes);
         }
         // Services and NetworkPolicies: one cache serves the managed objects and the audit.
         one(metrics, "ServiceAccount", &self.service_accounts);
@@ -333,10 +324,7 @@ fn error_policy(stack: Arc<OpsConductorStack>, error: &Error, ctx: Arc<Context>)
     };
     let delay = backoff(failures);
     tracing::warn!(stack = %stack_key(&stack), reason = error.reason(), %error, failures, retry_in = ?delay, "reconcile failed");
-    ctx.metrics.inc(
-        "opsconductor_reconcile_errors_total",
-        &[("reason", error.reason())],
-    );
+    ctx.metrics.reconcile_error(error.reason());
     Action::requeue(delay)
 }
 

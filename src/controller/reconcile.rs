@@ -32,10 +32,7 @@ use crate::validate;
 pub async fn reconcile(stack: Arc<OpsConductorStack>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&stack, &ctx).await;
-    ctx.metrics.observe_reconcile(started.elapsed());
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    ctx.metrics
-        .inc("opsconductor_reconciles_total", &[("result", outcome)]);
+    ctx.metrics.reconciled(result.is_ok(), started.elapsed());
     if result.is_ok() {
         ctx.failures.lock().unwrap().remove(&stack_key(&stack));
     }
@@ -187,11 +184,7 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
             ),
         );
     }
-    ctx.metrics.set(
-        "opsconductor_violations",
-        &[("stack", &stack_key(stack))],
-        violations.len() as f64,
-    );
+    ctx.metrics.violations(&stack_key(stack), violations.len());
     observed.violations = violations;
     let new_status = status::compute(stack.status.as_ref(), &observed, Timestamp::now());
     audit_drift_event(stack, ctx, &new_status).await;
@@ -318,10 +311,7 @@ async fn publish_report(stack: &OpsConductorStack, ctx: &Context, report: &Repor
     // objects are folded into one series, so a per-object `related` keeps each one visible.
     for (cause, kind, name) in &report.written {
         if *cause == Cause::Drift {
-            ctx.metrics.inc(
-                "opsconductor_drift_total",
-                &[("kind", kind), ("action", "reverted")],
-            );
+            ctx.metrics.drift(kind, "reverted");
             let note = format!("reverted changes made by others to {kind}/{name}");
             tracing::info!(stack = %stack_key(stack), %note, "drift reverted");
             publish_about(
@@ -530,10 +520,7 @@ async fn audit_drift_event(
         && after.reason == "DriftDetected"
         && before.is_none_or(|b| b.message != after.message)
     {
-        ctx.metrics.inc(
-            "opsconductor_drift_total",
-            &[("kind", "any"), ("action", "reported")],
-        );
+        ctx.metrics.drift("any", "reported");
         publish(
             stack,
             ctx,
