@@ -8,14 +8,15 @@ use std::time::{Duration, SystemTime};
 
 use kube::Client;
 
+use super::account;
 use super::config::Config;
 use super::failure::{Recorded, resume};
 use super::jobs::{JobContext, order_job, renewal_info_job};
-use super::policy::{self, Current, Decision, Why};
+use super::policy::{self, Current};
+use super::readiness::{self, Due, Failures, Running};
 use super::state::{Job, Stacks, State};
 use super::timestamp::{rfc3339, unix};
 use super::tls_secret::{Examined, examine};
-use super::{account, cert};
 use crate::crd::{CertificateState, CertificateStatus};
 use crate::metrics::Metrics;
 use crate::model::{Acme, Stack};
@@ -232,137 +233,56 @@ impl Manager {
             ari.as_ref(),
             now,
         );
-        let in_use: Option<&cert::Leaf> = match &current {
-            Examined::Issued(leaf) => Some(leaf),
-            Examined::Broken(_, Some(leaf)) => Some(leaf),
-            _ => None,
+        let in_use = current.in_use();
+        let ari_next_check = in_use
+            .and_then(|leaf| st.ari.as_ref().filter(|a| a.serial == leaf.facts.serial))
+            .map(|a| a.next_check);
+        let progress = st.progress.lock().unwrap().clone();
+        let input = readiness::Input {
+            examined: &current,
+            hosts: &stack.gateway.hosts,
+            decision: &decision,
+            running: st.running().map(|job| match job {
+                Job::Order => Running::Order {
+                    progress: progress.as_deref(),
+                },
+                Job::RenewalInfo => Running::RenewalInfo,
+            }),
+            failures: Failures {
+                count: st.failures,
+                last: st.failure.as_ref().map(|(f, _)| f),
+                next_attempt: st.next_attempt,
+            },
+            ari_next_check,
+            now,
+            poll_interval: self.config.poll_interval,
+            recheck: self.config.recheck,
         };
-        let serving_valid = in_use.is_some_and(|leaf| {
-            now < leaf.facts.not_after && cert::uncovered(leaf, &stack.gateway.hosts).is_empty()
-        });
-        let running = st.running();
-        let mut requeue: Option<Duration>;
-        let mut renewal_time = None;
-        let (state_now, reason, mut message) = match &decision {
-            Decision::Wait { renewal_time: at } => {
-                renewal_time = Some(*at);
-                requeue = Some(at.duration_since(now).unwrap_or_default());
-                // Renewal information for the certificate in use, when due.
-                if let Examined::Issued(leaf) = &current
-                    && let Some(ari_id) = leaf.ari_id.clone()
-                {
-                    let due = st
-                        .ari
-                        .as_ref()
-                        .filter(|a| a.serial == leaf.facts.serial)
-                        .map(|a| a.next_check);
-                    match due {
-                        Some(next) if next > now => {
-                            requeue =
-                                requeue.min(Some(next.duration_since(now).unwrap_or_default()));
-                        }
-                        _ if running.is_none() => {
-                            let ctx = self.job_context(client, stack, acme, &state);
-                            let serial = leaf.facts.serial.clone();
-                            st.start(Job::RenewalInfo, renewal_info_job(ctx, serial, ari_id));
-                            requeue = Some(self.config.poll_interval);
-                        }
-                        _ => requeue = Some(self.config.poll_interval),
-                    }
-                }
-                let leaf = in_use.expect("Wait only for an issued certificate");
-                (
-                    CertificateState::Valid,
-                    "Issued",
-                    format!(
-                        "certificate {} for {} valid until {}; renewal at {}",
-                        leaf.facts.serial,
-                        leaf.facts.hosts.join(", "),
-                        rfc3339(leaf.facts.not_after),
-                        rfc3339(*at)
-                    ),
-                )
+        let ready = readiness::readiness(&input);
+        // The job that is due, which the report already describes as started.
+        match readiness::due_job(&input) {
+            Some(Due::Order { why, replaces }) => {
+                let ctx = self.job_context(client, stack, acme, &state);
+                tracing::info!(stack = %key, why = %why.describe(), "starting an ACME order");
+                st.start(Job::Order, order_job(ctx, why, replaces));
             }
-            Decision::Issue(why) => {
-                let busy_state = if serving_valid {
-                    CertificateState::Renewing
-                } else {
-                    CertificateState::Issuing
-                };
-                match (running, st.next_attempt) {
-                    (Some(Job::Order), _) => {
-                        requeue = Some(self.config.poll_interval);
-                        let progress = st.progress.lock().unwrap().clone();
-                        (
-                            busy_state,
-                            "Ordering",
-                            match progress {
-                                Some(p) => {
-                                    format!("ordering a certificate: {}; {p}", why.describe())
-                                }
-                                None => format!("ordering a certificate: {}", why.describe()),
-                            },
-                        )
-                    }
-                    (Some(Job::RenewalInfo), _) => {
-                        requeue = Some(self.config.poll_interval);
-                        (
-                            busy_state,
-                            "Ordering",
-                            format!("about to order a certificate: {}", why.describe()),
-                        )
-                    }
-                    (None, Some(next)) if next > now => {
-                        renewal_time = Some(next);
-                        requeue = Some(next.duration_since(now).unwrap_or_default());
-                        let (failure, _) = st
-                            .failure
-                            .clone()
-                            .expect("a next attempt follows a failure");
-                        let state_now = if serving_valid {
-                            CertificateState::Renewing
-                        } else {
-                            CertificateState::Failed
-                        };
-                        (
-                            state_now,
-                            failure.kind.reason(),
-                            format!(
-                                "{} failed {} time(s): {}; next attempt at {}",
-                                if serving_valid { "renewal" } else { "issuance" },
-                                st.failures,
-                                failure.message,
-                                rfc3339(next)
-                            ),
-                        )
-                    }
-                    (None, _) => {
-                        let ctx = self.job_context(client, stack, acme, &state);
-                        let replaces = match (&current, why) {
-                            (Examined::Issued(leaf), Why::Due { .. }) => leaf.ari_id.clone(),
-                            _ => None,
-                        };
-                        tracing::info!(stack = %key, why = %why.describe(), "starting an ACME order");
-                        st.start(Job::Order, order_job(ctx, why.clone(), replaces));
-                        requeue = Some(self.config.poll_interval);
-                        (
-                            busy_state,
-                            "Ordering",
-                            format!("ordering a certificate: {}", why.describe()),
-                        )
-                    }
-                }
+            Some(Due::RenewalInfo { serial, ari_id }) => {
+                let ctx = self.job_context(client, stack, acme, &state);
+                st.start(Job::RenewalInfo, renewal_info_job(ctx, serial, ari_id));
             }
-        };
-        if matches!(current, Examined::Temporary) {
-            message = format!(
-                "serving a temporary self-signed certificate until the first issuance; {message}"
-            );
+            None => {}
         }
+        let readiness::Readiness {
+            state: state_now,
+            ok,
+            reason,
+            message,
+            renewal_time,
+            requeue,
+        } = ready;
         if st.thumbprint.is_none() {
             st.thumbprint.clone_from(&thumbprint);
         }
-        let ok = serving_valid && state_now != CertificateState::Failed;
         let (failure, failure_time) = match &st.failure {
             Some((f, at)) => (Some(f.message.clone()), Some(rfc3339(*at))),
             None => (None, None),
@@ -431,11 +351,7 @@ impl Manager {
             reason,
             message,
             thumbprint,
-            requeue_after: Some(
-                requeue
-                    .unwrap_or(self.config.recheck)
-                    .clamp(Duration::from_millis(500), self.config.recheck),
-            ),
+            requeue_after: Some(requeue),
             events,
             conflicts: Vec::new(),
         })

@@ -12,6 +12,8 @@
 //! - [`tls_secret`]: the certificate in use, read from and written to `<stack>-tls` (the
 //!   bootstrap certificate, the repair after a change by someone else, the DNS-01 ledger);
 //! - [`policy`]: when to order and when to retry (pure, clock passed in);
+//! - `readiness`: from what was found, the status and condition to report and the job that is
+//!   due (pure, clock passed in);
 //! - `jobs`: the background jobs, an order or a renewal-information check;
 //! - [`account`]: the account Secret, registration, the CA's HTTP client, the thumbprint;
 //! - [`order`]: one order behind the [`order::Solver`] interface; HTTP-01 through the gateway;
@@ -32,6 +34,7 @@ mod jobs;
 pub mod manager;
 pub mod order;
 pub mod policy;
+mod readiness;
 mod state;
 pub mod timestamp;
 pub mod tls_secret;

@@ -144,6 +144,7 @@ pub(super) async fn examine(
 }
 
 /// What `<stack>-tls` holds.
+#[derive(Debug)]
 pub(super) enum Examined {
     Temporary,
     /// Unusable or not the operator's; the leaf when it still serves.
@@ -151,6 +152,17 @@ pub(super) enum Examined {
     Issued(cert::Leaf),
     /// Someone else's Secret of that name: not used, not written.
     Conflict(NameConflict),
+}
+
+impl Examined {
+    /// The certificate the gateway serves when it is one the CA issued: a good one, or one
+    /// changed by someone else that still serves.
+    pub(super) fn in_use(&self) -> Option<&cert::Leaf> {
+        match self {
+            Examined::Issued(leaf) | Examined::Broken(_, Some(leaf)) => Some(leaf),
+            _ => None,
+        }
+    }
 }
 
 /// Writes `<stack>-tls` (server-side apply): the chain, the key, the digest of both.
