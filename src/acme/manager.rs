@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 
 use kube::Client;
 
-use super::account;
 use super::config::Config;
 use super::failure::{Recorded, resume};
 use super::jobs::{JobContext, order_job, renewal_info_job};
@@ -17,6 +16,7 @@ use super::readiness::{self, Due, Failures, Running};
 use super::state::{Job, Stacks, State};
 use super::timestamp::{rfc3339, unix};
 use super::tls_secret::{Examined, examine};
+use super::{Error, account};
 use crate::crd::{CertificateState, CertificateStatus};
 use crate::metrics::Metrics;
 use crate::model::{Acme, Stack};
@@ -144,7 +144,7 @@ impl Manager {
         acme: &Acme,
         recorded: &Recorded,
         now: SystemTime,
-    ) -> Result<Report, kube::Error> {
+    ) -> Result<Report, Error> {
         let key = stack_key(stack);
         let Some(state) = self.state(&key, stack.uid.as_deref()) else {
             return Ok(self.gone_report());
@@ -195,7 +195,7 @@ impl Manager {
                     state.lock().unwrap().thumbprint.clone_from(&t);
                     t
                 }
-                Err(account::ReadError::Kube(e)) => return Err(e),
+                Err(account::ReadError::Kube(e)) => return Err(e.into()),
                 Err(account::ReadError::Conflict(c)) => {
                     conflicts.push(c);
                     None

@@ -21,14 +21,15 @@
 //! - [`cert`]: inspecting a `kubernetes.io/tls` Secret's contents, keys, CSRs, the bootstrap
 //!   certificate.
 //!
-//! Beside it: [`failure`] (what went wrong, and the backoff resumed from the status), `state`
-//! (what is remembered per stack), [`config`] (the settings), [`user_secrets`] (the Secrets
-//! the user supplies) and [`timestamp`].
+//! Beside it: [`error`] (what stops a reconcile), [`failure`] (what went wrong in a job, and
+//! the backoff resumed from the status), `state` (what is remembered per stack), [`config`]
+//! (the settings), [`user_secrets`] (the Secrets the user supplies) and [`timestamp`].
 
 pub mod account;
 pub mod cert;
 pub mod config;
 pub mod dns01;
+pub mod error;
 pub mod failure;
 mod jobs;
 pub mod manager;
@@ -41,6 +42,7 @@ pub mod tls_secret;
 pub mod user_secrets;
 
 pub use config::Config;
+pub use error::Error;
 pub use failure::{Failure, FailureKind, Recorded};
 pub use manager::{CertEvent, Manager, Report};
 pub use timestamp::rfc3339;

@@ -13,7 +13,7 @@ use kube::{Api, Client};
 
 use super::manager::CertEvent;
 use super::state::{Good, State};
-use super::{Failure, cert, dns01};
+use super::{Error, Failure, cert, dns01};
 use crate::model::Stack;
 use crate::names::{self, Component};
 use crate::ownership::{self, Claim, NameConflict};
@@ -31,16 +31,14 @@ pub(super) async fn examine(
     state: &Arc<Mutex<State>>,
     now: SystemTime,
     events: &mut Vec<CertEvent>,
-) -> Result<Examined, kube::Error> {
+) -> Result<Examined, Error> {
     let name = names::tls_secret(&stack.name);
     let api: Api<Secret> = Api::namespaced(client.clone(), &stack.namespace);
     let Some(secret) = api.get_opt(&name).await? else {
         // (Created by server-side apply: a Secret created by someone else meanwhile would
         // be written. The window is one request long, and a stack only ever names its
         // own `<stack>-tls`.)
-        let (crt, key) = cert::bootstrap(&stack.gateway.hosts, now)
-            .map_err(|e| kube::Error::Service(e.to_string().into()))?;
-        write_tls_secret(client, stack, &crt, &key, true).await?;
+        write_bootstrap(client, stack, now).await?;
         events.push(CertEvent {
             warning: false,
             reason: "TemporaryCertificate",
@@ -132,9 +130,7 @@ pub(super) async fn examine(
             Some(leaf),
         )),
         _ => {
-            let (crt, key) = cert::bootstrap(&stack.gateway.hosts, now)
-                .map_err(|e| kube::Error::Service(e.to_string().into()))?;
-            write_tls_secret(client, stack, &crt, &key, true).await?;
+            write_bootstrap(client, stack, now).await?;
             Ok(Examined::Broken(
                 format!("Secret {name} was changed by someone else: {what}"),
                 None,
@@ -163,6 +159,17 @@ impl Examined {
             _ => None,
         }
     }
+}
+
+/// Writes a new temporary self-signed certificate for the gateway's hosts to `<stack>-tls`.
+async fn write_bootstrap(client: &Client, stack: &Stack, now: SystemTime) -> Result<(), Error> {
+    let (crt, key) =
+        cert::bootstrap(&stack.gateway.hosts, now).map_err(|source| Error::Bootstrap {
+            secret: names::tls_secret(&stack.name),
+            source,
+        })?;
+    write_tls_secret(client, stack, &crt, &key, true).await?;
+    Ok(())
 }
 
 /// Writes `<stack>-tls` (server-side apply): the chain, the key, the digest of both.
