@@ -2,14 +2,16 @@
 //! challenges, the written Secret) and a renewal-information (ARI) check. Each records its
 //! outcome in the stack's [`State`] for the next reconcile to report.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
+use tracing::Instrument;
 
 use super::config::Config;
-use super::manager::{CertEvent, stack_key};
+use super::manager::CertEvent;
 use super::policy::{self, Why, Window};
 use super::state::{AriState, Good, State};
 use super::timestamp::rfc3339;
@@ -42,8 +44,24 @@ async fn ca_client(ctx: &JobContext) -> Result<account::CaClient, Failure> {
     account::CaClient::new(bundle.as_deref(), ctx.config.allow_loopback_directory)
 }
 
+/// The span of a job on `stack`: every line the job logs (here and in `order`, `dns01` and
+/// `account`) names the stack through it. (`stack`, not `name`: the JSON log format writes a
+/// span's own name under `name`.)
+fn span(job: &'static str, stack: &Stack) -> tracing::Span {
+    tracing::info_span!("acme_job", job, namespace = %stack.namespace, stack = %stack.name)
+}
+
 /// One order, from account to written Secret; records the outcome in the state.
-pub(super) async fn order_job(ctx: JobContext, why: Why, replaces: Option<String>) {
+pub(super) fn order_job(
+    ctx: JobContext,
+    why: Why,
+    replaces: Option<String>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let span = span("order", &ctx.stack);
+    order(ctx, why, replaces).instrument(span)
+}
+
+async fn order(ctx: JobContext, why: Why, replaces: Option<String>) {
     let started = Instant::now();
     let result = order_once(&ctx, replaces).await;
     let now = SystemTime::now();
@@ -57,7 +75,6 @@ pub(super) async fn order_job(ctx: JobContext, why: Why, replaces: Option<String
     match result {
         Ok((good, took)) => {
             tracing::info!(
-                stack = %stack_key(&ctx.stack),
                 serial = %good.leaf.facts.serial,
                 seconds = took.as_secs_f64(),
                 "certificate issued and written"
@@ -85,9 +102,8 @@ pub(super) async fn order_job(ctx: JobContext, why: Why, replaces: Option<String
             let next =
                 policy::next_attempt(now, st.failures, &ctx.config.backoff, failure.retry_after);
             tracing::warn!(
-                stack = %stack_key(&ctx.stack),
                 kind = failure.kind.reason(),
-                message = %failure.message,
+                error = %failure.message,
                 failures = st.failures,
                 next_attempt = %rfc3339(next),
                 "ACME order failed"
@@ -197,7 +213,7 @@ async fn issue_with<S: order::Solver>(
     {
         // The CA forgot the account (a CA reset): register again with the same key, so the
         // thumbprint, and with it the gateway's configuration, stays the same.
-        tracing::warn!(stack = %stack_key(&ctx.stack), message = %f.message, "registering the account again");
+        tracing::warn!(error = %f.message, "registering the account again");
         let stored = account::read(&ctx.client, &ctx.stack).await?;
         ready =
             account::register(&ctx.client, &ctx.stack, &ctx.acme, &http, stored.as_ref()).await?;
@@ -261,8 +277,17 @@ async fn issue_with<S: order::Solver>(
     ))
 }
 
-/// Fetches the CA's renewal window for the certificate `serial`.
-pub(super) async fn renewal_info_job(ctx: JobContext, serial: String, ari_id: String) {
+/// Fetches the CA's renewal window for the certificate `serial`; records it in the state.
+pub(super) fn renewal_info_job(
+    ctx: JobContext,
+    serial: String,
+    ari_id: String,
+) -> impl Future<Output = ()> + Send + 'static {
+    let span = span("renewalInfo", &ctx.stack);
+    renewal_info(ctx, serial, ari_id).instrument(span)
+}
+
+async fn renewal_info(ctx: JobContext, serial: String, ari_id: String) {
     let now = SystemTime::now();
     let result = async {
         let http = ca_client(&ctx).await?;
@@ -295,7 +320,6 @@ pub(super) async fn renewal_info_job(ctx: JobContext, serial: String, ari_id: St
                 end: at(info.suggested_window.end.unix_timestamp()),
             };
             tracing::info!(
-                stack = %stack_key(&ctx.stack),
                 %serial,
                 start = %rfc3339(window.start),
                 end = %rfc3339(window.end),
@@ -305,7 +329,7 @@ pub(super) async fn renewal_info_job(ctx: JobContext, serial: String, ari_id: St
         }
         // No ARI at this CA, or it failed: the default schedule applies; ask again later.
         Err(f) => {
-            tracing::debug!(stack = %stack_key(&ctx.stack), message = %f.message, "no renewal information");
+            tracing::debug!(error = %f.message, "no renewal information");
             (
                 st.ari
                     .as_ref()
@@ -321,4 +345,87 @@ pub(super) async fn renewal_info_job(ctx: JobContext, serial: String, ari_id: St
         window,
         next_check: now + wait,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CertificateSource;
+
+    /// An io::Write into a shared buffer, for the log lines of one test.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The lines a job logs name its stack through the job's span, also those logged by
+    /// the modules it calls (here kube's client), and carry no `stack` field of their own. The order here fails
+    /// at its first request (an API server on a closed port), which it logs.
+    #[tokio::test]
+    async fn a_job_logs_inside_a_span_naming_its_stack() {
+        let stack = crate::validate::validate(
+            &serde_yaml::from_str(
+                "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\nmetadata: {name: shop, namespace: ops}\nspec:\n  gateway: {hosts: [a.example]}\n  tls: {acme: {directoryUrl: 'https://ca.test/dir', acceptTermsOfService: true}}\n  services: [{name: web, image: web:1, route: /}]\n",
+            )
+            .unwrap(),
+            "ops",
+        )
+        .unwrap();
+        let CertificateSource::Acme(acme) = stack.tls.source.clone() else {
+            panic!("an ACME stack");
+        };
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let client = Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let ctx = JobContext {
+            client,
+            stack,
+            acme,
+            config: Config::default(),
+            metrics: Arc::default(),
+            state: Arc::default(),
+        };
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        order_job(ctx.clone(), Why::NoCertificate, None).await;
+
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let logged: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let failed = logged
+            .iter()
+            .find(|v| v["fields"]["message"] == "ACME order failed")
+            .unwrap_or_else(|| panic!("no failure logged: {text}"));
+        assert_eq!(failed["span"]["name"], "acme_job", "{text}");
+        assert_eq!(failed["span"]["job"], "order", "{text}");
+        assert_eq!(failed["span"]["namespace"], "ops", "{text}");
+        assert_eq!(failed["span"]["stack"], "shop", "{text}");
+        assert!(failed["fields"].get("stack").is_none(), "{text}");
+        // The failure under its own field: a field named `message` would overwrite the
+        // line's message in the JSON format.
+        assert!(
+            failed["fields"]["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("reading the ACME account Secret")),
+            "{text}"
+        );
+        assert_eq!(ctx.state.lock().unwrap().failures, 1);
+    }
 }

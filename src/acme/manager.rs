@@ -58,7 +58,7 @@ pub struct Manager {
     stacks: Mutex<Stacks>,
 }
 
-pub(super) fn stack_key(stack: &Stack) -> String {
+fn stack_key(stack: &Stack) -> String {
     format!("{}/{}", stack.namespace, stack.name)
 }
 
