@@ -357,33 +357,26 @@ mod tests {
     #[test]
     fn failures_are_put_in_plain_words() {
         let http = account::CaClient::new(None, false).unwrap();
-        let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
-            "type": "urn:ietf:params:acme:error:rateLimited",
-            "detail": "too many certificates for this name",
-            "status": 429
-        }))
-        .unwrap();
-        let f = Failure::from_acme(
-            "placing the order",
-            instant_acme::Error::Api(problem),
-            &http,
-        );
+        let placing = |kind: &str, detail: &str, status: u16| {
+            let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+                "type": format!("urn:ietf:params:acme:error:{kind}"),
+                "detail": detail,
+                "status": status
+            }))
+            .unwrap();
+            Failure::from_acme(
+                "placing the order",
+                instant_acme::Error::Api(problem),
+                &http,
+            )
+        };
+        let f = placing("rateLimited", "too many certificates for this name", 429);
         assert_eq!(f.kind, FailureKind::RateLimited);
         assert_eq!(
             f.message,
             "rate-limited: too many certificates for this name (rateLimited) (while placing the order)"
         );
-        let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
-            "type": "urn:ietf:params:acme:error:rejectedIdentifier",
-            "detail": "name is blocked",
-            "status": 400
-        }))
-        .unwrap();
-        let f = Failure::from_acme(
-            "placing the order",
-            instant_acme::Error::Api(problem),
-            &http,
-        );
+        let f = placing("rejectedIdentifier", "name is blocked", 400);
         assert_eq!(f.kind, FailureKind::OrderInvalid);
         assert!(
             f.message.starts_with("order invalid: name is blocked"),

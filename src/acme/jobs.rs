@@ -198,27 +198,9 @@ async fn issue_with<S: order::Solver>(
 ) -> Result<(Good, Duration), Failure> {
     let http = http.clone();
     let request = request.clone();
-    let mut attempt = order::issue(
-        &ready.account,
-        &http,
-        solver,
-        &ready.thumbprint,
-        &request,
-        &ctx.metrics,
-        SystemTime::now,
-    )
-    .await;
-    if let Err(f) = &attempt
-        && f.kind == FailureKind::AccountUnknown
-    {
-        // The CA forgot the account (a CA reset): register again with the same key, so the
-        // thumbprint, and with it the gateway's configuration, stays the same.
-        tracing::warn!(error = %f.message, "registering the account again");
-        let stored = account::read(&ctx.client, &ctx.stack).await?;
-        ready =
-            account::register(&ctx.client, &ctx.stack, &ctx.acme, &http, stored.as_ref()).await?;
-        ctx.state.lock().unwrap().thumbprint = Some(ready.thumbprint.clone());
-        attempt = order::issue(
+    let mut registered_again = false;
+    let issued = loop {
+        let attempt = order::issue(
             &ready.account,
             &http,
             solver,
@@ -228,8 +210,22 @@ async fn issue_with<S: order::Solver>(
             SystemTime::now,
         )
         .await;
-    }
-    let issued = attempt?;
+        match attempt {
+            Err(f) if f.kind == FailureKind::AccountUnknown && !registered_again => {
+                // The CA forgot the account (a CA reset): register again with the same key,
+                // so the thumbprint, and with it the gateway's configuration, stays the same;
+                // then order once more.
+                tracing::warn!(error = %f.message, "registering the account again");
+                let stored = account::read(&ctx.client, &ctx.stack).await?;
+                ready =
+                    account::register(&ctx.client, &ctx.stack, &ctx.acme, &http, stored.as_ref())
+                        .await?;
+                ctx.state.lock().unwrap().thumbprint = Some(ready.thumbprint.clone());
+                registered_again = true;
+            }
+            attempt => break attempt?,
+        }
+    };
     // The Secret may have been replaced by someone else's while the order ran.
     let name = names::tls_secret(&ctx.stack.name);
     let existing = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.stack.namespace)
