@@ -46,9 +46,15 @@ async fn ca_client(ctx: &JobContext) -> Result<account::CaClient, Failure> {
 
 /// The span of a job on `stack`: every line the job logs (here and in `order`, `dns01` and
 /// `account`) names the stack through it. (`stack`, not `name`: the JSON log format writes a
-/// span's own name under `name`.)
+/// span's own name under `name`.) A root span: the job outlives the reconcile that started it.
 fn span(job: &'static str, stack: &Stack) -> tracing::Span {
-    tracing::info_span!("acme_job", job, namespace = %stack.namespace, stack = %stack.name)
+    tracing::info_span!(
+        parent: None,
+        "acme_job",
+        job,
+        namespace = %stack.namespace,
+        stack = %stack.name
+    )
 }
 
 /// One order, from account to written Secret; records the outcome in the state.
@@ -362,9 +368,11 @@ mod tests {
         }
     }
 
-    /// The lines a job logs name its stack through the job's span, also those logged by
-    /// the modules it calls (here kube's client), and carry no `stack` field of their own. The order here fails
-    /// at its first request (an API server on a closed port), which it logs.
+    /// The lines a job logs name its stack through the job's span, also those logged by the
+    /// modules it calls (here kube's client), and carry no `stack` field of their own; the
+    /// span is a root, not a child of the reconcile that started the job (which ends long
+    /// before the job). The order here fails at its first request (an API server on a closed
+    /// port), which it logs.
     #[tokio::test]
     async fn a_job_logs_inside_a_span_naming_its_stack() {
         let stack = crate::validate::validate(
@@ -398,7 +406,11 @@ mod tests {
             .with_writer(move || writer.clone())
             .finish();
         let _default = tracing::subscriber::set_default(subscriber);
-        order_job(ctx.clone(), Why::NoCertificate, None).await;
+        let job = {
+            let _reconcile = tracing::info_span!("reconciling object").entered();
+            order_job(ctx.clone(), Why::NoCertificate, None)
+        };
+        job.await;
 
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
         let logged: Vec<serde_json::Value> = text
@@ -413,6 +425,7 @@ mod tests {
         assert_eq!(failed["span"]["job"], "order", "{text}");
         assert_eq!(failed["span"]["namespace"], "ops", "{text}");
         assert_eq!(failed["span"]["stack"], "shop", "{text}");
+        assert_eq!(failed["spans"].as_array().map(Vec::len), Some(1), "{text}");
         assert!(failed["fields"].get("stack").is_none(), "{text}");
         // The failure under its own field: a field named `message` would overwrite the
         // line's message in the JSON format.
