@@ -231,7 +231,7 @@ fn backend_selectors_that_match_the_stacks_own_pods_are_refused() {
 /// message reaches status and Events): no offset, no length, no byte.
 #[test]
 fn a_bad_eab_key_is_reported_without_any_detail_of_its_value() {
-    use opsconductor_operator::acme::account::decode_hmac;
+    use opsconductor_operator::acme::user_secrets::decode_hmac;
     for secret in [
         &b"c2VjcmV0LWhtYWMta2V5!x"[..],
         b"abc$def",

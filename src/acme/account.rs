@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::Request;
 use hyper_util::client::legacy::Client as HyperClient;
@@ -39,8 +39,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
 
-use super::Failure;
-use crate::model::{Acme, SecretKey, Stack};
+use super::{Failure, user_secrets};
+use crate::model::{Acme, Stack};
 use crate::names::{self, Component};
 use crate::ownership::{self, Claim, NameConflict};
 use crate::validate::{self, Internal};
@@ -364,46 +364,6 @@ pub async fn read(client: &Client, stack: &Stack) -> Result<Option<Stored>, Read
         .and_then(|s| Stored::parse(s).ok()))
 }
 
-/// Reads one key of a Secret in the stack's namespace; a plain-words error when missing.
-pub async fn secret_value(
-    client: &Client,
-    namespace: &str,
-    key: &SecretKey,
-    what: &str,
-) -> Result<Vec<u8>, Failure> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = api
-        .get_opt(&key.name)
-        .await
-        .map_err(|e| Failure::kube(format!("reading Secret {}: {e}", key.name)))?
-        .ok_or_else(|| Failure::config(format!("{what}: Secret {} does not exist", key.name)))?;
-    secret
-        .data
-        .and_then(|mut d| d.remove(&key.key))
-        .map(|b| b.0)
-        .ok_or_else(|| {
-            Failure::config(format!(
-                "{what}: Secret {} has no key {:?}",
-                key.name, key.key
-            ))
-        })
-}
-
-/// Decodes an EAB HMAC key as CAs hand it out: base64url (padding optional), or standard
-/// base64. The error says nothing about the value (no offset, length or byte: it is a secret,
-/// and the message reaches status and Events).
-pub fn decode_hmac(text: &[u8]) -> Result<Vec<u8>, String> {
-    const HIDDEN: &str = "(the value is not shown)";
-    let s = std::str::from_utf8(text)
-        .map_err(|_| format!("not text {HIDDEN}"))?
-        .trim();
-    URL_SAFE_NO_PAD
-        .decode(s.trim_end_matches('='))
-        .or_else(|_| URL_SAFE.decode(s))
-        .or_else(|_| STANDARD.decode(s))
-        .map_err(|_| format!("not base64url or base64 {HIDDEN}"))
-}
-
 /// A ready account and its thumbprint.
 pub struct Ready {
     pub account: Account,
@@ -448,14 +408,14 @@ pub async fn register(
     let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
     let eab = match &acme.external_account_binding {
         Some((key_id, hmac_ref)) => {
-            let raw = secret_value(
+            let raw = user_secrets::secret_value(
                 client,
                 &stack.namespace,
                 hmac_ref,
                 "externalAccountBinding.hmacKeySecretRef",
             )
             .await?;
-            let hmac = decode_hmac(&raw).map_err(|e| {
+            let hmac = user_secrets::decode_hmac(&raw).map_err(|e| {
                 Failure::config(format!("the External Account Binding HMAC key is {e}"))
             })?;
             Some(ExternalAccountKey::new(key_id.clone(), &hmac))
@@ -595,6 +555,7 @@ async fn store(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::SecretKey;
 
     #[test]
     fn addresses_of_a_ca_host_on_loopback_or_link_local_are_refused() {
@@ -795,13 +756,5 @@ mod tests {
         // A rate limit stays a rate limit.
         let f = registration_failure(problem("rateLimited", "slow down"), &acme, &http);
         assert_eq!(f.kind, super::super::FailureKind::RateLimited);
-    }
-
-    #[test]
-    fn hmac_keys_decode_from_base64url_with_or_without_padding() {
-        assert_eq!(decode_hmac(b"aGVsbG8").unwrap(), b"hello");
-        assert_eq!(decode_hmac(b"aGVsbG8=\n").unwrap(), b"hello");
-        assert_eq!(decode_hmac(b"_-8").unwrap(), [0xff, 0xef]);
-        assert!(decode_hmac(b"!!").is_err());
     }
 }

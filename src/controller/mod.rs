@@ -250,6 +250,8 @@ pub enum Error {
         namespace: String,
         found: Option<String>,
     },
+    #[error("{0}")]
+    Certificate(crate::acme::Error),
 }
 
 impl Error {
@@ -264,6 +266,17 @@ impl Error {
             Error::Json(_) => "Serialization",
             Error::NoNamespace => "NoNamespace",
             Error::MarkerNotApplied { .. } => "MarkerNotApplied",
+            Error::Certificate(e) => e.reason(),
+        }
+    }
+}
+
+/// A Kubernetes API error of the certificate's is one like any other (the same reasons).
+impl From<crate::acme::Error> for Error {
+    fn from(e: crate::acme::Error) -> Error {
+        match e {
+            crate::acme::Error::Kube(e) => Error::Kube(e),
+            e => Error::Certificate(e),
         }
     }
 }

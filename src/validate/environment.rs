@@ -100,24 +100,14 @@ pub fn directory_url_problems(stack: &OpsConductorStack, allow_loopback: bool) -
         let host = check_nameserver(&d.rfc2136.nameserver)
             .ok()
             .and_then(|ns| url_host(&format!("https://{ns}")));
-        let why = match host.as_deref().and_then(internal_host) {
-            Some(Internal::LinkLocal) => Some(
-                "names a link-local address: the node's own services and the cloud metadata \
-                 service live there, and the operator never sends to them",
-            ),
-            Some(Internal::Unspecified) => {
-                Some("names the unspecified address, which means this host")
-            }
-            Some(Internal::Loopback) if !allow_loopback => Some(
-                "names a loopback address, the operator's own pod; refused unless the operator \
-                 runs with --allow-loopback-acme-directory (a test DNS server on the same machine)",
-            ),
-            _ => None,
+        let internal = match host.as_deref().and_then(internal_host) {
+            Some(Internal::Loopback) if allow_loopback => None,
+            internal => internal,
         };
-        if let Some(why) = why {
+        if let Some(internal) = internal {
             out.push(FieldError {
                 path: "spec.tls.acme.dns01.rfc2136.nameserver".into(),
-                message: format!("{:?} {why}", d.rfc2136.nameserver),
+                message: format!("{:?} names {}", d.rfc2136.nameserver, internal.why()),
             });
         }
     }

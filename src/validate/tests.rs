@@ -854,7 +854,13 @@ fn dns01_nameservers_on_internal_addresses_are_refused() {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    assert!(problems("169.254.169.254", true).contains("link-local"));
+    assert_eq!(
+        problems("169.254.169.254", true),
+        format!(
+            "spec.tls.acme.dns01.rfc2136.nameserver: \"169.254.169.254\" names {}",
+            Internal::LinkLocal.why()
+        )
+    );
     assert!(problems("[fe80::1]:53", true).contains("link-local"));
     assert!(problems("0.0.0.0:53", true).contains("unspecified"));
     let p = problems("127.0.0.1:5353", false);
