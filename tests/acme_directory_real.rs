@@ -93,7 +93,7 @@ async fn directory_urls_on_loopback_or_link_local_addresses_are_never_fetched() 
         &[],
         &[("OPSC_ALLOW_LOOPBACK_ACME_DIRECTORY", "false")],
     );
-    eventually("the operator's caches to sync", WAIT, || async {
+    eventually("the operator's caches to sync", WAIT, async || {
         refusing.ready().then_some(())
     })
     .await;
@@ -108,7 +108,7 @@ async fn directory_urls_on_loopback_or_link_local_addresses_are_never_fetched() 
         apply_stack(&ns.client, &stack(name, &ns.name, url)).await;
     }
     for (name, url) in &urls {
-        let (_, message) = eventually(&format!("{name} to be refused"), WAIT, || async {
+        let (_, message) = eventually(&format!("{name} to be refused"), WAIT, async || {
             ready(&api, name)
                 .await
                 .filter(|(reason, _)| reason == "InvalidSpec")
@@ -132,11 +132,11 @@ async fn directory_urls_on_loopback_or_link_local_addresses_are_never_fetched() 
     eventually(
         "the operator to fetch the loopback directory",
         WAIT,
-        || async { (connections.load(Ordering::SeqCst) > 0).then_some(()) },
+        async || (connections.load(Ordering::SeqCst) > 0).then_some(()),
     )
     .await;
     for name in ["loopback", "decimal"] {
-        eventually(&format!("{name} to be accepted"), WAIT, || async {
+        eventually(&format!("{name} to be accepted"), WAIT, async || {
             ready(&api, name)
                 .await
                 .filter(|(reason, _)| reason != "InvalidSpec")
@@ -209,7 +209,7 @@ async fn directory_host_names_that_resolve_to_internal_addresses_are_never_conne
         ],
         &wrapper,
     );
-    eventually("the operator's caches to sync", WAIT, || async {
+    eventually("the operator's caches to sync", WAIT, async || {
         refusing.ready().then_some(())
     })
     .await;
@@ -228,7 +228,7 @@ async fn directory_host_names_that_resolve_to_internal_addresses_are_never_conne
         apply_stack(&ns.client, &stack(name, &ns.name, &url)).await;
     }
     for (name, host, ip) in &cases {
-        let reason = eventually(&format!("{name} to be refused"), WAIT, || async {
+        let reason = eventually(&format!("{name} to be refused"), WAIT, async || {
             certificate_failure(&api, name).await
         })
         .await;
@@ -260,7 +260,7 @@ async fn directory_host_names_that_resolve_to_internal_addresses_are_never_conne
     eventually(
         "the operator to connect to the loopback name",
         WAIT,
-        || async { (connections.load(Ordering::SeqCst) > 0).then_some(()) },
+        async || (connections.load(Ordering::SeqCst) > 0).then_some(()),
     )
     .await;
     drop(allowing);

@@ -436,16 +436,20 @@ impl World {
     }
 
     async fn valid(&self, name: &str) -> CertificateStatus {
-        eventually(&format!("a Valid certificate for {name}"), WAIT, || async {
-            let c = self.certificate(name).await?;
-            (c.state == CertificateState::Valid && c.serial.is_some()).then_some(c)
-        })
+        eventually(
+            &format!("a Valid certificate for {name}"),
+            WAIT,
+            async || {
+                let c = self.certificate(name).await?;
+                (c.state == CertificateState::Valid && c.serial.is_some()).then_some(c)
+            },
+        )
         .await
     }
 
     /// The first recorded failure whose reason contains `needle`.
     async fn failure(&self, name: &str, needle: &str) -> CertificateStatus {
-        eventually(&format!("a failure naming {needle:?}"), WAIT, || async {
+        eventually(&format!("a failure naming {needle:?}"), WAIT, async || {
             let c = self.certificate(name).await?;
             (c.failed_attempts >= 1
                 && c.last_failure_reason
@@ -500,7 +504,7 @@ impl World {
     fn operator_log(&self) -> String {
         self.operator
             .as_ref()
-            .map(Operator::log_text)
+            .map(|op| op.log_text())
             .unwrap_or_default()
     }
 }
@@ -667,7 +671,7 @@ async fn a_record_not_served_in_time_names_the_server_and_is_removed() {
     let cert = w.certificate("shop").await.unwrap();
     assert_eq!(cert.state, CertificateState::Failed);
     // Clean-up after the failure: the record written at the primary is gone, the ledger empty.
-    eventually("the record removed after the failure", WAIT, || async {
+    eventually("the record removed after the failure", WAIT, async || {
         (w.txt("_acme-challenge.slow.example.test").is_empty() && w.ledger("shop").await.is_empty())
             .then_some(())
     })
@@ -690,7 +694,7 @@ async fn a_record_left_by_an_operator_stopped_mid_order_is_removed_by_the_next()
     )
     .await;
     let name = "_acme-challenge.restart.example.test";
-    let left = eventually("the record written and listed", WAIT, || async {
+    let left = eventually("the record written and listed", WAIT, async || {
         let ledger = w.ledger("shop").await;
         let txt = w.txt(name);
         (ledger.len() == 1 && txt.len() == 1).then(|| txt[0].clone())
@@ -698,7 +702,7 @@ async fn a_record_left_by_an_operator_stopped_mid_order_is_removed_by_the_next()
     .await;
     assert_eq!(w.ledger("shop").await[0]["value"], left);
     // The status says which server does not serve it yet.
-    eventually("the status naming the server that lags", WAIT, || async {
+    eventually("the status naming the server that lags", WAIT, async || {
         let m = w.condition_message("shop").await;
         m.contains(&format!("ns2.example.test (127.0.0.2:{})", w.port))
             .then_some(())
@@ -756,7 +760,7 @@ async fn the_propagation_wait_covers_a_real_secondary_by_notify_and_transfer() {
     let Some(mut w) = World::new("dns01-secondary", Some(Role::Secondary)).await else {
         return;
     };
-    eventually("the secondary to serve the zone", WAIT, || async {
+    eventually("the secondary to serve the zone", WAIT, async || {
         (!kdig("127.0.0.2", w.port, "SOA", ZONE).is_empty()).then_some(())
     })
     .await;
@@ -776,7 +780,7 @@ async fn the_propagation_wait_covers_a_real_secondary_by_notify_and_transfer() {
     let waits = propagation_waits(&log);
     assert!(!waits.is_empty(), "the propagation wait is logged: {log}");
     // Removed at both servers once the secondary has the removal too.
-    eventually("the records removed at both servers", WAIT, || async {
+    eventually("the records removed at both servers", WAIT, async || {
         (w.txt("_acme-challenge.sec.example.test").is_empty()
             && kdig(
                 "127.0.0.2",

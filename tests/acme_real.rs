@@ -203,7 +203,7 @@ impl World {
         what: &str,
         accept: impl Fn(&CertificateStatus) -> bool,
     ) -> CertificateStatus {
-        eventually(what, WAIT, || async {
+        eventually(what, WAIT, async || {
             let c = self.certificate().await?;
             (c.state == CertificateState::Valid && c.serial.is_some() && accept(&c)).then_some(c)
         })
@@ -251,7 +251,7 @@ async fn assert_secret_serves(w: &World, names: &[&str], serial: &str) {
     );
     assert!(!leaf.temporary);
     let expected = serial.trim_start_matches('0').to_string();
-    eventually("nginx to serve the new certificate", WAIT, || async {
+    eventually("nginx to serve the new certificate", WAIT, async || {
         (w.gateway.served_serial(names[0]).as_deref() == Some(expected.as_str())).then_some(())
     })
     .await;
@@ -268,7 +268,7 @@ async fn first_issuance_through_the_real_http01_path_then_account_reuse_and_a_ho
     w.apply(&["shop.test", "www.shop.test"]).await;
 
     // A temporary certificate first, so the gateway can start.
-    let early = eventually("the bootstrap Secret", WAIT, || async {
+    let early = eventually("the bootstrap Secret", WAIT, async || {
         w.ns.api::<Secret>()
             .get_opt(&format!("{STACK}-tls"))
             .await
@@ -306,7 +306,7 @@ async fn first_issuance_through_the_real_http01_path_then_account_reuse_and_a_ho
         "opsconductor_certificate_ready{{namespace=\"{}\",name=\"{STACK}\"}}",
         w.ns.name
     );
-    eventually("the ready metric", WAIT, || async {
+    eventually("the ready metric", WAIT, async || {
         (op.metric(&ready_metric) == 1.0).then_some(())
     })
     .await;
@@ -585,7 +585,7 @@ async fn failing(
     what: &str,
     accept: impl Fn(&CertificateStatus) -> bool,
 ) -> CertificateStatus {
-    eventually(what, WAIT, || async {
+    eventually(what, WAIT, async || {
         let c = w.certificate().await?;
         accept(&c).then_some(c)
     })
@@ -859,7 +859,7 @@ async fn half_the_nonces_rejected_and_the_ca_stopped_mid_order() {
     let placed = |w: &World| w.operator().log_text().matches("ACME order placed").count();
     let before = placed(&w);
     w.apply(&["shaky.test", "www.shaky.test"]).await;
-    eventually("the second order to be placed", WAIT, || async {
+    eventually("the second order to be placed", WAIT, async || {
         (placed(&w) > before).then_some(())
     })
     .await;
@@ -914,7 +914,7 @@ async fn a_tampered_secret_is_repaired() {
             )
             .await
             .unwrap();
-        eventually("the Secret to be restored", WAIT, || async {
+        eventually("the Secret to be restored", WAIT, async || {
             (secret_chain(&w.tls_secret().await) == original).then_some(())
         })
         .await;
@@ -994,13 +994,13 @@ async fn a_background_delete_mid_order_stops_the_job_and_the_ca_hears_no_more() 
     };
     w.start_operator();
     w.apply(&["gone.test"]).await;
-    eventually("pebble to be validating the challenge", WAIT, || async {
+    eventually("pebble to be validating the challenge", WAIT, async || {
         (silent.open() > 0).then_some(())
     })
     .await;
     // The job is alive: it polls the pending order.
     let polling_from = pebble_requests(&w.pebble.log());
-    eventually("the job to poll the pending order", WAIT, || async {
+    eventually("the job to poll the pending order", WAIT, async || {
         (pebble_requests(&w.pebble.log()) >= polling_from + 2).then_some(())
     })
     .await;
@@ -1011,7 +1011,7 @@ async fn a_background_delete_mid_order_stops_the_job_and_the_ca_hears_no_more() 
         .await
         .unwrap();
     let series = format!("namespace=\"{}\",name=\"{STACK}\"", w.ns.name);
-    eventually("the stack's metric series to be gone", WAIT, || async {
+    eventually("the stack's metric series to be gone", WAIT, async || {
         (!w.operator().metrics().contains(&series)).then_some(())
     })
     .await;
@@ -1024,7 +1024,7 @@ async fn a_background_delete_mid_order_stops_the_job_and_the_ca_hears_no_more() 
 
     // Observe until pebble has given up the validation (the order is invalid now: a running
     // job would poll it, see that, and fetch the authorization to say why), and a little more.
-    eventually("pebble to give up the validation", WAIT, || async {
+    eventually("pebble to give up the validation", WAIT, async || {
         (silent.open() == 0).then_some(())
     })
     .await;
@@ -1155,7 +1155,7 @@ async fn the_backoff_resumes_from_the_status_after_a_restart() {
     // Several more reconciles of the stack (every 3 s here): still no order.
     let reconciles = |w: &World| w.operator().metric("opsconductor_reconciles_total");
     let from = reconciles(&w);
-    eventually("three more reconciles", WAIT, || async {
+    eventually("three more reconciles", WAIT, async || {
         (reconciles(&w) >= from + 3.0).then_some(())
     })
     .await;

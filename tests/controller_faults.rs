@@ -29,10 +29,14 @@ async fn the_operator_recovers_from_an_api_server_restart() {
     };
     apply_stack(&ns.client, &example("opsconductor.yaml", &ns.name)).await;
     let stacks: Api<OpsConductorStack> = Api::namespaced(ns.client.clone(), &ns.name);
-    eventually("the stack to converge", Duration::from_secs(30), || async {
-        let s = stacks.get("prod").await.ok()?;
-        (s.status?.observed_generation == s.metadata.generation).then_some(())
-    })
+    eventually(
+        "the stack to converge",
+        Duration::from_secs(30),
+        async || {
+            let s = stacks.get("prod").await.ok()?;
+            (s.status?.observed_generation == s.metadata.generation).then_some(())
+        },
+    )
     .await;
 
     let script = support::controlplane::repo_root().join("scripts/controlplane");
@@ -52,7 +56,7 @@ async fn the_operator_recovers_from_an_api_server_restart() {
     eventually(
         "the restarted API server to accept writes",
         Duration::from_secs(60),
-        || async {
+        async || {
             services
                 .patch(
                     "auth",
@@ -75,7 +79,7 @@ async fn the_operator_recovers_from_an_api_server_restart() {
     eventually(
         "drift after the restart to be reverted",
         Duration::from_secs(60),
-        || async {
+        async || {
             let auth = services.get("auth").await.ok()?.spec?;
             let deny = policies.get_opt("prod-default-deny").await.ok()??;
             let users = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(
@@ -110,7 +114,7 @@ async fn sigterm_shuts_the_operator_down_cleanly() {
         env: &[],
     });
     let addr = op.metrics_addr.clone();
-    eventually("/readyz", Duration::from_secs(30), || async {
+    eventually("/readyz", Duration::from_secs(30), async || {
         support::operator::http_get(&addr, "/readyz").map(|_| ())
     })
     .await;

@@ -85,7 +85,7 @@ async fn creates_every_object_and_then_writes_nothing() {
     eventually(
         "the certificate order to have failed and its failure to be in the status",
         WAIT,
-        || async {
+        async || {
             let s = api.get("prod").await.ok()?;
             let status = s.status?;
             let failed = status.certificate.as_ref()?.state == CertificateState::Failed;
@@ -108,7 +108,7 @@ async fn creates_every_object_and_then_writes_nothing() {
     eventually(
         "the operator to reconcile the touched stack",
         WAIT,
-        || async {
+        async || {
             (op.metric("opsconductor_reconciles_total{result=\"ok\"}") > reconciles).then_some(())
         },
     )
@@ -180,7 +180,7 @@ async fn removed_services_and_backends_are_pruned() {
     ] {
         assert!(!expected.contains(gone));
     }
-    let pruned = eventually("Pruned events for every removed object", WAIT, || async {
+    let pruned = eventually("Pruned events for every removed object", WAIT, async || {
         let all = events_with_reason(&ns.client, &ns.name, "Pruned")
             .await
             .join("\n");
@@ -380,7 +380,7 @@ async fn drift_is_reverted_in_enforce_mode() {
     let all = eventually(
         "a DriftReverted Event for every reverted object",
         WAIT,
-        || async {
+        async || {
             let all = events_with_reason(&ns.client, &ns.name, "DriftReverted")
                 .await
                 .join("\n");
@@ -416,7 +416,7 @@ async fn drift_is_reported_not_reverted_in_audit_mode() {
         .await
         .unwrap();
     let api: Api<OpsConductorStack> = Api::namespaced(ns.client.clone(), &ns.name);
-    let condition = eventually("PolicyEnforced=False/DriftDetected", WAIT, || async {
+    let condition = eventually("PolicyEnforced=False/DriftDetected", WAIT, async || {
         let s = api.get("prod").await.ok()?;
         let c = s
             .status?
@@ -432,7 +432,7 @@ async fn drift_is_reported_not_reverted_in_audit_mode() {
         "{}",
         condition.message
     );
-    let events = eventually("a DriftDetected event", WAIT, || async {
+    let events = eventually("a DriftDetected event", WAIT, async || {
         let e = events_with_reason(&ns.client, &ns.name, "DriftDetected").await;
         (!e.is_empty()).then_some(e)
     })
@@ -470,7 +470,7 @@ async fn an_invalid_stack_is_explained_and_does_not_stall_a_valid_one() {
     let good = example("minimal.yaml", &ns.name);
     apply_stack(&ns.client, &good).await;
 
-    let ready = eventually("broken to be Ready=False/InvalidSpec", WAIT, || async {
+    let ready = eventually("broken to be Ready=False/InvalidSpec", WAIT, async || {
         let s = api.get("broken").await.ok()?;
         s.status?
             .conditions
@@ -507,7 +507,7 @@ async fn an_invalid_stack_is_explained_and_does_not_stall_a_valid_one() {
     let mut broken_good = good.clone();
     broken_good.spec.services[0].calls = vec!["nobody".into()];
     apply_stack(&ns.client, &broken_good).await;
-    eventually("hello to report InvalidSpec", WAIT, || async {
+    eventually("hello to report InvalidSpec", WAIT, async || {
         let s = api.get("hello").await.ok()?;
         s.status?
             .conditions
@@ -740,7 +740,7 @@ async fn violations_by_other_objects_are_reported_and_cleared() {
         .unwrap();
 
     let api: Api<OpsConductorStack> = Api::namespaced(ns.client.clone(), &ns.name);
-    let status = eventually("both violations in status", WAIT, || async {
+    let status = eventually("both violations in status", WAIT, async || {
         let s = api.get("hello").await.ok()?.status?;
         (s.violation_count == Some(2)).then_some(s)
     })
@@ -771,7 +771,7 @@ async fn violations_by_other_objects_are_reported_and_cleared() {
         (policy.status.as_str(), policy.reason.as_str()),
         ("False", "ViolationsFound")
     );
-    let events = eventually("PolicyViolation events", WAIT, || async {
+    let events = eventually("PolicyViolation events", WAIT, async || {
         let e = events_with_reason(&ns.client, &ns.name, "PolicyViolation").await;
         (e.len() == 2).then_some(e.join("\n"))
     })
@@ -803,7 +803,7 @@ async fn violations_by_other_objects_are_reported_and_cleared() {
         .delete("shortcut", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("the violations to clear", WAIT, || async {
+    eventually("the violations to clear", WAIT, async || {
         let s = api.get("hello").await.ok()?.status?;
         let policy = s.conditions.iter().find(|c| c.type_ == "PolicyEnforced")?;
         (s.violation_count == Some(0) && s.violations.is_empty() && policy.status == "True")
@@ -815,7 +815,7 @@ async fn violations_by_other_objects_are_reported_and_cleared() {
 
     // The last stack gone, the marker goes too.
     api.delete("hello", &DeleteParams::default()).await.unwrap();
-    eventually("the namespace marker to be removed", WAIT, || async {
+    eventually("the namespace marker to be removed", WAIT, async || {
         let labels = namespaces
             .get(&ns.name)
             .await
@@ -866,7 +866,7 @@ async fn a_route_change_is_applied_without_a_roll_and_an_image_change_rolls() {
     let with_ips = eventually(
         "the ClusterIPs in the gateway configuration",
         WAIT,
-        || async {
+        async || {
             let text = config().await;
             (text.contains(&format!("server {auth_ip}:8000 max_fails=0;"))
                 && !text.contains("return 503;"))
@@ -916,7 +916,7 @@ async fn a_route_change_is_applied_without_a_roll_and_an_image_change_rolls() {
     eventually(
         "the new route in the gateway configuration",
         WAIT,
-        || async {
+        async || {
             config()
                 .await
                 .contains("location /api/v2/users/ {")
@@ -939,7 +939,7 @@ async fn a_route_change_is_applied_without_a_roll_and_an_image_change_rolls() {
     let rolled = eventually(
         "the new image in the gateway's pod template",
         WAIT,
-        || async {
+        async || {
             let d = deployments.get("prod-gateway").await.unwrap();
             let image = d.spec.as_ref()?.template.spec.as_ref()?.containers[0]
                 .image

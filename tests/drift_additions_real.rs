@@ -87,7 +87,7 @@ async fn additions_to_managed_workloads_and_the_gateway_service_are_reverted() {
         json!({"containers": [{"name": "sidecar", "image": "example/steal:1"}]}),
     )
     .await;
-    eventually("the sidecar to be removed", WAIT, || async {
+    eventually("the sidecar to be removed", WAIT, async || {
         let spec = pod_spec(&ns, "hello-gateway").await;
         let names: Vec<&str> = spec["containers"]
             .as_array()?
@@ -114,7 +114,7 @@ async fn additions_to_managed_workloads_and_the_gateway_service_are_reverted() {
     eventually(
         "the init container, hostPath volume, mount and capability to be removed",
         WAIT,
-        || async {
+        async || {
             let spec = pod_spec(&ns, "web").await;
             let text = spec.to_string();
             let clean = spec
@@ -139,7 +139,7 @@ async fn additions_to_managed_workloads_and_the_gateway_service_are_reverted() {
         )
         .await
         .unwrap();
-    eventually("the extra Service port to be removed", WAIT, || async {
+    eventually("the extra Service port to be removed", WAIT, async || {
         let svc = ns.api::<Service>().get("hello-gateway").await.ok()?;
         let ports = svc.spec?.ports?;
         ports.iter().all(|p| p.port != 2222).then_some(())

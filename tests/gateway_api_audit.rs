@@ -81,7 +81,7 @@ async fn gateway_api_routes_in_a_stack_namespace_are_violations() {
     let status = eventually(
         "the HTTPRoute to be reported",
         Duration::from_secs(30),
-        || async {
+        async || {
             let s = stacks.get("hello").await.ok()?.status?;
             (s.violation_count == Some(1)).then_some(s)
         },
@@ -102,7 +102,7 @@ async fn gateway_api_routes_in_a_stack_namespace_are_violations() {
     eventually(
         "the violation to clear",
         Duration::from_secs(30),
-        || async {
+        async || {
             let s = stacks.get("hello").await.ok()?.status?;
             (s.violation_count == Some(0)).then_some(())
         },

@@ -45,7 +45,7 @@ async fn gateway_images_outside_the_operators_allow_list_are_refused() {
         &[],
         &[("OPSC_ALLOWED_GATEWAY_IMAGES", ALLOWED)],
     );
-    eventually("the operator's caches to sync", WAIT, || async {
+    eventually("the operator's caches to sync", WAIT, async || {
         op.ready().then_some(())
     })
     .await;
@@ -56,7 +56,7 @@ async fn gateway_images_outside_the_operators_allow_list_are_refused() {
     apply_stack(&ns.client, &stack("trusted", &ns.name, trusted)).await;
     apply_stack(&ns.client, &stack("foreign", &ns.name, "nginx:1.27")).await;
 
-    let message = eventually("foreign to be refused", WAIT, || async {
+    let message = eventually("foreign to be refused", WAIT, async || {
         let s = stacks.get("foreign").await.ok()?;
         s.status?
             .conditions
@@ -69,7 +69,7 @@ async fn gateway_images_outside_the_operators_allow_list_are_refused() {
         message.contains("spec.gateway.image: \"nginx:1.27\" is not one of the gateway images this operator allows (registry.example.com/approved/, ghcr.io/opsconductor/opsconductor-gateway)"),
         "{message}"
     );
-    let gateway = eventually("the trusted stack's gateway", WAIT, || async {
+    let gateway = eventually("the trusted stack's gateway", WAIT, async || {
         deployments.get_opt("trusted-gateway").await.ok().flatten()
     })
     .await;

@@ -126,7 +126,7 @@ async fn policy_enforced_requires_the_admission_guardrails_to_be_installed_and_b
         &[],
         &[("OPSC_ADMISSION_GUARDRAILS", "require")],
     );
-    eventually("the operator's caches to sync", WAIT, || async {
+    eventually("the operator's caches to sync", WAIT, async || {
         op.ready().then_some(())
     })
     .await;

@@ -183,7 +183,7 @@ async fn wait_for_holder(
     eventually(
         &format!("operator {} to hold the Lease", candidate.name),
         timeout,
-        || async { holder(leases).await.starts_with(&prefix).then_some(()) },
+        async || holder(leases).await.starts_with(&prefix).then_some(()),
     )
     .await;
     start.elapsed()
@@ -231,13 +231,13 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     eventually(
         "the standby to be ready",
         Duration::from_secs(30),
-        || async { b.ready().then_some(()) },
+        async || b.ready().then_some(()),
     )
     .await;
     eventually(
         "the standby to see the leader",
         Duration::from_secs(10),
-        || async { b.log_text().contains("another replica leads").then_some(()) },
+        async || b.log_text().contains("another replica leads").then_some(()),
     )
     .await;
     // The leader becomes ready once its caches synced. (It once stayed 503 here: the readiness
@@ -246,7 +246,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     eventually(
         "the leader to be ready",
         Duration::from_secs(60),
-        || async { a.ready().then_some(()) },
+        async || a.ready().then_some(()),
     )
     .await;
 
@@ -301,7 +301,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     eventually(
         "the new leader's caches to sync",
         Duration::from_secs(30),
-        || async { b.ready().then_some(()) },
+        async || b.ready().then_some(()),
     )
     .await;
     let mark = audit.mark();
@@ -350,7 +350,7 @@ async fn a_stopped_leader_releases_the_lease_for_an_immediate_handover() {
     eventually(
         "the standby to see the leader",
         Duration::from_secs(30),
-        || async { b.log_text().contains("another replica leads").then_some(()) },
+        async || b.log_text().contains("another replica leads").then_some(()),
     )
     .await;
 
@@ -396,7 +396,7 @@ async fn a_leader_that_cannot_renew_steps_down_before_a_standby_starts() {
     eventually(
         "the standby to see the leader",
         Duration::from_secs(30),
-        || async { b.log_text().contains("another replica leads").then_some(()) },
+        async || b.log_text().contains("another replica leads").then_some(()),
     )
     .await;
 

@@ -86,7 +86,7 @@ async fn the_metrics_endpoint_caps_connections_survives_fd_exhaustion_and_drops_
     eventually(
         "the operator's caches to sync",
         Duration::from_secs(60),
-        || async { op.ready().then_some(()) },
+        async || op.ready().then_some(()),
     )
     .await;
 
@@ -97,7 +97,7 @@ async fn the_metrics_endpoint_caps_connections_survives_fd_exhaustion_and_drops_
     eventually(
         "the endpoint to accept connections",
         Duration::from_secs(30),
-        || async { (open_fds(pid) >= base + MAX_CONNECTIONS / 2).then_some(()) },
+        async || (open_fds(pid) >= base + MAX_CONNECTIONS / 2).then_some(()),
     )
     .await;
     // Whatever it would accept beyond the cap it accepts at once; settle, then count.
@@ -115,14 +115,14 @@ async fn the_metrics_endpoint_caps_connections_survives_fd_exhaustion_and_drops_
     eventually(
         "/healthz to answer after the silent clients left",
         Duration::from_secs(30),
-        || async { http_get(&addr, "/healthz") },
+        async || http_get(&addr, "/healthz"),
     )
     .await;
 
     eventually(
         "the descriptors of the silent clients to be closed",
         Duration::from_secs(30),
-        || async { (open_fds(pid) <= base + 4).then_some(()) },
+        async || (open_fds(pid) <= base + 4).then_some(()),
     )
     .await;
 
@@ -157,7 +157,7 @@ async fn the_metrics_endpoint_caps_connections_survives_fd_exhaustion_and_drops_
     let body = eventually(
         "/metrics to answer once descriptors are free",
         Duration::from_secs(30),
-        || async { http_get(&addr, "/metrics") },
+        async || http_get(&addr, "/metrics"),
     )
     .await;
     assert!(body.contains("opsconductor_reconciles_total"), "{body}");

@@ -128,7 +128,7 @@ async fn helm_install_runs_two_operator_pods_and_one_holds_the_lease() {
     let names = eventually(
         "two operator pods of the local image Running and Ready",
         Duration::from_secs(180),
-        || async {
+        async || {
             let d = deployments.get_opt(RELEASE).await.ok()??;
             let st = d.status.as_ref()?;
             (st.updated_replicas == Some(2)
@@ -165,7 +165,7 @@ async fn helm_install_runs_two_operator_pods_and_one_holds_the_lease() {
     let holder = eventually(
         "one of the two operator pods to hold the Lease",
         Duration::from_secs(60),
-        || async {
+        async || {
             let l = leases.get_opt(LEASE).await.ok()??;
             let holder = l.spec?.holder_identity?;
             names
@@ -210,7 +210,7 @@ spec:
     let original = eventually(
         "the stack's NetworkPolicy failover-svc-web",
         Duration::from_secs(60),
-        || async { policies.get_opt(guarded).await.ok()?.and_then(|p| p.spec) },
+        async || policies.get_opt(guarded).await.ok()?.and_then(|p| p.spec),
     )
     .await;
 
@@ -228,7 +228,7 @@ spec:
     let (new_holder, pod) = eventually(
         "another live operator pod to take the Lease after the leader pod's deletion",
         Duration::from_secs(60),
-        || async {
+        async || {
             let h = leases.get_opt(LEASE).await.ok()??.spec?.holder_identity?;
             let (pod, _) = h.rsplit_once('_')?;
             if pod == leader {
@@ -252,7 +252,7 @@ spec:
     eventually(
         "the old leader pod to be gone",
         Duration::from_secs(60),
-        || async { pods.get_opt(&leader).await.ok()?.is_none().then_some(()) },
+        async || pods.get_opt(&leader).await.ok()?.is_none().then_some(()),
     )
     .await;
     cluster.kubectl_ok(&[
@@ -269,7 +269,7 @@ spec:
     eventually(
         "the new leader to revert the opened NetworkPolicy",
         Duration::from_secs(60),
-        || async {
+        async || {
             let now = policies.get_opt(guarded).await.ok()??.spec?;
             (now == original).then_some(())
         },
@@ -298,7 +298,7 @@ spec:
     eventually(
         "the operator Deployment back at two Ready replicas",
         Duration::from_secs(120),
-        || async {
+        async || {
             let st = deployments.get_opt(RELEASE).await.ok()??.status?;
             (st.ready_replicas == Some(2) && st.replicas == Some(2)).then_some(())
         },
@@ -462,7 +462,7 @@ spec:
     let ready = eventually(
         "the stack's Ready condition to be True",
         Duration::from_secs(240),
-        || async {
+        async || {
             let s = stacks.get_opt("e2e").await.ok()??;
             let st = s.status?;
             let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
@@ -542,7 +542,7 @@ spec:
     eventually(
         "the gateway to answer through its NodePort",
         Duration::from_secs(30),
-        || async { try_curl_node(&probe).map(|_| ()) },
+        async || try_curl_node(&probe).map(|_| ()),
     )
     .await;
     for (path, service) in [("/api/v1/items?x=1", "api"), ("/some/page", "web")] {
@@ -614,7 +614,7 @@ spec:
     eventually(
         "the kubelet to restart the killed gateway container, Ready again",
         Duration::from_secs(120),
-        || async {
+        async || {
             let p = pods.get_opt(&gateway_pod).await.ok()??;
             let now = container_status(&p)?;
             (now.restart_count > before.restart_count && pod_ready(&p)).then_some(())
@@ -627,7 +627,7 @@ spec:
     eventually(
         "the restarted gateway to serve HTTPS again",
         Duration::from_secs(30),
-        || async {
+        async || {
             let (code, _, body) = try_curl_node(&args)?;
             (code == 200 && body.contains("\"service\":\"api\"")).then_some(())
         },
@@ -636,7 +636,7 @@ spec:
 
     // Enforcement by the network plugin, with real connections from real pods.
     // `calls: [api]`: web reaches api; api does not reach web.
-    let api_from_web = eventually("web to reach api", Duration::from_secs(60), || async {
+    let api_from_web = eventually("web to reach api", Duration::from_secs(60), async || {
         wget_from(cluster, &ns.name, "deploy/web", "http://api:8000/from-web")
     })
     .await;
@@ -707,7 +707,7 @@ spec:
     eventually(
         "the stranger pod Running and Ready",
         Duration::from_secs(60),
-        || async {
+        async || {
             pods.get_opt("stranger")
                 .await
                 .ok()?
@@ -902,7 +902,7 @@ spec:
 
     // The gateway Service's ClusterIP becomes the answer for every name pebble looks up.
     let services: Api<k8s_openapi::api::core::v1::Service> = ns.api();
-    let cluster_ip = eventually("the gateway Service", Duration::from_secs(60), || async {
+    let cluster_ip = eventually("the gateway Service", Duration::from_secs(60), async || {
         services
             .get_opt("acme-gateway")
             .await
@@ -930,7 +930,7 @@ spec:
     eventually(
         "the stack's CertificateReady condition to be True (pebble through the gateway pod)",
         Duration::from_secs(240),
-        || async {
+        async || {
             let s = stacks.get_opt("acme").await.ok()??;
             let c = s
                 .status?
@@ -961,7 +961,7 @@ spec:
     eventually(
         "the gateway to serve pebble's certificate",
         Duration::from_secs(240),
-        || async {
+        async || {
             let (code, _, _) = try_curl_node(&args)?;
             (code == 200).then_some(())
         },
@@ -1509,7 +1509,7 @@ spec:
     eventually(
         "the matrix stack's Ready condition to be True",
         Duration::from_secs(240),
-        || async {
+        async || {
             let s = stacks.get_opt("matrix").await.ok()??;
             let c = s
                 .status?

@@ -1142,7 +1142,7 @@ async fn the_charts_rbac_is_enough_to_reconcile_a_full_stack() {
     eventually(
         "the operator (chart RBAC) to lead and sync its caches",
         Duration::from_secs(60),
-        || async { op.ready().then_some(()) },
+        async || op.ready().then_some(()),
     )
     .await;
 
@@ -1296,7 +1296,7 @@ async fn a_missing_permission_fails_loudly_and_names_it() {
         let line = eventually(
             "the operator to log the missing NetworkPolicy permission",
             Duration::from_secs(30),
-            || async {
+            async || {
                 op.log_text()
                     .lines()
                     .find(|l| {
@@ -1326,7 +1326,7 @@ async fn a_missing_permission_fails_loudly_and_names_it() {
         let line = eventually(
             "the operator to log the missing status permission",
             Duration::from_secs(30),
-            || async {
+            async || {
                 op.log_text()
                     .lines()
                     .find(|l| {
@@ -1343,7 +1343,7 @@ async fn a_missing_permission_fails_loudly_and_names_it() {
         eventually(
             "opsconductor_reconcile_errors_total{reason=\"Forbidden\"}",
             Duration::from_secs(10),
-            || async {
+            async || {
                 http_get(&op.metrics_addr, "/metrics")?
                     .lines()
                     .any(|l| {

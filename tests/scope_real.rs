@@ -297,7 +297,7 @@ async fn two_operators_with_disjoint_scopes_touch_only_their_own_namespaces() {
         eventually(
             "both scoped operators to lead and sync their caches (/readyz)",
             Duration::from_secs(90),
-            || async { op.ready().then_some(()) },
+            async || op.ready().then_some(()),
         )
         .await;
     }

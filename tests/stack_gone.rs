@@ -33,7 +33,7 @@ async fn own_operator(cp: &ControlPlane) -> OperatorProcess {
         args: &[],
         env: &[],
     });
-    eventually("the operator's /readyz", WAIT, || async {
+    eventually("the operator's /readyz", WAIT, async || {
         op.ready().then_some(())
     })
     .await;
@@ -46,7 +46,7 @@ async fn marker(namespaces: &Api<Namespace>, name: &str) -> Option<Option<String
 }
 
 async fn wait_stack_gone(stacks: &Api<OpsConductorStack>, name: &str) {
-    eventually("the stack to be gone", WAIT, || async {
+    eventually("the stack to be gone", WAIT, async || {
         stacks.get_opt(name).await.ok()?.is_none().then_some(())
     })
     .await;
@@ -69,7 +69,7 @@ async fn the_marker_goes_when_the_stack_was_deleted_while_the_operator_was_down(
 
     let mut op = own_operator(cp).await;
     apply_stack(&ns.client, &example("minimal.yaml", &ns.name)).await;
-    eventually("the namespace marker to be set", WAIT, || async {
+    eventually("the namespace marker to be set", WAIT, async || {
         (marker(&namespaces, &ns.name).await?.as_deref() == Some("enforce")).then_some(())
     })
     .await;
@@ -90,7 +90,7 @@ async fn the_marker_goes_when_the_stack_was_deleted_while_the_operator_was_down(
     eventually(
         "the marker of a namespace whose last stack went while the operator was down to be removed",
         WAIT,
-        || async { marker(&namespaces, &ns.name).await?.is_none().then_some(()) },
+        async || marker(&namespaces, &ns.name).await?.is_none().then_some(()),
     )
     .await;
 }
@@ -116,7 +116,7 @@ async fn a_background_delete_drops_the_stacks_metric_series() {
     );
 
     apply_stack(&ns.client, &example("minimal.yaml", &ns.name)).await;
-    eventually("the stack's violations series", WAIT, || async {
+    eventually("the stack's violations series", WAIT, async || {
         op.metrics().contains(&series).then_some(())
     })
     .await;
@@ -129,10 +129,10 @@ async fn a_background_delete_drops_the_stacks_metric_series() {
     eventually(
         "the deleted stack's series to leave /metrics",
         WAIT,
-        || async { (!op.metrics().contains(&series)).then_some(()) },
+        async || (!op.metrics().contains(&series)).then_some(()),
     )
     .await;
-    eventually("the namespace marker to be removed", WAIT, || async {
+    eventually("the namespace marker to be removed", WAIT, async || {
         marker(&namespaces, &ns.name).await?.is_none().then_some(())
     })
     .await;

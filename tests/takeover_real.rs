@@ -283,7 +283,7 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
     let seen = eventually(
         "the first pass, or a write to someone else's object",
         WAIT,
-        || async {
+        async || {
             let now = versions(&ns, &foreign).await;
             let s = stacks.get("shop").await.ok()?;
             let done = s.status.as_ref().is_some_and(|st| {
@@ -306,7 +306,7 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
         );
     }
     // One Warning Event per object, naming it.
-    let warned = eventually("a NameConflict Event per object", WAIT, || async {
+    let warned = eventually("a NameConflict Event per object", WAIT, async || {
         let all = events(&ns.client, n, "NameConflict").await;
         let ok = foreign[..7].iter().all(|(kind, name)| {
             all.iter().any(|e| {
@@ -367,7 +367,7 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
     eventually(
         "the operator to reconcile the touched stack",
         WAIT,
-        || async {
+        async || {
             (op.metric("opsconductor_reconciles_total{result=\"ok\"}") > reconciles).then_some(())
         },
     )
@@ -408,7 +408,7 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
     eventually(
         "the adopted ServiceAccount to be the stack's",
         WAIT,
-        || async {
+        async || {
             let sa = ns.api::<ServiceAccount>().get("builder").await.ok()?;
             controlled_by(sa.owner_references(), &uid).then_some(())
         },
@@ -417,7 +417,7 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
     eventually(
         "the held Deployment builder to be created",
         WAIT,
-        || async {
+        async || {
             let d = deployments.get_opt("builder").await.ok()??;
             controlled_by(d.owner_references(), &uid).then_some(())
         },
@@ -426,7 +426,7 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
     let (_, message) = eventually(
         "the adopted object to leave the Ready message",
         WAIT,
-        || async {
+        async || {
             let (status, message) = ready_with_reason(&ns.client, n, "shop", "NameConflict").await;
             (!message.contains("ServiceAccount/builder")).then_some((status, message))
         },
@@ -455,7 +455,7 @@ async fn existing_objects_are_reported_never_taken_over_and_adopted_only_on_requ
     eventually(
         "every owned object to be garbage-collected",
         Duration::from_secs(60),
-        || async {
+        async || {
             owned_objects(&ns.client, n, &uid)
                 .await
                 .is_empty()
@@ -621,7 +621,7 @@ async fn a_pod_that_copies_the_stacks_label_is_reported() {
     let n = ns.name.as_str();
     apply_stack(&ns.client, &stack(n, EDGE)).await;
     // The real deployment and ReplicaSet controllers create the stack's own pods.
-    eventually("the stack's own pods", WAIT, || async {
+    eventually("the stack's own pods", WAIT, async || {
         let pods = ns
             .api::<Pod>()
             .list(&ListParams::default().labels("opsconductor.io/stack=edge"))
@@ -639,7 +639,7 @@ async fn a_pod_that_copies_the_stacks_label_is_reported() {
     )
     .await;
     let api: Api<OpsConductorStack> = Api::namespaced(ns.client.clone(), n);
-    let violations = eventually("the joining pod to be reported", WAIT, || async {
+    let violations = eventually("the joining pod to be reported", WAIT, async || {
         let s = api.get("edge").await.ok()?;
         let v = s.status?.violations;
         v.iter()

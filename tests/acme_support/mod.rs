@@ -11,7 +11,7 @@
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 use crate::gateway_support::{Layout, local_config};
 use crate::support::ControlPlane;
+use crate::support::process::{OperatorProcess, spawn_as_operator};
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -300,77 +301,17 @@ impl Drop for ChallTestSrv {
 // ---------------------------------------------------------------------------------------------
 // The operator
 
-/// The operator binary with the test's ACME settings; stopped on drop (and by stdin EOF).
-pub struct Operator {
-    pub metrics_addr: String,
-    pub log: PathBuf,
-    child: Child,
-    _stdin: ChildStdin,
-}
+/// The operator binary with the test's ACME settings, as the chart's service account
+/// ([`crate::support::process::spawn_as_operator`]); stopped with SIGTERM on drop (and by stdin
+/// EOF), its log printed when the test failed.
+pub struct Operator(OperatorProcess);
 
 impl Operator {
     pub fn start(cp: &ControlPlane, env: &[(&str, String)]) -> Operator {
-        let dir = cp.state_dir.join("operator-tests");
-        std::fs::create_dir_all(&dir).unwrap();
-        let kubeconfig = dir.join(format!("kubeconfig-acme-{}", std::process::id()));
-        let mut kc: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(&cp.kubeconfig).unwrap()).unwrap();
-        for user in kc["users"].as_sequence_mut().unwrap() {
-            user["user"]["as"] = crate::support::operator::OPERATOR_USER.into();
-            user["user"]["as-groups"] = serde_yaml::Value::Sequence(vec![
-                "system:masters".into(),
-                "system:authenticated".into(),
-            ]);
-        }
-        std::fs::write(&kubeconfig, serde_yaml::to_string(&kc).unwrap()).unwrap();
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let log = dir.join(format!(
-            "operator-acme-{}-{}.log",
-            std::process::id(),
-            free_port()
-        ));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_opsconductor-operator"));
-        cmd.args([
-            "run",
-            "--metrics-addr",
-            &metrics_addr,
-            "--exit-on-stdin-eof",
-            "--log-format",
-            "json",
-            "--resync-seconds",
-            "30",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info,opsconductor_operator=debug")
-        // As tests/support/process.rs: no guardrails on the test control plane, pebble on
-        // 127.0.0.1; also when the test binary runs without cargo (scripts/test --repeat).
-        .env("OPSC_ADMISSION_GUARDRAILS", "ignore")
-        .env("OPSC_ALLOW_LOOPBACK_ACME_DIRECTORY", "true");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("the operator binary starts");
-        let stdin = child.stdin.take().unwrap();
-        eprintln!(
-            "acme_support: operator pid {}, log {}",
-            child.id(),
-            log.display()
-        );
-        let op = Operator {
-            metrics_addr,
-            log,
-            child,
-            _stdin: stdin,
-        };
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let op = spawn_as_operator(cp, "acme", &["--resync-seconds", "30"], &env);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while crate::support::operator::http_get(&op.metrics_addr, "/readyz")
-            .is_none_or(|b| !b.starts_with("ok"))
-        {
+        while !op.ready() {
             assert!(
                 Instant::now() < deadline,
                 "the operator did not become ready within 60 s:\n{}",
@@ -378,38 +319,21 @@ impl Operator {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        op
+        Operator(op)
     }
+}
 
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
+impl std::ops::Deref for Operator {
+    type Target = OperatorProcess;
 
-    pub fn metrics(&self) -> String {
-        crate::support::operator::http_get(&self.metrics_addr, "/metrics").unwrap_or_default()
-    }
-
-    pub fn metric(&self, prefix: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .filter(|l| !l.starts_with('#') && l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    fn deref(&self) -> &OperatorProcess {
+        &self.0
     }
 }
 
 impl Drop for Operator {
     fn drop(&mut self) {
-        stop(&mut self.child);
-        if std::thread::panicking() {
-            let text = self.log_text();
-            let tail: Vec<&str> = text.lines().rev().take(80).collect();
-            eprintln!(
-                "--- operator log (last 80 lines, {}) ---\n{}",
-                self.log.display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
+        self.0.terminate(Duration::from_secs(10));
     }
 }
 

@@ -192,12 +192,14 @@ pub async fn client_as(user: &str, groups: &[&str]) -> Option<Client> {
     Some(Client::try_from(config).expect("building impersonating kube client"))
 }
 
-/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`. `check` is an
+/// async closure (`async || ...`, which may borrow and change what it captures between polls),
+/// or a closure returning a future.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = check().await {

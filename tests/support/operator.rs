@@ -47,7 +47,7 @@ pub async fn operator() -> Option<&'static Operator> {
     eventually(
         "the operator's caches to sync (/readyz)",
         Duration::from_secs(60),
-        || async {
+        async || {
             http_get(&op.metrics_addr, "/readyz")
                 .filter(|b| b.starts_with("ok"))
                 .map(|_| ())
