@@ -122,7 +122,7 @@ async fn pass(ctx: &Context, retries: &mut HashMap<String, Retry>) {
     let mut namespaces = BTreeMap::new();
     for ns in ctx.stores.audit.namespaces.state() {
         let name = ns.name_any();
-        let current = super::current_marker(ctx, &name);
+        let current = super::marker::current_marker(ctx, &name);
         if current.is_some() || with_stacks.contains(name.as_str()) {
             namespaces.insert(name, current);
         }
@@ -140,7 +140,7 @@ async fn pass(ctx: &Context, retries: &mut HashMap<String, Retry>) {
         });
         retry.attempts += 1;
         retry.next = now + retry_delay(retry.attempts);
-        match super::write_namespace_marker(ctx, &namespace, wanted).await {
+        match super::marker::write_namespace_marker(ctx, &namespace, wanted).await {
             Ok(()) => {}
             Err(e) => tracing::warn!(
                 namespace = %namespace,

@@ -1,0 +1,448 @@
+//! Watch wiring: the stack watch, the watches of every kind of child and of what the audit
+//! reads, and the controller that turns their events into reconciles.
+
+use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::DynamicObject;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::watcher;
+use kube::runtime::{Controller, WatchStreamExt, controller::Action};
+use kube::{Api, Client, ResourceExt};
+
+use super::changes::Changes;
+use super::compact::Compact;
+use super::stores::{AuditStores, GuardrailStores, Stores};
+use super::{Context, Error, RunOptions, apply, janitor, reconcile, stack_key};
+use crate::crd::OpsConductorStack;
+use crate::names;
+use crate::server::Health;
+
+
+/// Backoff of the watches after an error (an API server restart, a dropped connection):
+/// 250 ms, doubling up to 4 s, reset after a success. Short on purpose: drift must be seen
+/// again within seconds once the API server is back, and one operator's re-watches are light.
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(4);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = (current * 2).min(Self::MAX);
+        Some(current)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// Retry delay after `failures` consecutive failures: 1 s, 2 s, 4 s, ... capped at 5 minutes.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(9)).min(Duration::from_secs(300))
+}
+
+fn error_policy(stack: Arc<OpsConductorStack>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = {
+        let mut map = ctx.failures.lock().unwrap();
+        let n = map.entry(stack_key(&stack)).or_default();
+        *n += 1;
+        *n
+    };
+    let delay = backoff(failures);
+    tracing::warn!(stack = %stack_key(&stack), reason = error.reason(), %error, failures, retry_in = ?delay, "reconcile failed");
+    ctx.metrics.inc(
+        "opsconductor_reconcile_errors_total",
+        &[("reason", error.reason())],
+    );
+    Action::requeue(delay)
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    options: RunOptions,
+    health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let managed = watcher::Config::default().labels(&format!(
+        "{}={},{}",
+        names::MANAGED_BY_LABEL,
+        names::MANAGER,
+        names::STACK_LABEL
+    ));
+
+    macro_rules! child_watch {
+        ($kind:ty) => {
+            child_watch!($kind, managed.clone())
+        };
+        ($kind:ty, $config:expr) => {
+            child_watch!($kind, $config, |reader| options.scope.watch(
+                |ns| match ns {
+                    Some(ns) => Api::<Compact<$kind>>::namespaced(client.clone(), ns),
+                    None => Api::<Compact<$kind>>::all(client.clone()),
+                },
+                $config,
+                reader,
+            ))
+        };
+        ($kind:ty, $config:expr, $watch:expr) => {{
+            // Cached compactly: see `compact` (managedFields and what `Slim` drops are gone
+            // before an object is kept).
+            let (reader, writer) = reflector::store::<Compact<$kind>>();
+            // Over the scope: cluster-wide, or one watch per namespace merged (see `scope`).
+            let stream = ($watch)(reader.clone())
+                .reflect(writer)
+                // Only changes of what the cache keeps trigger a reconcile (see `Changes`).
+                .filter_map({
+                    let mut changes = Changes::default();
+                    move |event| {
+                        let out = match event {
+                            Ok(event) => changes.triggers(event).map(Ok),
+                            // A failing watch retries on its own backoff; its errors must not
+                            // reach the controller, whose trigger backoff would otherwise
+                            // pause every watch.
+                            Err(error) => {
+                                tracing::warn!(kind = stringify!($kind), %error, "watch failed; retrying");
+                                None
+                            }
+                        };
+                        std::future::ready(out)
+                    }
+                });
+            (reader, stream)
+        }};
+    }
+    let (service_accounts, sa_stream) = child_watch!(ServiceAccount);
+    let (config_maps, cm_stream) = child_watch!(ConfigMap);
+    let (deployments, deploy_stream) = child_watch!(Deployment);
+    let (pod_disruption_budgets, pdb_stream) = child_watch!(PodDisruptionBudget);
+    // The audit sees everything in the namespaces, not only what the operator manages. Its
+    // Service and NetworkPolicy caches hold the managed ones too and serve as their caches:
+    // one watch and one copy per object (apply and prune look objects up by name and check
+    // the stack label and owner reference themselves).
+    let everything = watcher::Config::default().any_semantic();
+    let (audit_services, audit_svc_stream) = child_watch!(Service, everything.clone());
+    let (audit_pods, audit_pod_stream) = child_watch!(Pod, everything.clone());
+    let (audit_ingresses, audit_ing_stream) = child_watch!(Ingress, everything.clone());
+    let (audit_policies, audit_np_stream) = child_watch!(NetworkPolicy, everything.clone());
+    let (services, network_policies) = (audit_services.clone(), audit_policies.clone());
+    let (namespaces, ns_stream) = child_watch!(Namespace, everything.clone(), |reader| {
+        options.scope.watch_namespaces(
+            Api::<Compact<Namespace>>::all(client.clone()),
+            everything.clone(),
+            reader,
+        )
+    });
+    // The stacks, over the scope like everything else.
+    let (stack_store, stack_writer) = reflector::store::<OpsConductorStack>();
+    let stack_stream = options
+        .scope
+        .watch(
+            |ns| match ns {
+                Some(ns) => Api::<OpsConductorStack>::namespaced(client.clone(), ns),
+                None => Api::<OpsConductorStack>::all(client.clone()),
+            },
+            watcher::Config::default().any_semantic(),
+            stack_store.clone(),
+        )
+        .reflect(stack_writer)
+        .applied_objects();
+    let mut controller = Controller::for_stream(stack_stream, stack_store.clone());
+    // An object anywhere in a namespace concerns every stack of that namespace.
+    let in_namespace = {
+        let stack_store = stack_store.clone();
+        move |namespace: Option<String>| {
+            stack_store
+                .state()
+                .into_iter()
+                .filter(|s| s.metadata.namespace == namespace)
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        }
+    };
+    // Gateway API routes are watched when the API server serves them at startup (restart the
+    // operator after installing the Gateway API).
+    let mut routes = Vec::new();
+    for (kind, resource) in served_route_kinds(&client).await {
+        let writer = reflector::store::Writer::new(resource.clone());
+        let reader = writer.as_reader();
+        let stream = options
+            .scope
+            .watch(
+                |ns| match ns {
+                    Some(ns) => {
+                        Api::<DynamicObject>::namespaced_with(client.clone(), ns, &resource)
+                    }
+                    None => Api::<DynamicObject>::all_with(client.clone(), &resource),
+                },
+                everything.clone(),
+                reader.clone(),
+            )
+            .modify(|o| o.managed_fields_mut().clear())
+            .reflect(writer)
+            .touched_objects()
+            .filter_map(|event| async move {
+                event
+                    .map_err(|e| tracing::warn!(error = %e, "route watch failed; retrying"))
+                    .ok()
+                    .map(Ok)
+            });
+        let mapper = in_namespace.clone();
+        controller = controller.watches_stream_with(
+            stream,
+            move |o: DynamicObject| mapper(o.metadata.namespace.clone()),
+            resource,
+        );
+        tracing::info!(%kind, "watching Gateway API routes for the violation audit");
+        routes.push((kind, reader));
+    }
+
+    // The admission guardrails, when required: any change of them concerns every stack's
+    // PolicyEnforced condition.
+    let guardrails = if options.require_guardrails {
+        let config = watcher::Config::default().labels(&format!(
+            "{}={}",
+            names::PART_OF_LABEL,
+            names::PART_OF
+        ));
+        macro_rules! guardrail_watch {
+            ($kind:ty) => {{
+                let (reader, writer) = reflector::store::<$kind>();
+                let stream = watcher(Api::<$kind>::all(client.clone()), config.clone())
+                    .backoff(WatchBackoff::default())
+                    .modify(|o| o.managed_fields_mut().clear())
+                    .reflect(writer)
+                    .touched_objects()
+                    .filter_map(|event| async move {
+                        event
+                            .map_err(|e| {
+                                tracing::warn!(kind = stringify!($kind), error = %e, "guardrail watch failed; retrying")
+                            })
+                            .ok()
+                            .map(Ok)
+                    });
+                let all = stack_store.clone();
+                controller = controller.watches_stream(stream, move |_| {
+                    all.state()
+                        .iter()
+                        .map(|s| ObjectRef::from_obj(&**s))
+                        .collect::<Vec<_>>()
+                });
+                reader
+            }};
+        }
+        let policies = guardrail_watch!(ValidatingAdmissionPolicy);
+        let bindings = guardrail_watch!(ValidatingAdmissionPolicyBinding);
+        tracing::info!("PolicyEnforced requires the admission guardrails to be installed");
+        Some(GuardrailStores { policies, bindings })
+    } else {
+        tracing::info!(
+            "admission guardrails not required (--admission-guardrails ignore): PolicyEnforced \
+             does not check them"
+        );
+        None
+    };
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: names::MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        metrics: health.metrics.clone(),
+        stores: Stores {
+            service_accounts,
+            config_maps,
+            network_policies,
+            deployments,
+            services,
+            pod_disruption_budgets,
+            audit: AuditStores {
+                services: audit_services,
+                pods: audit_pods,
+                ingresses: audit_ingresses,
+                network_policies: audit_policies,
+                namespaces,
+                routes,
+            },
+            guardrails,
+            ready: tokio::sync::watch::Sender::new(false),
+        },
+        acme: crate::acme::Manager::new(
+            crate::acme::Config {
+                allow_loopback_directory: options.allow_loopback_acme_directory,
+                ..crate::acme::Config::from_env(&options.cluster_domain)
+            },
+            health.metrics.clone(),
+        ),
+        options,
+        stacks: stack_store.clone(),
+        applied: apply::AppliedLog::default(),
+        failures: Mutex::default(),
+        announced_violations: Mutex::default(),
+        markers_written: Mutex::default(),
+        applied_generations: Mutex::default(),
+    });
+
+    // Tasks that live as long as this controller: aborted when `run` returns or is dropped
+    // (e.g. on losing the leadership), so that they neither write nor keep the caches alive.
+    let mut tasks = AbortOnDrop::default();
+    {
+        let ctx = ctx.clone();
+        let health = health.clone();
+        tasks.0.push(tokio::spawn(async move {
+            ctx.stores.open_when_synced().await;
+            // The initial lists are behind us: hand what they left free back to the kernel.
+            crate::memory::release_free_memory();
+            health.ready.store(true, Ordering::Relaxed);
+            tracing::info!("watch caches synced");
+            loop {
+                ctx.stores.export_sizes(&ctx.metrics);
+                tokio::time::sleep(Duration::from_secs(15)).await;
+            }
+        }));
+    }
+
+    let (n1, n2, n3, n4) = (
+        in_namespace.clone(),
+        in_namespace.clone(),
+        in_namespace.clone(),
+        in_namespace.clone(),
+    );
+    tasks.0.push(tokio::spawn(janitor::run(ctx.clone())));
+    controller
+        .trigger_backoff(WatchBackoff::default())
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .debounce(Duration::from_millis(200))
+                .concurrency(ctx.options.max_concurrent_reconciles),
+        )
+        .owns_stream(sa_stream)
+        .owns_stream(cm_stream)
+        .owns_stream(deploy_stream)
+        .owns_stream(pdb_stream)
+        .watches_stream(audit_svc_stream, move |o| n1(o.namespace()))
+        .watches_stream(audit_pod_stream, move |o| n2(o.namespace()))
+        .watches_stream(audit_ing_stream, move |o| n3(o.namespace()))
+        .watches_stream(audit_np_stream, move |o| n4(o.namespace()))
+        // Namespaces only feed the cache (for the admission marker); they trigger nothing.
+        .watches_stream(ns_stream, |_| Vec::<ObjectRef<OpsConductorStack>>::new())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+    tracing::info!("controller stopped");
+}
+
+/// Aborts its tasks when dropped.
+#[derive(Default)]
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// The Gateway API route kinds the API server serves, in their preferred version.
+async fn served_route_kinds(client: &Client) -> Vec<(String, kube::discovery::ApiResource)> {
+    let groups: Vec<&str> = crate::audit::GATEWAY_ROUTE_KINDS
+        .iter()
+        .map(|(g, _, _)| *g)
+        .collect();
+    let discovery = match kube::Discovery::new(client.clone())
+        .filter(&groups)
+        .run()
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "API discovery failed; Gateway API routes are not audited");
+            return vec![];
+        }
+    };
+    crate::audit::GATEWAY_ROUTE_KINDS
+        .iter()
+        .filter_map(|(group, kind, _)| {
+            let (resource, _) = discovery.get(group)?.recommended_kind(kind)?;
+            Some((kind.to_string(), resource))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_backoff_is_short_and_resets() {
+        use kube::runtime::utils::Backoff as _;
+        let mut b = WatchBackoff::default();
+        let first: Vec<u128> = b.by_ref().take(6).map(|d| d.as_millis()).collect();
+        assert_eq!(first, [250, 500, 1000, 2000, 4000, 4000]);
+        b.reset();
+        assert_eq!(b.next(), Some(Duration::from_millis(250)));
+    }
+    /// A controller's own tasks end with it: dropping the guard aborts them (their futures
+    /// are dropped, so whatever they hold goes too).
+    #[tokio::test]
+    async fn tasks_end_when_their_guard_is_dropped() {
+        let (held, released) = tokio::sync::oneshot::channel::<()>();
+        let mut tasks = AbortOnDrop::default();
+        tasks.0.push(tokio::spawn(async move {
+            let _held = held;
+            std::future::pending::<()>().await;
+        }));
+        drop(tasks);
+        // The sender goes with the aborted task; a live task would keep this pending (the
+        // timeout is a hang guard, not a timing assertion).
+        let r = tokio::time::timeout(Duration::from_secs(30), released).await;
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "the task still holds its sender: {r:?}"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let s: Vec<u64> = (1..=12).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(s, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert!(backoff(100) <= Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,231 @@
+//! The watch caches the reconciler reads instead of the API server, and their readiness.
+
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::Resource;
+use kube::api::DynamicObject;
+use kube::runtime::reflector::Store;
+
+use super::compact::{self, Compact};
+use crate::metrics::Metrics;
+
+/// Caches of the objects the operator manages, filled by label-filtered watches (Services
+/// and NetworkPolicies: the audit's caches of every one, see `run`).
+pub struct Stores {
+    pub service_accounts: Store<Compact<ServiceAccount>>,
+    pub config_maps: Store<Compact<ConfigMap>>,
+    pub network_policies: Store<Compact<NetworkPolicy>>,
+    pub deployments: Store<Compact<Deployment>>,
+    pub services: Store<Compact<Service>>,
+    pub pod_disruption_budgets: Store<Compact<PodDisruptionBudget>>,
+    /// Everything in stack namespaces that the violation audit looks at, managed or not.
+    pub audit: AuditStores,
+    /// The admission guardrails installed in the cluster, when the operator requires them
+    /// (see [`RunOptions::require_guardrails`]).
+    pub guardrails: Option<GuardrailStores>,
+    /// Opens once every cache above has its initial list (see [`Stores::wait_ready`]).
+    pub(super) ready: tokio::sync::watch::Sender<bool>,
+}
+
+/// Caches of the ValidatingAdmissionPolicies and their bindings labelled as the operator's.
+pub struct GuardrailStores {
+    pub policies: Store<ValidatingAdmissionPolicy>,
+    pub bindings: Store<ValidatingAdmissionPolicyBinding>,
+}
+
+impl GuardrailStores {
+    /// What is missing or switched off (see [`crate::admission::guardrail_problems`]).
+    pub fn problems(&self) -> Vec<String> {
+        let policies: Vec<_> = self
+            .policies
+            .state()
+            .iter()
+            .map(|p| (**p).clone())
+            .collect();
+        let bindings: Vec<_> = self
+            .bindings
+            .state()
+            .iter()
+            .map(|b| (**b).clone())
+            .collect();
+        crate::admission::guardrail_problems(&policies, &bindings)
+    }
+}
+
+/// Caches of every Service, Pod, Ingress and NetworkPolicy, for the violation audit.
+pub struct AuditStores {
+    pub services: Store<Compact<Service>>,
+    pub pods: Store<Compact<Pod>>,
+    pub ingresses: Store<Compact<Ingress>>,
+    pub network_policies: Store<Compact<NetworkPolicy>>,
+    pub namespaces: Store<Compact<Namespace>>,
+    /// Gateway API routes, one cache per route kind the API server served at startup.
+    pub routes: Vec<(String, Store<DynamicObject>)>,
+}
+
+impl Stores {
+    /// Waits until every cache holds its initial list.
+    ///
+    /// Many reconciles wait here at once when the operator starts with stacks present, so they
+    /// wait on one `watch` channel, not on the stores: kube-runtime's
+    /// `Store::wait_until_ready` keeps only the waker of the last task that polled it, and
+    /// every earlier waiter then sleeps until something unrelated wakes it (with 200 stacks
+    /// present a restart stayed unready for minutes and reconciled about one stack a second).
+    /// One task, [`Stores::open_when_synced`], is the only waiter on the stores themselves.
+    pub(super) async fn wait_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        // An error means the sender is gone, i.e. the operator is shutting down.
+        let _ = ready.wait_for(|open| *open).await;
+    }
+
+    /// The single waiter on the stores' own readiness: opens [`Stores::wait_ready`] for
+    /// everyone once each cache has had its initial list.
+    pub(super) async fn open_when_synced(&self) {
+        // Errors here only mean the writer was dropped, i.e. the operator is shutting down.
+        // (`services` and `network_policies` are the audit's caches, awaited below.)
+        let _ = self.service_accounts.wait_until_ready().await;
+        let _ = self.config_maps.wait_until_ready().await;
+        let _ = self.deployments.wait_until_ready().await;
+        let _ = self.pod_disruption_budgets.wait_until_ready().await;
+        let _ = self.audit.services.wait_until_ready().await;
+        let _ = self.audit.pods.wait_until_ready().await;
+        let _ = self.audit.ingresses.wait_until_ready().await;
+        let _ = self.audit.network_policies.wait_until_ready().await;
+        let _ = self.audit.namespaces.wait_until_ready().await;
+        for (_, store) in &self.audit.routes {
+            let _ = store.wait_until_ready().await;
+        }
+        if let Some(g) = &self.guardrails {
+            let _ = g.policies.wait_until_ready().await;
+            let _ = g.bindings.wait_until_ready().await;
+        }
+        self.ready.send_replace(true);
+    }
+}
+
+impl Stores {
+    /// Sets the cache gauges: objects and JSON bytes per kind.
+    pub(super) fn export_sizes(&self, metrics: &Metrics) {
+        fn one<K>(metrics: &Metrics, kind: &str, store: &Store<Compact<K>>)
+        where
+            K: Resource<DynamicType = ()>
+                + serde::Serialize
+                + serde::de::DeserializeOwned
+                + compact::Slim,
+        {
+            let state = store.state();
+            let bytes: usize = state.iter().map(|o| o.json_len()).sum();
+            metrics.set(
+                "opsconductor_cache_objects",
+                &[("kind", kind)],
+                state.len() as f64,
+            );
+            metrics.set(
+                "opsconductor_cache_json_bytes",
+                &[("kind", kind)],
+                bytes as f64,
+            );
+        }
+        // Services and NetworkPolicies: one cache serves the managed objects and the audit.
+        one(metrics, "ServiceAccount", &self.service_accounts);
+        one(metrics, "ConfigMap", &self.config_maps);
+        one(metrics, "Deployment", &self.deployments);
+        one(metrics, "PodDisruptionBudget", &self.pod_disruption_budgets);
+        one(metrics, "Service", &self.audit.services);
+        one(metrics, "NetworkPolicy", &self.audit.network_policies);
+        one(metrics, "Pod", &self.audit.pods);
+        one(metrics, "Ingress", &self.audit.ingresses);
+        one(metrics, "Namespace", &self.audit.namespaces);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use kube::runtime::{reflector, watcher};
+
+    use super::*;
+
+    /// Many reconciles wait for the caches at once when the operator restarts with stacks
+    /// present: every one of them must go on when the caches are synced, not only the last
+    /// to have polled (the kube-runtime store readiness future wakes only that one).
+    #[tokio::test]
+    async fn every_waiter_goes_on_once_the_caches_are_synced() {
+        macro_rules! store {
+            ($kind:ty) => {
+                reflector::store::<Compact<$kind>>()
+            };
+        }
+        let (service_accounts, mut w1) = store!(ServiceAccount);
+        let (config_maps, mut w2) = store!(ConfigMap);
+        let (network_policies, mut w3) = store!(NetworkPolicy);
+        let (deployments, mut w4) = store!(Deployment);
+        let (services, mut w5) = store!(Service);
+        let (pod_disruption_budgets, mut w6) = store!(PodDisruptionBudget);
+        let (audit_services, mut w7) = store!(Service);
+        let (pods, mut w8) = store!(Pod);
+        let (ingresses, mut w9) = store!(Ingress);
+        let (audit_policies, mut w10) = store!(NetworkPolicy);
+        let (namespaces, mut w11) = store!(Namespace);
+        let stores = Arc::new(Stores {
+            service_accounts,
+            config_maps,
+            network_policies,
+            deployments,
+            services,
+            pod_disruption_budgets,
+            audit: AuditStores {
+                services: audit_services,
+                pods,
+                ingresses,
+                network_policies: audit_policies,
+                namespaces,
+                routes: Vec::new(),
+            },
+            guardrails: None,
+            ready: tokio::sync::watch::Sender::new(false),
+        });
+        let opener = tokio::spawn({
+            let stores = stores.clone();
+            async move { stores.open_when_synced().await }
+        });
+        let waiters: Vec<_> = (0..50)
+            .map(|_| {
+                let stores = stores.clone();
+                tokio::spawn(async move { stores.wait_ready().await })
+            })
+            .collect();
+        // Let every waiter register before the caches fill.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            waiters.iter().all(|w| !w.is_finished()),
+            "nothing is synced yet"
+        );
+        macro_rules! sync {
+            ($($w:ident),*) => {$(
+                $w.apply_watcher_event(&watcher::Event::Init);
+                $w.apply_watcher_event(&watcher::Event::InitDone);
+            )*};
+        }
+        sync!(w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11);
+        // A hang guard, not a timing assertion: a lost wakeup would block forever.
+        let all = async {
+            opener.await.unwrap();
+            for w in waiters {
+                w.await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), all)
+            .await
+            .expect("every waiter must be woken once the caches are synced");
+    }
+}
