@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use super::compact::{Compact, Slim};
-use super::{Context, Error};
+use super::{Context, Request};
 use crate::build::Bundle;
 use crate::crd::PolicyMode;
 use crate::names;
@@ -101,7 +101,7 @@ pub async fn apply_bundle(
     target: &Target<'_>,
     bundle: &Bundle,
     conflicts: Vec<NameConflict>,
-) -> Result<Report, Error> {
+) -> Result<Report, Request> {
     let mut report = Report {
         conflicts,
         ..Report::default()
@@ -261,7 +261,7 @@ async fn apply_kind<K: Child>(
     desired: &[K],
     exact: bool,
     report: &mut Report,
-) -> Result<(), Error> {
+) -> Result<(), Request> {
     let kind = kind_of::<K>();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), target.namespace);
     for object in desired {
@@ -402,7 +402,7 @@ async fn prune_kind<K: Child>(
     store: &Store<Compact<K>>,
     desired: &[K],
     report: &mut Report,
-) -> Result<(), Error> {
+) -> Result<(), Request> {
     let kind = kind_of::<K>();
     let wanted: BTreeSet<String> = desired.iter().map(ResourceExt::name_any).collect();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), target.namespace);

@@ -7,7 +7,6 @@ use kube::{Resource, ResourceExt};
 
 use super::compact::{self, Compact};
 
-
 /// Which watch events are worth a reconcile: an object that appears or goes, or one whose
 /// cached content changed. A Pod's status, a Deployment's conditions or a managedFields-only
 /// update change nothing the operator reads (the cache drops them), so they trigger nothing;

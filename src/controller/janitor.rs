@@ -169,6 +169,10 @@ fn forget_gone_stacks(ctx: &Context, present: &BTreeSet<String>, namespaces: &BT
         .lock()
         .unwrap()
         .retain(|k, _| present.contains(k));
+    ctx.announced_conflicts
+        .lock()
+        .unwrap()
+        .retain(|k, _| present.contains(k));
     ctx.announced_violations
         .lock()
         .unwrap()

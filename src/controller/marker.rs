@@ -80,7 +80,11 @@ pub(super) async fn write_namespace_marker(
             &PatchParams::apply(MARKER_MANAGER).force(),
             &Patch::Apply(&patch),
         )
-        .await?;
+        .await
+        .map_err(|e| Error::Marker {
+            namespace: namespace.to_string(),
+            source: e.into(),
+        })?;
     let label = written
         .labels()
         .get(crate::admission::PROTECTED_LABEL)

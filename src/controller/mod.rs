@@ -4,19 +4,25 @@
 //! Child objects are watched through label-filtered reflectors whose caches are shared with
 //! the reconciler, so "is this object already as we want it?" is answered from memory and an
 //! unchanged stack causes no write request at all.
-
+//!
 //! The files, in the order a reconcile meets them:
 //! - [`run`]: the watches and the controller that turns their events into reconciles;
 //! - [`stores`]: the watch caches the reconciler reads, and their readiness;
 //! - [`changes`]: which watch events are worth a reconcile;
-//! - [`reconcile`]: one reconcile of one stack, stage by stage;
-//! - [`apply`] (the only writes of children), [`diff`], [`status`], [`marker`] (the
-//!   namespace admission label), [`janitor`] (what follows from the caches, not from events).
+//! - [`reconcile`]: one reconcile of one stack, stage by stage (gather, validate,
+//!   dereference, build, apply, status), each failing with its own [`Error`];
+//! - beside it, the stages' helpers: [`dereference`] (the certificate), [`apply`] (the only
+//!   writes of children), [`diff`] (is an object exactly ours?), [`marker`] (the namespace
+//!   admission label), [`status`] (the status as a value), [`events`];
+//! - [`janitor`]: what follows from the caches, not from single events.
 
 mod apply;
 mod changes;
 pub mod compact;
+mod dereference;
 pub mod diff;
+mod error;
+mod events;
 pub mod janitor;
 mod marker;
 mod reconcile;
@@ -37,6 +43,7 @@ use kube::{Client, Resource};
 use crate::crd::OpsConductorStack;
 use crate::metrics::Metrics;
 
+pub use error::{Error, Request};
 pub use marker::{MARKER_MANAGER, sync_namespace_marker};
 pub use run::{WatchBackoff, backoff, run};
 pub use stores::{AuditStores, GuardrailStores, Stores};
@@ -104,6 +111,8 @@ pub struct Context {
     applied: apply::AppliedLog,
     /// Consecutive failures per stack (namespace/name), for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The name conflicts last announced by Events, per stack, so each is announced once.
+    announced_conflicts: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     /// The violations last announced by Events, per stack, so none is announced twice.
     announced_violations: Mutex<HashMap<String, Vec<crate::crd::Violation>>>,
     /// The namespace markers written lately: namespace -> (the label as the write left it,
@@ -112,40 +121,6 @@ pub struct Context {
     /// The generation of each stack (namespace/name) this process last applied in full, so
     /// that a stack cache that has not yet seen the status write does not hide convergence.
     applied_generations: Mutex<HashMap<String, i64>>,
-}
-
-/// Errors of one reconcile. Each has a bounded `reason()` for metrics and Events.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API request failed: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("cannot serialize an object: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("the stack has no namespace")]
-    NoNamespace,
-    #[error(
-        "the admission marker of namespace {namespace} is still {found:?} after our write (is it held by another field manager?)"
-    )]
-    MarkerNotApplied {
-        namespace: String,
-        found: Option<String>,
-    },
-}
-
-impl Error {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Error::Kube(kube::Error::Api(e)) if e.code == 409 => "Conflict",
-            Error::Kube(kube::Error::Api(e)) if e.code == 403 => "Forbidden",
-            Error::Kube(kube::Error::Api(e)) if e.code == 422 => "Invalid",
-            Error::Kube(kube::Error::Api(e)) if e.code == 429 => "Throttled",
-            Error::Kube(kube::Error::Api(e)) if e.code >= 500 => "ServerError",
-            Error::Kube(_) => "ApiUnavailable",
-            Error::Json(_) => "Serialization",
-            Error::NoNamespace => "NoNamespace",
-            Error::MarkerNotApplied { .. } => "MarkerNotApplied",
-        }
-    }
 }
 
 fn stack_key(stack: &OpsConductorStack) -> String {

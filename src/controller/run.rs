@@ -1,8 +1,8 @@
 //! Watch wiring: the stack watch, the watches of every kind of child and of what the audit
 //! reads, and the controller that turns their events into reconciles.
 
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -27,7 +27,6 @@ use super::{Context, Error, RunOptions, apply, janitor, reconcile, stack_key};
 use crate::crd::OpsConductorStack;
 use crate::names;
 use crate::server::Health;
-
 
 /// Backoff of the watches after an error (an API server restart, a dropped connection):
 /// 250 ms, doubling up to 4 s, reset after a success. Short on purpose: drift must be seen
@@ -76,7 +75,16 @@ fn error_policy(stack: Arc<OpsConductorStack>, error: &Error, ctx: Arc<Context>)
         *n
     };
     let delay = backoff(failures);
-    tracing::warn!(stack = %stack_key(&stack), reason = error.reason(), %error, failures, retry_in = ?delay, "reconcile failed");
+    tracing::warn!(
+        namespace = stack.metadata.namespace.as_deref().unwrap_or(""),
+        name = stack.metadata.name.as_deref().unwrap_or(""),
+        stage = error.stage(),
+        reason = error.reason(),
+        %error,
+        failures,
+        retry_in = ?delay,
+        "reconcile failed"
+    );
     ctx.metrics.inc(
         "opsconductor_reconcile_errors_total",
         &[("reason", error.reason())],
@@ -309,6 +317,7 @@ pub async fn run(
         stacks: stack_store.clone(),
         applied: apply::AppliedLog::default(),
         failures: Mutex::default(),
+        announced_conflicts: Mutex::default(),
         announced_violations: Mutex::default(),
         markers_written: Mutex::default(),
         applied_generations: Mutex::default(),
