@@ -40,6 +40,7 @@ use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource};
 
+use crate::build::BuildOptions;
 use crate::crd::OpsConductorStack;
 use crate::metrics::Metrics;
 
@@ -51,7 +52,10 @@ pub use stores::{AuditStores, GuardrailStores, Stores};
 /// Settings of `opsconductor-operator run`.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    pub cluster_domain: String,
+    /// What the builders take from the operator's settings: the cluster domain, the operator's
+    /// own namespace and the cluster's address ranges (each reconcile adds the ACME thumbprint
+    /// and the upstreams' addresses).
+    pub build: BuildOptions,
     /// Compare desired objects with the watch caches and write only what differs. Switched
     /// off only to measure what it saves (every reconcile then applies everything).
     pub compare_before_apply: bool,
@@ -59,9 +63,6 @@ pub struct RunOptions {
     pub resync: Duration,
     /// Stacks reconciled at the same time.
     pub max_concurrent_reconciles: u16,
-    /// The operator's own namespace (`POD_NAMESPACE`, set by the chart), for the gateway
-    /// NetworkPolicy rule that lets the ACME self-check through `allowedSourceRanges`.
-    pub operator_namespace: Option<String>,
     /// Report `PolicyEnforced=True` only while the admission guardrails
     /// ([`crate::admission`]) are installed and bound (`--admission-guardrails require`);
     /// `false` when they are deliberately not installed (the chart's `admission.enabled=false`).
@@ -73,9 +74,6 @@ pub struct RunOptions {
     /// Gateway images stacks may use (`--allowed-gateway-images`); empty: any. See
     /// [`crate::validate::gateway_image_problems`].
     pub allowed_gateway_images: Vec<String>,
-    /// The cluster's own address ranges (`--cluster-cidrs`); see
-    /// [`crate::build::BuildOptions::cluster_cidrs`].
-    pub cluster_cidrs: Vec<ipnet::IpNet>,
     /// The namespaces served (`--watch-namespaces`); see [`scope`].
     pub scope: scope::Scope,
 }
@@ -83,15 +81,13 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         Self {
-            cluster_domain: "cluster.local".into(),
+            build: BuildOptions::default(),
             compare_before_apply: true,
             resync: Duration::from_secs(300),
             max_concurrent_reconciles: 8,
-            operator_namespace: None,
             require_guardrails: true,
             allow_loopback_acme_directory: false,
             allowed_gateway_images: Vec::new(),
-            cluster_cidrs: Vec::new(),
             scope: scope::Scope::Cluster,
         }
     }

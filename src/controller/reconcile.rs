@@ -123,7 +123,7 @@ fn validate(
     // Egress by address never reaches into the cluster's own ranges.
     references.extend(validate::egress_cluster_problems(
         stack,
-        &ctx.options.cluster_cidrs,
+        &ctx.options.build.cluster_cidrs,
     ));
     match validate::validate(stack, namespace) {
         Ok(model) if references.is_empty() => Ok(model),
@@ -152,11 +152,9 @@ async fn dereference(
 /// thumbprint, and reaches the routed services by the ClusterIPs the Service cache holds.
 fn build(ctx: &Context, model: &Stack, certificate: &Certificate) -> Bundle {
     let options = BuildOptions {
-        cluster_domain: ctx.options.cluster_domain.clone(),
         acme_thumbprint: certificate.thumbprint.clone(),
         upstreams: build::Upstreams::ClusterIps(cluster_ips(ctx, model)),
-        operator_namespace: ctx.options.operator_namespace.clone(),
-        cluster_cidrs: ctx.options.cluster_cidrs.clone(),
+        ..ctx.options.build.clone()
     };
     build::build(model, &options)
 }

@@ -19,6 +19,8 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher;
 use kube::runtime::{Controller, WatchStreamExt, controller::Action};
 use kube::{Api, Client, ResourceExt};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::changes::Changes;
 use super::compact::Compact;
@@ -29,36 +31,42 @@ use crate::names;
 use crate::server::Health;
 
 /// Backoff of the watches after an error (an API server restart, a dropped connection):
-/// 250 ms, doubling up to 4 s, reset after a success. Short on purpose: drift must be seen
-/// again within seconds once the API server is back, and one operator's re-watches are light.
-#[derive(Clone, Debug)]
-pub struct WatchBackoff {
-    next: Duration,
-}
+/// 125 ms doubling up to 2 s, each delay with up to as much again of random jitter (so the
+/// first retry comes after 125 to 250 ms, none after more than 4 s), reset after a success.
+/// Short on purpose: drift must be seen again within seconds once the API server is back, and
+/// one operator's re-watches are light. The jitter keeps the watches of every kind (and of
+/// every namespace, with `--watch-namespaces`) from coming back in lockstep.
+pub struct WatchBackoff(watcher::ExponentialBackoff);
 
 impl WatchBackoff {
-    const FIRST: Duration = Duration::from_millis(250);
-    const MAX: Duration = Duration::from_secs(4);
+    const FIRST: Duration = Duration::from_millis(125);
+    const MAX: Duration = Duration::from_secs(2);
 }
 
 impl Default for WatchBackoff {
     fn default() -> Self {
-        Self { next: Self::FIRST }
+        Self(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Self::FIRST)
+                .with_max_delay(Self::MAX)
+                .with_factor(2.0)
+                .with_jitter()
+                .without_max_times()
+                .into(),
+        )
     }
 }
 
 impl Iterator for WatchBackoff {
     type Item = Duration;
     fn next(&mut self) -> Option<Duration> {
-        let current = self.next;
-        self.next = (current * 2).min(Self::MAX);
-        Some(current)
+        self.0.next()
     }
 }
 
 impl kube::runtime::utils::Backoff for WatchBackoff {
     fn reset(&mut self) {
-        self.next = Self::FIRST;
+        self.0.reset();
     }
 }
 
@@ -92,12 +100,12 @@ fn error_policy(stack: Arc<OpsConductorStack>, error: &Error, ctx: Arc<Context>)
     Action::requeue(delay)
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controller until `stop` is cancelled (shutdown, or the leader Lease lost).
 pub async fn run(
     client: Client,
     options: RunOptions,
     health: Arc<Health>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    stop: CancellationToken,
 ) {
     let managed = watcher::Config::default().labels(&format!(
         "{}={},{}",
@@ -309,7 +317,7 @@ pub async fn run(
         acme: crate::acme::Manager::new(
             crate::acme::Config {
                 allow_loopback_directory: options.allow_loopback_acme_directory,
-                ..crate::acme::Config::from_env(&options.cluster_domain)
+                ..crate::acme::Config::from_env(&options.build.cluster_domain)
             },
             health.metrics.clone(),
         ),
@@ -323,13 +331,14 @@ pub async fn run(
         applied_generations: Mutex::default(),
     });
 
-    // Tasks that live as long as this controller: aborted when `run` returns or is dropped
-    // (e.g. on losing the leadership), so that they neither write nor keep the caches alive.
-    let mut tasks = AbortOnDrop::default();
+    // Tasks that live as long as this controller: a JoinSet aborts them when `run` returns or
+    // is dropped (e.g. on losing the leadership), so that they neither write nor keep the
+    // caches alive.
+    let mut tasks = JoinSet::new();
     {
         let ctx = ctx.clone();
         let health = health.clone();
-        tasks.0.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             ctx.stores.open_when_synced().await;
             // The initial lists are behind us: hand what they left free back to the kernel.
             crate::memory::release_free_memory();
@@ -339,7 +348,7 @@ pub async fn run(
                 ctx.stores.export_sizes(&ctx.metrics);
                 tokio::time::sleep(Duration::from_secs(15)).await;
             }
-        }));
+        });
     }
 
     let (n1, n2, n3, n4) = (
@@ -348,7 +357,7 @@ pub async fn run(
         in_namespace.clone(),
         in_namespace.clone(),
     );
-    tasks.0.push(tokio::spawn(janitor::run(ctx.clone())));
+    tasks.spawn(janitor::run(ctx.clone()));
     controller
         .trigger_backoff(WatchBackoff::default())
         .with_config(
@@ -366,7 +375,7 @@ pub async fn run(
         .watches_stream(audit_np_stream, move |o| n4(o.namespace()))
         // Namespaces only feed the cache (for the admission marker); they trigger nothing.
         .watches_stream(ns_stream, |_| Vec::<ObjectRef<OpsConductorStack>>::new())
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
@@ -375,18 +384,6 @@ pub async fn run(
         })
         .await;
     tracing::info!("controller stopped");
-}
-
-/// Aborts its tasks when dropped.
-#[derive(Default)]
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
-    }
 }
 
 /// The Gateway API route kinds the API server serves, in their preferred version.
@@ -420,32 +417,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn watch_backoff_is_short_and_resets() {
+    fn watch_backoff_is_short_jittered_and_resets() {
         use kube::runtime::utils::Backoff as _;
+        let bases = [125, 250, 500, 1000, 2000, 2000];
         let mut b = WatchBackoff::default();
-        let first: Vec<u128> = b.by_ref().take(6).map(|d| d.as_millis()).collect();
-        assert_eq!(first, [250, 500, 1000, 2000, 4000, 4000]);
-        b.reset();
-        assert_eq!(b.next(), Some(Duration::from_millis(250)));
-    }
-    /// A controller's own tasks end with it: dropping the guard aborts them (their futures
-    /// are dropped, so whatever they hold goes too).
-    #[tokio::test]
-    async fn tasks_end_when_their_guard_is_dropped() {
-        let (held, released) = tokio::sync::oneshot::channel::<()>();
-        let mut tasks = AbortOnDrop::default();
-        tasks.0.push(tokio::spawn(async move {
-            let _held = held;
-            std::future::pending::<()>().await;
-        }));
-        drop(tasks);
-        // The sender goes with the aborted task; a live task would keep this pending (the
-        // timeout is a hang guard, not a timing assertion).
-        let r = tokio::time::timeout(Duration::from_secs(30), released).await;
-        assert!(
-            matches!(r, Ok(Err(_))),
-            "the task still holds its sender: {r:?}"
-        );
+        let mut delays = Vec::new();
+        for _ in 0..50 {
+            for base in bases {
+                let d = b.next().unwrap().as_millis();
+                assert!(
+                    (base..2 * base).contains(&d),
+                    "{d} ms for a base of {base} ms"
+                );
+                delays.push(d);
+            }
+            b.reset();
+        }
+        let first = b.next().unwrap().as_millis();
+        assert!((125..250).contains(&first), "{first} ms after a reset");
+        delays.sort();
+        delays.dedup();
+        assert!(delays.len() > bases.len(), "no jitter: {delays:?}");
     }
 
     #[test]
