@@ -29,46 +29,21 @@ impl<'a> Events<'a> {
     /// one per object adopted, reverted or pruned (Events with the same reason about the same
     /// objects are folded into one series, so a per-object `related` keeps each one visible).
     pub async fn report(&self, report: &Report) {
-        let written = |cause: Cause| {
-            report
+        for cause in [Cause::Created, Cause::Adopted, Cause::Updated, Cause::Drift] {
+            let objects: Vec<(&str, &str)> = report
                 .written
                 .iter()
-                .filter(move |(c, _, _)| *c == cause)
+                .filter(|(c, _, _)| *c == cause)
                 .map(|(_, kind, name)| (*kind, name.as_str()))
-        };
-        self.summary(written(Cause::Created), "Created", "created")
-            .await;
-        for (kind, name) in written(Cause::Adopted) {
-            let note = format!(
-                "adopted {kind}/{name}: its {} annotation hands it to this stack",
-                crate::ownership::ADOPT_ANNOTATION
-            );
-            self.send(
-                EventType::Normal,
-                "Adopted",
-                "Apply",
-                &note,
-                Some((kind, name)),
-            )
-            .await;
-        }
-        self.summary(written(Cause::Updated), "Updated", "updated")
-            .await;
-        for (kind, name) in written(Cause::Drift) {
-            self.ctx.metrics.inc(
-                "opsconductor_drift_total",
-                &[("kind", kind), ("action", "reverted")],
-            );
-            let note = format!("reverted changes made by others to {kind}/{name}");
-            tracing::info!(%note, "drift reverted");
-            self.send(
-                EventType::Warning,
-                "DriftReverted",
-                "Revert",
-                &note,
-                Some((kind, name)),
-            )
-            .await;
+                .collect();
+            match cause {
+                Cause::Created | Cause::Updated => self.written(cause, &objects).await,
+                Cause::Adopted | Cause::Drift => {
+                    for &(kind, name) in &objects {
+                        self.written_one(cause, kind, name).await;
+                    }
+                }
+            }
         }
         for (kind, name) in &report.pruned {
             let note = format!("deleted {kind}/{name}: the stack no longer wants it");
@@ -78,19 +53,39 @@ impl<'a> Events<'a> {
         }
     }
 
-    /// One Event naming every object of `objects`, when there is any.
-    async fn summary<'o>(
-        &self,
-        objects: impl Iterator<Item = (&'o str, &'o str)>,
-        reason: &str,
-        verb: &str,
-    ) {
-        let objects: Vec<String> = objects.map(|(k, n)| format!("{k}/{n}")).collect();
+    /// One Event naming every object created (or updated), when there is any.
+    async fn written(&self, cause: Cause, objects: &[(&str, &str)]) {
+        let (reason, verb) = match cause {
+            Cause::Created => ("Created", "created"),
+            _ => ("Updated", "updated"),
+        };
         if !objects.is_empty() {
-            let note = format!("{verb} {}", objects.join(", "));
+            let listed: Vec<String> = objects.iter().map(|(k, n)| format!("{k}/{n}")).collect();
+            let note = format!("{verb} {}", listed.join(", "));
             self.send(EventType::Normal, reason, "Apply", &note, None)
                 .await;
         }
+    }
+
+    /// The Event of one object adopted (or reverted after drift).
+    async fn written_one(&self, cause: Cause, kind: &str, name: &str) {
+        let (type_, reason, action, note) = if cause == Cause::Adopted {
+            let note = format!(
+                "adopted {kind}/{name}: its {} annotation hands it to this stack",
+                crate::ownership::ADOPT_ANNOTATION
+            );
+            (EventType::Normal, "Adopted", "Apply", note)
+        } else {
+            self.ctx.metrics.inc(
+                "opsconductor_drift_total",
+                &[("kind", kind), ("action", "reverted")],
+            );
+            let note = format!("reverted changes made by others to {kind}/{name}");
+            tracing::info!(%note, "drift reverted");
+            (EventType::Warning, "DriftReverted", "Revert", note)
+        };
+        self.send(type_, reason, action, &note, Some((kind, name)))
+            .await;
     }
 
     /// A Warning Event for each object that is newly found to be someone else's.

@@ -19,7 +19,7 @@
 //! without a cluster; [`run`] feeds them from the caches and does the writes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
@@ -165,22 +165,13 @@ fn forget_gone_stacks(ctx: &Context, present: &BTreeSet<String>, namespaces: &BT
     for key in gone(&ctx.metrics.label_values("stack"), present) {
         ctx.metrics.forget("stack", &key);
     }
-    ctx.failures
-        .lock()
-        .unwrap()
-        .retain(|k, _| present.contains(k));
-    ctx.announced_conflicts
-        .lock()
-        .unwrap()
-        .retain(|k, _| present.contains(k));
-    ctx.announced_violations
-        .lock()
-        .unwrap()
-        .retain(|k, _| present.contains(k));
-    ctx.applied_generations
-        .lock()
-        .unwrap()
-        .retain(|k, _| present.contains(k));
+    fn keep_present<V>(map: &Mutex<HashMap<String, V>>, present: &BTreeSet<String>) {
+        map.lock().unwrap().retain(|k, _| present.contains(k));
+    }
+    keep_present(&ctx.failures, present);
+    keep_present(&ctx.announced_conflicts, present);
+    keep_present(&ctx.announced_violations, present);
+    keep_present(&ctx.applied_generations, present);
     ctx.applied.retain_namespaces(namespaces);
 }
 

@@ -288,6 +288,7 @@ fn cluster_ips(
         .filter_map(|svc| {
             let service = ctx
                 .stores
+                .audit
                 .services
                 .get(&ObjectRef::new(svc.name.as_str()).within(&model.namespace))?
                 .decode();
@@ -416,6 +417,7 @@ fn observe(
     let (_, gateway_ready) = deployment_ready(&gateway_name);
     let gateway_address = ctx
         .stores
+        .audit
         .services
         .get(&ObjectRef::new(&gateway_name).within(ns))
         .and_then(|s| {

@@ -168,7 +168,6 @@ pub async fn run(
     let (audit_pods, audit_pod_stream) = child_watch!(Pod, everything.clone());
     let (audit_ingresses, audit_ing_stream) = child_watch!(Ingress, everything.clone());
     let (audit_policies, audit_np_stream) = child_watch!(NetworkPolicy, everything.clone());
-    let (services, network_policies) = (audit_services.clone(), audit_policies.clone());
     let (namespaces, ns_stream) = child_watch!(Namespace, everything.clone(), |reader| {
         options.scope.watch_namespaces(
             Api::<Compact<Namespace>>::all(client.clone()),
@@ -299,9 +298,7 @@ pub async fn run(
         stores: Stores {
             service_accounts,
             config_maps,
-            network_policies,
             deployments,
-            services,
             pod_disruption_budgets,
             audit: AuditStores {
                 services: audit_services,

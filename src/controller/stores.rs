@@ -14,16 +14,17 @@ use kube::runtime::reflector::Store;
 use super::compact::{self, Compact};
 use crate::metrics::Metrics;
 
-/// Caches of the objects the operator manages, filled by label-filtered watches (Services
-/// and NetworkPolicies: the audit's caches of every one, see `run`).
+/// Caches of the objects the operator manages, filled by label-filtered watches. Services and
+/// NetworkPolicies have no cache of their own: the audit's caches of every one serve (one
+/// watch and one copy per object; apply and prune look objects up by name and check the
+/// stack label and owner reference themselves).
 pub struct Stores {
     pub service_accounts: Store<Compact<ServiceAccount>>,
     pub config_maps: Store<Compact<ConfigMap>>,
-    pub network_policies: Store<Compact<NetworkPolicy>>,
     pub deployments: Store<Compact<Deployment>>,
-    pub services: Store<Compact<Service>>,
     pub pod_disruption_budgets: Store<Compact<PodDisruptionBudget>>,
-    /// Everything in stack namespaces that the violation audit looks at, managed or not.
+    /// Everything in stack namespaces that the violation audit looks at, managed or not:
+    /// also the caches of the managed Services and NetworkPolicies.
     pub audit: AuditStores,
     /// The admission guardrails installed in the cluster, when the operator requires them
     /// (see [`RunOptions::require_guardrails`]).
@@ -41,18 +42,10 @@ pub struct GuardrailStores {
 impl GuardrailStores {
     /// What is missing or switched off (see [`crate::admission::guardrail_problems`]).
     pub fn problems(&self) -> Vec<String> {
-        let policies: Vec<_> = self
-            .policies
-            .state()
-            .iter()
-            .map(|p| (**p).clone())
-            .collect();
-        let bindings: Vec<_> = self
-            .bindings
-            .state()
-            .iter()
-            .map(|b| (**b).clone())
-            .collect();
+        fn all<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
+            store.state().iter().map(|o| (**o).clone()).collect()
+        }
+        let (policies, bindings) = (all(&self.policies), all(&self.bindings));
         crate::admission::guardrail_problems(&policies, &bindings)
     }
 }
@@ -87,7 +80,6 @@ impl Stores {
     /// everyone once each cache has had its initial list.
     pub(super) async fn open_when_synced(&self) {
         // Errors here only mean the writer was dropped, i.e. the operator is shutting down.
-        // (`services` and `network_policies` are the audit's caches, awaited below.)
         let _ = self.service_accounts.wait_until_ready().await;
         let _ = self.config_maps.wait_until_ready().await;
         let _ = self.deployments.wait_until_ready().await;
@@ -158,35 +150,29 @@ mod tests {
     /// to have polled (the kube-runtime store readiness future wakes only that one).
     #[tokio::test]
     async fn every_waiter_goes_on_once_the_caches_are_synced() {
+        // Each cache, and a way to give it its (empty) initial list.
+        let mut syncs: Vec<Box<dyn FnMut()>> = Vec::new();
         macro_rules! store {
-            ($kind:ty) => {
-                reflector::store::<Compact<$kind>>()
-            };
+            ($kind:ty) => {{
+                let (reader, mut writer) = reflector::store::<Compact<$kind>>();
+                syncs.push(Box::new(move || {
+                    writer.apply_watcher_event(&watcher::Event::Init);
+                    writer.apply_watcher_event(&watcher::Event::InitDone);
+                }));
+                reader
+            }};
         }
-        let (service_accounts, mut w1) = store!(ServiceAccount);
-        let (config_maps, mut w2) = store!(ConfigMap);
-        let (network_policies, mut w3) = store!(NetworkPolicy);
-        let (deployments, mut w4) = store!(Deployment);
-        let (services, mut w5) = store!(Service);
-        let (pod_disruption_budgets, mut w6) = store!(PodDisruptionBudget);
-        let (audit_services, mut w7) = store!(Service);
-        let (pods, mut w8) = store!(Pod);
-        let (ingresses, mut w9) = store!(Ingress);
-        let (audit_policies, mut w10) = store!(NetworkPolicy);
-        let (namespaces, mut w11) = store!(Namespace);
         let stores = Arc::new(Stores {
-            service_accounts,
-            config_maps,
-            network_policies,
-            deployments,
-            services,
-            pod_disruption_budgets,
+            service_accounts: store!(ServiceAccount),
+            config_maps: store!(ConfigMap),
+            deployments: store!(Deployment),
+            pod_disruption_budgets: store!(PodDisruptionBudget),
             audit: AuditStores {
-                services: audit_services,
-                pods,
-                ingresses,
-                network_policies: audit_policies,
-                namespaces,
+                services: store!(Service),
+                pods: store!(Pod),
+                ingresses: store!(Ingress),
+                network_policies: store!(NetworkPolicy),
+                namespaces: store!(Namespace),
                 routes: Vec::new(),
             },
             guardrails: None,
@@ -210,13 +196,9 @@ mod tests {
             waiters.iter().all(|w| !w.is_finished()),
             "nothing is synced yet"
         );
-        macro_rules! sync {
-            ($($w:ident),*) => {$(
-                $w.apply_watcher_event(&watcher::Event::Init);
-                $w.apply_watcher_event(&watcher::Event::InitDone);
-            )*};
+        for sync in &mut syncs {
+            sync();
         }
-        sync!(w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11);
         // A hang guard, not a timing assertion: a lost wakeup would block forever.
         let all = async {
             opener.await.unwrap();
