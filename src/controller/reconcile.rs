@@ -1,16 +1,16 @@
 //! One reconcile of one stack, as a pipeline. Each stage is one function of this file, in
 //! this order; what touches the API server says so:
 //!
-//! 1. [`gather`]      — the stack from the watch; wait for the caches (no request)
-//! 2. [`validate`]    — into the model; an invalid spec stops here and changes nothing running
+//! 1. [`gather()`]    — the stack from the watch; wait for the caches (no request)
+//! 2. [`validate()`]  — into the model; an invalid spec stops here and changes nothing running
 //!    (only the status and an Event say why)
-//! 3. [`dereference`] — what the stack refers to: its certificate, from the user's TLS Secret
+//! 3. [`dereference()`] — what the stack refers to: its certificate, from the user's TLS Secret
 //!    (a read) or the ACME engine (the certificate Secrets; orders run in the background).
 //!    After validation, because the ACME engine must never act on an invalid spec
-//! 4. [`build`]       — the desired bundle (pure, apart from the ClusterIPs read from the cache)
-//! 5. [`apply`]       — server-side apply of what differs, prune what is no longer desired, the
+//! 4. [`build()`]     — the desired bundle (pure, apart from the ClusterIPs read from the cache)
+//! 5. [`apply()`]     — server-side apply of what differs, prune what is no longer desired, the
 //!    namespace's admission marker (writes)
-//! 6. [`status`]      — readiness and violations from the caches, the status computed and
+//! 6. [`status()`]    — readiness and violations from the caches, the status computed and
 //!    written only when it changed, Events
 //!
 //! Each stage that can fail has its own [`Error`] variant.
@@ -41,7 +41,7 @@ use crate::ownership::NameConflict;
 use crate::validate::{self, ValidationErrors};
 
 pub async fn reconcile(stack: Arc<OpsConductorStack>, ctx: Arc<Context>) -> Result<Action, Error> {
-    // Every log line of this reconcile, the ACME engine's included, names the stack.
+    // Every log line of this reconcile (the ACME engine's calls from it too) names the stack.
     let span = tracing::info_span!(
         "reconcile",
         namespace = stack.metadata.namespace.as_deref().unwrap_or(""),
@@ -139,7 +139,7 @@ fn validate(
     }
 }
 
-/// Stage 3, dereference: the certificate (see [`dereference`]).
+/// Stage 3, dereference: the certificate (see [`super::dereference`]).
 async fn dereference(
     stack: &OpsConductorStack,
     ctx: &Context,
@@ -159,9 +159,9 @@ fn build(ctx: &Context, model: &Stack, certificate: &Certificate) -> Bundle {
     build::build(model, &options)
 }
 
-/// Stage 5, apply: writes what differs and prunes what is no longer wanted (see [`apply`]), tells
-/// in Events what it wrote and whose objects it left alone, and sets the namespace's
-/// admission marker.
+/// Stage 5, apply: writes what differs and prunes what is no longer wanted (see
+/// [`super::apply`]), tells in Events what it wrote and whose objects it left alone, and sets
+/// the namespace's admission marker.
 async fn apply(
     stack: &OpsConductorStack,
     ctx: &Context,
