@@ -315,9 +315,14 @@ impl<'a> Context<'a> {
             .find(|d| d.metadata.name.is_some() && d.metadata.name == np.metadata.name);
         let managed = self.managed(&np.metadata, desired.map(|d| d.metadata.name.as_ref()));
         if managed {
+            // The same answer apply gives before it writes the policy again.
             let same = desired.is_some_and(|d| {
-                normalized(serde_json::to_value(&d.spec).unwrap_or_default())
-                    == normalized(serde_json::to_value(&np.spec).unwrap_or_default())
+                match (serde_json::to_value(np), serde_json::to_value(d)) {
+                    (Ok(actual), Ok(desired)) => {
+                        crate::controller::diff::holds_exactly(&actual, &desired)
+                    }
+                    _ => false,
+                }
             });
             if !same {
                 out.push(violation(
@@ -604,31 +609,6 @@ pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> b
         }
     });
     pairs && expressions
-}
-
-/// JSON with nulls, empty lists and empty objects removed, so that a spec read back from the
-/// API server (which drops empty lists) compares equal to the one the operator wrote.
-fn normalized(v: serde_json::Value) -> serde_json::Value {
-    use serde_json::Value;
-    match v {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| (k, normalized(v)))
-                .filter(|(_, v)| !is_empty(v))
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.into_iter().map(normalized).collect()),
-        other => other,
-    }
-}
-
-fn is_empty(v: &serde_json::Value) -> bool {
-    match v {
-        serde_json::Value::Null => true,
-        serde_json::Value::Array(a) => a.is_empty(),
-        serde_json::Value::Object(o) => o.is_empty(),
-        _ => false,
-    }
 }
 
 #[cfg(test)]
@@ -1189,6 +1169,83 @@ mod tests {
             }
         }
         assert_eq!(run(&found), vec![]);
+    }
+
+    /// "Is this managed policy exactly ours?" has one answer: the audit reports a managed
+    /// NetworkPolicy as changed exactly when apply would write it again. Two answers used to
+    /// disagree on an empty-valued label added to the policy's podSelector (it narrows the
+    /// default-deny): the audit reported it, apply held it for ours and never reverted it.
+    #[test]
+    fn the_audit_and_apply_agree_on_what_is_exactly_ours() {
+        let desired = own_objects()
+            .network_policies
+            .into_iter()
+            .find(|p| p.metadata.name.as_deref() == Some("prod-svc-users"))
+            .unwrap();
+        let desired_value = serde_json::to_value(&desired).unwrap();
+        type Change = fn(&mut Value);
+        let cases: [(&str, Change, bool); 5] = [
+            ("nothing", |_| {}, true),
+            (
+                "empty lists dropped when read back",
+                |v| {
+                    let spec = v["spec"].as_object_mut().unwrap();
+                    spec.retain(|_, x| x.as_array().is_none_or(|a| !a.is_empty()));
+                },
+                true,
+            ),
+            (
+                "a peer from anywhere added",
+                |v| {
+                    v["spec"]["ingress"][0]["from"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(json!({"ipBlock": {"cidr": "0.0.0.0/0"}}))
+                },
+                false,
+            ),
+            (
+                "an empty-valued label added to the podSelector",
+                |v| v["spec"]["podSelector"]["matchLabels"]["narrowed"] = json!(""),
+                false,
+            ),
+            (
+                "a peer opened to every namespace with an empty namespaceSelector",
+                |v| {
+                    let peer = v["spec"]["ingress"]
+                        .as_array_mut()
+                        .unwrap()
+                        .iter_mut()
+                        .flat_map(|rule| rule["from"].as_array_mut().unwrap().iter_mut())
+                        .find(|peer| peer.get("namespaceSelector").is_none())
+                        .expect("a peer of the namespace's own pods");
+                    peer["namespaceSelector"] = json!({});
+                },
+                false,
+            ),
+        ];
+        for (what, change, exact) in cases {
+            let mut actual_value = desired_value.clone();
+            change(&mut actual_value);
+            let actual: NetworkPolicy = serde_json::from_value(actual_value.clone()).unwrap();
+            let mut found = own_objects();
+            found
+                .network_policies
+                .retain(|p| p.metadata.name != desired.metadata.name);
+            found.network_policies.push(actual);
+            let audit_reports_it = run(&found).iter().any(|v| {
+                v.name == "prod-svc-users"
+                    && v.reason
+                        .starts_with("was changed after the operator wrote it")
+            });
+            let apply_holds_it =
+                crate::controller::diff::holds_exactly(&actual_value, &desired_value);
+            assert_eq!(
+                (audit_reports_it, apply_holds_it),
+                (!exact, exact),
+                "{what}: (audit reports it, apply holds it for ours)"
+            );
+        }
     }
 
     #[test]

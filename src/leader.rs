@@ -42,7 +42,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::names;
 use crate::server::Health;
@@ -362,11 +362,8 @@ pub fn renew_deadline_passed(last_renewal: Instant, now: Instant, deadline: Dura
     now.saturating_duration_since(last_renewal) >= deadline
 }
 
-/// A future that resolves when the work must stop (shutdown, or the Lease lost).
-pub type Stop = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync + 'static>>;
-
 /// Runs `work` — directly when `config` is `None`, else only while holding the Lease — until
-/// `shutdown` resolves. `work` gets a future that resolves when it must stop.
+/// `shutdown` resolves. `work` gets a token that is cancelled when it must stop.
 ///
 /// With an election: waits as a standby (ready, see the module docs) until it holds the Lease
 /// or `shutdown` comes first; then runs `work`, renewing in the background. On shutdown it
@@ -381,18 +378,23 @@ pub async fn run_elected<W, Fut>(
     work: W,
 ) -> Result<(), Error>
 where
-    W: FnOnce(Stop) -> Fut,
+    W: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = shutdown_tx.send(true);
+    // Cancelled on shutdown. `stop`, its child, is also cancelled when the Lease is lost.
+    let shutting_down = CancellationToken::new();
+    let stop = shutting_down.child_token();
+    tokio::spawn({
+        let shutting_down = shutting_down.clone();
+        async move {
+            shutdown.await;
+            shutting_down.cancel();
+        }
     });
     let Some(config) = config else {
         // Without an election this process is the only one, so it leads.
         set_leader(health, true);
-        work(Box::pin(wait_true(shutdown_rx))).await;
+        work(stop).await;
         return Ok(());
     };
     let api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
@@ -403,14 +405,11 @@ where
     // A standby is ready: see the module docs.
     health.ready.store(true, Ordering::Relaxed);
     tracing::info!(%lease, identity = %config.identity, "leader election: waiting for the Lease");
-    let acquired = {
-        let mut shutdown_rx = shutdown_rx.clone();
-        tokio::select! {
-            acquired = acquire(&api, &config, &mut elector) => acquired,
-            _ = shutdown_rx.wait_for(|s| *s) => {
-                tracing::info!(%lease, "shutting down as a standby");
-                return Ok(());
-            }
+    let acquired = tokio::select! {
+        acquired = acquire(&api, &config, &mut elector) => acquired,
+        _ = shutting_down.cancelled() => {
+            tracing::info!(%lease, "shutting down as a standby");
+            return Ok(());
         }
     };
     let mut last_renewal = acquired;
@@ -419,11 +418,11 @@ where
     health.ready.store(false, Ordering::Relaxed);
     tracing::info!(%lease, identity = %config.identity, "leader election: acquired the Lease; starting the controller");
 
-    let (lost_tx, lost_rx) = watch::channel(None::<String>);
-    let renewer = {
+    // Renews until it cannot; then says why, and the work is stopped.
+    let mut renewer = {
         let (api, config) = (api.clone(), config.clone());
         tokio::spawn(async move {
-            let why = loop {
+            loop {
                 tokio::time::sleep(config.timing.retry_period).await;
                 let left = config
                     .timing
@@ -431,7 +430,7 @@ where
                     .saturating_sub(last_renewal.elapsed());
                 if renew_deadline_passed(last_renewal, Instant::now(), config.timing.renew_deadline)
                 {
-                    break format!(
+                    return format!(
                         "no successful renewal for {:?} (the renew deadline)",
                         config.timing.renew_deadline
                     );
@@ -439,45 +438,44 @@ where
                 match tokio::time::timeout(left, renew(&api, &config)).await {
                     Ok(Ok(Renewed::Yes)) => last_renewal = Instant::now(),
                     Ok(Ok(Renewed::TakenBy(holder))) => {
-                        break format!("{holder} holds it now");
+                        return format!("{holder} holds it now");
                     }
                     Ok(Err(error)) => {
                         tracing::warn!(lease = %config.lease(), %error, "cannot renew the Lease; retrying");
                     }
                     Err(_) => {}
                 }
-            };
-            let _ = lost_tx.send(Some(why));
-        })
-    };
-
-    let stop: Stop = {
-        let (shutdown_rx, lost_rx) = (shutdown_rx.clone(), lost_rx.clone());
-        Box::pin(async move {
-            tokio::select! {
-                _ = wait_true(shutdown_rx) => {}
-                _ = wait_some(lost_rx.clone()) => {}
             }
         })
     };
-    // When the Lease is lost, the work gets what is left of the lease duration to stop: after
-    // that a standby may already be reconciling.
-    let grace = config
-        .timing
-        .lease_duration
-        .saturating_sub(config.timing.renew_deadline);
-    tokio::select! {
-        _ = work(stop) => {}
-        _ = async {
-            wait_some(lost_rx.clone()).await;
-            tokio::time::sleep(grace).await;
-        } => {
+    let lost = |ended: Result<String, tokio::task::JoinError>| {
+        ended.unwrap_or_else(|e| format!("the renewal task ended: {e}"))
+    };
+
+    let work = work(stop.clone());
+    tokio::pin!(work);
+    let mut why = tokio::select! {
+        _ = &mut work => None,
+        ended = &mut renewer => Some(lost(ended)),
+    };
+    if why.is_some() {
+        stop.cancel();
+        // The work gets what is left of the lease duration to stop: after that a standby may
+        // already be reconciling.
+        let grace = config
+            .timing
+            .lease_duration
+            .saturating_sub(config.timing.renew_deadline);
+        if tokio::time::timeout(grace, &mut work).await.is_err() {
             tracing::error!(%lease, "the controller did not stop within {grace:?} after the Lease was lost");
         }
+    } else if renewer.is_finished() {
+        // Lost at the moment the work ended.
+        why = Some(lost((&mut renewer).await));
     }
     renewer.abort();
     set_leader(health, false);
-    if let Some(why) = lost_rx.borrow().clone() {
+    if let Some(why) = why {
         return Err(Error::Lost { lease, why });
     }
     match release(&api, &config).await {
@@ -492,19 +490,6 @@ where
 
 fn set_leader(health: &Health, leader: bool) {
     health.metrics.set_leader(leader);
-}
-
-async fn wait_true(mut rx: watch::Receiver<bool>) {
-    if rx.wait_for(|v| *v).await.is_err() {
-        // The sender is gone without a shutdown: never resolve.
-        std::future::pending::<()>().await;
-    }
-}
-
-async fn wait_some(mut rx: watch::Receiver<Option<String>>) {
-    if rx.wait_for(|v| v.is_some()).await.is_err() {
-        std::future::pending::<()>().await;
-    }
 }
 
 fn kube_error(config: &Config) -> impl Fn(kube::Error) -> Error + '_ {

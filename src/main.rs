@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use opsconductor_operator::build::BuildOptions;
+use opsconductor_operator::build::{self, BuildOptions};
 use opsconductor_operator::controller::{self, RunOptions};
 use opsconductor_operator::leader;
 use opsconductor_operator::metrics::Metrics;
@@ -40,7 +40,7 @@ enum Command {
         #[arg(short = 'n', long = "namespace", default_value = "default")]
         namespace: String,
         /// The cluster's DNS domain, used in the gateway's upstream addresses.
-        #[arg(long, env = "OPSC_CLUSTER_DOMAIN", default_value = "cluster.local",
+        #[arg(long, env = "OPSC_CLUSTER_DOMAIN", default_value = build::DEFAULT_CLUSTER_DOMAIN,
               value_parser = opsconductor_operator::validate::check_cluster_domain)]
         cluster_domain: String,
         /// The cluster's own address ranges (pod, Service and node CIDRs), comma-separated.
@@ -59,7 +59,7 @@ enum Command {
         #[arg(long, env = "OPSC_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: LogFormat,
         /// The cluster's DNS domain, used in the gateway's upstream addresses.
-        #[arg(long, env = "OPSC_CLUSTER_DOMAIN", default_value = "cluster.local",
+        #[arg(long, env = "OPSC_CLUSTER_DOMAIN", default_value = build::DEFAULT_CLUSTER_DOMAIN,
               value_parser = opsconductor_operator::validate::check_cluster_domain)]
         cluster_domain: String,
         /// Seconds between periodic re-checks of every stack (watches catch changes sooner).
@@ -158,13 +158,17 @@ fn main() -> ExitCode {
                 }
             };
             let options = RunOptions {
-                cluster_domain,
+                build: BuildOptions {
+                    cluster_domain,
+                    operator_namespace: std::env::var("POD_NAMESPACE")
+                        .ok()
+                        .filter(|n| !n.is_empty()),
+                    cluster_cidrs,
+                    ..BuildOptions::default()
+                },
                 compare_before_apply: !apply_always,
                 resync: Duration::from_secs(resync_seconds.max(10)),
                 max_concurrent_reconciles: max_concurrent_reconciles.max(1),
-                operator_namespace: std::env::var("POD_NAMESPACE")
-                    .ok()
-                    .filter(|n| !n.is_empty()),
                 require_guardrails: admission_guardrails == GuardrailCheck::Require,
                 allow_loopback_acme_directory,
                 allowed_gateway_images: allowed_gateway_images
@@ -172,7 +176,6 @@ fn main() -> ExitCode {
                     .map(|i| i.trim().to_string())
                     .filter(|i| !i.is_empty())
                     .collect(),
-                cluster_cidrs,
                 scope,
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");

@@ -39,7 +39,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            cluster_domain: "cluster.local".into(),
+            cluster_domain: crate::build::DEFAULT_CLUSTER_DOMAIN.into(),
             gateway_url: None,
             backoff: Backoff::DEFAULT,
             self_check_patience: Duration::from_secs(180),

@@ -41,7 +41,10 @@ mod tests {
         .unwrap();
         let api = crate::controller::Error::from(Error::Kube(kube::Error::Api(Box::new(conflict))));
         assert_eq!(api.reason(), "Conflict");
-        assert!(matches!(api, crate::controller::Error::Kube(_)));
+        assert!(matches!(
+            api,
+            crate::controller::Error::Certificate(crate::controller::Request::Kube(_))
+        ));
 
         let bootstrap = Error::Bootstrap {
             secret: "shop-tls".into(),

@@ -21,6 +21,9 @@ use crate::crd::OpsConductorStack;
 use crate::model::Stack;
 use crate::names::{self, Component};
 
+/// The cluster DNS domain when none is given (`--cluster-domain`).
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
 /// Inputs to the builders that do not come from the stack's spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BuildOptions {
@@ -46,7 +49,7 @@ pub struct BuildOptions {
 impl Default for BuildOptions {
     fn default() -> Self {
         Self {
-            cluster_domain: "cluster.local".into(),
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.into(),
             acme_thumbprint: None,
             upstreams: Upstreams::Names,
             operator_namespace: None,

@@ -7,6 +7,9 @@ use std::sync::Mutex;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -15,7 +18,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use super::compact::{Compact, Slim};
-use super::{Context, Error};
+use super::{Context, Request};
 use crate::build::Bundle;
 use crate::crd::PolicyMode;
 use crate::names;
@@ -101,7 +104,7 @@ pub async fn apply_bundle(
     target: &Target<'_>,
     bundle: &Bundle,
     conflicts: Vec<NameConflict>,
-) -> Result<Report, Error> {
+) -> Result<Report, Request> {
     let mut report = Report {
         conflicts,
         ..Report::default()
@@ -131,7 +134,7 @@ pub async fn apply_bundle(
     apply_kind(
         ctx,
         target,
-        &s.network_policies,
+        &s.audit.network_policies,
         network_policies,
         true,
         &mut report,
@@ -145,7 +148,7 @@ pub async fn apply_bundle(
         }
     }
     apply_kind(ctx, target, &s.deployments, &runnable, false, &mut report).await?;
-    apply_kind(ctx, target, &s.services, services, false, &mut report).await?;
+    apply_kind(ctx, target, &s.audit.services, services, false, &mut report).await?;
     apply_kind(
         ctx,
         target,
@@ -165,12 +168,12 @@ pub async fn apply_bundle(
         &mut report,
     )
     .await?;
-    prune_kind(ctx, target, &s.services, services, &mut report).await?;
+    prune_kind(ctx, target, &s.audit.services, services, &mut report).await?;
     prune_kind(ctx, target, &s.deployments, deployments, &mut report).await?;
     prune_kind(
         ctx,
         target,
-        &s.network_policies,
+        &s.audit.network_policies,
         network_policies,
         &mut report,
     )
@@ -187,6 +190,7 @@ pub async fn apply_bundle(
     Ok(report)
 }
 
+/// A kind of child object the operator applies and prunes.
 trait Child:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
     + Slim
@@ -198,31 +202,25 @@ trait Child:
     + Sync
     + 'static
 {
-}
-impl<K> Child for K where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Slim
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static
-{
+    /// The kind, as reports, Events and metric labels name it.
+    const KIND: &'static str;
 }
 
-fn kind_of<K: Child>() -> &'static str {
-    match K::kind(&()).as_ref() {
-        "ServiceAccount" => "ServiceAccount",
-        "ConfigMap" => "ConfigMap",
-        "NetworkPolicy" => "NetworkPolicy",
-        "Deployment" => "Deployment",
-        "Service" => "Service",
-        "PodDisruptionBudget" => "PodDisruptionBudget",
-        _ => "Object",
-    }
+macro_rules! children {
+    ($($kind:ident),*) => {$(
+        impl Child for $kind {
+            const KIND: &'static str = stringify!($kind);
+        }
+    )*};
 }
+children!(
+    ServiceAccount,
+    ConfigMap,
+    NetworkPolicy,
+    Deployment,
+    Service,
+    PodDisruptionBudget
+);
 
 /// The conflicting object that `deployment`'s pods would depend on, as `Kind/name`: its
 /// ServiceAccount, a mounted ConfigMap or Secret, or any NetworkPolicy of the stack.
@@ -261,8 +259,8 @@ async fn apply_kind<K: Child>(
     desired: &[K],
     exact: bool,
     report: &mut Report,
-) -> Result<(), Error> {
-    let kind = kind_of::<K>();
+) -> Result<(), Request> {
+    let kind = K::KIND;
     let api: Api<K> = Api::namespaced(ctx.client.clone(), target.namespace);
     for object in desired {
         let name = object.name_any();
@@ -399,8 +397,8 @@ async fn prune_kind<K: Child>(
     store: &Store<Compact<K>>,
     desired: &[K],
     report: &mut Report,
-) -> Result<(), Error> {
-    let kind = kind_of::<K>();
+) -> Result<(), Request> {
+    let kind = K::KIND;
     let wanted: BTreeSet<String> = desired.iter().map(ResourceExt::name_any).collect();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), target.namespace);
     for object in store.state() {

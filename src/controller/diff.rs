@@ -19,6 +19,16 @@
 //! - Some fields we never set must stay unset ([`is_closed_field`]: init and ephemeral
 //!   containers, `envFrom`, host namespaces, ...), and a `securityContext` must be exactly
 //!   ours (an added capability or `privileged: true` is drift).
+//! - Where being present means something, present-but-empty is not absent: a label map's
+//!   entry with an empty value is a label (`matchLabels: {tier: ""}` narrows a selector), and an
+//!   empty `podSelector` or `namespaceSelector` selects everything (a peer given
+//!   `namespaceSelector: {}` admits the pods of every namespace). The API server keeps both as
+//!   written.
+//!
+//! [`holds_exactly`] is the one answer to "is this object exactly ours": apply uses it before
+//! writing a NetworkPolicy, and the violation audit ([`crate::audit`]) to report a managed
+//! NetworkPolicy that others changed, so that the audit never reports what apply would not
+//! revert.
 
 use serde_json::Value;
 
@@ -45,11 +55,12 @@ fn contains(actual: &Value, desired: &Value, atomic: bool) -> bool {
         (Value::Object(d), Value::Object(a)) => {
             d.iter().all(|(key, dv)| match a.get(key) {
                 Some(av) if is_closed_list(key) => contains_closed(av, dv),
+                Some(av) if is_label_map(key) => contains_labels(av, dv, atomic),
                 Some(av) => contains(av, dv, atomic || is_atomic_field(key)),
-                None => is_zero(dv),
+                None => reads_as_absent(key, dv),
             }) && a.iter().all(|(key, av)| {
                 d.contains_key(key)
-                    || is_zero(av)
+                    || reads_as_absent(key, av)
                     || !(atomic || is_closed_field(key) || is_closed_list(key))
             })
         }
@@ -115,6 +126,42 @@ fn contains_closed(actual: &Value, desired: &Value) -> bool {
     }
 }
 
+/// Maps from label keys to values, where every entry counts, whatever its value.
+fn is_label_map(key: &str) -> bool {
+    matches!(key, "labels" | "matchLabels" | "nodeSelector")
+}
+
+/// Label selectors of a NetworkPolicy: present and empty, they select everything.
+fn is_selector(key: &str) -> bool {
+    matches!(key, "podSelector" | "namespaceSelector")
+}
+
+/// Our labels, each with its value; in an atomic subtree no label of anyone else either.
+fn contains_labels(actual: &Value, desired: &Value, atomic: bool) -> bool {
+    let empty = serde_json::Map::new();
+    let (Some(d), Some(a)) = (
+        desired.as_object().or(desired.is_null().then_some(&empty)),
+        actual.as_object().or(actual.is_null().then_some(&empty)),
+    ) else {
+        return desired == actual;
+    };
+    d.iter().all(|(k, dv)| a.get(k) == Some(dv)) && (!atomic || a.keys().all(|k| d.contains_key(k)))
+}
+
+/// Whether `value`, the value of `key`, reads back from the API server as if absent.
+fn reads_as_absent(key: &str, value: &Value) -> bool {
+    if value.is_null() {
+        return true;
+    }
+    if is_selector(key) {
+        return false;
+    }
+    if is_label_map(key) {
+        return value.as_object().is_some_and(|o| o.is_empty());
+    }
+    is_zero(value)
+}
+
 fn is_zero(v: &Value) -> bool {
     match v {
         Value::Null => true,
@@ -122,7 +169,7 @@ fn is_zero(v: &Value) -> bool {
         Value::Number(n) => n.as_f64() == Some(0.0),
         Value::String(s) => s.is_empty(),
         Value::Array(a) => a.is_empty(),
-        Value::Object(o) => o.values().all(is_zero),
+        Value::Object(o) => o.iter().all(|(k, v)| reads_as_absent(k, v)),
     }
 }
 
@@ -287,6 +334,39 @@ mod tests {
         assert!(!holds(&extra, &service), "an extra Service port is drift");
         let allocated = json!({"spec": {"ports": [{"name": "https", "port": 443, "nodePort": 31000}], "clusterIP": "10.0.0.1"}});
         assert!(holds(&allocated, &service));
+    }
+
+    #[test]
+    fn present_but_empty_is_not_absent_where_it_means_something() {
+        let desired = json!({"spec": {"podSelector": {"matchLabels": {"stack": "s"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "gw"}}}]}]}});
+        assert!(holds_exactly(&desired, &desired));
+        let narrowed = json!({"spec": {"podSelector": {"matchLabels": {"stack": "s", "x": ""}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "gw"}}}]}]}});
+        assert!(
+            !holds_exactly(&narrowed, &desired),
+            "an empty-valued label narrows the selector"
+        );
+        let widened = json!({"spec": {"podSelector": {"matchLabels": {"stack": "s"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "gw"}},
+                "namespaceSelector": {}}]}]}});
+        assert!(
+            !holds_exactly(&widened, &desired),
+            "an empty namespaceSelector admits every namespace"
+        );
+        // Elsewhere an empty map still reads as absent (the API server drops it).
+        let read_back = json!({"spec": {"podSelector": {"matchLabels": {"stack": "s"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "gw"}}}], "ports": []}]}});
+        assert!(holds_exactly(&read_back, &desired));
+        let no_labels = json!({"metadata": {"labels": {}}});
+        assert!(holds(&json!({"metadata": {}}), &no_labels));
+        // In a merged subtree others may add labels, empty-valued ones too.
+        let merged = json!({"metadata": {"labels": {"a": "b", "other": ""}}});
+        assert!(holds(&merged, &json!({"metadata": {"labels": {"a": "b"}}})));
+        assert!(!holds(
+            &json!({"metadata": {"labels": {}}}),
+            &json!({"metadata": {"labels": {"a": ""}}})
+        ));
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //! without a cluster; [`run`] feeds them from the caches and does the writes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
@@ -122,7 +122,7 @@ async fn pass(ctx: &Context, retries: &mut HashMap<String, Retry>) {
     let mut namespaces = BTreeMap::new();
     for ns in ctx.stores.audit.namespaces.state() {
         let name = ns.name_any();
-        let current = super::current_marker(ctx, &name);
+        let current = super::marker::current_marker(ctx, &name);
         if current.is_some() || with_stacks.contains(name.as_str()) {
             namespaces.insert(name, current);
         }
@@ -140,7 +140,7 @@ async fn pass(ctx: &Context, retries: &mut HashMap<String, Retry>) {
         });
         retry.attempts += 1;
         retry.next = now + retry_delay(retry.attempts);
-        match super::write_namespace_marker(ctx, &namespace, wanted).await {
+        match super::marker::write_namespace_marker(ctx, &namespace, wanted).await {
             Ok(()) => {}
             Err(e) => tracing::warn!(
                 namespace = %namespace,
@@ -165,18 +165,13 @@ fn forget_gone_stacks(ctx: &Context, present: &BTreeSet<String>, namespaces: &BT
     for key in gone(&ctx.metrics.stack_keys(), present) {
         ctx.metrics.forget_stack(&key);
     }
-    ctx.failures
-        .lock()
-        .unwrap()
-        .retain(|k, _| present.contains(k));
-    ctx.announced_violations
-        .lock()
-        .unwrap()
-        .retain(|k, _| present.contains(k));
-    ctx.applied_generations
-        .lock()
-        .unwrap()
-        .retain(|k, _| present.contains(k));
+    fn keep_present<V>(map: &Mutex<HashMap<String, V>>, present: &BTreeSet<String>) {
+        map.lock().unwrap().retain(|k, _| present.contains(k));
+    }
+    keep_present(&ctx.failures, present);
+    keep_present(&ctx.announced_conflicts, present);
+    keep_present(&ctx.announced_violations, present);
+    keep_present(&ctx.applied_generations, present);
     ctx.applied.retain_namespaces(namespaces);
 }
 

@@ -72,20 +72,14 @@ impl Scope {
     /// A watch of a namespaced kind over the scope. `api(None)` is the cluster-wide Api,
     /// `api(Some(ns))` the Api of namespace `ns`. `store` is the cache the stream will feed
     /// (the merge reads it to find what a re-list no longer has).
-    pub fn watch<K>(
+    pub fn watch<K: Watched>(
         &self,
         api: impl Fn(Option<&str>) -> Api<K>,
         config: watcher::Config,
         store: Store<K>,
-    ) -> BoxStream<'static, watcher::Result<watcher::Event<K>>>
-    where
-        K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-        K::DynamicType: Eq + std::hash::Hash + Clone,
-    {
+    ) -> BoxStream<'static, watcher::Result<watcher::Event<K>>> {
         match self {
-            Scope::Cluster => watcher(api(None), config)
-                .backoff(WatchBackoff::default())
-                .boxed(),
+            Scope::Cluster => one_watch(api(None), config).boxed(),
             Scope::Namespaces(set) => merged(
                 set.iter()
                     .map(|ns| (ns.clone(), api(Some(ns)), config.clone()))
@@ -97,20 +91,14 @@ impl Scope {
     }
 
     /// A watch of Namespace objects over the scope: all of them, or one watch per listed name.
-    pub fn watch_namespaces<K>(
+    pub fn watch_namespaces<K: Watched>(
         &self,
         api: Api<K>,
         config: watcher::Config,
         store: Store<K>,
-    ) -> BoxStream<'static, watcher::Result<watcher::Event<K>>>
-    where
-        K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-        K::DynamicType: Eq + std::hash::Hash + Clone,
-    {
+    ) -> BoxStream<'static, watcher::Result<watcher::Event<K>>> {
         match self {
-            Scope::Cluster => watcher(api, config)
-                .backoff(WatchBackoff::default())
-                .boxed(),
+            Scope::Cluster => one_watch(api, config).boxed(),
             Scope::Namespaces(set) => merged(
                 set.iter()
                     .map(|ns| {
@@ -150,20 +138,46 @@ enum Owner {
     Name,
 }
 
+/// What a kind needs to be watched (and cached) over the scope.
+pub trait Watched:
+    Resource<DynamicType: Eq + std::hash::Hash + Clone>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType: Eq + std::hash::Hash + Clone>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// One watch request stream, retried on [`WatchBackoff`] after an error.
+fn one_watch<K: Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static {
+    watcher(api, config).backoff(WatchBackoff::default())
+}
+
 /// One watch per `(tag, api, config)`, merged by [`Merge`].
-fn merged<K>(
+fn merged<K: Watched>(
     watches: Vec<(String, Api<K>, watcher::Config)>,
     owner: Owner,
     store: Store<K>,
-) -> BoxStream<'static, watcher::Result<watcher::Event<K>>>
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
+) -> BoxStream<'static, watcher::Result<watcher::Event<K>>> {
     let tags: Vec<String> = watches.iter().map(|(t, _, _)| t.clone()).collect();
     let streams = watches.into_iter().map(|(tag, api, config)| {
-        watcher(api, config)
-            .backoff(WatchBackoff::default())
+        one_watch(api, config)
             .map(move |event| (tag.clone(), event))
             .boxed()
     });
@@ -350,6 +364,14 @@ mod tests {
                 }
             }
         }
+        /// A whole (re)list of namespace `tag`: `(name, value)` of each object.
+        fn list(&mut self, tag: &str, objects: &[(&str, &str)]) {
+            self.send(tag, Init);
+            for (name, value) in objects {
+                self.send(tag, InitApply(cm(tag, name, value)));
+            }
+            self.send(tag, InitDone);
+        }
         fn ready(&self) -> bool {
             futures::FutureExt::now_or_never(self.store.wait_until_ready()).is_some()
         }
@@ -358,9 +380,7 @@ mod tests {
     #[test]
     fn the_cache_is_ready_once_every_namespace_has_listed_and_keeps_early_changes() {
         let mut h = Harness::new();
-        h.send("a", Init);
-        h.send("a", InitApply(cm("a", "x", "1")));
-        h.send("a", InitDone);
+        h.list("a", &[("x", "1")]);
         // "a" changes while "b" is still listing: kept until the cache has its content.
         h.send("a", Apply(cm("a", "x", "2")));
         h.send("a", Apply(cm("a", "y", "1")));
@@ -377,13 +397,8 @@ mod tests {
     #[test]
     fn a_relist_of_one_namespace_drops_only_what_that_namespace_lost() {
         let mut h = Harness::new();
-        h.send("a", Init);
-        h.send("a", InitApply(cm("a", "x", "1")));
-        h.send("a", InitApply(cm("a", "y", "1")));
-        h.send("a", InitDone);
-        h.send("b", Init);
-        h.send("b", InitApply(cm("b", "x", "1")));
-        h.send("b", InitDone);
+        h.list("a", &[("x", "1"), ("y", "1")]);
+        h.list("b", &[("x", "1")]);
         assert_eq!(names(&h.store), ["a/x=1", "a/y=1", "b/x=1"]);
         // "a" re-lists after its watch expired: y is gone, x changed.
         h.send("a", Init);
@@ -392,25 +407,17 @@ mod tests {
         h.send("a", InitDone);
         assert_eq!(names(&h.store), ["a/x=2", "b/x=1"]);
         // An empty re-list of "b" empties b and nothing else.
-        h.send("b", Init);
-        h.send("b", InitDone);
+        h.list("b", &[]);
         assert_eq!(names(&h.store), ["a/x=2"]);
     }
 
     #[test]
     fn a_relist_while_others_still_list_is_applied_after_the_first_content() {
         let mut h = Harness::new();
-        h.send("a", Init);
-        h.send("a", InitApply(cm("a", "x", "1")));
-        h.send("a", InitApply(cm("a", "y", "1")));
-        h.send("a", InitDone);
+        h.list("a", &[("x", "1"), ("y", "1")]);
         // a's watch expires and re-lists while b is still listing: only y is left, changed.
-        h.send("a", Init);
-        h.send("a", InitApply(cm("a", "y", "2")));
-        h.send("a", InitDone);
-        h.send("b", Init);
-        h.send("b", InitApply(cm("b", "z", "1")));
-        h.send("b", InitDone);
+        h.list("a", &[("y", "2")]);
+        h.list("b", &[("z", "1")]);
         assert_eq!(names(&h.store), ["a/y=2", "b/z=1"]);
     }
 

@@ -7,7 +7,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{
-    CertificateStatus, GatewayStatus, OpsConductorStackStatus, ServicesStatus, Violation,
+    CertificateStatus, GatewayStatus, OpsConductorStackStatus, PolicyMode, ServicesStatus,
+    Violation,
 };
 
 pub const READY: &str = "Ready";
@@ -32,15 +33,14 @@ pub struct Verdict {
 
 impl Verdict {
     pub fn ok(reason: &str, message: impl Into<String>) -> Self {
-        Self {
-            ok: true,
-            reason: reason.into(),
-            message: message.into(),
-        }
+        Self::new(true, reason, message)
     }
     pub fn not(reason: &str, message: impl Into<String>) -> Self {
+        Self::new(false, reason, message)
+    }
+    pub fn new(ok: bool, reason: &str, message: impl Into<String>) -> Self {
         Self {
-            ok: false,
+            ok,
             reason: reason.into(),
             message: message.into(),
         }
@@ -66,6 +66,84 @@ pub struct Observed {
     pub conflicts: Vec<String>,
     /// Deployments held back, with the conflicting object each would depend on.
     pub held: Vec<(String, String)>,
+}
+
+/// What apply and the audit found about the stack's policy, for `PolicyEnforced`.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyFindings<'a> {
+    /// Objects changed by others and left as they are (mode Audit): (kind, name).
+    pub drift_reported: &'a [(&'static str, String)],
+    /// What is missing or switched off of the admission guardrails, when they are required.
+    pub guardrail_problems: Vec<String>,
+    pub mode: PolicyMode,
+    /// The stack's NetworkPolicies.
+    pub network_policies: usize,
+    /// What breaks the policy in the stack's namespace.
+    pub violations: &'a [Violation],
+}
+
+/// `PolicyEnforced`: drift left alone first, then missing guardrails, then violations found
+/// by the audit; else in place (mode Audit says that it reports drift without reverting it).
+pub fn policy_verdict(found: &PolicyFindings) -> Verdict {
+    let policies = found.network_policies;
+    if !found.drift_reported.is_empty() {
+        let names: Vec<String> = found
+            .drift_reported
+            .iter()
+            .map(|(k, n)| format!("{k}/{n}"))
+            .collect();
+        return Verdict::not(
+            "DriftDetected",
+            format!(
+                "policy mode Audit: changed by others and left as they are: {}",
+                names.join(", ")
+            ),
+        );
+    }
+    if !found.guardrail_problems.is_empty() {
+        return Verdict::not(
+            "GuardrailsMissing",
+            format!(
+                "the admission guardrails are not in place (install them with the chart, \
+                 admission.enabled=true, or manifests/admission/): {}",
+                found.guardrail_problems.join("; ")
+            ),
+        );
+    }
+    let violations = found.violations;
+    if !violations.is_empty() {
+        let listed: Vec<String> = violations
+            .iter()
+            .take(3)
+            .map(|v| format!("{} {} ({})", v.kind, v.name, v.reason))
+            .collect();
+        let more = if violations.len() > 3 {
+            format!(" and {} more", violations.len() - 3)
+        } else {
+            String::new()
+        };
+        return Verdict::not(
+            "ViolationsFound",
+            format!(
+                "{} object(s) in the namespace break the policy: {}{more}",
+                violations.len(),
+                listed.join("; ")
+            ),
+        );
+    }
+    if found.mode == PolicyMode::Audit {
+        Verdict::ok(
+            "Audited",
+            format!(
+                "{policies} NetworkPolicies in place; mode Audit reports drift without reverting it"
+            ),
+        )
+    } else {
+        Verdict::ok(
+            "Enforced",
+            format!("{policies} NetworkPolicies in place; every stack pod is default-deny"),
+        )
+    }
 }
 
 /// The status for a stack whose spec is valid.
@@ -296,6 +374,72 @@ mod tests {
             violations: vec![],
             conflicts: vec![],
             held: vec![],
+        }
+    }
+
+    /// PolicyEnforced: drift left alone, then missing guardrails, then violations, else in
+    /// place; the first that applies names the reason.
+    #[test]
+    fn the_policy_verdict_takes_the_first_finding_that_applies() {
+        let violation = |name: &str| Violation {
+            kind: "Service".into(),
+            name: name.into(),
+            reason: "type NodePort".into(),
+        };
+        let five: Vec<Violation> = ["a", "b", "c", "d", "e"].map(violation).to_vec();
+        let drift = [("NetworkPolicy", "p".to_string())];
+        let problems = vec!["binding missing".to_string()];
+        let base = PolicyFindings {
+            network_policies: 4,
+            ..PolicyFindings::default()
+        };
+        let cases = [
+            (base.clone(), true, "Enforced", "4 NetworkPolicies in place"),
+            (
+                PolicyFindings {
+                    mode: PolicyMode::Audit,
+                    ..base.clone()
+                },
+                true,
+                "Audited",
+                "mode Audit reports drift",
+            ),
+            (
+                PolicyFindings {
+                    violations: &five,
+                    ..base.clone()
+                },
+                false,
+                "ViolationsFound",
+                "5 object(s) in the namespace break the policy: Service a (type NodePort); \
+                 Service b (type NodePort); Service c (type NodePort) and 2 more",
+            ),
+            (
+                PolicyFindings {
+                    guardrail_problems: problems.clone(),
+                    violations: &five,
+                    ..base.clone()
+                },
+                false,
+                "GuardrailsMissing",
+                "binding missing",
+            ),
+            (
+                PolicyFindings {
+                    drift_reported: &drift,
+                    guardrail_problems: problems.clone(),
+                    violations: &five,
+                    ..base.clone()
+                },
+                false,
+                "DriftDetected",
+                "left as they are: NetworkPolicy/p",
+            ),
+        ];
+        for (found, ok, reason, message) in cases {
+            let v = policy_verdict(&found);
+            assert_eq!((v.ok, v.reason.as_str()), (ok, reason), "{v:?}");
+            assert!(v.message.contains(message), "{v:?}");
         }
     }
 
