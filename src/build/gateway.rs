@@ -8,9 +8,8 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, ExecAction,
-    HTTPGetAction, Lifecycle, LifecycleHandler, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec,
-    Volume, VolumeMount,
+    Lifecycle, LifecycleHandler, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -148,18 +147,8 @@ pub fn deployment(stack: &Stack) -> Deployment {
     } else {
         nginx::HTTP_PORT
     };
-    let probe = |failure_threshold| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(nginx::HEALTH_PATH.into()),
-            port: IntOrString::Int(probe_port),
-            scheme: Some("HTTP".into()),
-            ..HTTPGetAction::default()
-        }),
-        period_seconds: Some(5),
-        timeout_seconds: Some(2),
-        failure_threshold: Some(failure_threshold),
-        ..Probe::default()
-    };
+    let probe =
+        |failure_threshold| super::http_probe(nginx::HEALTH_PATH, probe_port, 5, failure_threshold);
     let port = |name: &str, port| ContainerPort {
         name: Some(name.into()),
         container_port: port,

@@ -10,10 +10,11 @@ pub mod nginx;
 mod service;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, HTTPGetAction, Probe, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use serde::Serialize;
 
@@ -168,6 +169,22 @@ pub(crate) fn meta(stack: &Stack, name: impl Into<String>, component: Component<
         labels: Some(names::labels(&stack.name, component)),
         owner_references: owner_reference(stack).map(|o| vec![o]),
         ..ObjectMeta::default()
+    }
+}
+
+/// A plain-HTTP GET probe of `path` on `port` every `period` seconds, 2 s to answer.
+fn http_probe(path: &str, port: i32, period: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(port),
+            scheme: Some("HTTP".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
     }
 }
 

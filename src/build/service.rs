@@ -3,9 +3,9 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -27,18 +27,8 @@ pub fn deployment(stack: &Stack, svc: &model::Service) -> Deployment {
     let component = Component::Service(&svc.name);
     let selector = names::selector(&stack.name, component);
     let port = i32::from(svc.port);
-    let probe = |failure_threshold| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(svc.health_path.clone()),
-            port: IntOrString::Int(port),
-            scheme: Some("HTTP".into()),
-            ..HTTPGetAction::default()
-        }),
-        period_seconds: Some(10),
-        timeout_seconds: Some(2),
-        failure_threshold: Some(failure_threshold),
-        ..Probe::default()
-    };
+    let probe =
+        |failure_threshold| super::http_probe(&svc.health_path, port, 10, failure_threshold);
     let container = Container {
         name: svc.name.to_string(),
         image: Some(svc.image.clone()),
