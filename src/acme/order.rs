@@ -34,7 +34,7 @@ use instant_acme::{
     OrderStatus, RetryPolicy,
 };
 
-use super::account::CaClient;
+use super::ca_client::CaClient;
 use super::cert::{self, KeyAlgorithm};
 use super::{Failure, FailureKind};
 use crate::metrics::Metrics;
