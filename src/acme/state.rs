@@ -65,6 +65,25 @@ impl State {
             .map(|(job, _)| *job)
     }
 
+    /// Takes note of what the orders depend on (`fingerprint`): when it changed, the running
+    /// job is cancelled and the backoff starts over.
+    pub(super) fn track_settings(&mut self, key: &str, fingerprint: String) {
+        if self.fingerprint == fingerprint {
+            return;
+        }
+        if !self.fingerprint.is_empty() {
+            if let Some((job, handle)) = self.task.take() {
+                tracing::info!(stack = %key, ?job, "ACME settings or hosts changed; cancelling the running job");
+                handle.abort();
+            }
+            self.failures = 0;
+            self.failure = None;
+            self.next_attempt = None;
+            self.thumbprint = None;
+        }
+        self.fingerprint = fingerprint;
+    }
+
     /// Starts `job` in the background, unless the stack is gone.
     pub(super) fn start(&mut self, job: Job, work: impl Future<Output = ()> + Send + 'static) {
         if self.forgotten {
