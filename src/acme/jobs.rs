@@ -16,7 +16,7 @@ use super::policy::{self, Why, Window};
 use super::state::{AriState, Good, State};
 use super::timestamp::rfc3339;
 use super::tls_secret::{SecretLedger, write_tls_secret};
-use super::{Failure, FailureKind, account, ca_client, cert, dns01, order, user_secrets};
+use super::{Failure, FailureKind, account, ca_client, cert, dns01, http01, order, user_secrets};
 use crate::metrics::Metrics;
 use crate::model::{Acme, Stack};
 use crate::names;
@@ -138,7 +138,7 @@ async fn order_once(
     let http = ca_client(ctx).await?;
     let ready = account::load_or_register(&ctx.client, &ctx.stack, &ctx.acme, &http).await?;
     ctx.state.lock().unwrap().thumbprint = Some(ready.thumbprint.clone());
-    let gateway = order::GatewaySolver::new(
+    let gateway = http01::GatewaySolver::new(
         ctx.config.gateway_url(&ctx.stack),
         ctx.config.self_check_patience,
     );
@@ -174,7 +174,7 @@ async fn order_once(
         ))
     })?;
     let provider =
-        dns01::Rfc2136::new(&dns01.rfc2136, secret, key_source, ctx.config.dns01_ns_port)?;
+        dns01::rfc2136::Rfc2136::new(&dns01.rfc2136, secret, key_source, ctx.config.dns01_ns_port)?;
     let dns = dns01::Dns01Solver::new(
         provider,
         SecretLedger {

@@ -17,8 +17,9 @@
 //! - `jobs`: the background jobs, an order or a renewal-information check;
 //! - [`account`]: the account Secret, registration, the thumbprint;
 //! - [`ca_client`]: the CA's HTTP client (CA bundle, no internal addresses, `Retry-After`);
-//! - [`order`]: one order behind the [`order::Solver`] interface; HTTP-01 through the gateway;
-//! - [`dns01`]: DNS-01 through a [`dns01::DnsProvider`] (RFC 2136 with TSIG);
+//! - [`order`]: one order behind the [`order::Solver`] interface;
+//! - [`http01`]: HTTP-01 through the gateway;
+//! - [`dns01`]: DNS-01 through a [`dns01::DnsProvider`] ([`dns01::rfc2136`]: RFC 2136 with TSIG);
 //! - [`cert`]: inspecting a `kubernetes.io/tls` Secret's contents, keys, CSRs, the bootstrap
 //!   certificate.
 //!
@@ -33,6 +34,7 @@ pub mod config;
 pub mod dns01;
 pub mod error;
 pub mod failure;
+pub mod http01;
 mod jobs;
 pub mod manager;
 pub mod order;
