@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use super::policy::{self, Backoff};
 use super::timestamp::{parse_rfc3339, rfc3339};
-use super::{account, order};
+use super::{ca_client, order};
 use crate::crd::CertificateStatus;
 
 /// What went wrong, in a bounded set (for metrics and Event reasons).
@@ -121,7 +121,7 @@ impl Failure {
     }
 
     /// Classifies an instant-acme error met while doing `step`.
-    pub fn from_acme(step: &str, e: instant_acme::Error, http: &account::CaClient) -> Failure {
+    pub fn from_acme(step: &str, e: instant_acme::Error, http: &ca_client::CaClient) -> Failure {
         use instant_acme::Error as E;
         match e {
             E::Api(p) if order::is_type(&p, "rateLimited") => {
@@ -168,7 +168,7 @@ impl Failure {
                 FailureKind::OrderInvalid,
                 format!("order invalid: {} (while {step})", order::problem_text(&p)),
             ),
-            E::Other(e) if e.downcast_ref::<account::RefusedAddress>().is_some() => {
+            E::Other(e) if e.downcast_ref::<ca_client::RefusedAddress>().is_some() => {
                 Failure::config(format!("{e}; nothing was sent to it (while {step})"))
             }
             E::Timeout(_) => Failure::new(
@@ -356,7 +356,7 @@ mod tests {
 
     #[test]
     fn failures_are_put_in_plain_words() {
-        let http = account::CaClient::new(None, false).unwrap();
+        let http = ca_client::CaClient::new(None, false).unwrap();
         let placing = |kind: &str, detail: &str, status: u16| {
             let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
                 "type": format!("urn:ietf:params:acme:error:{kind}"),

@@ -16,7 +16,7 @@ use super::policy::{self, Why, Window};
 use super::state::{AriState, Good, State};
 use super::timestamp::rfc3339;
 use super::tls_secret::{SecretLedger, write_tls_secret};
-use super::{Failure, FailureKind, account, cert, dns01, order, user_secrets};
+use super::{Failure, FailureKind, account, ca_client, cert, dns01, http01, order, user_secrets};
 use crate::metrics::Metrics;
 use crate::model::{Acme, Stack};
 use crate::names;
@@ -33,7 +33,7 @@ pub(super) struct JobContext {
     pub(super) state: Arc<Mutex<State>>,
 }
 
-async fn ca_client(ctx: &JobContext) -> Result<account::CaClient, Failure> {
+async fn ca_client(ctx: &JobContext) -> Result<ca_client::CaClient, Failure> {
     let bundle = match &ctx.acme.ca_bundle {
         Some(r) => Some(
             user_secrets::secret_value(&ctx.client, &ctx.stack.namespace, r, "caBundleSecretRef")
@@ -41,7 +41,7 @@ async fn ca_client(ctx: &JobContext) -> Result<account::CaClient, Failure> {
         ),
         None => None,
     };
-    account::CaClient::new(bundle.as_deref(), ctx.config.allow_loopback_directory)
+    ca_client::CaClient::new(bundle.as_deref(), ctx.config.allow_loopback_directory)
 }
 
 /// The span of a job on `stack`: every line the job logs (here and in `order`, `dns01` and
@@ -138,7 +138,7 @@ async fn order_once(
     let http = ca_client(ctx).await?;
     let ready = account::load_or_register(&ctx.client, &ctx.stack, &ctx.acme, &http).await?;
     ctx.state.lock().unwrap().thumbprint = Some(ready.thumbprint.clone());
-    let gateway = order::GatewaySolver::new(
+    let gateway = http01::GatewaySolver::new(
         ctx.config.gateway_url(&ctx.stack),
         ctx.config.self_check_patience,
     );
@@ -174,7 +174,7 @@ async fn order_once(
         ))
     })?;
     let provider =
-        dns01::Rfc2136::new(&dns01.rfc2136, secret, key_source, ctx.config.dns01_ns_port)?;
+        dns01::rfc2136::Rfc2136::new(&dns01.rfc2136, secret, key_source, ctx.config.dns01_ns_port)?;
     let dns = dns01::Dns01Solver::new(
         provider,
         SecretLedger {
@@ -196,7 +196,7 @@ async fn order_once(
 /// Secret.
 async fn issue_with<S: order::Solver>(
     ctx: &JobContext,
-    http: &account::CaClient,
+    http: &ca_client::CaClient,
     mut ready: account::Ready,
     solver: &S,
     request: &order::Request,

@@ -152,19 +152,7 @@ impl Manager {
         let fp = fingerprint(stack, acme);
         {
             let mut st = state.lock().unwrap();
-            if st.fingerprint != fp {
-                if !st.fingerprint.is_empty() {
-                    if let Some((job, handle)) = st.task.take() {
-                        tracing::info!(stack = %key, ?job, "ACME settings or hosts changed; cancelling the running job");
-                        handle.abort();
-                    }
-                    st.failures = 0;
-                    st.failure = None;
-                    st.next_attempt = None;
-                    st.thumbprint = None;
-                }
-                st.fingerprint = fp;
-            }
+            st.track_settings(&key, fp);
             if !st.resumed {
                 st.resumed = true;
                 if let Some(r) = resume(recorded, &self.config.backoff) {

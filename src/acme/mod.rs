@@ -15,9 +15,11 @@
 //! - `readiness`: from what was found, the status and condition to report and the job that is
 //!   due (pure, clock passed in);
 //! - `jobs`: the background jobs, an order or a renewal-information check;
-//! - [`account`]: the account Secret, registration, the CA's HTTP client, the thumbprint;
-//! - [`order`]: one order behind the [`order::Solver`] interface; HTTP-01 through the gateway;
-//! - [`dns01`]: DNS-01 through a [`dns01::DnsProvider`] (RFC 2136 with TSIG);
+//! - [`account`]: the account Secret, registration, the thumbprint;
+//! - [`ca_client`]: the CA's HTTP client (CA bundle, no internal addresses, `Retry-After`);
+//! - [`order`]: one order behind the [`order::Solver`] interface;
+//! - [`http01`]: HTTP-01 through the gateway;
+//! - [`dns01`]: DNS-01 through a [`dns01::DnsProvider`] ([`dns01::rfc2136`]: RFC 2136 with TSIG);
 //! - [`cert`]: inspecting a `kubernetes.io/tls` Secret's contents, keys, CSRs, the bootstrap
 //!   certificate.
 //!
@@ -26,11 +28,13 @@
 //! (the settings), [`user_secrets`] (the Secrets the user supplies) and [`timestamp`].
 
 pub mod account;
+pub mod ca_client;
 pub mod cert;
 pub mod config;
 pub mod dns01;
 pub mod error;
 pub mod failure;
+pub mod http01;
 mod jobs;
 pub mod manager;
 pub mod order;

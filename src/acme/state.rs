@@ -65,6 +65,28 @@ impl State {
             .map(|(job, _)| *job)
     }
 
+    /// Takes note of what the orders depend on (`fingerprint`): when it changed, the running
+    /// job is cancelled, its progress dropped, and the backoff starts over.
+    pub(super) fn track_settings(&mut self, key: &str, fingerprint: String) {
+        if self.fingerprint == fingerprint {
+            return;
+        }
+        if !self.fingerprint.is_empty() {
+            if let Some((job, handle)) = self.task.take() {
+                tracing::info!(stack = %key, ?job, "ACME settings or hosts changed; cancelling the running job");
+                handle.abort();
+            }
+            self.failures = 0;
+            self.failure = None;
+            self.next_attempt = None;
+            self.thumbprint = None;
+            // What the cancelled order waited for is over. A new slot rather than a cleared
+            // one: the aborted job stops only at its next await, and may still write to its own.
+            self.progress = Arc::default();
+        }
+        self.fingerprint = fingerprint;
+    }
+
     /// Starts `job` in the background, unless the stack is gone.
     pub(super) fn start(&mut self, job: Job, work: impl Future<Output = ()> + Send + 'static) {
         if self.forgotten {
@@ -106,5 +128,43 @@ impl Stacks {
             }
             self.forgotten.push_back(uid);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An order cancelled by a change of settings or hosts leaves no progress behind: the next
+    /// order (an HTTP-01 one, say) must not show the cancelled one's "waiting for ...". Nor can
+    /// the cancelled job, which stops only at its next await, write into the next order's.
+    #[tokio::test]
+    async fn a_cancelled_order_leaves_no_progress_behind() {
+        let mut st = State::default();
+        st.track_settings("ns/shop", "dns-01".into());
+        let progress = st.progress.clone();
+        let (written, was_written) = tokio::sync::oneshot::channel();
+        st.start(Job::Order, async move {
+            *progress.lock().unwrap() = Some("waiting for ns1 to serve the record".into());
+            let _ = written.send(progress);
+            std::future::pending::<()>().await;
+        });
+        let cancelled_jobs_progress = was_written.await.unwrap();
+        assert_eq!(st.running(), Some(Job::Order));
+
+        st.track_settings("ns/shop", "http-01".into());
+        assert_eq!(st.running(), None);
+        assert_eq!(*st.progress.lock().unwrap(), None);
+        // A late write of the cancelled job lands where nobody reads it.
+        *cancelled_jobs_progress.lock().unwrap() = Some("waiting for ns2".into());
+        assert_eq!(*st.progress.lock().unwrap(), None);
+
+        // The same settings again change nothing: a running order keeps its progress.
+        *st.progress.lock().unwrap() = Some("waiting for ns1".into());
+        st.track_settings("ns/shop", "http-01".into());
+        assert_eq!(
+            st.progress.lock().unwrap().as_deref(),
+            Some("waiting for ns1")
+        );
     }
 }

@@ -89,7 +89,7 @@ pub fn secret_references(stack: &OpsConductorStack, stacks: &[String]) -> Vec<Fi
 /// accepts (`127.1`, `2130706433`, `0x7f.0.0.1`) and inside IPv6 (`::ffff:127.0.0.1`).
 ///
 /// Host names are not resolved here: the CA client refuses to connect to a name that resolves
-/// to such an address (`acme::account::CaClient`). Private addresses (`10.0.0.0/8`, ...) are
+/// to such an address (`acme::ca_client::CaClient`). Private addresses (`10.0.0.0/8`, ...) are
 /// allowed, private CAs live there.
 pub fn directory_url_problems(stack: &OpsConductorStack, allow_loopback: bool) -> Vec<FieldError> {
     let Some(acme) = stack.spec.tls.acme.as_ref() else {

@@ -1,0 +1,216 @@
+//! The gateway's `nginx.conf`, generated from the validated stack.
+//!
+//! Every value placed in the configuration comes from the validated model (DNS names, checked
+//! paths and sizes, numbers) or from [`BuildOptions`] the operator computed itself, so nothing
+//! a user writes can inject a directive. There are no free-form snippets.
+//!
+//! The same text must load on Debian's nginx 1.22 (what the tests run) and on the nginx of the
+//! default gateway image (1.27): only directives and parameters both accept are used. The
+//! design and its trade-offs are written up in `docs/gateway.md`.
+//!
+//! [`render`] writes the file in order; each part has its file:
+//! - this file: the constants the pod and the tests share, the main context (workers, their
+//!   shutdown), and [`render`];
+//! - `http_context`: the `http` context's settings (timeouts, the access log, the host maps,
+//!   the client's address, TLS);
+//! - `upstreams`: the `upstream` blocks, by name or by ClusterIP, with keep-alive;
+//! - `servers`: the `server` blocks (probes, port 8080, port 8443 and its locations);
+//! - `headers`: the security headers of every response, the request headers towards services;
+//! - `route_limits`: per-route limits (`routeLimits`);
+//! - `edge_auth`: edge authentication (the verdict locations, cache and headers);
+//! - `tests`: tests of the whole file.
+
+mod edge_auth;
+mod headers;
+mod http_context;
+mod route_limits;
+mod servers;
+#[cfg(test)]
+mod tests;
+mod upstreams;
+
+use std::fmt::Write as _;
+
+use super::BuildOptions;
+use crate::model::Stack;
+use edge_auth::verdict_cache;
+use http_context::{client_address, http_settings, tls_settings};
+use route_limits::{any_route_rate, route_limit_zones};
+use servers::{health_server, plain_http_server, tls_servers};
+use upstreams::upstreams;
+
+pub use edge_auth::{VERDICT_CACHE_DIR, VERDICT_LOCATION};
+
+/// Key of the configuration in the gateway ConfigMap.
+pub const CONFIG_KEY: &str = "nginx.conf";
+
+/// Where the ConfigMap is mounted in the gateway pod.
+pub const CONFIG_DIR: &str = "/etc/opsconductor/config";
+
+pub const CONFIG_PATH: &str = "/etc/opsconductor/config/nginx.conf";
+
+/// Where the TLS Secret is mounted in the gateway pod.
+pub const TLS_DIR: &str = "/etc/opsconductor/tls";
+
+/// The one writable directory of the gateway pod (an emptyDir): pid file and temp files.
+pub const TMP_DIR: &str = "/tmp";
+
+pub const HTTP_PORT: i32 = 8080;
+
+pub const HTTPS_PORT: i32 = 8443;
+
+/// Answers the kubelet's probes when the listeners on [`HTTP_PORT`] and [`HTTPS_PORT`] expect
+/// the PROXY protocol (which the kubelet does not speak); not in the gateway Service.
+pub const HEALTH_PORT: i32 = 8081;
+
+/// Answered on the HTTP port for the kubelet's probes; never redirected.
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// Where ACME HTTP-01 challenges are fetched (RFC 8555, section 8.3).
+pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// Mozilla's "intermediate" TLS 1.2 cipher list (version 5.7), ECDHE only: the two DHE
+/// suites of that list are left out, so no DH parameters need shipping. TLS 1.3 suites are
+/// not configurable in nginx 1.22 and OpenSSL's defaults for them are all strong.
+pub const TLS12_CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:\
+ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:\
+ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
+
+/// Key exchange groups offered, in order of preference (OpenSSL names). P-384 for clients
+/// that offer nothing else (some FIPS-restricted ones).
+pub const ECDH_CURVES: &str = "X25519:prime256v1:secp384r1";
+
+/// Idle upstream connections each worker keeps per service.
+pub const UPSTREAM_KEEPALIVE: u32 = 32;
+
+/// Seconds an idle upstream connection is kept open. Below the idle timeout of common HTTP
+/// servers (Node.js 5 s, uvicorn 5 s, Tomcat 20 s), so that nginx, not the service, closes an
+/// idle connection, and a request is not sent on a connection the service is closing.
+pub const UPSTREAM_IDLE_SECONDS: u32 = 4;
+
+/// Seconds one upstream connection is used at most (it is closed after the request in
+/// progress then). kube-proxy picks a pod per connection, so this bounds how long a kept-alive
+/// connection stays with one pod: after a scale-up, new pods get their share within it.
+pub const UPSTREAM_CONNECTION_SECONDS: u32 = 60;
+
+/// Requests one client address may have in progress on one gateway pod (HTTP/2 streams count
+/// one each); more get 429. Bounds what one client holds of a pod's connections, so that it
+/// cannot deny service to everyone else (clients behind one NAT share it).
+pub const MAX_REQUESTS_PER_CLIENT: u32 = 256;
+
+/// Seconds a client may take to send its request head, and between two reads of its body;
+/// also the TLS handshake's time limit in nginx 1.22. nginx's default is 60 s, which let one
+/// client keep thousands of silent connections open for a minute.
+pub const CLIENT_TIMEOUT_SECONDS: u32 = 10;
+
+/// Seconds a client is told to wait after a 429.
+pub const RETRY_AFTER_SECONDS: u32 = 1;
+
+/// Renders the configuration. Paths in it are the pod's mount points; tests that run real
+/// nginx rewrite only the [`CONFIG_DIR`], [`TLS_DIR`] and [`TMP_DIR`] prefixes and the listen
+/// ports.
+pub fn render(stack: &Stack, options: &BuildOptions) -> String {
+    let mut c = String::new();
+    let w = &mut c;
+    let _ = writeln!(
+        w,
+        "# Generated by opsconductor-operator for OpsConductorStack {}/{}.\n\
+         # Do not edit: the operator reverts changes. Change the stack's spec instead.",
+        stack.namespace, stack.name
+    );
+    main_context(w, stack);
+    let _ = writeln!(w, "\nhttp {{");
+    http_settings(w, stack);
+    client_address(w, stack);
+    tls_settings(w);
+    upstreams(w, stack, options);
+    route_limit_zones(w, stack);
+    verdict_cache(w, stack);
+    if stack.gateway.rate_limit.is_some() || any_route_rate(stack) {
+        let _ = writeln!(
+            w,
+            "
+    # Told to clients that were rate limited; an empty value sends no header.
+    map $status $opsconductor_retry_after {{
+        429     {RETRY_AFTER_SECONDS};
+        default \"\";
+    }}"
+        );
+    }
+    if stack.gateway.proxy_protocol {
+        health_server(w);
+    }
+    plain_http_server(w, stack, options);
+    tls_servers(w, stack, options);
+    let _ = writeln!(w, "}}");
+    c
+}
+
+/// nginx workers: one per CPU the pod may use. `auto` counts the node's CPUs, which with a CPU
+/// limit on a large node means dozens of workers, each with its own memory, for a share of a
+/// core (issue 14, item 6); so with a CPU limit, its value rounded up (at most 64).
+pub fn worker_processes(stack: &Stack) -> String {
+    let limit = stack
+        .gateway
+        .resources
+        .limits
+        .as_ref()
+        .and_then(|l| l.get("cpu"))
+        .and_then(|q| cpu_cores(&q.0));
+    match limit {
+        Some(cores) => cores.clamp(1, 64).to_string(),
+        None => "auto".into(),
+    }
+}
+
+/// A CPU quantity (`500m`, `1`, `1.5`, `2`) rounded up to whole cores; `None` for other forms.
+fn cpu_cores(q: &str) -> Option<u32> {
+    let q = q.trim();
+    let cores = if let Some(milli) = q.strip_suffix('m') {
+        milli.parse::<u64>().ok()?.div_ceil(1000)
+    } else {
+        let v = q
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)?;
+        v.ceil() as u64
+    };
+    u32::try_from(cores).ok()
+}
+
+/// Seconds nginx lets the requests in flight finish when it stops (SIGQUIT) or after a reload
+/// (the old workers), `worker_shutdown_timeout`: then it closes what is left (long downloads,
+/// WebSockets). A request that makes progress is bounded by the client timeout for its head
+/// and body, and the gateway's connect, send and read timeouts for the service: their sum.
+pub fn shutdown_timeout_seconds(stack: &Stack) -> u32 {
+    let t = &stack.gateway.timeouts;
+    let secs = u64::from(CLIENT_TIMEOUT_SECONDS)
+        + t.connect.as_secs()
+        + t.send.as_secs()
+        + t.read.as_secs();
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+fn main_context(w: &mut String, stack: &Stack) {
+    let workers = worker_processes(stack);
+    let shutdown = shutdown_timeout_seconds(stack);
+    let _ = writeln!(
+        w,
+        "
+worker_processes {workers};
+daemon off;
+pid {TMP_DIR}/nginx.pid;
+error_log stderr notice;
+
+# Room for every connection a worker may hold: each proxied request takes two descriptors.
+worker_rlimit_nofile 10240;
+
+# After a reload, and when the pod stops (SIGQUIT), workers finish the requests in flight;
+# what is still open after this is closed (the pod's termination grace is longer).
+worker_shutdown_timeout {shutdown}s;
+
+events {{
+    worker_connections 4096;
+}}"
+    );
+}
