@@ -1,4 +1,4 @@
-//! The admission guardrails (src/admission.rs) and the violation audit (src/audit.rs) against
+//! The admission guardrails (src/admission/) and the violation audit (src/audit/) against
 //! the real local kube-apiserver: real CEL evaluation, real RBAC, impersonated users.
 //!
 //! The API server is shared by every test binary, and ValidatingAdmissionPolicies are
@@ -55,7 +55,7 @@ fn committed_manifest_matches_the_code() {
     });
     assert!(
         committed == yaml,
-        "{} differs from src/admission.rs; regenerate with OPSC_UPDATE_SNAPSHOTS=1 cargo test \
+        "{} differs from src/admission/; regenerate with OPSC_UPDATE_SNAPSHOTS=1 cargo test \
          --test admission_real committed_manifest and review the diff",
         path.display()
     );

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
-/// Where the chart's admission template is generated from src/admission.rs.
+/// Where the chart's admission template is generated from src/admission/.
 const ADMISSION_TEMPLATE: &str = "charts/opsconductor-operator/templates/admission.yaml";
 /// Identity placeholders the generator replaces with template expressions. They are valid DNS
 /// names (as [`OperatorIdentity::new`] wants) that appear nowhere else in the policies.
@@ -47,7 +47,7 @@ fn chart_app_version_is_the_crate_version() {
     );
 }
 
-/// The chart's admission template: the policies src/admission.rs builds, with the operator's
+/// The chart's admission template: the policies src/admission/ builds, with the operator's
 /// username as a template expression. `OPSC_UPDATE_SNAPSHOTS=1` (or scripts/gen-manifests)
 /// rewrites it.
 fn admission_template() -> String {
@@ -65,7 +65,7 @@ fn admission_template() -> String {
     );
     format!(
         "{{{{- /*\n\
-         Generated from src/admission.rs by tests/packaging.rs; do not edit.\n\
+         Generated from src/admission/ by tests/chart_template.rs; do not edit.\n\
          Regenerate: scripts/gen-manifests (or OPSC_UPDATE_SNAPSHOTS=1 cargo test --test packaging admission)\n\
          The policies exempt exactly one user, this release's ServiceAccount.\n\
          */ -}}}}\n\
@@ -86,13 +86,13 @@ fn chart_admission_template_is_generated_from_the_code() {
     }
     assert!(
         read(ADMISSION_TEMPLATE) == generated,
-        "{ADMISSION_TEMPLATE} differs from src/admission.rs; run scripts/gen-manifests and review \
+        "{ADMISSION_TEMPLATE} differs from src/admission/; run scripts/gen-manifests and review \
          the diff"
     );
 }
 
 /// Rendered by helm for another namespace and ServiceAccount, the chart's policies are exactly
-/// what src/admission.rs builds for that identity.
+/// what src/admission/ builds for that identity.
 #[test]
 fn chart_renders_the_codes_guardrails_for_its_own_identity() {
     let Some(yaml) = template(

@@ -1,4 +1,4 @@
-//! Leader election (src/leader.rs) with two real operator processes against the real control
+//! Leader election (src/leader/) with two real operator processes against the real control
 //! plane: only the Lease holder reconciles; a standby takes over within the lease duration when
 //! the leader is killed, at once when it is stopped (it releases the Lease), and a leader that
 //! cannot renew steps down before a standby may start.

@@ -47,7 +47,7 @@ set (templates/clusterrole.yaml, templates/namespace-roles.yaml).
   - apiGroups: [""]
     resources: [secrets]
     verbs: [get, create, update, patch]
-  # The violation audit (controller/mod.rs, src/audit.rs): everything in a stack's namespace
+  # The violation audit (src/controller/stores.rs, src/audit/): everything in a stack's namespace
   # that could open a way in around the gateway, watched over the scope like the stacks.
   # Services and NetworkPolicies are granted above.
   - apiGroups: [""]
