@@ -24,11 +24,7 @@ fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
-fn lease_object(
-    config: &Config,
-    spec: LeaseSpec,
-    resource_version: Option<String>,
-) -> Lease {
+fn lease_object(config: &Config, spec: LeaseSpec, resource_version: Option<String>) -> Lease {
     Lease {
         metadata: ObjectMeta {
             name: Some(config.name.clone()),
