@@ -19,8 +19,7 @@ mod support;
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use acme_support::{GatewayRunner, Operator, Pebble, PebbleOptions, free_port, pebble_orders};
@@ -30,7 +29,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use opsconductor_operator::acme::{DNS01_RECORDS_ANNOTATION, cert};
 use opsconductor_operator::crd::{CertificateState, CertificateStatus, OpsConductorStack};
 use serde_json::json;
-use support::process::spawn_as_operator_under;
+use support::process::{counting_listener, private_hosts_wrapper, spawn_as_operator_under};
 use support::{TestNamespace, eventually};
 
 /// Only one of these tests at a time (one operator per test).
@@ -850,24 +849,6 @@ async fn http01_and_dns01_in_one_order_chosen_by_domain() {
     assert!(w.operator_log().contains("DNS-01 record visible"));
 }
 
-/// A TCP listener on 127.0.0.1 (what listens on the node's loopback; a connection to 0.0.0.0
-/// lands there too): its port, and the number of connections made to it so far. The operator
-/// speaks DNS over TCP only.
-fn counting_listener() -> (u16, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counted = connections.clone();
-    // The thread ends with the test binary; the listener is used nowhere else.
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            counted.fetch_add(1, Ordering::SeqCst);
-            drop(stream);
-        }
-    });
-    (port, connections)
-}
-
 /// A nameserver **name** that resolves to an internal address (issue 14, item 8) is refused
 /// when the operator resolves it, and nothing is sent there; validation cannot see it (it
 /// refuses only such addresses written as literals). The operator runs in a mount namespace of
@@ -885,28 +866,15 @@ async fn nameserver_names_that_resolve_to_internal_addresses_are_never_sent_to()
     };
     let cp = w.ns.control_plane;
     let (listener_port, connections) = counting_listener();
-    let hosts = cp
-        .state_dir
-        .join(format!("dns01-internal-hosts-{}", std::process::id()));
-    std::fs::write(
-        &hosts,
+    let wrapper = private_hosts_wrapper(
+        cp,
+        "dns01-internal",
         "127.0.0.1 localhost\n\
          127.0.0.1 primary.dns01.test\n\
          169.254.169.254 metadata.dns01.test\n\
          0.0.0.0 unspecified.dns01.test\n",
-    )
-    .unwrap();
-    let hosts = hosts.to_str().unwrap().to_string();
-    let wrapper = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        r#"mount --bind "$0" /etc/hosts && exec "$@""#,
-        hosts.as_str(),
-    ];
+    );
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let env: Vec<(&str, &str)> = w.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let operator = spawn_as_operator_under(
         cp,
