@@ -13,16 +13,17 @@
 
 mod support;
 
-use std::net::TcpListener;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use kube::Api;
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::json;
 use support::operator::{apply_stack, install_crd};
-use support::process::{OperatorProcess, spawn_as_operator, spawn_as_operator_under};
+use support::process::{
+    OperatorProcess, counting_listener, private_hosts_wrapper, spawn_as_operator,
+    spawn_as_operator_under,
+};
 use support::{ControlPlane, TestNamespace, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -53,22 +54,6 @@ async fn ready(api: &Api<OpsConductorStack>, name: &str) -> Option<(String, Stri
         .into_iter()
         .find(|c| c.type_ == "Ready")
         .map(|c| (c.reason, c.message))
-}
-
-/// A TCP listener on 127.0.0.1 (what listens on the operator's loopback): its port, and the
-/// number of connections made to it so far.
-fn counting_listener() -> (u16, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counted = connections.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            counted.fetch_add(1, Ordering::SeqCst);
-            drop(stream);
-        }
-    });
-    (port, connections)
 }
 
 fn operator(cp: &ControlPlane, tag: &str, args: &[&str], env: &[(&str, &str)]) -> OperatorProcess {
@@ -175,28 +160,15 @@ async fn directory_host_names_that_resolve_to_internal_addresses_are_never_conne
     let (port, connections) = counting_listener();
 
     // The operator's own /etc/hosts: names no static check can tell from a public CA's.
-    let hosts = cp
-        .state_dir
-        .join(format!("acme-directory-hosts-{}", std::process::id()));
-    std::fs::write(
-        &hosts,
+    let wrapper = private_hosts_wrapper(
+        cp,
+        "acme-directory",
         "127.0.0.1 localhost\n\
          127.0.0.1 ca.acme-directory.test\n\
          169.254.169.254 metadata.acme-directory.test\n\
          ::ffff:127.0.0.1 mapped.acme-directory.test\n",
-    )
-    .unwrap();
-    let hosts = hosts.to_str().unwrap().to_string();
-    let wrapper = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        r#"mount --bind "$0" /etc/hosts && exec "$@""#,
-        hosts.as_str(),
-    ];
+    );
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
 
     let refusing = spawn_as_operator_under(
         cp,

@@ -19,6 +19,7 @@ mod support;
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use acme_support::{GatewayRunner, Operator, Pebble, PebbleOptions, free_port, pebble_orders};
@@ -28,6 +29,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use opsconductor_operator::acme::{DNS01_RECORDS_ANNOTATION, cert};
 use opsconductor_operator::crd::{CertificateState, CertificateStatus, OpsConductorStack};
 use serde_json::json;
+use support::process::{counting_listener, private_hosts_wrapper, spawn_as_operator_under};
 use support::{TestNamespace, eventually};
 
 /// Only one of these tests at a time (one operator per test).
@@ -845,4 +847,119 @@ async fn http01_and_dns01_in_one_order_chosen_by_domain() {
         Vec::<String>::new()
     );
     assert!(w.operator_log().contains("DNS-01 record visible"));
+}
+
+/// A nameserver **name** that resolves to an internal address (issue 14, item 8) is refused
+/// when the operator resolves it, and nothing is sent there; validation cannot see it (it
+/// refuses only such addresses written as literals). The operator runs in a mount namespace of
+/// its own whose `/etc/hosts` names the stand-ins (root and `unshare`, as in
+/// `acme_directory_real.rs`), so that the system resolver itself answers with a link-local
+/// address (the cloud metadata service) and the unspecified address (which connects to the
+/// node's loopback, where a counting listener waits). The operator runs with
+/// `--allow-loopback-acme-directory` (pebble and knot are on loopback), so a name for knot's
+/// loopback address is resolved and used: the certificate is issued through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nameserver_names_that_resolve_to_internal_addresses_are_never_sent_to() {
+    let _serial = SERIAL.lock().await;
+    let Some(w) = World::new("dns01-internal", None).await else {
+        return;
+    };
+    let cp = w.ns.control_plane;
+    let (listener_port, connections) = counting_listener();
+    let wrapper = private_hosts_wrapper(
+        cp,
+        "dns01-internal",
+        "127.0.0.1 localhost\n\
+         127.0.0.1 primary.dns01.test\n\
+         169.254.169.254 metadata.dns01.test\n\
+         0.0.0.0 unspecified.dns01.test\n",
+    );
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let env: Vec<(&str, &str)> = w.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let operator = spawn_as_operator_under(
+        cp,
+        "dns01-internal",
+        &["--resync-seconds", "30", "--allow-loopback-acme-directory"],
+        &env,
+        &wrapper,
+    );
+    eventually("the operator's caches to sync", WAIT, async || {
+        operator.ready().then_some(())
+    })
+    .await;
+    let rfc2136 = |nameserver: String| {
+        json!({"rfc2136": {
+            "nameserver": nameserver,
+            "tsigKeyName": KEY_NAME,
+            "tsigSecretRef": {"name": "tsig", "key": "secret"},
+        }})
+    };
+    let cases = [
+        (
+            "unspecified",
+            "unspecified.dns01.test",
+            listener_port,
+            "0.0.0.0",
+        ),
+        ("metadata", "metadata.dns01.test", w.port, "169.254.169.254"),
+    ];
+    for (name, host, port, _) in &cases {
+        w.apply(
+            name,
+            &[&format!("{name}.example.test")],
+            rfc2136(format!("{host}:{port}")),
+            json!({}),
+        )
+        .await;
+    }
+    for (name, host, port, ip) in &cases {
+        let reason = eventually(&format!("{name} to be refused"), WAIT, async || {
+            // Fails at once on a connection, rather than after the wait.
+            assert_eq!(
+                connections.load(Ordering::SeqCst),
+                0,
+                "the operator connected to a nameserver name that resolves to 0.0.0.0\n{}",
+                operator.log_text()
+            );
+            let c = w.certificate(name).await?;
+            c.last_failure_reason
+                .filter(|r| r.contains("spec.tls.acme.dns01.rfc2136.nameserver"))
+        })
+        .await;
+        assert!(
+            reason.contains(&format!(
+                "spec.tls.acme.dns01.rfc2136.nameserver \"{host}:{port}\": the name \"{host}\" \
+                 resolves to {ip}, "
+            )) && reason.contains("nothing was sent to it"),
+            "{name}: {reason}\n{}",
+            operator.log_text()
+        );
+        eprintln!("{name}: {reason}");
+    }
+    let metadata = w.certificate("metadata").await.unwrap();
+    assert!(
+        metadata
+            .last_failure_reason
+            .unwrap()
+            .contains("169.254.169.254, a link-local address"),
+    );
+    // Refused before any order: the CA saw none.
+    assert_eq!(pebble_orders(&w.pebble.log()), 0);
+
+    // A name for knot's own (loopback, allowed) address is resolved and used.
+    w.apply(
+        "named",
+        &["named.example.test"],
+        rfc2136(format!("primary.dns01.test:{}", w.port)),
+        json!({}),
+    )
+    .await;
+    w.valid("named").await;
+    assert_certificate_for(&w, "named", &["named.example.test"]).await;
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "the operator connected to a nameserver name that resolves to 0.0.0.0"
+    );
+    drop(operator);
 }

@@ -173,8 +173,13 @@ async fn order_once(
             "spec.tls.acme.dns01.rfc2136.tsigSecretRef: the TSIG secret in {key_source} is {e}"
         ))
     })?;
-    let provider =
-        dns01::rfc2136::Rfc2136::new(&dns01.rfc2136, secret, key_source, ctx.config.dns01_ns_port)?;
+    let provider = dns01::rfc2136::Rfc2136::new(
+        &dns01.rfc2136,
+        secret,
+        key_source,
+        ctx.config.dns01_ns_port,
+        ctx.config.allow_loopback_directory,
+    )?;
     let dns = dns01::Dns01Solver::new(
         provider,
         SecretLedger {

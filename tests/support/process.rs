@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::operator::{free_loopback_addr, http_get};
@@ -249,4 +251,44 @@ pub fn spawn_as_operator_under(
         },
         wrapper,
     )
+}
+
+/// The `wrapper` for [`spawn_as_operator_under`] that runs the operator in a mount namespace of
+/// its own whose `/etc/hosts` is `hosts` (written to `<state>/<name>-hosts-<pid>`), so that the
+/// system resolver itself answers the operator's lookups with the test's addresses, loopback
+/// and link-local ones included (root, and `unshare` from util-linux, as the node tier needs).
+pub fn private_hosts_wrapper(cp: &super::ControlPlane, name: &str, hosts: &str) -> Vec<String> {
+    let path = cp
+        .state_dir
+        .join(format!("{name}-hosts-{}", std::process::id()));
+    std::fs::write(&path, hosts).unwrap();
+    [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        r#"mount --bind "$0" /etc/hosts && exec "$@""#,
+        path.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A TCP listener on 127.0.0.1 (what listens on the node's loopback, where the operator must not
+/// connect; a connection to 0.0.0.0 lands there too): its port, and the number of connections
+/// made to it so far. The thread ends with the test binary.
+pub fn counting_listener() -> (u16, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (port, connections)
 }

@@ -12,6 +12,7 @@ use hickory_proto::rr::{Name, RData, RecordSet, RecordType, TSigner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::DnsProvider;
+use crate::acme::ca_client::{RefusedAddress, refuse_internal};
 use crate::acme::{Failure, FailureKind};
 use crate::crd::TsigAlgorithm;
 
@@ -31,6 +32,8 @@ pub struct Rfc2136 {
     /// The port the zone's other authoritative servers (its NS records) are asked on: 53;
     /// a test's servers on loopback listen elsewhere (`OPSC_ACME_DNS01_NS_PORT`).
     pub ns_port: u16,
+    /// Whether the nameserver may be a loopback address (`--allow-loopback-acme-directory`).
+    pub allow_loopback: bool,
     zones: tokio::sync::Mutex<std::collections::HashMap<String, Name>>,
 }
 
@@ -57,18 +60,71 @@ fn fqdn(name: &str) -> Result<Name, Failure> {
     Ok(n)
 }
 
+/// The host of a nameserver as validation writes it (`host:port`, `[v6]:port`).
+fn nameserver_host(nameserver: &str) -> &str {
+    let host = nameserver
+        .rsplit_once(':')
+        .map_or(nameserver, |(host, _port)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The first of `addrs` that is not internal (`refuse_internal`, loopback allowed only with
+/// `allow_loopback`), and the addresses refused (each once).
+fn checked_address(
+    host: &str,
+    addrs: impl IntoIterator<Item = SocketAddr>,
+    allow_loopback: bool,
+) -> (Option<SocketAddr>, Vec<RefusedAddress>) {
+    let mut refused: Vec<RefusedAddress> = Vec::new();
+    let mut checked = None;
+    for addr in addrs {
+        match refuse_internal(host, [addr.ip()], allow_loopback) {
+            Ok(()) => {
+                checked.get_or_insert(addr);
+            }
+            Err(r) if refused.contains(&r) => {}
+            Err(r) => refused.push(r),
+        }
+    }
+    (checked, refused)
+}
+
+/// `"ns.example" resolves to 169.254.169.254, a link-local address: ...`, each refused address
+/// with why.
+fn refused_addresses(refused: &[RefusedAddress]) -> String {
+    let Some(first) = refused.first() else {
+        return String::new();
+    };
+    let mut out = if first.host == first.ip.to_string() {
+        format!("{} is {}", first.ip, first.internal.why())
+    } else {
+        format!(
+            "the name {:?} resolves to {}, {}",
+            first.host,
+            first.ip,
+            first.internal.why()
+        )
+    };
+    for r in &refused[1..] {
+        out.push_str(&format!("; and to {}, {}", r.ip, r.internal.why()));
+    }
+    out
+}
+
 fn shown(name: &Name) -> String {
     name.to_ascii().trim_end_matches('.').to_string()
 }
 
 impl Rfc2136 {
     /// `secret` is the TSIG key (decoded); `key_source` says where it came from
-    /// (`Secret NAME, key "KEY"`).
+    /// (`Secret NAME, key "KEY"`); `allow_loopback` lets the nameserver resolve to a loopback
+    /// address (`--allow-loopback-acme-directory`).
     pub fn new(
         settings: &crate::model::Rfc2136,
         secret: Vec<u8>,
         key_source: String,
         ns_port: u16,
+        allow_loopback: bool,
     ) -> Result<Rfc2136, Failure> {
         let key_name = fqdn(&settings.tsig_key_name)?;
         let signer = TSigner::new(
@@ -88,12 +144,19 @@ impl Rfc2136 {
                 algorithm_name(settings.tsig_algorithm)
             ),
             ns_port,
+            allow_loopback,
             zones: Default::default(),
         })
     }
 
+    /// The address to send to: the first address the nameserver resolves to that is not
+    /// internal (issue 14, item 8: loopback unless `allow_loopback`, link-local with the cloud
+    /// metadata service, unspecified; the rules of the CA client, `ca_client::refuse_internal`).
+    /// Internal addresses are dropped; when nothing else is left the attempt fails naming the
+    /// field, the name and the refused addresses, and nothing is sent. Only the address checked
+    /// here is connected to (no second lookup a changed DNS answer could slip through).
     async fn server(&self) -> Result<SocketAddr, Failure> {
-        let mut addrs = tokio::net::lookup_host(self.nameserver.as_str())
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(self.nameserver.as_str())
             .await
             .map_err(|e| {
                 Failure::new(
@@ -103,13 +166,34 @@ impl Rfc2136 {
                         self.nameserver
                     ),
                 )
-            })?;
-        addrs.next().ok_or_else(|| {
-            Failure::new(
+            })?
+            .collect();
+        let (checked, refused) = checked_address(
+            nameserver_host(&self.nameserver),
+            addrs,
+            self.allow_loopback,
+        );
+        match (checked, refused.is_empty()) {
+            (Some(addr), true) => Ok(addr),
+            (Some(addr), false) => {
+                tracing::warn!(
+                    nameserver = %self.nameserver,
+                    using = %addr,
+                    refused = %refused_addresses(&refused),
+                    "DNS-01: skipping the nameserver's internal addresses"
+                );
+                Ok(addr)
+            }
+            (None, true) => Err(Failure::new(
                 FailureKind::DnsUpdateFailed,
                 format!("DNS-01: nameserver {} has no address", self.nameserver),
-            )
-        })
+            )),
+            (None, false) => Err(Failure::config(format!(
+                "DNS-01: spec.tls.acme.dns01.rfc2136.nameserver {:?}: {}; nothing was sent to it",
+                self.nameserver,
+                refused_addresses(&refused)
+            ))),
+        }
     }
 
     /// The zone holding `name`: the configured one, or the owner of the SOA the nameserver
@@ -445,4 +529,118 @@ async fn exchange(
         return Ok(verified.into_message());
     }
     Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acme::dns01::DnsProvider;
+    use crate::validate::Internal;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn provider(nameserver: &str, allow_loopback: bool) -> Rfc2136 {
+        let settings = crate::model::Rfc2136 {
+            nameserver: nameserver.to_string(),
+            zone: None,
+            tsig_key_name: "acme-key".into(),
+            tsig_algorithm: TsigAlgorithm::HmacSha256,
+            tsig_secret: crate::model::SecretKey {
+                name: "tsig".into(),
+                key: "secret".into(),
+            },
+        };
+        Rfc2136::new(
+            &settings,
+            vec![7; 32],
+            "Secret tsig".into(),
+            53,
+            allow_loopback,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn internal_addresses_of_a_nameserver_are_dropped_and_the_others_kept() {
+        let addrs = |list: &[&str]| -> Vec<SocketAddr> {
+            list.iter()
+                .map(|a| SocketAddr::new(a.parse().unwrap(), 53))
+                .collect()
+        };
+        assert_eq!(nameserver_host("ns.example:53"), "ns.example");
+        assert_eq!(nameserver_host("[2001:db8::53]:53"), "2001:db8::53");
+        // One good address among internal ones: only it is used.
+        let (checked, refused) = checked_address(
+            "ns.example",
+            addrs(&[
+                "169.254.169.254",
+                "192.0.2.53",
+                "127.0.0.1",
+                "169.254.169.254",
+            ]),
+            false,
+        );
+        assert_eq!(checked, Some(addrs(&["192.0.2.53"])[0]));
+        let refused_ips: Vec<String> = refused.iter().map(|r| r.ip.to_string()).collect();
+        assert_eq!(refused_ips, ["169.254.169.254", "127.0.0.1"]);
+        assert_eq!(
+            refused_addresses(&refused),
+            format!(
+                "the name \"ns.example\" resolves to 169.254.169.254, {}; and to 127.0.0.1, {}",
+                Internal::LinkLocal.why(),
+                Internal::Loopback.why()
+            )
+        );
+        // Loopback only with the flag; link-local, mapped and unspecified never.
+        let (checked, _) = checked_address("ns.example", addrs(&["::1"]), true);
+        assert_eq!(checked, Some(addrs(&["::1"])[0]));
+        for ip in [
+            "fe80::1",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+            "0.0.0.0",
+            "::",
+        ] {
+            let (checked, refused) = checked_address("ns.example", addrs(&[ip]), true);
+            assert_eq!((checked, refused.len()), (None, 1), "{ip}");
+        }
+    }
+
+    /// The name `localhost` (resolved by the system resolver) with the loopback flag off: the
+    /// attempt fails naming the field, the name and the address, and a listener on that
+    /// address sees no connection; with the flag, the same name is used.
+    #[tokio::test]
+    async fn a_nameserver_name_resolving_to_loopback_is_refused_without_the_flag() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while listener.accept().await.is_ok() {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let nameserver = format!("localhost:{port}");
+        let refused = provider(&nameserver, false)
+            .prepare(&["_acme-challenge.www.example.test".into()])
+            .await
+            .unwrap_err();
+        assert_eq!(refused.kind, FailureKind::Config);
+        assert!(
+            refused.message.starts_with(&format!(
+                "DNS-01: spec.tls.acme.dns01.rfc2136.nameserver {nameserver:?}: the name \
+                 \"localhost\" resolves to "
+            )) && refused.message.contains(Internal::Loopback.why())
+                && refused.message.ends_with("; nothing was sent to it"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(connections.load(Ordering::SeqCst), 0);
+
+        let allowed = provider(&nameserver, true).server().await.unwrap();
+        assert!(
+            allowed.ip().is_loopback() && allowed.port() == port,
+            "{allowed}"
+        );
+    }
 }
