@@ -32,21 +32,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// SIGTERM, then SIGKILL after 10 s ([`crate::support::process::terminate`]).
 fn stop(child: &mut Child) {
-    if let Ok(None) = child.try_wait() {
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    crate::support::process::terminate(child, Duration::from_secs(10));
 }
 
 fn wait_listening(port: u16, what: &str, child: &mut Child, log: &Path) {

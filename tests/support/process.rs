@@ -174,19 +174,7 @@ impl OperatorProcess {
     /// SIGTERM, as a kubelet stops a pod: the operator ends its work and exits; SIGKILL if it
     /// has not within `grace`.
     pub fn terminate(&mut self, grace: Duration) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        self.kill();
+        terminate(&mut self.child, grace);
     }
 
     /// The last `n` lines of the log.
@@ -194,6 +182,24 @@ impl OperatorProcess {
         let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// SIGTERM to `child`, then SIGKILL if it has not exited within `grace`; reaped either way.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    if let Ok(None) = child.try_wait() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
