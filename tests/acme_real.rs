@@ -13,7 +13,6 @@ mod gateway_support;
 mod support;
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use acme_support::{ChallTestSrv, GatewayRunner, Operator, Pebble, PebbleOptions};
@@ -352,9 +351,6 @@ async fn first_issuance_through_the_real_http01_path_then_account_reuse_and_a_ho
 /// may fail. No control plane or CA is needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_certificate_rolls_into_running_nginx_without_a_failed_request() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
     if !acme_support::parts_present() {
         return;
     }
@@ -448,96 +444,16 @@ async fn a_renewed_certificate_rolls_into_running_nginx_without_a_failed_request
     // retried once on a new connection, and that retry must succeed. Such retries are counted
     // and printed. Anything else fails the test: an error status, a response cut short, a
     // request lost on a fresh connection that nginx had accepted, or a failed retry.
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(Mutex::new(Vec::<String>::new()));
-    let retried = Arc::new(AtomicUsize::new(0));
-    let mut clients = Vec::new();
-    for i in 0..4 {
-        let (stop, ok, failed, retried) =
-            (stop.clone(), ok.clone(), failed.clone(), retried.clone());
-        let url = format!("https://{host}:{https}/c{i}");
-        let resolve = format!("{host}:{https}:127.0.0.1");
-        clients.push(std::thread::spawn(move || {
-            let per_run = if i == 3 { 1 } else { 20 };
-            let curl = |urls: usize| {
-                let mut args = vec![
-                    "-sk".to_string(),
-                    "--max-time".into(),
-                    "30".into(),
-                    "--resolve".into(),
-                    resolve.clone(),
-                    // Per transfer: status, new connections it opened (0: a reused one), and
-                    // curl's exit code for it (16: HTTP/2 stream refused).
-                    "-w".into(),
-                    "%{http_code} %{num_connects} %{exitcode}\\n".into(),
-                ];
-                for _ in 0..urls {
-                    args.extend(["-o".to_string(), "/dev/null".to_string(), url.clone()]);
-                }
-                let out = std::process::Command::new("curl")
-                    .args(&args)
-                    .output()
-                    .unwrap();
-                let lines: Vec<(String, u32, u32)> = String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .map(|l| {
-                        let mut f = l.split_whitespace();
-                        let code = f.next().unwrap_or("").to_string();
-                        let connects = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-                        let exit = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-                        (code, connects, exit)
-                    })
-                    .collect();
-                (lines, String::from_utf8_lossy(&out.stderr).to_string())
-            };
-            // Bounded: at most 2000 runs per client, and it stops when told.
-            for _ in 0..2000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let (lines, stderr) = curl(per_run);
-                let note = |what: String| {
-                    let mut note = format!("client {i}: {what}; curl stderr: {stderr}");
-                    note.truncate(400);
-                    failed.lock().unwrap().push(note);
-                };
-                if lines.len() != per_run {
-                    note(format!("{} of {per_run} transfers reported: {lines:?}", lines.len()));
-                }
-                for (code, connects, exit) in lines {
-                    if code == "200" {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    let no_response = code == "000";
-                    let may_retry = no_response && (connects == 0 || exit == 16);
-                    if !may_retry {
-                        note(format!("status {code}, {connects} new connection(s), exit {exit}"));
-                        continue;
-                    }
-                    let (again, _) = curl(1);
-                    if again.first().is_some_and(|(c, _, _)| c == "200") {
-                        retried.fetch_add(1, Ordering::Relaxed);
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        note(format!(
-                            "no response (exit {exit}, {connects} new connection(s)), and the retry got {again:?}"
-                        ));
-                    }
-                }
-            }
-        }));
-    }
+    let load = gateway_support::Load::start(host, https);
     let wait_for = |n: usize| {
         let deadline = Instant::now() + WAIT;
-        while ok.load(Ordering::Relaxed) < n {
+        while load.ok() < n {
             assert!(Instant::now() < deadline, "the load did not get going");
             std::thread::sleep(Duration::from_millis(20));
         }
     };
     wait_for(200);
-    let before_swap = ok.load(Ordering::Relaxed);
+    let before_swap = load.ok();
     version("..v2", &crt2, &key2);
     let deadline = Instant::now() + WAIT;
     while served() != new_serial.trim_start_matches('0') {
@@ -548,26 +464,23 @@ async fn a_renewed_certificate_rolls_into_running_nginx_without_a_failed_request
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let at_switch = ok.load(Ordering::Relaxed);
+    let at_switch = load.ok();
     wait_for(at_switch + 400);
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
+    let report = load.stop();
     let _ = std::process::Command::new("kill")
         .args(["-QUIT", &gateway.id().to_string()])
         .status();
     let _ = gateway.wait();
     let error_log = std::fs::read_to_string(layout.path("error.log")).unwrap_or_default();
-    let total = ok.load(Ordering::Relaxed);
-    let failures = failed.lock().unwrap().clone();
+    let total = report.ok;
+    let failures = report.failures;
     eprintln!(
         "MEASURED: certificate rollout under load: {total} requests ({before_swap} before the swap, \
          {} after nginx served the new certificate), {} failed, {} got no response on a reused \
          or refused connection and succeeded on the one retry HTTP allows",
         total - at_switch,
         failures.len(),
-        retried.load(Ordering::Relaxed)
+        report.retried
     );
     assert!(
         failures.is_empty(),
