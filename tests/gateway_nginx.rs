@@ -8,7 +8,10 @@
 
 mod gateway_support;
 
-use std::net::Ipv4Addr;
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpStream};
+use std::thread;
+use std::time::Duration;
 
 use gateway_support::{
     Backend, Gateway, Layout, OldTlsServer, Resolution, curl_many, rendered_config, tools_present,
@@ -1666,4 +1669,258 @@ spec:
         let r = gw.curl_http(host, "/");
         assert_ne!(r.status, 308, "Host {host}: {r:?}");
     }
+}
+
+/// The worker processes of the gateway's nginx master.
+fn worker_pids(gw: &Gateway) -> Vec<u32> {
+    let master = gw.pid().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(") ")?;
+            (rest.split_whitespace().nth(1) == Some(master.as_str()))
+                .then(|| e.file_name().to_str()?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// Open descriptors and resident KiB of the gateway's workers, summed.
+fn worker_usage(gw: &Gateway) -> (usize, u64) {
+    worker_pids(gw).iter().fold((0, 0), |(fds, rss), pid| {
+        let open = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        let kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        (fds + open, rss + kib)
+    })
+}
+
+/// A TLS client with its ClientHello ready to send. It never checks the server's answer (no
+/// trust anchors): the tests that use it never read one.
+fn client_hello(host: &str) -> rustls::ClientConnection {
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        rustls::pki_types::ServerName::try_from(host.to_string()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// This process's (soft, hard) open-file limits, from /proc/self/limits.
+fn nofile_limits() -> (usize, usize) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut v = line["Max open files".len()..].split_whitespace().map(|f| {
+        if f == "unlimited" {
+            usize::MAX
+        } else {
+            f.parse().unwrap()
+        }
+    });
+    (v.next().unwrap(), v.next().unwrap())
+}
+
+/// Opens `n` TCP connections to `port` that never send a byte (no TLS ClientHello).
+fn silent_connections(port: u16, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            TcpStream::connect(("127.0.0.1", port))
+                .unwrap_or_else(|e| panic!("silent connection {i}: {e}"))
+        })
+        .collect()
+}
+
+/// Waits until the server has closed every one of `conns` (a read sees EOF or a reset);
+/// returns how long that took. Bytes from the server fail it when `silent` (a connection
+/// that never wrote gets no answer), and are read past otherwise. The deadline is a hang
+/// guard, not a timing assertion.
+fn wait_closed(conns: &[TcpStream], silent: bool) -> Duration {
+    let started = std::time::Instant::now();
+    for (i, c) in conns.iter().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        loop {
+            match (&*c).read(&mut [0u8; 64]) {
+                Ok(0) => break,
+                Ok(_) if silent => panic!("silent connection {i} was sent bytes"),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(90),
+                        "silent connection {i} still open after 90 s"
+                    );
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    started.elapsed()
+}
+
+/// The `worker_connections` of a rendered configuration.
+fn rendered_worker_connections(config: &str) -> usize {
+    config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("worker_connections "))
+        .and_then(|v| v.trim_end_matches(';').parse().ok())
+        .expect("worker_connections in the configuration")
+}
+
+/// Issue 14, item 6: connections that send nothing, or start a TLS handshake and stall.
+/// nginx caps requests per client address (limit_conn) but cannot cap connections before a
+/// request. What bounds them is the header timeout (on this nginx it also covers the TLS
+/// handshake), `worker_connections`, and that idle connections give their slot up when slots
+/// run out. One worker with a 128 MiB limit shows each:
+/// - silent connections: another client is served while they are held, even past
+///   `worker_connections`, and nginx closes them all after the timeout;
+/// - stalled handshakes (a ClientHello, then nothing): they hold their slot and OpenSSL's
+///   buffers until the timeout; `worker_connections`, sized to the memory limit, keeps the
+///   worker's memory under the limit however many come (before the sizing, 4,096 of them
+///   took about 190 MiB). What a flood of them does to other clients is printed.
+#[test]
+fn silent_and_stalled_connections_are_bounded_by_the_timeout_and_the_memory_limit() {
+    if !tools_present(false) {
+        return;
+    }
+    const LIMIT_MIB: u64 = 128;
+    let flood = nginx::MAX_WORKER_CONNECTIONS as usize + 100;
+    // Room for the connections in this process: the soft descriptor limit raised to the hard
+    // one (prlimit, as tests/metrics_endpoint.rs lowers it for the operator).
+    let me = std::process::id().to_string();
+    let hard = nofile_limits().1;
+    let raise = if hard == usize::MAX {
+        "--nofile=unlimited:".to_string()
+    } else {
+        format!("--nofile={hard}:")
+    };
+    let raised = std::process::Command::new("prlimit")
+        .args(["--pid", &me, &raise])
+        .status()
+        .expect("prlimit runs");
+    assert!(raised.success(), "prlimit {raise}");
+    assert!(
+        nofile_limits().0 > flood + 200,
+        "this test needs {} descriptors, the limit is {:?}",
+        flood + 200,
+        nofile_limits()
+    );
+    let s = setup(&format!(
+        "    resources: {{limits: {{cpu: \"1\", memory: {LIMIT_MIB}Mi}}}}\n"
+    ));
+    let slots =
+        rendered_worker_connections(&std::fs::read_to_string(s.gw.layout.config_path()).unwrap());
+    assert!(
+        slots < flood,
+        "worker_connections {slots} for a {LIMIT_MIB} MiB limit"
+    );
+    assert_eq!(worker_pids(&s.gw).len(), 1, "one worker for cpu: 1");
+    let (fds_before, rss_before) = worker_usage(&s.gw);
+
+    // Silent connections, fewer than the slots: all accepted, another client served, all
+    // closed by nginx on its own timer (the client never writes).
+    let silent = slots * 3 / 4;
+    let held = silent_connections(s.gw.layout.https_port, silent);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while worker_usage(&s.gw).0 < fds_before + silent {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nginx did not accept {silent} connections: {:?}",
+            worker_usage(&s.gw)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (_, rss_held) = worker_usage(&s.gw);
+    let r = s.gw.curl_https(HOST, "/", &["--max-time", "20"]);
+    assert_eq!(
+        r.status, 200,
+        "another client while {silent} silent connections are held: {r:?}"
+    );
+    let closed_after = wait_closed(&held, true);
+    drop(held);
+    eprintln!(
+        "silent connections: {silent} held cost the worker {} KiB ({:.2} KiB each); nginx closed all after {:.1} s",
+        rss_held.saturating_sub(rss_before),
+        rss_held.saturating_sub(rss_before) as f64 / silent as f64,
+        closed_after.as_secs_f64()
+    );
+
+    // More silent connections than slots: nginx closes idle ones to take new ones.
+    let held = silent_connections(s.gw.layout.https_port, flood);
+    let r = s.gw.curl_https(HOST, "/", &["--max-time", "20"]);
+    assert_eq!(
+        r.status, 200,
+        "another client while {flood} silent connections are held: {r:?}"
+    );
+    assert!(
+        s.gw.error_log()
+            .contains("worker_connections are not enough, reusing connections"),
+        "nginx took a slot from an idle connection; its error log:\n{}",
+        s.gw.error_log()
+    );
+    wait_closed(&held, true);
+    drop(held);
+
+    // Stalled handshakes, more than the slots: the worker's memory stays under the limit.
+    let (_, rss_before) = worker_usage(&s.gw);
+    let mut peak = (0, 0);
+    let stalled: Vec<TcpStream> = silent_connections(s.gw.layout.https_port, flood)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            // A full ClientHello; the server's answer is never read.
+            let _ = client_hello(HOST).write_tls(&mut c);
+            if i % 256 == 0 {
+                let now = worker_usage(&s.gw);
+                peak = (peak.0.max(now.0), peak.1.max(now.1));
+            }
+            c
+        })
+        .collect();
+    for _ in 0..20 {
+        let now = worker_usage(&s.gw);
+        peak = (peak.0.max(now.0), peak.1.max(now.1));
+        thread::sleep(Duration::from_millis(50));
+    }
+    let during = s.gw.curl_https(HOST, "/", &["--max-time", "3"]);
+    let freed_after = wait_closed(&stalled, false);
+    drop(stalled);
+    let after = s.gw.curl_https(HOST, "/", &["--max-time", "20"]);
+    let per =
+        peak.1.saturating_sub(rss_before) as f64 / peak.0.saturating_sub(fds_before).max(1) as f64;
+    eprintln!(
+        "stalled handshakes: {flood} sent, worker_connections {slots} (one worker, memory limit {LIMIT_MIB} MiB): peak {} descriptors, {} KiB resident (about {per:.1} KiB per stalled handshake); another client meanwhile got status {} (0: refused or no answer within 3 s); nginx closed them after {:.1} s, then status {}",
+        peak.0,
+        peak.1,
+        during.status,
+        freed_after.as_secs_f64(),
+        after.status
+    );
+    assert!(
+        peak.1 < LIMIT_MIB * 1024,
+        "the worker held {} KiB with {flood} stalled handshakes, over the {LIMIT_MIB} MiB limit",
+        peak.1
+    );
+    assert_eq!(
+        after.status, 200,
+        "served again once the stalled handshakes are closed: {after:?}"
+    );
 }

@@ -163,6 +163,74 @@ pub fn worker_processes(stack: &Stack) -> String {
     }
 }
 
+/// The most connections one worker takes (`worker_connections`), and the fewest it is given
+/// when sized to a small memory limit.
+pub const MAX_WORKER_CONNECTIONS: u32 = 4096;
+const MIN_WORKER_CONNECTIONS: u32 = 256;
+
+/// What one connection may cost a worker at most, for sizing `worker_connections` to the pod's
+/// memory limit: a TLS handshake that a client starts and never finishes holds OpenSSL's
+/// state and buffers until the handshake timeout, about 48 KiB each on the gateway's nginx
+/// and OpenSSL (measured and printed by `tests/gateway_nginx.rs`), plus a margin. Idle
+/// connections cost under 1 KiB and are taken back when slots run out, so this is the bound
+/// that matters (issue 14, item 6).
+const CONNECTION_BUDGET_BYTES: u64 = 64 * 1024;
+
+/// Connections per worker: with a CPU limit (so a known number of workers) and a memory limit,
+/// as many as three quarters of the memory limit holds at [`CONNECTION_BUDGET_BYTES`] each,
+/// shared by the workers (between 256 and 4096), so that a flood of stalled handshakes is
+/// refused at the edge instead of ending in the pod's OOM kill. Otherwise 4096 (with
+/// `worker_processes auto` the number of workers is the node's CPUs, unknown here;
+/// `docs/security.md`).
+pub fn worker_connections(stack: &Stack) -> u32 {
+    let limits = stack.gateway.resources.limits.as_ref();
+    let workers = limits
+        .and_then(|l| l.get("cpu"))
+        .and_then(|q| cpu_cores(&q.0))
+        .map(|c| u64::from(c.clamp(1, 64)));
+    let memory = limits
+        .and_then(|l| l.get("memory"))
+        .and_then(|q| memory_bytes(&q.0));
+    match (workers, memory) {
+        (Some(workers), Some(bytes)) => {
+            let fit = bytes / 4 * 3 / workers / CONNECTION_BUDGET_BYTES;
+            u32::try_from(fit)
+                .unwrap_or(MAX_WORKER_CONNECTIONS)
+                .clamp(MIN_WORKER_CONNECTIONS, MAX_WORKER_CONNECTIONS)
+        }
+        _ => MAX_WORKER_CONNECTIONS,
+    }
+}
+
+/// A memory quantity in bytes (`512Mi`, `1Gi`, `500M`, `1.5G`, `134217728`, `1e9`); `None`
+/// for forms a memory limit does not take (`m`) or that do not parse.
+fn memory_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let (number, factor) = [
+        ("Ki", 1u64 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("Pi", 1 << 50),
+        ("Ei", 1 << 60),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+        ("P", 1_000_000_000_000_000),
+        ("E", 1_000_000_000_000_000_000),
+    ]
+    .iter()
+    .find_map(|(suffix, f)| q.strip_suffix(suffix).map(|n| (n, *f)))
+    .unwrap_or((q, 1));
+    let v = number
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)?;
+    let bytes = v * factor as f64;
+    (bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
 /// A CPU quantity (`500m`, `1`, `1.5`, `2`) rounded up to whole cores; `None` for other forms.
 fn cpu_cores(q: &str) -> Option<u32> {
     let q = q.trim();
@@ -193,6 +261,7 @@ pub fn shutdown_timeout_seconds(stack: &Stack) -> u32 {
 
 fn main_context(w: &mut String, stack: &Stack) {
     let workers = worker_processes(stack);
+    let connections = worker_connections(stack);
     let shutdown = shutdown_timeout_seconds(stack);
     let _ = writeln!(
         w,
@@ -210,7 +279,7 @@ worker_rlimit_nofile 10240;
 worker_shutdown_timeout {shutdown}s;
 
 events {{
-    worker_connections 4096;
+    worker_connections {connections};
 }}"
     );
 }

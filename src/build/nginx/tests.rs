@@ -556,3 +556,52 @@ spec:
     let s = with(", resources: {requests: {cpu: \"1\"}}");
     assert_eq!(worker_processes(&s), "auto");
 }
+
+#[test]
+fn worker_connections_fit_the_memory_limit_when_the_workers_are_known() {
+    let with = |resources: &str| {
+        stack(&format!(
+            "apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata: {{name: t, namespace: ns}}
+spec:
+  gateway: {{hosts: [a.example.com]{resources}}}
+  tls: {{secretName: own}}
+  services: [{{name: web, image: web:1, route: /}}]
+"
+        ))
+    };
+    // The default resources (no CPU limit, so `auto` workers): the most.
+    assert_eq!(worker_connections(&with("")), 4096);
+    assert!(
+        render(&with(""), &BuildOptions::default()).contains("\n    worker_connections 4096;\n")
+    );
+    for (limits, connections) in [
+        // 3/4 of the limit at 64 KiB a connection, shared by the workers.
+        ("{cpu: 1, memory: 128Mi}", 1536),
+        ("{cpu: 2, memory: 128Mi}", 768),
+        ("{cpu: \"500m\", memory: 256Mi}", 3072),
+        ("{cpu: 1, memory: 512Mi}", 4096),
+        ("{cpu: 4, memory: 1Gi}", 3072),
+        ("{cpu: 1, memory: 128M}", 1464),
+        ("{cpu: 1, memory: \"134217728\"}", 1536),
+        ("{cpu: 1, memory: 1.5Gi}", 4096),
+        // Tiny limits keep a floor; a limit without the other keeps the default.
+        ("{cpu: 1, memory: 8Mi}", 256),
+        ("{cpu: 64, memory: 256Mi}", 256),
+        ("{memory: 128Mi}", 4096),
+        ("{cpu: 1}", 4096),
+    ] {
+        let s = with(&format!(", resources: {{limits: {limits}}}"));
+        assert_eq!(worker_connections(&s), connections, "limits {limits}");
+        assert!(
+            render(&s, &BuildOptions::default())
+                .contains(&format!("\n    worker_connections {connections};\n")),
+            "limits {limits}"
+        );
+    }
+    assert_eq!(memory_bytes("1Ki"), Some(1024));
+    assert_eq!(memory_bytes("1e3"), Some(1000));
+    assert_eq!(memory_bytes("100m"), None);
+    assert_eq!(memory_bytes("lots"), None);
+}
