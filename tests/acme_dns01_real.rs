@@ -579,13 +579,13 @@ async fn wildcard_and_apex_issued_through_rfc2136_for_a_private_gateway() {
         .unwrap_or_else(|| panic!("a CertificateIssued Event: {events:?}"));
     let waits = propagation_waits(&log);
     assert!(!waits.is_empty(), "the propagation wait is logged: {log}");
-    eprintln!(
-        "MEASURED: DNS-01 (wildcard + apex, knot on loopback): stack applied to Valid status in \
+    support::measured(format!(
+        "DNS-01 (wildcard + apex, knot on loopback): stack applied to Valid status in \
          {:.2} s; operator: {}; propagation waits: {:?} s",
         elapsed.as_secs_f64(),
         issued_event.1,
         waits
-    );
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -800,11 +800,11 @@ async fn the_propagation_wait_covers_a_real_secondary_by_notify_and_transfer() {
         .find(|(r, _)| r == "CertificateIssued")
         .map(|(_, m)| m.clone())
         .unwrap_or_default();
-    eprintln!(
-        "MEASURED: DNS-01 with a knot secondary (NOTIFY + IXFR): stack applied to Valid in \
+    support::measured(format!(
+        "DNS-01 with a knot secondary (NOTIFY + IXFR): stack applied to Valid in \
          {:.2} s; operator: {issued}; propagation waits: {waits:?} s",
         elapsed.as_secs_f64()
-    );
+    ));
 }
 
 /// HTTP-01 and DNS-01 in one order, chosen by `dns01.domains`: `www.example.test` through the

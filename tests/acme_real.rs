@@ -289,11 +289,11 @@ async fn first_issuance_through_the_real_http01_path_then_account_reuse_and_a_ho
         .iter()
         .find(|(r, _)| r == "CertificateIssued")
         .unwrap_or_else(|| panic!("a CertificateIssued Event: {events:?}"));
-    eprintln!(
-        "MEASURED: stack applied to Valid status in {:.2} s; operator: {}",
+    support::measured(format!(
+        "stack applied to Valid status in {:.2} s; operator: {}",
         elapsed.as_secs_f64(),
         issued_event.1
-    );
+    ));
     assert!(events.iter().any(|(r, _)| r == "TemporaryCertificate"));
     let op = w.operator();
     assert!(op.metric("opsconductor_acme_requests_total{type=\"newOrder\",outcome=\"ok\"}") >= 1.0);
@@ -474,14 +474,14 @@ async fn a_renewed_certificate_rolls_into_running_nginx_without_a_failed_request
     let error_log = std::fs::read_to_string(layout.path("error.log")).unwrap_or_default();
     let total = report.ok;
     let failures = report.failures;
-    eprintln!(
-        "MEASURED: certificate rollout under load: {total} requests ({before_swap} before the swap, \
+    support::measured(format!(
+        "certificate rollout under load: {total} requests ({before_swap} before the swap, \
          {} after nginx served the new certificate), {} failed, {} got no response on a reused \
          or refused connection and succeeded on the one retry HTTP allows",
         total - at_switch,
         failures.len(),
         report.retried
-    );
+    ));
     assert!(
         failures.is_empty(),
         "failed requests: {failures:#?}\n{error_log}"
@@ -650,14 +650,14 @@ async fn external_account_binding_is_required_then_an_rsa_2048_certificate_is_is
         .iter()
         .find(|(r, _)| r == "CertificateIssued")
         .unwrap_or_else(|| panic!("a CertificateIssued Event: {events:?}"));
-    eprintln!(
-        "MEASURED: RSA-2048 with EAB: HMAC Secret fixed to Valid status in {:.2} s (includes \
+    support::measured(format!(
+        "RSA-2048 with EAB: HMAC Secret fixed to Valid status in {:.2} s (includes \
          the wait for the next attempt); RSA key made in {} ms (debug operator binary); \
          operator: {}",
         elapsed.as_secs_f64(),
         keygen_ms[0],
         issued_event.1
-    );
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

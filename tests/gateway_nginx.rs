@@ -7,6 +7,8 @@
 //! tests). Under `CI=true` a missing tool fails; elsewhere `OPSC_SKIP_NGINX=1` skips.
 
 mod gateway_support;
+#[path = "support/measured.rs"]
+mod measured;
 
 use std::io::Read;
 use std::net::{Ipv4Addr, TcpStream};
@@ -1572,14 +1574,14 @@ fn a_route_added_and_removed_through_the_pods_reload_loop_fails_no_request() {
 
     let report = load.stop();
     let reloads = pod.error_log().matches("(SIGHUP) received").count();
-    eprintln!(
-        "MEASURED: route added, refused configuration, route removed under load: {} requests, \
+    measured::measured(format!(
+        "route added, refused configuration, route removed under load: {} requests, \
          {} failed, {} got no response on a reused or refused connection and succeeded on the \
          one retry HTTP allows; {reloads} reloads",
         report.ok,
         report.failures.len(),
         report.retried
-    );
+    ));
     assert!(
         report.failures.is_empty(),
         "failed requests: {:#?}\n{}",
@@ -1856,12 +1858,12 @@ fn silent_and_stalled_connections_are_bounded_by_the_timeout_and_the_memory_limi
     );
     let closed_after = wait_closed(&held, true);
     drop(held);
-    eprintln!(
+    measured::measured(format!(
         "silent connections: {silent} held cost the worker {} KiB ({:.2} KiB each); nginx closed all after {:.1} s",
         rss_held.saturating_sub(rss_before),
         rss_held.saturating_sub(rss_before) as f64 / silent as f64,
         closed_after.as_secs_f64()
-    );
+    ));
 
     // More silent connections than slots: nginx closes idle ones to take new ones.
     let held = silent_connections(s.gw.layout.https_port, flood);
@@ -1906,14 +1908,14 @@ fn silent_and_stalled_connections_are_bounded_by_the_timeout_and_the_memory_limi
     let after = s.gw.curl_https(HOST, "/", &["--max-time", "20"]);
     let per =
         peak.1.saturating_sub(rss_before) as f64 / peak.0.saturating_sub(fds_before).max(1) as f64;
-    eprintln!(
+    measured::measured(format!(
         "stalled handshakes: {flood} sent, worker_connections {slots} (one worker, memory limit {LIMIT_MIB} MiB): peak {} descriptors, {} KiB resident (about {per:.1} KiB per stalled handshake); another client meanwhile got status {} (0: refused or no answer within 3 s); nginx closed them after {:.1} s, then status {}",
         peak.0,
         peak.1,
         during.status,
         freed_after.as_secs_f64(),
         after.status
-    );
+    ));
     assert!(
         peak.1 < LIMIT_MIB * 1024,
         "the worker held {} KiB with {flood} stalled handshakes, over the {LIMIT_MIB} MiB limit",

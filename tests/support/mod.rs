@@ -16,6 +16,7 @@
 
 pub mod audit;
 pub mod controlplane;
+pub mod measured;
 pub mod netpol;
 pub mod node;
 pub mod operator;
@@ -26,3 +27,4 @@ pub use controlplane::{
     ControlPlane, TestNamespace, admin_client, client_as, control_plane, eventually, tools_bin_dir,
     unique_name,
 };
+pub use measured::measured;
