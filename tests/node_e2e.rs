@@ -10,6 +10,7 @@
 //!   its command and reload loop), and the services' probes too.
 //!
 //! Needs root and the node (see tests/support/node.rs for the skip policy: none under CI=true).
+mod gateway_support;
 mod support;
 
 use std::path::Path;
@@ -25,6 +26,7 @@ use kube::api::{DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
 use opsconductor_operator::crd::OpsConductorStack;
 
+use gateway_support::free_port;
 use support::eventually;
 use support::netpol::{Conn, Facts, Peer, analyzer, list};
 use support::node::{Cluster, NodeNamespace, cluster};
@@ -739,13 +741,6 @@ spec:
 
 /// pebble's ACME port on the node address (the chart's ACME egress rule names it).
 const PEBBLE_PORT: u16 = 14000;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// A child process killed when dropped.
 struct Killed(std::process::Child);

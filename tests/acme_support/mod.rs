@@ -24,13 +24,7 @@ use crate::gateway_support::{Layout, local_config};
 use crate::support::ControlPlane;
 use crate::support::process::{OperatorProcess, spawn_as_operator};
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::gateway_support::free_port;
 
 /// SIGTERM, then SIGKILL after 10 s ([`crate::support::process::terminate`]).
 fn stop(child: &mut Child) {

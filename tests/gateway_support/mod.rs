@@ -89,11 +89,23 @@ pub fn root() -> PathBuf {
 
 /// A free TCP port on 127.0.0.1 (the listener is closed again; nginx binds it next).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // bind(0) can hand out the same port twice in a row once the first listener is closed: a
+    // gateway once got one port for both HTTP and HTTPS ("a duplicate default server"), so
+    // no port is given twice in a process. (Another process can still take one before its
+    // user binds it; the users retry on "Address already in use".)
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 pub fn ipv6_loopback() -> bool {
@@ -1310,7 +1322,13 @@ pub struct LoadReport {
 }
 
 impl Load {
+    /// The load on a gateway on this machine (`host` resolved to 127.0.0.1).
     pub fn start(host: &str, https_port: u16) -> Load {
+        Load::start_at(host, https_port, "127.0.0.1")
+    }
+
+    /// The load on `https://<host>:<https_port>` with `host` resolved to `address`.
+    pub fn start_at(host: &str, https_port: u16, address: &str) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -1320,7 +1338,7 @@ impl Load {
             let (stop, ok, failed, retried) =
                 (stop.clone(), ok.clone(), failed.clone(), retried.clone());
             let url = format!("https://{host}:{https_port}/c{i}");
-            let resolve = format!("{host}:{https_port}:127.0.0.1");
+            let resolve = format!("{host}:{https_port}:{address}");
             clients.push(thread::spawn(move || {
                 let per_run = if i == 3 { 1 } else { 20 };
                 let curl = |urls: usize| {
