@@ -952,3 +952,98 @@ async fn a_route_change_is_applied_without_a_roll_and_an_image_change_rolls() {
     .await;
     assert!(rolled.metadata.generation > generation);
 }
+
+/// The versions a watch saw, as (resourceVersion, object).
+type Seen<K> = std::sync::Arc<std::sync::Mutex<Vec<(u64, K)>>>;
+
+/// Every version of the objects named `name` of kind `K` in `ns` that a watch sees, as
+/// (resourceVersion, object), collected until the returned handle is aborted.
+fn versions<K>(client: &Client, ns: &str, name: &str) -> (Seen<K>, tokio::task::JoinHandle<()>)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    use futures::StreamExt;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let config = kube::runtime::watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let out = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut stream = kube::runtime::watcher(api, config).boxed();
+        while let Some(event) = stream.next().await {
+            let objects = match event {
+                Ok(kube::runtime::watcher::Event::Apply(o))
+                | Ok(kube::runtime::watcher::Event::InitApply(o)) => vec![o],
+                _ => continue,
+            };
+            for o in objects {
+                let rv = o
+                    .resource_version()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                out.lock().unwrap().push((rv, o));
+            }
+        }
+    });
+    (seen, task)
+}
+
+/// The gateway is created only once its configuration has an address for every routed
+/// service: its pods start with the configuration they mount then, and a route without an
+/// address answers 503 until the kubelet brings the next one, a minute or more, while the
+/// stack says Ready (seen on the node). Watches on the gateway ConfigMap and Deployment, from
+/// before the stack exists, show which configuration existed when the Deployment was created.
+#[tokio::test]
+async fn the_gateway_is_created_with_an_address_for_every_route() {
+    let Some(_op) = operator().await else { return };
+    let Some(ns) = TestNamespace::new("first-config").await else {
+        return;
+    };
+    let (configs, config_watch) =
+        versions::<ConfigMap>(&ns.client, &ns.name, "prod-gateway-config");
+    let (deployments, deployment_watch) =
+        versions::<Deployment>(&ns.client, &ns.name, "prod-gateway");
+    // Both watches are established before the stack exists (an empty list first).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    apply_stack(&ns.client, &example("opsconductor.yaml", &ns.name)).await;
+    converged(&ns.client, &ns.name, "prod").await;
+    eventually("the gateway Deployment to be seen", WAIT, || async {
+        (!deployments.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let complete = |c: &ConfigMap| {
+        !c.data
+            .as_ref()
+            .and_then(|d| d.get("nginx.conf"))
+            .expect("nginx.conf in the gateway ConfigMap")
+            .contains("No ClusterIP")
+    };
+    eventually("the configuration to have every address", WAIT, || async {
+        configs
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|(_, c)| complete(c))
+            .then_some(())
+    })
+    .await;
+    config_watch.abort();
+    deployment_watch.abort();
+    let created = deployments.lock().unwrap()[0].0;
+    let configs = configs.lock().unwrap();
+    let before: Vec<(u64, bool)> = configs
+        .iter()
+        .map(|(rv, c)| (*rv, complete(c)))
+        .filter(|(rv, _)| *rv < created)
+        .collect();
+    assert!(
+        before.last().is_some_and(|(_, complete)| *complete),
+        "the gateway Deployment was created (resourceVersion {created}) when its configuration \
+         was (resourceVersion, every route has an address): {before:?}"
+    );
+}

@@ -19,6 +19,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -69,7 +71,7 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
         }
     };
     let certificate = dereference(stack, ctx, &model).await?;
-    let bundle = build(ctx, &model, &certificate);
+    let bundle = build(ctx, &model, &certificate).await?;
     let report = apply(stack, ctx, &model, &bundle, &certificate).await?;
     let requeue = certificate
         .requeue_after
@@ -147,14 +149,81 @@ async fn dereference(
 }
 
 /// Stage 4, build: the desired objects. The gateway answers ACME challenges with the account's
-/// thumbprint, and reaches the routed services by the ClusterIPs the Service cache holds.
-fn build(ctx: &Context, model: &Stack, certificate: &Certificate) -> Bundle {
+/// thumbprint, and reaches the routed services by their ClusterIPs ([`addresses`]).
+///
+/// A gateway is first created only once every routed service has its address: its pods start
+/// with the configuration they mount then, and a route without an address answers 503 until
+/// the kubelet brings them the next one (up to a minute or more), while the stack already
+/// said Ready (seen on the node: the first request to a route got 503 after Ready). Until
+/// then the Deployment is left out of this pass; the Services it creates reconcile the stack
+/// again at once, with their addresses. A gateway that exists is always kept (and updated).
+async fn build(ctx: &Context, model: &Stack, certificate: &Certificate) -> Result<Bundle, Error> {
+    let (addresses, waiting) = addresses(ctx, model).await?;
     let options = BuildOptions {
         acme_thumbprint: certificate.thumbprint.clone(),
-        upstreams: build::Upstreams::ClusterIps(cluster_ips(ctx, model)),
+        upstreams: build::Upstreams::ClusterIps(addresses),
         ..ctx.options.build.clone()
     };
-    build::build(model, &options)
+    let mut bundle = build::build(model, &options);
+    if !waiting.is_empty() {
+        let name = names::gateway(&model.name);
+        let cached = ctx
+            .stores
+            .deployments
+            .get(&ObjectRef::new(&name).within(&model.namespace))
+            .is_some();
+        let exists = cached
+            || Api::<Deployment>::namespaced(ctx.client.clone(), &model.namespace)
+                .get_metadata_opt(&name)
+                .await
+                .map_err(|e| Error::Apply(Request::Kube(e)))?
+                .is_some();
+        if !exists {
+            tracing::info!(
+                waiting = ?waiting,
+                "the gateway is created once these services have their ClusterIPs"
+            );
+            bundle
+                .deployments
+                .retain(|d| d.metadata.name.as_deref() != Some(name.as_str()));
+        }
+    }
+    Ok(bundle)
+}
+
+/// The ClusterIP of each routed service, and the routed services that have none yet. The
+/// Service cache first; a Service it does not hold (one this stack created a moment ago) is
+/// read from the API server.
+async fn addresses(
+    ctx: &Context,
+    model: &Stack,
+) -> Result<
+    (
+        std::collections::BTreeMap<String, std::net::IpAddr>,
+        Vec<String>,
+    ),
+    Error,
+> {
+    let mut found = cluster_ips(ctx, model);
+    let mut waiting = Vec::new();
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &model.namespace);
+    for svc in model.services.iter().filter(|s| s.route.is_some()) {
+        let name = svc.name.to_string();
+        if found.contains_key(&name) {
+            continue;
+        }
+        let read = api
+            .get_opt(&name)
+            .await
+            .map_err(|e| Error::Apply(Request::Kube(e)))?;
+        match read.as_ref().and_then(|s| our_cluster_ip(s, model)) {
+            Some(ip) => {
+                found.insert(name, ip);
+            }
+            None => waiting.push(name),
+        }
+    }
+    Ok((found, waiting))
 }
 
 /// Stage 5, apply: writes what differs and prunes what is no longer wanted (see
@@ -286,17 +355,20 @@ fn cluster_ips(
                 .services
                 .get(&ObjectRef::new(svc.name.as_str()).within(&model.namespace))?
                 .decode();
-            let labels = service.metadata.labels.as_ref()?;
-            let ours = labels.get(names::STACK_LABEL).map(String::as_str)
-                == Some(model.name.as_str())
-                && labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGER);
-            if !ours {
-                return None;
-            }
-            let ip = service.spec?.cluster_ip?.parse().ok()?;
-            Some((svc.name.to_string(), ip))
+            Some((svc.name.to_string(), our_cluster_ip(&service, model)?))
         })
         .collect()
+}
+
+/// The ClusterIP of `service` when it is this stack's (its stack and managed-by labels).
+fn our_cluster_ip(service: &Service, model: &Stack) -> Option<std::net::IpAddr> {
+    let labels = service.metadata.labels.as_ref()?;
+    let ours = labels.get(names::STACK_LABEL).map(String::as_str) == Some(model.name.as_str())
+        && labels.get(names::MANAGED_BY_LABEL).map(String::as_str) == Some(names::MANAGER);
+    if !ours {
+        return None;
+    }
+    service.spec.as_ref()?.cluster_ip.as_ref()?.parse().ok()
 }
 
 /// Ready=False/InvalidSpec with every problem; nothing else is touched. The Event is sent
