@@ -344,6 +344,125 @@ async fn first_issuance_through_the_real_http01_path_then_account_reuse_and_a_ho
     );
 }
 
+/// HTTP-01 behind a load balancer that sends the PROXY protocol (`proxyProtocol` with
+/// `tls.acme`): Debian's HAProxy stands for the load balancer (from 127.0.0.2, the one
+/// trusted proxy) on both ports, and pebble validates through it, as a CA reaches a host's
+/// public address. The operator's self-check goes straight to nginx's port 80 with its own
+/// `PROXY UNKNOWN` header. The certificate is issued and served through the proxy; nginx's
+/// log shows pebble's validations arriving through HAProxy under pebble's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_through_a_load_balancer_that_sends_the_proxy_protocol() {
+    let _serial = SERIAL.lock().await;
+    if !gateway_support::tool_present("haproxy", &["-v"], "haproxy") {
+        return;
+    }
+    let Some(mut w) = World::new("acme-pp", 90 * 86_400, 0).await else {
+        return;
+    };
+    let proxy = gateway_support::HaProxy::start(&[
+        gateway_support::Frontend {
+            name: "http",
+            to_port: w.gateway.http_port(),
+            source: "127.0.0.2",
+            send_proxy: "send-proxy",
+        },
+        gateway_support::Frontend {
+            name: "https",
+            to_port: w.gateway.https_port(),
+            source: "127.0.0.2",
+            send_proxy: "send-proxy-v2",
+        },
+    ]);
+    // pebble validates through the proxy (it keeps no state worth keeping yet).
+    w.pebble.options.http_port = proxy.port("http");
+    w.pebble.restart(w.tools);
+    w.start_operator();
+    let mut stack = serde_json::to_value(w.stack(&["shop.test"])).unwrap();
+    stack["spec"]["gateway"]["proxyProtocol"] = json!(true);
+    stack["spec"]["gateway"]["trustedProxies"] = json!(["127.0.0.2/32"]);
+    let stack: OpsConductorStack = serde_json::from_value(stack).unwrap();
+    support::operator::apply_stack(w.client(), &stack).await;
+
+    let issued = w.valid("a Valid certificate", |_| true).await;
+    assert_eq!(issued.hosts, ["shop.test"]);
+    let expected = issued
+        .serial
+        .as_deref()
+        .unwrap()
+        .trim_start_matches('0')
+        .to_string();
+    eventually("nginx to serve it through the proxy", WAIT, async || {
+        (w.gateway
+            .served_serial_via(proxy.port("https"), "shop.test")
+            .as_deref()
+            == Some(expected.as_str()))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        w.gateway.served_serial("shop.test").is_none(),
+        "served without a PROXY header"
+    );
+    let config = std::fs::read_to_string(w.gateway.layout.config_path()).unwrap();
+    assert!(
+        config.contains("proxy_protocol"),
+        "the gateway's listeners expect the PROXY protocol:\n{config}"
+    );
+    // Whose requests reached the challenge path: pebble's through HAProxy (peer 127.0.0.2,
+    // client pebble's 127.0.0.1), the self-check's directly (127.0.0.1 both).
+    let entries: Vec<serde_json::Value> = w
+        .gateway
+        .access_log()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let challenge = |e: &&serde_json::Value| {
+        e["uri"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("/.well-known/acme-challenge/"))
+    };
+    let peers = |self_check: bool| -> Vec<(String, String)> {
+        entries
+            .iter()
+            .filter(challenge)
+            .filter(|e| {
+                e["uri"]
+                    .as_str()
+                    .unwrap()
+                    .contains("opsconductor-self-check-")
+                    == self_check
+            })
+            .map(|e| {
+                (
+                    e["remote_addr"].as_str().unwrap_or("").to_string(),
+                    e["peer_addr"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    // The order's tokens: pebble's validations through HAProxy, and the operator's check of
+    // each token straight to nginx; the probe tokens: the operator's check before ordering.
+    let (tokens, probes) = (peers(false), peers(true));
+    eprintln!("challenge requests (client, TCP peer): order tokens {tokens:?}, probes {probes:?}");
+    assert!(
+        tokens
+            .iter()
+            .any(|(a, p)| a == "127.0.0.1" && p == "127.0.0.2"),
+        "no validation came through the proxy: {entries:?}\n{}",
+        w.pebble.log()
+    );
+    assert!(!probes.is_empty(), "{entries:?}");
+    // PROXY UNKNOWN claims no address: whatever reached nginx directly keeps its own.
+    assert!(
+        tokens
+            .iter()
+            .chain(&probes)
+            .all(|(a, p)| p == "127.0.0.2" || a == p),
+        "{entries:?}"
+    );
+    drop(proxy);
+}
+
 /// The rollout of a renewed certificate into running gateway pods, proven with real nginx
 /// running the gateway container's own command (the reload loop of `src/build/gateway.rs`):
 /// under continuous HTTPS load, the Secret volume is updated the way the kubelet does it (an

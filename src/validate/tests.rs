@@ -1074,3 +1074,23 @@ fn gateway_images_outside_the_allow_list_are_refused() {
         );
     }
 }
+
+/// The PROXY protocol goes with ACME (the base stack has `tls.acme`): the CA validates through
+/// the proxy that sends the header, the self-check sends its own. Without trusted proxies it
+/// is still refused.
+#[test]
+fn the_proxy_protocol_is_accepted_with_acme() {
+    let stack = run({
+        let mut v = base();
+        v["spec"]["gateway"]["proxyProtocol"] = json!(true);
+        v["spec"]["gateway"]["trustedProxies"] = json!(["10.0.0.0/8"]);
+        v
+    })
+    .unwrap();
+    assert!(stack.gateway.proxy_protocol);
+    assert!(matches!(stack.tls.source, CertificateSource::Acme(_)));
+    assert_error(
+        |v| v["spec"]["gateway"]["proxyProtocol"] = json!(true),
+        "spec.gateway.trustedProxies: proxyProtocol: true needs the addresses",
+    );
+}
