@@ -409,56 +409,52 @@ async fn http01_through_a_load_balancer_that_sends_the_proxy_protocol() {
         "the gateway's listeners expect the PROXY protocol:\n{config}"
     );
     // Whose requests reached the challenge path: pebble's through HAProxy (peer 127.0.0.2,
-    // client pebble's 127.0.0.1), the self-check's directly (127.0.0.1 both).
-    let entries: Vec<serde_json::Value> = w
-        .gateway
-        .access_log()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let challenge = |e: &&serde_json::Value| {
-        e["uri"]
-            .as_str()
-            .is_some_and(|u| u.starts_with("/.well-known/acme-challenge/"))
+    // client pebble's 127.0.0.1), the self-check's directly (127.0.0.1 both). The order
+    // tokens: pebble's validations and the operator's check of each token; the probe tokens:
+    // the operator's check before ordering. nginx writes a line once it has answered, so the
+    // log is read until both kinds are in it.
+    type Seen = Vec<(String, String)>;
+    let split = |log: &str| -> (Seen, Seen) {
+        let mut kinds = (Vec::new(), Vec::new());
+        for e in log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        {
+            let Some(uri) = e["uri"].as_str() else {
+                continue;
+            };
+            let Some(token) = uri.strip_prefix("/.well-known/acme-challenge/") else {
+                continue;
+            };
+            let seen = (
+                e["remote_addr"].as_str().unwrap_or("").to_string(),
+                e["peer_addr"].as_str().unwrap_or("").to_string(),
+            );
+            if token.starts_with("opsconductor-self-check-") {
+                kinds.1.push(seen);
+            } else {
+                kinds.0.push(seen);
+            }
+        }
+        kinds
     };
-    let peers = |self_check: bool| -> Vec<(String, String)> {
-        entries
+    let (tokens, probes) = eventually("pebble's validation in nginx's log", WAIT, async || {
+        let (tokens, probes) = split(&w.gateway.access_log());
+        (tokens
             .iter()
-            .filter(challenge)
-            .filter(|e| {
-                e["uri"]
-                    .as_str()
-                    .unwrap()
-                    .contains("opsconductor-self-check-")
-                    == self_check
-            })
-            .map(|e| {
-                (
-                    e["remote_addr"].as_str().unwrap_or("").to_string(),
-                    e["peer_addr"].as_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect()
-    };
-    // The order's tokens: pebble's validations through HAProxy, and the operator's check of
-    // each token straight to nginx; the probe tokens: the operator's check before ordering.
-    let (tokens, probes) = (peers(false), peers(true));
+            .any(|(a, p)| a == "127.0.0.1" && p == "127.0.0.2")
+            && !probes.is_empty())
+        .then_some((tokens, probes))
+    })
+    .await;
     eprintln!("challenge requests (client, TCP peer): order tokens {tokens:?}, probes {probes:?}");
-    assert!(
-        tokens
-            .iter()
-            .any(|(a, p)| a == "127.0.0.1" && p == "127.0.0.2"),
-        "no validation came through the proxy: {entries:?}\n{}",
-        w.pebble.log()
-    );
-    assert!(!probes.is_empty(), "{entries:?}");
     // PROXY UNKNOWN claims no address: whatever reached nginx directly keeps its own.
     assert!(
         tokens
             .iter()
             .chain(&probes)
             .all(|(a, p)| p == "127.0.0.2" || a == p),
-        "{entries:?}"
+        "{tokens:?} {probes:?}"
     );
     drop(proxy);
 }
