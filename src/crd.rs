@@ -136,7 +136,9 @@ pub struct GatewaySpec {
     #[schemars(length(max = 100), inner(length(max = 43)))]
     pub trusted_proxies: Vec<String>,
     /// The gateway's listeners on 80 and 443 expect the PROXY protocol (v1 or v2) on every
-    /// connection; a connection without it is closed. Needs `trustedProxies`. Default false.
+    /// connection; a connection without it is closed. Needs `trustedProxies`. With
+    /// `tls.acme`, the proxy must send it on port 80 too: the CA's HTTP-01 validation comes
+    /// through it. Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub proxy_protocol: bool,
     /// Request headers removed before a request goes to a service, on top of `X-Internal` and

@@ -344,6 +344,121 @@ async fn first_issuance_through_the_real_http01_path_then_account_reuse_and_a_ho
     );
 }
 
+/// HTTP-01 behind a load balancer that sends the PROXY protocol (`proxyProtocol` with
+/// `tls.acme`): Debian's HAProxy stands for the load balancer (from 127.0.0.2, the one
+/// trusted proxy) on both ports, and pebble validates through it, as a CA reaches a host's
+/// public address. The operator's self-check goes straight to nginx's port 80 with its own
+/// `PROXY UNKNOWN` header. The certificate is issued and served through the proxy; nginx's
+/// log shows pebble's validations arriving through HAProxy under pebble's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_through_a_load_balancer_that_sends_the_proxy_protocol() {
+    let _serial = SERIAL.lock().await;
+    if !gateway_support::tool_present("haproxy", &["-v"], "haproxy") {
+        return;
+    }
+    let Some(mut w) = World::new("acme-pp", 90 * 86_400, 0).await else {
+        return;
+    };
+    let proxy = gateway_support::HaProxy::start(&[
+        gateway_support::Frontend {
+            name: "http",
+            to_port: w.gateway.http_port(),
+            source: "127.0.0.2",
+            send_proxy: "send-proxy",
+        },
+        gateway_support::Frontend {
+            name: "https",
+            to_port: w.gateway.https_port(),
+            source: "127.0.0.2",
+            send_proxy: "send-proxy-v2",
+        },
+    ]);
+    // pebble validates through the proxy (it keeps no state worth keeping yet).
+    w.pebble.options.http_port = proxy.port("http");
+    w.pebble.restart(w.tools);
+    w.start_operator();
+    let mut stack = serde_json::to_value(w.stack(&["shop.test"])).unwrap();
+    stack["spec"]["gateway"]["proxyProtocol"] = json!(true);
+    stack["spec"]["gateway"]["trustedProxies"] = json!(["127.0.0.2/32"]);
+    let stack: OpsConductorStack = serde_json::from_value(stack).unwrap();
+    support::operator::apply_stack(w.client(), &stack).await;
+
+    let issued = w.valid("a Valid certificate", |_| true).await;
+    assert_eq!(issued.hosts, ["shop.test"]);
+    let expected = issued
+        .serial
+        .as_deref()
+        .unwrap()
+        .trim_start_matches('0')
+        .to_string();
+    eventually("nginx to serve it through the proxy", WAIT, async || {
+        (w.gateway
+            .served_serial_via(proxy.port("https"), "shop.test")
+            .as_deref()
+            == Some(expected.as_str()))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        w.gateway.served_serial("shop.test").is_none(),
+        "served without a PROXY header"
+    );
+    let config = std::fs::read_to_string(w.gateway.layout.config_path()).unwrap();
+    assert!(
+        config.contains("proxy_protocol"),
+        "the gateway's listeners expect the PROXY protocol:\n{config}"
+    );
+    // Whose requests reached the challenge path: pebble's through HAProxy (peer 127.0.0.2,
+    // client pebble's 127.0.0.1), the self-check's directly (127.0.0.1 both). The order
+    // tokens: pebble's validations and the operator's check of each token; the probe tokens:
+    // the operator's check before ordering. nginx writes a line once it has answered, so the
+    // log is read until both kinds are in it.
+    type Seen = Vec<(String, String)>;
+    let split = |log: &str| -> (Seen, Seen) {
+        let mut kinds = (Vec::new(), Vec::new());
+        for e in log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        {
+            let Some(uri) = e["uri"].as_str() else {
+                continue;
+            };
+            let Some(token) = uri.strip_prefix("/.well-known/acme-challenge/") else {
+                continue;
+            };
+            let seen = (
+                e["remote_addr"].as_str().unwrap_or("").to_string(),
+                e["peer_addr"].as_str().unwrap_or("").to_string(),
+            );
+            if token.starts_with("opsconductor-self-check-") {
+                kinds.1.push(seen);
+            } else {
+                kinds.0.push(seen);
+            }
+        }
+        kinds
+    };
+    let (tokens, probes) = eventually("pebble's validation in nginx's log", WAIT, async || {
+        let (tokens, probes) = split(&w.gateway.access_log());
+        (tokens
+            .iter()
+            .any(|(a, p)| a == "127.0.0.1" && p == "127.0.0.2")
+            && !probes.is_empty())
+        .then_some((tokens, probes))
+    })
+    .await;
+    eprintln!("challenge requests (client, TCP peer): order tokens {tokens:?}, probes {probes:?}");
+    // PROXY UNKNOWN claims no address: whatever reached nginx directly keeps its own.
+    assert!(
+        tokens
+            .iter()
+            .chain(&probes)
+            .all(|(a, p)| p == "127.0.0.2" || a == p),
+        "{tokens:?} {probes:?}"
+    );
+    drop(proxy);
+}
+
 /// The rollout of a renewed certificate into running gateway pods, proven with real nginx
 /// running the gateway container's own command (the reload loop of `src/build/gateway.rs`):
 /// under continuous HTTPS load, the Secret volume is updated the way the kubelet does it (an

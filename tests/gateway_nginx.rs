@@ -1426,6 +1426,118 @@ fn the_proxy_protocol_names_the_client_only_when_a_trusted_proxy_sends_it() {
     assert!(!gw.error_log().contains("[emerg]"), "{}", gw.error_log());
 }
 
+/// HTTP-01 under the PROXY protocol (`proxyProtocol` with `tls.acme`): the CA's validation
+/// comes through the proxy that sends the header (HAProxy here, the CA's connection from
+/// 127.0.0.7), and the operator's own self-check, the real `GatewaySolver`, reaches port 80
+/// directly and opens its connection with `PROXY UNKNOWN`: nginx answers it and keeps the
+/// operator's address. The same check without the header gets no answer, like any client
+/// that skips the proxy.
+#[test]
+fn the_http01_challenge_is_answered_under_the_proxy_protocol() {
+    use opsconductor_operator::acme::http01::GatewaySolver;
+    use opsconductor_operator::acme::order::Solver;
+    if !tools_present(false) || !gateway_support::tool_present("haproxy", &["-v"], "haproxy") {
+        return;
+    }
+    let auth = Backend::start("auth");
+    let web = Backend::start("web");
+    let yaml = stack_yaml(
+        auth.port,
+        web.port,
+        "    proxyProtocol: true\n    trustedProxies: [127.0.0.2/32]\n",
+        "",
+    );
+    let gw = Gateway::start(&yaml, options(), Resolution::Loopback, &[HOST, OTHER_HOST]);
+    let http = gw.layout.http_port;
+    let lb = gateway_support::HaProxy::start(&[gateway_support::Frontend {
+        name: "http",
+        to_port: http,
+        source: "127.0.0.2",
+        send_proxy: "send-proxy",
+    }]);
+    // The CA, through the proxy.
+    let token = "ca-token_0123";
+    let r = gateway_support::curl(&[
+        "-H",
+        &format!("Host: {HOST}"),
+        "--interface",
+        "127.0.0.7",
+        &format!(
+            "http://127.0.0.1:{}/.well-known/acme-challenge/{token}",
+            lb.port("http")
+        ),
+    ]);
+    assert_eq!(
+        (r.status, r.body.trim()),
+        (200, format!("{token}.{THUMBPRINT}").as_str()),
+        "{r:?}"
+    );
+    // The operator's self-check, straight to the gateway's port 80.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{http}");
+    let hosts = [HOST.to_string()];
+    let with_header = GatewaySolver::new(base.clone(), std::time::Duration::from_secs(20), true);
+    runtime
+        .block_on(with_header.prepare(&hosts, THUMBPRINT))
+        .expect("the self-check with the PROXY header is answered");
+    runtime
+        .block_on(with_header.check(HOST, "self-token", &format!("self-token.{THUMBPRINT}")))
+        .expect("the self-check of a token is answered");
+    // Without the header nginx waits for one and closes the connection: no answer.
+    let without = GatewaySolver::new(base, std::time::Duration::from_secs(1), false);
+    let refused = runtime
+        .block_on(without.prepare(&hosts, THUMBPRINT))
+        .expect_err("answered without a PROXY header");
+    assert!(
+        refused
+            .message
+            .contains("not reachable through the gateway"),
+        "{}",
+        refused.message
+    );
+    // The log: the CA's request names the client HAProxy accepted and HAProxy as the peer;
+    // the self-check's requests keep the operator's own address (PROXY UNKNOWN claims none).
+    let logged: Vec<(String, String, String)> = access_entries(&gw, 3)
+        .iter()
+        .map(|e| {
+            let field = |k: &str| e[k].as_str().unwrap().to_string();
+            (field("uri"), field("remote_addr"), field("peer_addr"))
+        })
+        .collect();
+    let challenge = |t: &str| format!("/.well-known/acme-challenge/{t}");
+    assert!(
+        logged.contains(&(
+            challenge(token),
+            "127.0.0.7".to_string(),
+            "127.0.0.2".to_string()
+        )),
+        "{logged:?}"
+    );
+    assert!(
+        logged.contains(&(
+            challenge("self-token"),
+            "127.0.0.1".to_string(),
+            "127.0.0.1".to_string()
+        )),
+        "{logged:?}"
+    );
+    let self_checks: Vec<_> = logged
+        .iter()
+        .filter(|(u, _, _)| u.starts_with(&challenge("opsconductor-self-check-")))
+        .collect();
+    assert!(!self_checks.is_empty(), "{logged:?}");
+    assert!(
+        self_checks
+            .iter()
+            .all(|(_, a, p)| a == "127.0.0.1" && p == "127.0.0.1"),
+        "{logged:?}"
+    );
+    assert!(!gw.error_log().contains("[emerg]"), "{}", gw.error_log());
+}
+
 /// Not a test: writes the gateway configuration for `scripts/bench-gateway`, rendered by the
 /// operator's builder exactly as for the tests. Reads OPSC_BENCH_DIR (with config/, tls/,
 /// tmp/), OPSC_BENCH_BACKEND_PORT, OPSC_BENCH_HTTP_PORT and OPSC_BENCH_HTTPS_PORT. The mode is

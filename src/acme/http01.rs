@@ -2,15 +2,26 @@
 //! `<token>.<thumbprint>` from its nginx configuration, so [`GatewaySolver`] has nothing to
 //! present or clean up; it checks, before ordering and before telling the CA, that the answer
 //! comes back through the gateway Service.
+//!
+//! With `spec.gateway.proxyProtocol` the gateway's port 80 expects a PROXY protocol header on
+//! every connection, so the check opens each of its connections with `PROXY UNKNOWN\r\n`
+//! ([`SELF_CHECK_PROXY_HEADER`]): the gateway then keeps the operator's own address, and
+//! nothing is claimed about a client. The CA's own validation comes through the load balancer
+//! or proxy in front of the gateway, which sends the header (docs/gateway.md).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use instant_acme::ChallengeType;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use super::order::{Solver, error_chain};
 use super::{Failure, FailureKind};
@@ -22,13 +33,20 @@ pub struct GatewaySolver {
     pub base_url: String,
     /// How long the check waits for a correct answer.
     pub patience: Duration,
-    client: HyperClient<HttpConnector, Empty<Bytes>>,
+    client: HyperClient<SelfCheckConnector, Empty<Bytes>>,
 }
 
 impl GatewaySolver {
-    pub fn new(base_url: String, patience: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    /// `proxy_protocol`: the gateway's listeners expect the PROXY protocol
+    /// (`spec.gateway.proxyProtocol`), so every connection of the check starts with
+    /// [`SELF_CHECK_PROXY_HEADER`].
+    pub fn new(base_url: String, patience: Duration, proxy_protocol: bool) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let connector = SelfCheckConnector {
+            http,
+            proxy_protocol,
+        };
         Self {
             base_url: base_url.trim_end_matches('/').to_string(),
             patience,
@@ -138,6 +156,53 @@ impl Solver for GatewaySolver {
     }
 
     async fn clean_up(&self, _host: &str, _token: &str, _key_authorization: &str) {}
+}
+
+/// What the self-check sends first on each connection to a gateway that expects the PROXY
+/// protocol: version 1 with the `UNKNOWN` family, which the protocol provides for a sender's
+/// own connections such as health checks. The receiver keeps the TCP peer's address (nginx
+/// sets no `$proxy_protocol_addr`, and its realip module leaves `$remote_addr` alone), so the
+/// operator never names a client it is not.
+pub const SELF_CHECK_PROXY_HEADER: &[u8] = b"PROXY UNKNOWN\r\n";
+
+/// The self-check's connector: a plain TCP connection ([`HttpConnector`]), opened with
+/// [`SELF_CHECK_PROXY_HEADER`] when the gateway expects the PROXY protocol.
+#[derive(Clone)]
+pub struct SelfCheckConnector {
+    http: HttpConnector,
+    proxy_protocol: bool,
+}
+
+type ConnectFuture = Pin<
+    Box<
+        dyn Future<Output = Result<TokioIo<TcpStream>, Box<dyn std::error::Error + Send + Sync>>>
+            + Send,
+    >,
+>;
+
+impl tower_service::Service<http::Uri> for SelfCheckConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.http.call(uri);
+        let proxy_protocol = self.proxy_protocol;
+        Box::pin(async move {
+            let mut io = connecting.await?;
+            if proxy_protocol {
+                io.inner_mut()
+                    .write_all(SELF_CHECK_PROXY_HEADER)
+                    .await
+                    .map_err(|e| format!("sending the PROXY protocol header: {e}"))?;
+            }
+            Ok(io)
+        })
+    }
 }
 
 /// A random probe token (base64url of 16 random bytes; the gateway accepts `[-_A-Za-z0-9]+`).

@@ -141,6 +141,7 @@ async fn order_once(
     let gateway = http01::GatewaySolver::new(
         ctx.config.gateway_url(&ctx.stack),
         ctx.config.self_check_patience,
+        ctx.stack.gateway.proxy_protocol,
     );
     let request = order::Request {
         hosts: ctx.stack.gateway.hosts.clone(),

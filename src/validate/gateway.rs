@@ -162,13 +162,9 @@ fn validate_edge(spec: &OpsConductorStackSpec, errs: &mut Errors) -> (Vec<IpNet>
              them every client would have the proxy's address",
         );
     }
-    if g.proxy_protocol && spec.tls.acme.is_some() {
-        errs.add(
-            "spec.gateway.proxyProtocol",
-            "cannot be combined with tls.acme yet: the operator's self-check of the HTTP-01 \
-             challenge reaches the gateway without a PROXY protocol header; use tls.secretName",
-        );
-    }
+    // With tls.acme, HTTP-01 works under the PROXY protocol too: the CA's validation comes
+    // through the proxy that sends the header, and the operator's self-check sends its own
+    // (acme::http01::SELF_CHECK_PROXY_HEADER).
     let mut headers: Vec<String> = crate::model::ALWAYS_STRIPPED_HEADERS
         .iter()
         .map(|h| h.to_string())

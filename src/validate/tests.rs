@@ -1074,3 +1074,171 @@ fn gateway_images_outside_the_allow_list_are_refused() {
         );
     }
 }
+
+/// The PROXY protocol goes with ACME (the base stack has `tls.acme`): the CA validates through
+/// the proxy that sends the header, the self-check sends its own. Without trusted proxies it
+/// is still refused.
+#[test]
+fn the_proxy_protocol_is_accepted_with_acme() {
+    let stack = run({
+        let mut v = base();
+        v["spec"]["gateway"]["proxyProtocol"] = json!(true);
+        v["spec"]["gateway"]["trustedProxies"] = json!(["10.0.0.0/8"]);
+        v
+    })
+    .unwrap();
+    assert!(stack.gateway.proxy_protocol);
+    assert!(matches!(stack.tls.source, CertificateSource::Acme(_)));
+    assert_error(
+        |v| v["spec"]["gateway"]["proxyProtocol"] = json!(true),
+        "spec.gateway.trustedProxies: proxyProtocol: true needs the addresses",
+    );
+}
+
+/// Hostile text at every spec field whose value reaches nginx.conf as text (names, hosts,
+/// routes, paths, headers, CIDRs, sizes, the policy): each value is a valid one with a hostile
+/// tail (a new line and a directive, `;`, quotes, braces, `$`, `\`, CR, NUL, space, `#`).
+/// Either the operator refuses it with an error at that field's path, or (a Content-Security-
+/// Policy, where `;`, `'`, space and `#` are ordinary) the whole value stands inside one
+/// double-quoted nginx string on a single line of the rendered file.
+#[test]
+fn hostile_strings_at_every_nginx_field_are_refused_or_quoted() {
+    const TAILS: &[&str] = &[
+        "\nreturn 200 pwned;",
+        ";return 200 pwned",
+        "\"pwned",
+        "{pwned",
+        "}pwned",
+        "$pwned",
+        "\\pwned",
+        "\rpwned",
+        "\u{0}pwned",
+        " pwned",
+        "#pwned",
+        "'pwned",
+    ];
+    // The fields: where the value goes, its valid form, and the tails it may take.
+    type Set = fn(&mut Value, Value);
+    let fields: &[(&str, &str, Set, &[&str])] = &[
+        (
+            "metadata.name",
+            "prod",
+            |v, x| v["metadata"]["name"] = x,
+            &[],
+        ),
+        (
+            "metadata.namespace",
+            "ops",
+            |v, x| v["metadata"]["namespace"] = x,
+            &[],
+        ),
+        (
+            "spec.gateway.hosts[0]",
+            "ops.example.com",
+            |v, x| v["spec"]["gateway"]["hosts"][0] = x,
+            &[],
+        ),
+        (
+            "spec.services[1].name",
+            "users",
+            |v, x| v["spec"]["services"][1]["name"] = x,
+            &[],
+        ),
+        (
+            "spec.services[0].route",
+            "/api/v1/auth/",
+            |v, x| v["spec"]["services"][0]["route"] = x,
+            &[],
+        ),
+        (
+            "spec.gateway.clientMaxBodySize",
+            "1m",
+            |v, x| v["spec"]["gateway"]["clientMaxBodySize"] = x,
+            &[],
+        ),
+        (
+            "spec.gateway.trustedProxies[0]",
+            "10.0.0.0/8",
+            |v, x| v["spec"]["gateway"]["trustedProxies"] = json!([x]),
+            &[],
+        ),
+        (
+            "spec.gateway.allowedSourceRanges[0]",
+            "10.0.0.0/8",
+            |v, x| v["spec"]["gateway"]["allowedSourceRanges"] = json!([x]),
+            &[],
+        ),
+        (
+            "spec.gateway.stripRequestHeaders[0]",
+            "X-Tenant",
+            |v, x| v["spec"]["gateway"]["stripRequestHeaders"] = json!([x]),
+            &[],
+        ),
+        (
+            "spec.gateway.contentSecurityPolicy.policy",
+            "default-src 'self'",
+            |v, x| v["spec"]["gateway"]["contentSecurityPolicy"] = json!({"policy": x}),
+            &[";return 200 pwned", " pwned", "#pwned", "'pwned"],
+        ),
+        (
+            "spec.gateway.edgeAuth.service",
+            "auth",
+            |v, x| v["spec"]["gateway"]["edgeAuth"]["service"] = x,
+            &[],
+        ),
+        (
+            "spec.gateway.edgeAuth.path",
+            "/api/v1/auth/verify",
+            |v, x| v["spec"]["gateway"]["edgeAuth"]["path"] = x,
+            &[],
+        ),
+        (
+            "spec.gateway.edgeAuth.passHeaders[0]",
+            "X-User-Id",
+            |v, x| v["spec"]["gateway"]["edgeAuth"]["passHeaders"][0] = x,
+            &[],
+        ),
+        (
+            "spec.services[1].edgeAuth.publicPaths[0]",
+            "/api/v1/users/signup",
+            |v, x| v["spec"]["services"][1]["edgeAuth"]["publicPaths"][0] = x,
+            &[],
+        ),
+    ];
+    let options = crate::build::BuildOptions::default();
+    for (path, valid, set, may_take) in fields {
+        // The valid form is accepted: a refusal below is the tail's doing.
+        let mut v = base();
+        with_edge_auth(&mut v);
+        set(&mut v, json!(valid));
+        if let Err(e) = run(v) {
+            panic!("{path}: the valid value {valid:?} is refused: {e}");
+        }
+        for tail in TAILS {
+            let value = format!("{valid}{tail}");
+            let mut v = base();
+            with_edge_auth(&mut v);
+            set(&mut v, json!(value));
+            match run(v) {
+                Err(e) => {
+                    let lines: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+                    assert!(
+                        lines.iter().any(|l| l.starts_with(&format!("{path}:"))),
+                        "{path} = {value:?}: refused, but not at the field: {lines:#?}"
+                    );
+                }
+                Ok(stack) => {
+                    assert!(may_take.contains(tail), "{path} = {value:?} was accepted");
+                    let conf = crate::build::nginx::render(&stack, &options);
+                    let quoted = format!("\"{value}\"");
+                    let carrying: Vec<&str> =
+                        conf.lines().filter(|l| l.contains("pwned")).collect();
+                    assert!(
+                        !carrying.is_empty() && carrying.iter().all(|l| l.contains(&quoted)),
+                        "{path} = {value:?} is not one quoted string: {carrying:#?}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -444,11 +444,22 @@ impl GatewayRunner {
         std::fs::read_to_string(self.layout.path("error.log")).unwrap_or_default()
     }
 
+    /// nginx's access log (JSON lines, the container's stdout).
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.layout.path("access.log")).unwrap_or_default()
+    }
+
     /// The serial (lowercase hex, no leading zeros) of the certificate nginx serves for `host`.
     pub fn served_serial(&self, host: &str) -> Option<String> {
+        self.served_serial_via(self.https_port(), host)
+    }
+
+    /// As [`Self::served_serial`], through a proxy in front of nginx listening on
+    /// 127.0.0.1:`port` (one that sends the PROXY protocol header nginx then expects).
+    pub fn served_serial_via(&self, port: u16, host: &str) -> Option<String> {
         let mut s_client = Command::new("openssl")
             .args(["s_client", "-connect"])
-            .arg(format!("127.0.0.1:{}", self.https_port()))
+            .arg(format!("127.0.0.1:{port}"))
             .args(["-servername", host])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
