@@ -1726,30 +1726,28 @@ fn the_metrics_exporter_counts_the_gateways_connections_and_requests() {
     assert!(kept.iter().all(|r| r.status == 200), "{kept:?}");
 
     let after = exporter.scrape();
-    // The second scrape is one more request on one more connection.
+    // The second scrape is one more request. The exporter keeps its connection to the status
+    // listener alive between scrapes (nginx closes it after 65 s idle, then the scrape opens
+    // one more).
     assert_eq!(
         get(&after, "nginx_http_requests_total") - get(&before, "nginx_http_requests_total"),
         20.0 + 1.0
     );
-    assert_eq!(
-        get(&after, "nginx_connections_accepted") - get(&before, "nginx_connections_accepted"),
-        13.0 + 1.0
-    );
-    assert_eq!(
-        get(&after, "nginx_connections_handled") - get(&before, "nginx_connections_handled"),
-        13.0 + 1.0
-    );
+    for counter in ["nginx_connections_accepted", "nginx_connections_handled"] {
+        let delta = get(&after, counter) - get(&before, counter);
+        assert!(delta == 13.0 || delta == 14.0, "{counter} moved by {delta}");
+    }
 
-    // Connections held open show as active (and waiting: no request on them yet), besides
-    // the scrape's own; they go away when the clients close them.
+    // Connections held open show as active, besides the exporter's own; they go away when
+    // the clients close them.
     let held: Vec<std::net::TcpStream> = (0..5)
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", s.gw.layout.https_port)).unwrap())
         .collect();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let m = exporter.scrape();
-        // 5 held and the scrape's own (the closed curl connections may still be counted for
-        // a moment, until nginx reads their end).
+        // 5 held and the exporter's own (the closed curl connections may still be counted
+        // for a moment, until nginx reads their end).
         if get(&m, "nginx_connections_active") == 6.0 {
             break;
         }
