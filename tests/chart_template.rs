@@ -563,7 +563,10 @@ fn opt_in_pod_monitor_for_the_gateways() {
             .iter()
             .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
     };
-    assert!(selects(&gateway_labels), "{selector:?} vs {gateway_labels:?}");
+    assert!(
+        selects(&gateway_labels),
+        "{selector:?} vs {gateway_labels:?}"
+    );
     assert!(!selects(&web_labels), "a service's pods are not scraped");
     let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
     assert_eq!(endpoint["path"], "/metrics");
@@ -573,7 +576,10 @@ fn opt_in_pod_monitor_for_the_gateways() {
         .expect("the exporter sidecar");
     let port = &exporter.ports.as_ref().unwrap()[0];
     assert_eq!(endpoint["port"].as_str(), port.name.as_deref());
-    assert_eq!(pm["spec"]["podTargetLabels"], json!(["opsconductor.io/stack"]));
+    assert_eq!(
+        pm["spec"]["podTargetLabels"],
+        json!(["opsconductor.io/stack"])
+    );
 
     let scoped = documents(
         &template(

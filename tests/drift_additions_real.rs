@@ -199,7 +199,9 @@ async fn the_metrics_exporter_is_applied_held_and_removed_with_the_spec() {
         .await
         .expect_err("the CEL rule refuses metrics without allowFrom");
     assert!(
-        refused.to_string().contains("metrics.enabled needs allowFrom"),
+        refused
+            .to_string()
+            .contains("metrics.enabled needs allowFrom"),
         "{refused}"
     );
 
@@ -233,9 +235,11 @@ async fn the_metrics_exporter_is_applied_held_and_removed_with_the_spec() {
                 .filter(|r| {
                     r.ports.iter().flatten().any(|p| {
                         p.port
-                            == Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
-                                9113,
-                            ))
+                            == Some(
+                                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
+                                    9113,
+                                ),
+                            )
                     })
                 })
                 .collect::<Vec<_>>(),

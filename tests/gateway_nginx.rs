@@ -1686,8 +1686,8 @@ fn the_metrics_exporter_counts_the_gateways_connections_and_requests() {
     let s = setup(METRICS);
     // The sidecar's arguments, from the Deployment the operator renders for this stack.
     let yaml = stack_yaml(s.auth.port, s.web.port, METRICS, "");
-    let bundle = opsconductor_operator::render::bundle_for("stack.yaml", &yaml, "shop", &options())
-        .unwrap();
+    let bundle =
+        opsconductor_operator::render::bundle_for("stack.yaml", &yaml, "shop", &options()).unwrap();
     let pod = bundle.deployments[0]
         .spec
         .as_ref()
@@ -1765,10 +1765,7 @@ fn the_metrics_exporter_counts_the_gateways_connections_and_requests() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     // The status listener answers only on loopback and only its one path.
-    let other = gateway_support::curl(&[&format!(
-        "http://127.0.0.1:{}/",
-        s.gw.layout.status_port
-    )]);
+    let other = gateway_support::curl(&[&format!("http://127.0.0.1:{}/", s.gw.layout.status_port)]);
     assert_eq!(other.status, 404);
     // nginx's own log has no line for the scrapes (access_log off on the status listener).
     assert!(!s.gw.access_log().contains("stub_status"));

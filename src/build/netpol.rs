@@ -414,7 +414,8 @@ mod tests {
         assert_eq!(metrics.ports, Some(tcp(&[9113])));
         let peers = metrics.from.as_ref().unwrap();
         assert_eq!(peers.len(), 2);
-        let labels = |s: &Option<LabelSelector>| s.as_ref().map(|s| s.match_labels.clone().unwrap());
+        let labels =
+            |s: &Option<LabelSelector>| s.as_ref().map(|s| s.match_labels.clone().unwrap());
         assert_eq!(
             labels(&peers[0].namespace_selector),
             Some(BTreeMap::from([("team".to_string(), "obs".to_string())]))

@@ -366,8 +366,7 @@ async fn apply_kind<K: Child>(
                 if e.code == 422 && exists && target.mode == PolicyMode::Enforce =>
             {
                 let mut replacement = object.clone();
-                replacement.meta_mut().resource_version =
-                    api.get(&name).await?.resource_version();
+                replacement.meta_mut().resource_version = api.get(&name).await?.resource_version();
                 api.replace(
                     &name,
                     &PostParams {

@@ -1,9 +1,9 @@
 //! The gateway and its edge: TLS-terminating nginx settings, client addresses, edge auth, headers.
 
 use super::Errors;
+use super::services::check_selector;
 use super::syntax::{check_host, check_path};
 use crate::crd::OpsConductorStackSpec;
-use super::services::check_selector;
 use crate::model::{
     ContentSecurityPolicy, EdgeAuth, Gateway, GatewayMetrics, Hsts, MetricsScraper, RateLimit,
     Timeouts,
@@ -168,7 +168,13 @@ fn validate_metrics(
     }
     for (i, a) in m.allow_from.iter().enumerate() {
         let p = format!("spec.gateway.metrics.allowFrom[{i}]");
-        check_selector(errs, &format!("{p}.namespaceSelector"), &a.namespace_selector, None, &[]);
+        check_selector(
+            errs,
+            &format!("{p}.namespaceSelector"),
+            &a.namespace_selector,
+            None,
+            &[],
+        );
         if let Some(pods) = &a.pod_selector {
             check_selector(errs, &format!("{p}.podSelector"), pods, None, &[]);
         }

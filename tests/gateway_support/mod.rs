@@ -1645,17 +1645,22 @@ impl Exporter {
         let args: Vec<String> = args
             .iter()
             .map(|a| {
-                a.replace(&status, &format!("127.0.0.1:{}/", gateway.layout.status_port))
-                    .replace(
-                        &format!("--web.listen-address={listen}"),
-                        &format!("--web.listen-address=127.0.0.1:{port}"),
-                    )
+                a.replace(
+                    &status,
+                    &format!("127.0.0.1:{}/", gateway.layout.status_port),
+                )
+                .replace(
+                    &format!("--web.listen-address={listen}"),
+                    &format!("--web.listen-address=127.0.0.1:{port}"),
+                )
             })
             .collect();
         assert!(
             args.iter()
                 .any(|a| a.contains(&gateway.layout.status_port.to_string()))
-                && args.iter().any(|a| a.ends_with(&format!("127.0.0.1:{port}"))),
+                && args
+                    .iter()
+                    .any(|a| a.ends_with(&format!("127.0.0.1:{port}"))),
             "the sidecar's arguments changed shape: {args:?}"
         );
         let log = gateway.layout.path("exporter.log");

@@ -10,8 +10,8 @@ use super::http_context::wildcard_regex;
 use super::route_limits::any_route_rate;
 use super::upstreams::{upstream_id, upstream_server};
 use super::{
-    ACME_CHALLENGE_PREFIX, HEALTH_PATH, HEALTH_PORT, HTTP_PORT, HTTPS_PORT, MAX_REQUESTS_PER_CLIENT,
-    STATUS_PATH, STATUS_PORT,
+    ACME_CHALLENGE_PREFIX, HEALTH_PATH, HEALTH_PORT, HTTP_PORT, HTTPS_PORT,
+    MAX_REQUESTS_PER_CLIENT, STATUS_PATH, STATUS_PORT,
 };
 use crate::build::BuildOptions;
 use crate::model::{CertificateSource, Stack};

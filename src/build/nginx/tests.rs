@@ -571,7 +571,10 @@ fn the_status_listener_is_on_loopback_and_only_with_metrics() {
         .map(str::trim)
         .filter(|l| l.starts_with("listen ") && l.contains(&STATUS_PORT.to_string()))
         .collect();
-    assert_eq!(listens, [format!("listen 127.0.0.1:{STATUS_PORT} default_server;")]);
+    assert_eq!(
+        listens,
+        [format!("listen 127.0.0.1:{STATUS_PORT} default_server;")]
+    );
     assert_eq!(conf.matches("stub_status;").count(), 1);
     assert!(conf.contains(&format!("location = {STATUS_PATH} {{")));
     // Everything else is the same file.
