@@ -577,13 +577,21 @@ mod tests {
         assert_eq!(kubelet_expansion("kill -0 \"$$\"", &[]), "kill -0 \"$\"");
         assert_eq!(kubelet_expansion("$(A) $(b c)", &[("A", "x")]), "x $(b c)");
         let yaml = "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
-                    metadata: {name: t, namespace: ns}\nspec:\n  gateway: {hosts: [a.example.com]}\n\
+                    metadata: {name: t, namespace: ns}\nspec:\n  gateway: {hosts: [a.example.com], \
+                    metrics: {enabled: true, allowFrom: [{namespaceSelector: {}}]}}\n\
                     \x20 tls: {secretName: own}\n  services: [{name: web, image: x, route: /}]\n";
         let raw = crate::render::parse_stack("test", yaml).unwrap();
         let stack = crate::validate::validate(&raw, "ns").unwrap();
         let deployment = deployment(&stack);
         let pod = deployment.spec.unwrap().template.spec.unwrap();
-        let container = &pod.containers[0];
+        // nginx with its reload loop, and the metrics exporter.
+        assert_eq!(pod.containers.len(), 2);
+        for container in &pod.containers {
+            assert_kubelet_leaves_alone(container);
+        }
+    }
+
+    fn assert_kubelet_leaves_alone(container: &Container) {
         let env: Vec<(String, String)> = container
             .env
             .iter()
@@ -598,7 +606,7 @@ mod tests {
             .and_then(|h| h.exec.as_ref())
             .and_then(|e| e.command.clone())
             .unwrap_or_default();
-        assert!(!pre_stop.is_empty());
+        assert!(container.name != "nginx" || !pre_stop.is_empty());
         for part in container
             .command
             .iter()
