@@ -178,6 +178,49 @@ pub struct GatewaySpec {
     /// default as a whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// The gateway's own metrics for Prometheus: nginx's connection and request counters
+    /// (`stub_status`) served by an exporter beside nginx in each gateway pod, on port 9113,
+    /// reachable only from `allowFrom`. Absent (the default): no exporter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<GatewayMetricsSpec>,
+}
+
+/// The exporter of the gateway's metrics (a sidecar in each gateway pod).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.enabled) || !self.enabled || (has(self.allowFrom) && size(self.allowFrom) > 0)",
+     "message": "metrics.enabled needs allowFrom, the namespaces (and pods) of the Prometheus that scrapes the gateways"}
+]))]
+pub struct GatewayMetricsSpec {
+    /// Run the exporter. Default false. Switching it on or off rolls the gateway pods once.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Who may connect to the metrics port 9113: each entry is one peer, pods matching
+    /// `podSelector` (all pods when absent) in the namespaces matching `namespaceSelector`.
+    /// Nothing else reaches the port. Needed when `enabled`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub allow_from: Vec<MetricsScraperSpec>,
+    /// The exporter's image: it must hold `prometheus-nginx-exporter` on PATH (Debian's build
+    /// of nginx's exporter, 0.11 or later) and run as uid 101. Default: the project's gateway
+    /// image, which carries it. The operator's gateway image allow-list applies to it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+}
+
+/// Pods allowed to scrape the gateway's metrics.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsScraperSpec {
+    /// The namespaces of the scraping pods, e.g. `matchLabels:
+    /// {kubernetes.io/metadata.name: monitoring}`. An empty selector means every namespace.
+    pub namespace_selector: LabelSelector,
+    /// The scraping pods in those namespaces, e.g. `matchLabels: {app.kubernetes.io/name:
+    /// prometheus}`. Absent: every pod there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
 }
 
 /// Timeouts between the gateway and the services, in seconds.

@@ -129,6 +129,26 @@ pub struct Gateway {
     /// The gateway container's requests and limits: the spec's, or
     /// [`crate::build::gateway::default_resources`].
     pub resources: ResourceRequirements,
+    /// The metrics exporter beside nginx, when `spec.gateway.metrics.enabled`.
+    pub metrics: Option<GatewayMetrics>,
+}
+
+/// The gateway's metrics exporter (`spec.gateway.metrics`, enabled).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatewayMetrics {
+    /// The exporter's image: the spec's, or [`crate::crd::DEFAULT_GATEWAY_IMAGE`].
+    pub image: String,
+    /// Who may scrape the metrics port; never empty (validation refuses an enabled exporter
+    /// without it).
+    pub allow_from: Vec<MetricsScraper>,
+}
+
+/// One peer allowed to scrape: pods (all when `pod_selector` is `None`) in the namespaces
+/// `namespace_selector` matches. Both checked as the API server checks label selectors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsScraper {
+    pub namespace_selector: LabelSelector,
+    pub pod_selector: Option<LabelSelector>,
 }
 
 /// Request headers the gateway always removes before proxying: the ones the seed's services

@@ -504,6 +504,111 @@ fn metrics_service_and_opt_in_service_monitor() {
     );
 }
 
+/// The gateways' PodMonitor is off by default; on, it selects exactly the pods the operator
+/// renders for a gateway with `spec.gateway.metrics` (and none of a service's), on the port
+/// name of their exporter.
+#[test]
+fn opt_in_pod_monitor_for_the_gateways() {
+    let Some(yaml) = template("opsconductor-operator", "opsconductor-system", &[]) else {
+        return;
+    };
+    assert!(!documents(&yaml).iter().any(|d| d["kind"] == "PodMonitor"));
+
+    let stack = "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
+                 metadata: {name: shop, namespace: shop}\nspec:\n  gateway:\n    hosts: [a.example.com]\n\
+                 \x20   metrics: {enabled: true, allowFrom: [{namespaceSelector: {matchLabels: {team: obs}}}]}\n\
+                 \x20 tls: {secretName: own}\n  services: [{name: web, image: w, route: /}]\n";
+    let bundle = opsconductor_operator::render::bundle_for(
+        "stack.yaml",
+        stack,
+        "shop",
+        &opsconductor_operator::build::BuildOptions::default(),
+    )
+    .unwrap();
+    let pod_labels = |name: &str| {
+        let d = bundle
+            .deployments
+            .iter()
+            .find(|d| d.metadata.name.as_deref() == Some(name))
+            .unwrap();
+        let template = &d.spec.as_ref().unwrap().template;
+        (
+            template.metadata.as_ref().unwrap().labels.clone().unwrap(),
+            template.spec.as_ref().unwrap().containers.clone(),
+        )
+    };
+    let (gateway_labels, gateway_containers) = pod_labels("shop-gateway");
+    let (web_labels, _) = pod_labels("web");
+
+    let with = documents(
+        &template(
+            "opsconductor-operator",
+            "opsconductor-system",
+            &[
+                "--set",
+                "metrics.gatewayPodMonitor.enabled=true",
+                "--set",
+                "metrics.gatewayPodMonitor.labels.release=prometheus",
+            ],
+        )
+        .unwrap(),
+    );
+    let pm = find(&with, "PodMonitor", "opsconductor-operator-gateways");
+    assert_eq!(pm["metadata"]["namespace"], "opsconductor-system");
+    assert_eq!(pm["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(pm["spec"]["namespaceSelector"], json!({"any": true}));
+    let selector = pm["spec"]["selector"]["matchLabels"].as_object().unwrap();
+    let selects = |labels: &BTreeMap<String, String>| {
+        selector
+            .iter()
+            .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+    };
+    assert!(
+        selects(&gateway_labels),
+        "{selector:?} vs {gateway_labels:?}"
+    );
+    assert!(!selects(&web_labels), "a service's pods are not scraped");
+    let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["path"], "/metrics");
+    let exporter = gateway_containers
+        .iter()
+        .find(|c| c.name == "exporter")
+        .expect("the exporter sidecar");
+    let port = &exporter.ports.as_ref().unwrap()[0];
+    assert_eq!(endpoint["port"].as_str(), port.name.as_deref());
+    assert_eq!(
+        pm["spec"]["podTargetLabels"],
+        json!(["opsconductor.io/stack"])
+    );
+
+    let scoped = documents(
+        &template(
+            "opsconductor-operator",
+            "opsconductor-system",
+            &[
+                "--set",
+                "metrics.gatewayPodMonitor.enabled=true",
+                "--set",
+                "metrics.gatewayPodMonitor.namespaces={shop,blog}",
+            ],
+        )
+        .unwrap(),
+    );
+    let pm = find(&scoped, "PodMonitor", "-gateways");
+    assert_eq!(
+        pm["spec"]["namespaceSelector"],
+        json!({"matchNames": ["shop", "blog"]})
+    );
+    let e = template_error(&[
+        "--set",
+        "metrics.gatewayPodMonitor.enabled=true",
+        "--set",
+        "metrics.gatewayPodMonitor.interval=often",
+    ])
+    .unwrap();
+    assert!(e.contains("interval"), "{e}");
+}
+
 #[test]
 fn bad_values_are_refused_with_a_reason() {
     let Some(e) = template_error(&["--set", "replicaCount=-1"]) else {

@@ -166,3 +166,144 @@ async fn additions_to_managed_workloads_and_the_gateway_service_are_reverted() {
         );
     }
 }
+
+/// The gateway's metrics exporter (issue 15) against the real API server and operator: the
+/// CEL rule refuses `enabled` without scrapers; enabled, the sidecar and the policy rule for
+/// 9113 are applied and hold (no drift reported against what the API server stored); a change
+/// to the sidecar by someone else is reverted; switched off, both go again.
+#[tokio::test]
+async fn the_metrics_exporter_is_applied_held_and_removed_with_the_spec() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let Some(_op) = operator().await else { return };
+    let Some(ns) = TestNamespace::new("drift-metrics").await else {
+        return;
+    };
+    let with_metrics = |metrics: &str| {
+        let text = STACK.replace(
+            "serviceType: NodePort}",
+            &format!("serviceType: NodePort, metrics: {metrics}}}"),
+        );
+        let mut stack: OpsConductorStack = serde_yaml::from_str(&text).unwrap();
+        stack.metadata.namespace = Some(ns.name.clone());
+        stack
+    };
+    // Refused at admission: nobody named to scrape.
+    let refused = Api::<OpsConductorStack>::namespaced(ns.client.clone(), &ns.name)
+        .patch(
+            "hello",
+            &PatchParams::apply("opsconductor-tests").force(),
+            &Patch::Apply(json!({"apiVersion": "opsconductor.io/v1alpha1",
+                "kind": "OpsConductorStack", "metadata": {"name": "hello"},
+                "spec": serde_json::to_value(&with_metrics("{enabled: true}").spec).unwrap()})),
+        )
+        .await
+        .expect_err("the CEL rule refuses metrics without allowFrom");
+    assert!(
+        refused
+            .to_string()
+            .contains("metrics.enabled needs allowFrom"),
+        "{refused}"
+    );
+
+    apply_stack(
+        &ns.client,
+        &with_metrics(
+            "{enabled: true, allowFrom: [{namespaceSelector: {matchLabels: {team: obs}}, \
+             podSelector: {matchLabels: {app: prometheus}}}]}",
+        ),
+    )
+    .await;
+    converged(&ns.client, &ns.name, "hello").await;
+    let containers = |spec: &serde_json::Value| -> Vec<String> {
+        spec["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    eventually("the exporter sidecar", WAIT, async || {
+        (containers(&pod_spec(&ns, "hello-gateway").await) == ["nginx", "exporter"]).then_some(())
+    })
+    .await;
+    let metrics_rule = async || {
+        let policy = ns.api::<NetworkPolicy>().get("hello-gateway").await.ok()?;
+        let rules = policy.spec?.ingress.unwrap_or_default();
+        Some(
+            rules
+                .into_iter()
+                .filter(|r| {
+                    r.ports.iter().flatten().any(|p| {
+                        p.port
+                            == Some(
+                                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
+                                    9113,
+                                ),
+                            )
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    let rules = metrics_rule().await.unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let peer = &rules[0].from.as_ref().unwrap()[0];
+    assert_eq!(
+        serde_json::to_value(peer).unwrap(),
+        json!({"namespaceSelector": {"matchLabels": {"team": "obs"}},
+               "podSelector": {"matchLabels": {"app": "prometheus"}}})
+    );
+
+    // What the operator applied holds as the API server stored it (defaults included): the
+    // reconciles so far (the Deployment's own status changes trigger more) found no drift.
+    let drift_events = async || -> usize {
+        Api::<Event>::namespaced(ns.client.clone(), &ns.name)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| {
+                matches!(e.reason.as_deref(), Some("DriftReverted" | "DriftDetected"))
+                    && e.message
+                        .as_deref()
+                        .is_some_and(|m| m.contains("Deployment/hello-gateway"))
+            })
+            .count()
+    };
+    assert_eq!(drift_events().await, 0);
+
+    // Someone points the exporter elsewhere (forcing the operator's fields): reverted.
+    ns.api::<Deployment>()
+        .patch(
+            "hello-gateway",
+            &PatchParams::apply("intruder").force(),
+            &Patch::Apply(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "hello-gateway"}, "spec": {"template": {"spec": {
+                    "containers": [{"name": "exporter", "image": "example/exporter:evil"}]}}}})),
+        )
+        .await
+        .unwrap();
+    eventually("the exporter's image to be restored", WAIT, async || {
+        let spec = pod_spec(&ns, "hello-gateway").await;
+        let image = spec["containers"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == "exporter")?["image"]
+            .as_str()?
+            .to_string();
+        (image == opsconductor_operator::crd::DEFAULT_GATEWAY_IMAGE).then_some(())
+    })
+    .await;
+    eventually("a DriftReverted Event", WAIT, async || {
+        (drift_events().await >= 1).then_some(())
+    })
+    .await;
+
+    // Switched off: the sidecar and the rule go.
+    apply_stack(&ns.client, &with_metrics("{enabled: false}")).await;
+    eventually("the exporter sidecar to go", WAIT, async || {
+        (containers(&pod_spec(&ns, "hello-gateway").await) == ["nginx"]).then_some(())
+    })
+    .await;
+    assert!(metrics_rule().await.unwrap().is_empty());
+}

@@ -2038,3 +2038,106 @@ fn silent_and_stalled_connections_are_bounded_by_the_timeout_and_the_memory_limi
         "served again once the stalled handshakes are closed: {after:?}"
     );
 }
+
+/// The gateway's own metrics (issue 15): the configuration rendered with `spec.gateway.metrics`
+/// in real nginx, and the real exporter (Debian's `prometheus-nginx-exporter`, the binary of
+/// the gateway image) run with the sidecar's arguments as the operator renders them. The
+/// counters move exactly with the traffic sent through the gateway: each scrape is one request
+/// and one connection of its own on the status listener, nothing else talks to nginx.
+#[test]
+fn the_metrics_exporter_counts_the_gateways_connections_and_requests() {
+    if !tools_present(false) {
+        return;
+    }
+    let Some(binary) = gateway_support::exporter_binary() else {
+        return;
+    };
+    const METRICS: &str = "    metrics:\n      enabled: true\n      \
+                           allowFrom: [{namespaceSelector: {matchLabels: {team: obs}}}]\n";
+    let s = setup(METRICS);
+    // The sidecar's arguments, from the Deployment the operator renders for this stack.
+    let yaml = stack_yaml(s.auth.port, s.web.port, METRICS, "");
+    let bundle =
+        opsconductor_operator::render::bundle_for("stack.yaml", &yaml, "shop", &options()).unwrap();
+    let pod = bundle.deployments[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    let sidecar = pod
+        .containers
+        .iter()
+        .find(|c| c.name == "exporter")
+        .expect("the exporter sidecar");
+    let args = sidecar.args.clone().unwrap();
+
+    let exporter = gateway_support::Exporter::start(&binary, &args, &s.gw);
+    let before = exporter.scrape();
+    let get = |m: &std::collections::BTreeMap<String, f64>, name: &str| {
+        *m.get(name)
+            .unwrap_or_else(|| panic!("no {name} in the scrape: {m:?}"))
+    };
+    assert_eq!(get(&before, "nginx_up"), 1.0);
+
+    // 12 requests on 12 new connections (one curl each), 8 on one kept-alive connection.
+    for _ in 0..12 {
+        assert_eq!(s.gw.curl_https(HOST, "/", &[]).status, 200);
+    }
+    let url = s.gw.https_url(HOST, "/");
+    let resolve = format!("{HOST}:{}:127.0.0.1", s.gw.layout.https_port);
+    let cert = s.gw.layout.cert().display().to_string();
+    let mut args: Vec<&str> = vec!["--resolve", &resolve, "--cacert", &cert];
+    for _ in 0..8 {
+        args.push(&url);
+    }
+    let kept = curl_many(&args);
+    assert!(kept.iter().all(|r| r.status == 200), "{kept:?}");
+
+    let after = exporter.scrape();
+    // The second scrape is one more request. The exporter keeps its connection to the status
+    // listener alive between scrapes (nginx closes it after 65 s idle, then the scrape opens
+    // one more).
+    assert_eq!(
+        get(&after, "nginx_http_requests_total") - get(&before, "nginx_http_requests_total"),
+        20.0 + 1.0
+    );
+    for counter in ["nginx_connections_accepted", "nginx_connections_handled"] {
+        let delta = get(&after, counter) - get(&before, counter);
+        assert!(delta == 13.0 || delta == 14.0, "{counter} moved by {delta}");
+    }
+
+    // Connections held open show as active, besides the exporter's own; they go away when
+    // the clients close them.
+    let held: Vec<std::net::TcpStream> = (0..5)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", s.gw.layout.https_port)).unwrap())
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let m = exporter.scrape();
+        // 5 held and the exporter's own (the closed curl connections may still be counted
+        // for a moment, until nginx reads their end).
+        if get(&m, "nginx_connections_active") == 6.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(held);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let m = exporter.scrape();
+        if get(&m, "nginx_connections_active") == 1.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The status listener answers only on loopback and only its one path.
+    let other = gateway_support::curl(&[&format!("http://127.0.0.1:{}/", s.gw.layout.status_port)]);
+    assert_eq!(other.status, 404);
+    // nginx's own log has no line for the scrapes (access_log off on the status listener).
+    assert!(!s.gw.access_log().contains("stub_status"));
+}

@@ -481,6 +481,38 @@ async fn the_charts_rbac_is_enough_to_reconcile_a_full_stack() {
         "{conditions:?}"
     );
 
+    // Drift by addition is reverted with the chart's RBAC too: a sidecar added to the gateway
+    // by another field manager is removed by a replace (the `update` verb; without it the
+    // revert was forbidden and the sidecar stayed).
+    let deployments: Api<Deployment> = stack_ns.api();
+    deployments
+        .patch(
+            "prod-gateway",
+            &kube::api::PatchParams::apply("intruder"),
+            &kube::api::Patch::Apply(json!({"apiVersion": "apps/v1",
+                "kind": "Deployment", "metadata": {"name": "prod-gateway"},
+                "spec": {"template": {"spec": {"containers": [
+                    {"name": "sidecar", "image": "example/steal:1"}]}}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the sidecar to be removed by the operator (chart RBAC)",
+        Duration::from_secs(60),
+        || {
+            let deployments = deployments.clone();
+            async move {
+                let d = deployments.get("prod-gateway").await.ok()?;
+                let pod = d.spec?.template.spec?;
+                pod.containers
+                    .iter()
+                    .all(|c| c.name != "sidecar")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
     // Every write the operator made was allowed, and it made them as the ServiceAccount.
     // (Only in this test's namespaces: the operator also reconciles other tests' stacks, and
     // writes into their terminating namespaces are refused for that reason, not by RBAC.)

@@ -102,6 +102,75 @@ pub fn termination_grace_seconds(stack: &Stack) -> i64 {
     i64::from(PRE_STOP_SECONDS) + i64::from(nginx::shutdown_timeout_seconds(stack)) + 5
 }
 
+/// The metrics port of the exporter beside nginx (`spec.gateway.metrics`): Prometheus scrapes
+/// `/metrics` here, from where `allowFrom` says (the gateway's NetworkPolicy). Not in the
+/// gateway Service (which is the stack's public entry point).
+pub const METRICS_PORT: i32 = 9113;
+
+/// The exporter's binary: nginx's Prometheus exporter as Debian builds it
+/// (`prometheus-nginx-exporter`, in the project's gateway image).
+pub const EXPORTER_BINARY: &str = "prometheus-nginx-exporter";
+
+/// The exporter's arguments: it reads nginx's `stub_status` on the pod's loopback
+/// ([`nginx::STATUS_PORT`]) at each scrape and serves `/metrics` on [`METRICS_PORT`]. It
+/// exits when nginx does not answer when it starts, and both containers start together, so it
+/// retries for up to a minute first.
+pub fn exporter_args() -> Vec<String> {
+    vec![
+        format!(
+            "--nginx.scrape-uri=http://127.0.0.1:{}{}",
+            nginx::STATUS_PORT,
+            nginx::STATUS_PATH
+        ),
+        format!("--web.listen-address=:{METRICS_PORT}"),
+        "--web.telemetry-path=/metrics".into(),
+        "--nginx.retries=60".into(),
+        "--nginx.retry-interval=1s".into(),
+    ]
+}
+
+/// Requests and limits of the exporter: it holds a few counters and answers a scrape every
+/// few seconds (about 10 MiB resident, measured).
+pub fn exporter_resources() -> ResourceRequirements {
+    let q = |v: &str| Quantity(v.to_string());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), q("10m")),
+            ("memory".to_string(), q("16Mi")),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".to_string(), q("100m")),
+            ("memory".to_string(), q("64Mi")),
+        ])),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// The exporter sidecar, hardened like every container of the operator (non-root uid 101,
+/// read-only root, no capabilities, no privilege escalation). No probes: the pod's readiness
+/// is nginx's alone, so a failing exporter never takes a gateway out of service; if it exits,
+/// the kubelet restarts it.
+fn exporter_container(metrics: &crate::model::GatewayMetrics) -> Container {
+    let mut security = container_security_context();
+    security.run_as_user = Some(NGINX_UID);
+    security.run_as_group = Some(NGINX_UID);
+    Container {
+        name: "exporter".into(),
+        image: Some(metrics.image.clone()),
+        command: Some(vec![EXPORTER_BINARY.into()]),
+        args: Some(exporter_args()),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        resources: Some(exporter_resources()),
+        security_context: Some(security),
+        ..Container::default()
+    }
+}
+
 pub fn service_account(stack: &Stack) -> ServiceAccount {
     ServiceAccount {
         metadata: meta(stack, names::gateway(&stack.name), Component::Gateway),
@@ -236,7 +305,13 @@ pub fn deployment(stack: &Stack) -> Deployment {
                     host_pid: Some(false),
                     host_ipc: Some(false),
                     security_context: Some(pod_security_context()),
-                    containers: vec![container],
+                    containers: {
+                        let mut containers = vec![container];
+                        if let Some(metrics) = &stack.gateway.metrics {
+                            containers.push(exporter_container(metrics));
+                        }
+                        containers
+                    },
                     termination_grace_period_seconds: Some(termination_grace_seconds(stack)),
                     volumes: Some({
                         let mut volumes = vec![
@@ -437,6 +512,51 @@ mod tests {
         assert_eq!(ports, [80, 443]);
     }
 
+    const METRICS: &str = ", metrics: {enabled: true, allowFrom: [{namespaceSelector: {}}]}";
+
+    #[test]
+    fn the_metrics_exporter_is_a_hardened_sidecar_only_when_enabled() {
+        let pod = |d: &Deployment| d.spec.clone().unwrap().template.spec.unwrap();
+        let (d, svc) = built("", "{secretName: own}");
+        assert_eq!(pod(&d).containers.len(), 1);
+        let (with, svc_with) = built(METRICS, "{secretName: own}");
+        // The gateway Service (public) never carries the metrics port.
+        assert_eq!(svc, svc_with);
+        let spec = pod(&with);
+        assert_eq!(spec.containers.len(), 2);
+        // The nginx container is the same with or without the exporter.
+        assert_eq!(spec.containers[0], pod(&d).containers[0]);
+        let e = &spec.containers[1];
+        assert_eq!(e.name, "exporter");
+        assert_eq!(e.image.as_deref(), Some(crate::crd::DEFAULT_GATEWAY_IMAGE));
+        assert_eq!(e.command, Some(vec![EXPORTER_BINARY.to_string()]));
+        assert!(
+            e.args
+                .iter()
+                .flatten()
+                .any(|a| a == "--nginx.scrape-uri=http://127.0.0.1:8082/stub_status")
+        );
+        let port = &e.ports.as_ref().unwrap()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("metrics"), METRICS_PORT)
+        );
+        let sc = e.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.run_as_user, Some(NGINX_UID));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_string()])
+        );
+        let limits = e.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert!(limits.contains_key("memory") && limits.contains_key("cpu"));
+        // Readiness is nginx's alone.
+        assert!(e.readiness_probe.is_none() && e.liveness_probe.is_none());
+        assert!(e.volume_mounts.is_none());
+    }
+
     #[test]
     fn a_cluster_ip_gateway_has_no_external_traffic_policy() {
         let (_, svc) = built(", serviceType: ClusterIP", "{secretName: own}");
@@ -457,13 +577,21 @@ mod tests {
         assert_eq!(kubelet_expansion("kill -0 \"$$\"", &[]), "kill -0 \"$\"");
         assert_eq!(kubelet_expansion("$(A) $(b c)", &[("A", "x")]), "x $(b c)");
         let yaml = "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
-                    metadata: {name: t, namespace: ns}\nspec:\n  gateway: {hosts: [a.example.com]}\n\
+                    metadata: {name: t, namespace: ns}\nspec:\n  gateway: {hosts: [a.example.com], \
+                    metrics: {enabled: true, allowFrom: [{namespaceSelector: {}}]}}\n\
                     \x20 tls: {secretName: own}\n  services: [{name: web, image: x, route: /}]\n";
         let raw = crate::render::parse_stack("test", yaml).unwrap();
         let stack = crate::validate::validate(&raw, "ns").unwrap();
         let deployment = deployment(&stack);
         let pod = deployment.spec.unwrap().template.spec.unwrap();
-        let container = &pod.containers[0];
+        // nginx with its reload loop, and the metrics exporter.
+        assert_eq!(pod.containers.len(), 2);
+        for container in &pod.containers {
+            assert_kubelet_leaves_alone(container);
+        }
+    }
+
+    fn assert_kubelet_leaves_alone(container: &Container) {
         let env: Vec<(String, String)> = container
             .env
             .iter()
@@ -478,7 +606,7 @@ mod tests {
             .and_then(|h| h.exec.as_ref())
             .and_then(|e| e.command.clone())
             .unwrap_or_default();
-        assert!(!pre_stop.is_empty());
+        assert!(container.name != "nginx" || !pre_stop.is_empty());
         for part in container
             .command
             .iter()

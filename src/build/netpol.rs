@@ -3,7 +3,8 @@
 //! ingress), so the graph holds whichever side a CNI evaluates first.
 //!
 //! The allowed edges are exactly those of "The policy" in docs/api.md:
-//! clients (or `allowedSourceRanges`) -> gateway 8080/8443; gateway -> routed services and the
+//! clients (or `allowedSourceRanges`) -> gateway 8080/8443; `spec.gateway.metrics.allowFrom`
+//! -> gateway 9113 (the metrics exporter); gateway -> routed services and the
 //! verdict service of edge authentication;
 //! service -> service per `calls` (or all, with `serviceToService: All`); `allowFrom`
 //! services -> backends; every stack pod -> cluster DNS; a service -> its own `egress` CIDRs.
@@ -179,6 +180,23 @@ fn gateway(stack: &Stack, operator_namespace: Option<&str>) -> NetworkPolicy {
                 ..NetworkPolicyPeer::default()
             }]),
             ports: Some(tcp(&[nginx::HTTP_PORT as Port])),
+        });
+    }
+    // The exporter's metrics port, from the scrapers the spec names and nobody else.
+    if let Some(metrics) = &stack.gateway.metrics {
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(
+                metrics
+                    .allow_from
+                    .iter()
+                    .map(|a| NetworkPolicyPeer {
+                        namespace_selector: Some(a.namespace_selector.clone()),
+                        pod_selector: a.pod_selector.clone(),
+                        ..NetworkPolicyPeer::default()
+                    })
+                    .collect(),
+            ),
+            ports: Some(tcp(&[super::gateway::METRICS_PORT as Port])),
         });
     }
     let egress = stack
@@ -369,6 +387,45 @@ mod tests {
             "operator"
         );
         assert_eq!(rules[1].ports.as_ref().unwrap().len(), 1, "8080 only");
+    }
+
+    #[test]
+    fn the_metrics_port_admits_exactly_the_scrapers_named() {
+        let with = |metrics: &str| {
+            let yaml = format!(
+                "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\nmetadata: {{name: s, namespace: ns}}\n\
+                 spec:\n  gateway: {{hosts: [a.example.com], allowedSourceRanges: [192.0.2.0/24]{metrics}}}\n\
+                 \x20 tls: {{secretName: c}}\n  services: [{{name: web, image: w, route: /}}]\n"
+            );
+            let cr: OpsConductorStack = serde_yaml::from_str(&yaml).unwrap();
+            gateway_ingress(&crate::validate::validate(&cr, "ns").unwrap(), Some("o"))
+        };
+        let without = with("");
+        assert_eq!(without.len(), 1);
+        assert_eq!(with(", metrics: {enabled: false}"), without);
+        let rules = with(
+            ", metrics: {enabled: true, allowFrom: [\
+             {namespaceSelector: {matchLabels: {team: obs}}, podSelector: {matchLabels: {app: prom}}}, \
+             {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: ops}}}]}",
+        );
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0], without[0], "the client rule is unchanged");
+        let metrics = &rules[1];
+        assert_eq!(metrics.ports, Some(tcp(&[9113])));
+        let peers = metrics.from.as_ref().unwrap();
+        assert_eq!(peers.len(), 2);
+        let labels =
+            |s: &Option<LabelSelector>| s.as_ref().map(|s| s.match_labels.clone().unwrap());
+        assert_eq!(
+            labels(&peers[0].namespace_selector),
+            Some(BTreeMap::from([("team".to_string(), "obs".to_string())]))
+        );
+        assert_eq!(
+            labels(&peers[0].pod_selector),
+            Some(BTreeMap::from([("app".to_string(), "prom".to_string())]))
+        );
+        assert_eq!(peers[1].pod_selector, None);
+        assert!(peers.iter().all(|p| p.ip_block.is_none()));
     }
 
     #[test]

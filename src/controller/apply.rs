@@ -348,19 +348,47 @@ async fn apply_kind<K: Child>(
             report.drift_reported.push((kind, name));
             continue;
         }
-        let mut applied = api
+        let mut applied = match api
             .patch(
                 &name,
                 &PatchParams::apply(names::MANAGER).force(),
                 &Patch::Apply(object),
             )
-            .await?;
-        if (exact || cause == Cause::Drift)
+            .await
+        {
+            Ok(applied) => applied,
+            // Another manager co-owns part of something the stack no longer wants (it once
+            // forced a value into a container that the spec has since dropped): the apply
+            // removes only our fields and leaves an invalid remainder (a container without
+            // an image), so every apply fails. In Enforce mode the object is ours to set as
+            // a whole: replace it. (Anything else invalid fails the replace alike.)
+            Err(kube::Error::Api(e))
+                if e.code == 422 && exists && target.mode == PolicyMode::Enforce =>
+            {
+                let mut replacement = object.clone();
+                replacement.meta_mut().resource_version = api.get(&name).await?.resource_version();
+                api.replace(
+                    &name,
+                    &PostParams {
+                        field_manager: Some(names::MANAGER.into()),
+                        ..PostParams::default()
+                    },
+                    &replacement,
+                )
+                .await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if (exact || cause == Cause::Drift || target.mode == PolicyMode::Enforce)
             && !holds(exact, &serde_json::to_value(&applied)?, &desired_json)
         {
             // Someone else owns additions that must not be there (an extra label in a
             // NetworkPolicy's podSelector, a sidecar or an extra Service port, see
             // `diff`): apply cannot remove fields of other managers, a replace does.
+            // Also on an update in Enforce mode: a field the stack no longer wants (a
+            // container dropped from the spec) stays after the apply when another manager
+            // co-owns it (e.g. once forced a value into it), and the next reconcile would
+            // take it for our own write that never reads back as sent, and leave it.
             let mut replacement = object.clone();
             replacement.meta_mut().resource_version = applied.resource_version();
             applied = api

@@ -170,27 +170,42 @@ pub fn gateway_image_problems(stack: &OpsConductorStack, allowed: &[String]) -> 
     if allowed.is_empty() {
         return Vec::new();
     }
-    let image = stack.spec.gateway.image.trim();
-    let repository = image_repository(image);
-    let ok = allowed.iter().any(|entry| {
-        if entry.ends_with('/') {
-            repository.starts_with(entry.as_str()) && repository.len() > entry.len()
-        } else {
-            repository == entry
-        }
-    });
-    if ok {
-        return Vec::new();
+    let gateway = &stack.spec.gateway;
+    let mut images = vec![("spec.gateway.image", gateway.image.trim())];
+    // The exporter runs in the same pod (without the key mounted, but in its network
+    // namespace, beside nginx's status listener): the same list applies.
+    if let Some(m) = gateway.metrics.as_ref().filter(|m| m.enabled) {
+        images.push((
+            "spec.gateway.metrics.image",
+            m.image
+                .as_deref()
+                .unwrap_or(crate::crd::DEFAULT_GATEWAY_IMAGE)
+                .trim(),
+        ));
     }
-    vec![FieldError {
-        path: "spec.gateway.image".into(),
-        message: format!(
-            "{image:?} is not one of the gateway images this operator allows ({}): the gateway \
-             runs with the stack's TLS key; use an allowed image or ask the operator's \
-             administrator",
-            allowed.join(", ")
-        ),
-    }]
+    let mut out = Vec::new();
+    for (path, image) in images {
+        let repository = image_repository(image);
+        let ok = allowed.iter().any(|entry| {
+            if entry.ends_with('/') {
+                repository.starts_with(entry.as_str()) && repository.len() > entry.len()
+            } else {
+                repository == entry
+            }
+        });
+        if !ok {
+            out.push(FieldError {
+                path: path.into(),
+                message: format!(
+                    "{image:?} is not one of the gateway images this operator allows ({}): the \
+                     gateway runs with the stack's TLS key; use an allowed image or ask the \
+                     operator's administrator",
+                    allowed.join(", ")
+                ),
+            });
+        }
+    }
+    out
 }
 
 /// `registry/path/name` of an image reference, without `:tag` and `@digest`.

@@ -1,9 +1,13 @@
 //! The gateway and its edge: TLS-terminating nginx settings, client addresses, edge auth, headers.
 
 use super::Errors;
+use super::services::check_selector;
 use super::syntax::{check_host, check_path};
 use crate::crd::OpsConductorStackSpec;
-use crate::model::{ContentSecurityPolicy, EdgeAuth, Gateway, Hsts, RateLimit, Timeouts};
+use crate::model::{
+    ContentSecurityPolicy, EdgeAuth, Gateway, GatewayMetrics, Hsts, MetricsScraper, RateLimit,
+    Timeouts,
+};
 use ipnet::IpNet;
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -105,10 +109,12 @@ pub(super) fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) 
         send: timeout("sendSeconds", g.timeouts.send_seconds, 3600),
         read: timeout("readSeconds", g.timeouts.read_seconds, 3600),
     };
+    let metrics = validate_metrics(g.metrics.as_ref(), errs);
     if errs.0.len() != before {
         return None;
     }
     Some(Gateway {
+        metrics,
         timeouts,
         resources: g
             .resources
@@ -131,6 +137,66 @@ pub(super) fn validate_gateway(spec: &OpsConductorStackSpec, errs: &mut Errors) 
         trusted_proxies,
         proxy_protocol: g.proxy_protocol,
         strip_request_headers,
+    })
+}
+
+/// `spec.gateway.metrics`: `None` unless enabled; enabled needs at least one scraper, and the
+/// selectors must be ones the API server takes (they go into the gateway's NetworkPolicy).
+fn validate_metrics(
+    m: Option<&crate::crd::GatewayMetricsSpec>,
+    errs: &mut Errors,
+) -> Option<GatewayMetrics> {
+    let m = m?;
+    let before = errs.0.len();
+    if let Some(image) = &m.image
+        && image.trim().is_empty()
+    {
+        errs.add("spec.gateway.metrics.image", "must not be empty");
+    }
+    if m.enabled && m.allow_from.is_empty() {
+        errs.add(
+            "spec.gateway.metrics.allowFrom",
+            "must name who may scrape the metrics (the Prometheus namespace, and pods) when \
+             enabled is true: nobody else reaches the metrics port",
+        );
+    }
+    if m.allow_from.len() > 10 {
+        errs.add(
+            "spec.gateway.metrics.allowFrom",
+            format!("at most 10 entries, got {}", m.allow_from.len()),
+        );
+    }
+    for (i, a) in m.allow_from.iter().enumerate() {
+        let p = format!("spec.gateway.metrics.allowFrom[{i}]");
+        check_selector(
+            errs,
+            &format!("{p}.namespaceSelector"),
+            &a.namespace_selector,
+            None,
+            &[],
+        );
+        if let Some(pods) = &a.pod_selector {
+            check_selector(errs, &format!("{p}.podSelector"), pods, None, &[]);
+        }
+    }
+    if !m.enabled || errs.0.len() != before {
+        return None;
+    }
+    Some(GatewayMetrics {
+        image: m
+            .image
+            .as_deref()
+            .unwrap_or(crate::crd::DEFAULT_GATEWAY_IMAGE)
+            .trim()
+            .to_string(),
+        allow_from: m
+            .allow_from
+            .iter()
+            .map(|a| MetricsScraper {
+                namespace_selector: a.namespace_selector.clone(),
+                pod_selector: a.pod_selector.clone(),
+            })
+            .collect(),
     })
 }
 

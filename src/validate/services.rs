@@ -391,9 +391,10 @@ pub(super) fn ports(errs: &mut Errors, path: &str, raw: &[i32]) -> Option<Vec<Po
     ok.then_some(out)
 }
 
-/// Checks a backend's pod selector the way the API server checks a label selector, and that
-/// it selects none of the stack's own pods (a backend is a workload outside the stack).
-fn check_selector(
+/// Checks a label selector the way the API server checks one and, given the `stack`, that it
+/// selects none of the stack's own pods (a backend's: a backend is a workload outside the
+/// stack). Without a stack, only the syntax (the metrics scrapers' selectors).
+pub(super) fn check_selector(
     errs: &mut Errors,
     path: &str,
     sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,

@@ -1242,3 +1242,72 @@ fn hostile_strings_at_every_nginx_field_are_refused_or_quoted() {
         }
     }
 }
+
+#[test]
+fn gateway_metrics_need_scrapers_and_valid_selectors() {
+    // Absent, or present but not enabled: no exporter.
+    assert_eq!(run(base()).unwrap().gateway.metrics, None);
+    let mut v = base();
+    v["spec"]["gateway"]["metrics"] = json!({"enabled": false});
+    assert_eq!(run(v).unwrap().gateway.metrics, None);
+    // Enabled: the default image, the scrapers as given.
+    let mut v = base();
+    v["spec"]["gateway"]["metrics"] = json!({"enabled": true, "allowFrom": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]});
+    let m = run(v).unwrap().gateway.metrics.unwrap();
+    assert_eq!(m.image, crate::crd::DEFAULT_GATEWAY_IMAGE);
+    assert_eq!(m.allow_from.len(), 1);
+    assert!(m.allow_from[0].pod_selector.is_some());
+    assert_error(
+        |v| v["spec"]["gateway"]["metrics"] = json!({"enabled": true}),
+        "spec.gateway.metrics.allowFrom: must name who may scrape",
+    );
+    assert_error(
+        |v| {
+            v["spec"]["gateway"]["metrics"] = json!({"enabled": true, "allowFrom": [
+                {"namespaceSelector": {"matchLabels": {"bad key!": "x"}}}]})
+        },
+        "spec.gateway.metrics.allowFrom[0].namespaceSelector.matchLabels",
+    );
+    assert_error(
+        |v| {
+            v["spec"]["gateway"]["metrics"] = json!({"enabled": true, "allowFrom": [
+                {"namespaceSelector": {}, "podSelector": {"matchExpressions": [
+                    {"key": "app", "operator": "Near"}]}}]})
+        },
+        "spec.gateway.metrics.allowFrom[0].podSelector.matchExpressions[0].operator",
+    );
+    assert_error(
+        |v| {
+            v["spec"]["gateway"]["metrics"] =
+                json!({"enabled": true, "image": " ", "allowFrom": [{"namespaceSelector": {}}]})
+        },
+        "spec.gateway.metrics.image: must not be empty",
+    );
+}
+
+#[test]
+fn the_gateway_image_allow_list_applies_to_the_metrics_exporter() {
+    let list = vec!["ghcr.io/opsconductor/opsconductor-gateway".to_string()];
+    let problems = |metrics: Value| {
+        let mut v = base();
+        v["spec"]["gateway"]["metrics"] = metrics;
+        let stack: OpsConductorStack = serde_json::from_value(v).unwrap();
+        gateway_image_problems(&stack, &list)
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+    };
+    let scrapers = json!([{"namespaceSelector": {}}]);
+    // The default exporter image is the gateway image.
+    assert!(problems(json!({"enabled": true, "allowFrom": scrapers})).is_empty());
+    let p = problems(json!({"enabled": true, "allowFrom": scrapers, "image": "evil/exporter:1"}));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("spec.gateway.metrics.image: ") && p[0].contains("evil/exporter:1"),
+        "{p:?}"
+    );
+    // Not enabled: the image is not run, not checked.
+    assert!(problems(json!({"enabled": false, "image": "evil/exporter:1"})).is_empty());
+}

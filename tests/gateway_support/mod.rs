@@ -541,6 +541,8 @@ pub struct Layout {
     pub https_port: u16,
     /// For the probes-only listener of a gateway whose 8080/8443 expect the PROXY protocol.
     pub health_port: u16,
+    /// For the loopback `stub_status` listener of a gateway with `spec.gateway.metrics`.
+    pub status_port: u16,
 }
 
 impl Layout {
@@ -567,6 +569,7 @@ impl Layout {
             http_port: free_port(),
             https_port: free_port(),
             health_port: free_port(),
+            status_port: free_port(),
         }
     }
 
@@ -580,12 +583,13 @@ impl Layout {
 
     /// Rewrites the mount-path prefixes, `/tmp` and the listen ports; nothing else.
     pub fn install_config(&self, rendered: &str) {
-        let text = local_config_with_health(
+        let text = local_config_with_ports(
             rendered,
             self.dir.path(),
             self.http_port,
             self.https_port,
             Some(self.health_port),
+            Some(self.status_port),
         );
         std::fs::write(self.config_path(), text).unwrap();
     }
@@ -699,6 +703,19 @@ pub fn local_config_with_health(
     https_port: u16,
     health_port: Option<u16>,
 ) -> String {
+    local_config_with_ports(rendered, dir, http_port, https_port, health_port, None)
+}
+
+/// [`local_config_with_health`], and the loopback `stub_status` port [`nginx::STATUS_PORT`]
+/// (rendered only with `spec.gateway.metrics`) becomes `status_port` (still on 127.0.0.1).
+pub fn local_config_with_ports(
+    rendered: &str,
+    dir: &Path,
+    http_port: u16,
+    https_port: u16,
+    health_port: Option<u16>,
+    status_port: Option<u16>,
+) -> String {
     let d = dir.display();
     let v6 = ipv6_loopback();
     // /tmp first: the temp dir itself may live under /tmp.
@@ -711,6 +728,14 @@ pub fn local_config_with_health(
         let t = line.trim_start();
         let rewritten = if let Some(rest) = t.strip_prefix("listen ") {
             let (port, options) = rest.split_once(&[' ', ';'][..]).unwrap();
+            let sep = &rest[rest.find(&[' ', ';'][..]).unwrap()..][..1];
+            if let Some(p) = port.strip_prefix("127.0.0.1:") {
+                assert_eq!(p.parse::<i32>().unwrap(), nginx::STATUS_PORT, "{line}");
+                let new_port = status_port.expect("a status port for the metrics listener");
+                out.push_str(&line[..line.len() - t.len()]);
+                out.push_str(&format!("listen 127.0.0.1:{new_port}{sep}{options}\n"));
+                continue;
+            }
             let ipv6 = port.starts_with("[::]:");
             let port = port.trim_start_matches("[::]:");
             let new_port = match port.parse::<i32>().unwrap() {
@@ -719,7 +744,6 @@ pub fn local_config_with_health(
                 p if p == nginx::HEALTH_PORT && health_port.is_some() => health_port.unwrap(),
                 p => panic!("unexpected listen port {p}"),
             };
-            let sep = &rest[rest.find(&[' ', ';'][..]).unwrap()..][..1];
             match (ipv6, v6) {
                 (true, false) => continue,
                 (true, true) => format!("listen [::1]:{new_port}{sep}{options}"),
@@ -1575,4 +1599,146 @@ fn publish_config(layout: &Layout, version: &str, rendered: &str) {
     let _ = std::fs::remove_file(config.join("..data_tmp"));
     std::os::unix::fs::symlink(version, config.join("..data_tmp")).unwrap();
     std::fs::rename(config.join("..data_tmp"), config.join("..data")).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway's metrics exporter
+
+/// nginx's Prometheus exporter as the gateway image carries it (Debian's
+/// `prometheus-nginx-exporter`): `OPSC_NGINX_EXPORTER` when set, else what
+/// `scripts/install-nginx --exporter-path` prints (it unpacks the package into the cache
+/// first when missing). Under the rules of [`tools_present`]: missing, the test fails unless
+/// `OPSC_SKIP_NGINX=1` outside CI.
+pub fn exporter_binary() -> Option<PathBuf> {
+    if std::env::var("OPSC_SKIP_NGINX").is_ok_and(|v| v == "1")
+        && !std::env::var("CI").is_ok_and(|v| v == "true")
+    {
+        eprintln!("OPSC_SKIP_NGINX=1: skipping a test that needs the nginx exporter");
+        return None;
+    }
+    let path = match std::env::var_os("OPSC_NGINX_EXPORTER") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let out = Command::new(root().join("scripts/install-nginx"))
+                .arg("--exporter-path")
+                .output()
+                .expect("scripts/install-nginx runs");
+            assert!(
+                out.status.success(),
+                "scripts/install-nginx --exporter-path failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
+    };
+    let runs = Command::new(&path)
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        runs,
+        "the nginx exporter {} does not run (Debian package prometheus-nginx-exporter; \
+         scripts/install-nginx unpacks it), or outside CI OPSC_SKIP_NGINX=1 to skip",
+        path.display()
+    );
+    Some(path)
+}
+
+/// The exporter running with the sidecar's own arguments, as the operator renders them,
+/// except that its two ports move to free loopback ports: the scrape URI to the gateway's
+/// status port, the listen address to `port` on 127.0.0.1.
+pub struct Exporter {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Exporter {
+    pub fn start(binary: &Path, args: &[String], gateway: &Gateway) -> Exporter {
+        let port = free_port();
+        let status = format!("127.0.0.1:{}/", nginx::STATUS_PORT);
+        let listen = format!(":{}", opsconductor_operator::build::gateway::METRICS_PORT);
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                a.replace(
+                    &status,
+                    &format!("127.0.0.1:{}/", gateway.layout.status_port),
+                )
+                .replace(
+                    &format!("--web.listen-address={listen}"),
+                    &format!("--web.listen-address=127.0.0.1:{port}"),
+                )
+            })
+            .collect();
+        assert!(
+            args.iter()
+                .any(|a| a.contains(&gateway.layout.status_port.to_string()))
+                && args
+                    .iter()
+                    .any(|a| a.ends_with(&format!("127.0.0.1:{port}"))),
+            "the sidecar's arguments changed shape: {args:?}"
+        );
+        let log = gateway.layout.path("exporter.log");
+        let child = Command::new(binary)
+            .args(&args)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("the exporter starts");
+        let mut exporter = Exporter { child, port, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while exporter.scrape_text().is_none() {
+            if let Ok(Some(status)) = exporter.child.try_wait() {
+                panic!("the exporter exited ({status}):\n{}", exporter.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the exporter did not serve /metrics within 30 s:\n{}",
+                exporter.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        exporter
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn scrape_text(&self) -> Option<String> {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "10"])
+            .arg(format!("http://127.0.0.1:{}/metrics", self.port))
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// One scrape of `/metrics`: each sample without labels, by name.
+    pub fn scrape(&self) -> BTreeMap<String, f64> {
+        let text = self
+            .scrape_text()
+            .unwrap_or_else(|| panic!("the scrape failed:\n{}", self.log()));
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+        if thread::panicking() {
+            eprintln!("--- exporter log ---\n{}", self.log());
+        }
+    }
 }

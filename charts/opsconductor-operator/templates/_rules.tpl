@@ -17,18 +17,20 @@ set (templates/clusterrole.yaml, templates/namespace-roles.yaml).
   # - list, watch: the label-filtered watch caches (over the scope, like the stacks);
   # - get: a re-read when the cache lags behind the operator's own last write;
   # - create, patch: server-side apply (an apply that creates the object also needs create);
+  # - update: a replace, in Enforce mode, when another field manager owns part of the object
+  #   that apply cannot remove (a sidecar or an extra port added to a Deployment or Service, a
+  #   label added inside a NetworkPolicy's selector, a container the spec dropped after someone
+  #   forced a value into it); no more than patch already allows;
   # - delete: pruning what the stack no longer wants.
   - apiGroups: [""]
     resources: [serviceaccounts, configmaps, services]
-    verbs: [get, list, watch, create, patch, delete]
+    verbs: [get, list, watch, create, patch, update, delete]
   - apiGroups: [apps]
     resources: [deployments]
-    verbs: [get, list, watch, create, patch, delete]
+    verbs: [get, list, watch, create, patch, update, delete]
   - apiGroups: [policy]
     resources: [poddisruptionbudgets]
-    verbs: [get, list, watch, create, patch, delete]
-  # NetworkPolicies as above, plus update: when another field manager added something inside a
-  # policy that must be exactly the operator's, apply cannot remove it and a replace does.
+    verbs: [get, list, watch, create, patch, update, delete]
   - apiGroups: [networking.k8s.io]
     resources: [networkpolicies]
     verbs: [get, list, watch, create, patch, update, delete]

@@ -36,7 +36,7 @@ use crate::model::Stack;
 use edge_auth::verdict_cache;
 use http_context::{client_address, http_settings, tls_settings};
 use route_limits::{any_route_rate, route_limit_zones};
-use servers::{health_server, plain_http_server, tls_servers};
+use servers::{health_server, plain_http_server, status_server, tls_servers};
 use upstreams::upstreams;
 
 pub use edge_auth::{VERDICT_CACHE_DIR, VERDICT_LOCATION};
@@ -62,6 +62,14 @@ pub const HTTPS_PORT: i32 = 8443;
 /// Answers the kubelet's probes when the listeners on [`HTTP_PORT`] and [`HTTPS_PORT`] expect
 /// the PROXY protocol (which the kubelet does not speak); not in the gateway Service.
 pub const HEALTH_PORT: i32 = 8081;
+
+/// nginx's `stub_status` (connection and request counters) for the metrics exporter beside
+/// it, with `spec.gateway.metrics`: on 127.0.0.1 only, so nothing outside the pod's network
+/// namespace reaches it (the exporter shares that namespace); not in the gateway Service.
+pub const STATUS_PORT: i32 = 8082;
+
+/// The path of `stub_status` on [`STATUS_PORT`].
+pub const STATUS_PATH: &str = "/stub_status";
 
 /// Answered on the HTTP port for the kubelet's probes; never redirected.
 pub const HEALTH_PATH: &str = "/healthz";
@@ -139,6 +147,9 @@ pub fn render(stack: &Stack, options: &BuildOptions) -> String {
     }
     if stack.gateway.proxy_protocol {
         health_server(w);
+    }
+    if stack.gateway.metrics.is_some() {
+        status_server(w);
     }
     plain_http_server(w, stack, options);
     tls_servers(w, stack, options);

@@ -10,7 +10,8 @@ use super::http_context::wildcard_regex;
 use super::route_limits::any_route_rate;
 use super::upstreams::{upstream_id, upstream_server};
 use super::{
-    ACME_CHALLENGE_PREFIX, HEALTH_PATH, HEALTH_PORT, HTTP_PORT, HTTPS_PORT, MAX_REQUESTS_PER_CLIENT,
+    ACME_CHALLENGE_PREFIX, HEALTH_PATH, HEALTH_PORT, HTTP_PORT, HTTPS_PORT,
+    MAX_REQUESTS_PER_CLIENT, STATUS_PATH, STATUS_PORT,
 };
 use crate::build::BuildOptions;
 use crate::model::{CertificateSource, Stack};
@@ -38,6 +39,29 @@ pub(super) fn health_server(w: &mut String) {
         location = {HEALTH_PATH} {{
             default_type text/plain;
             return 200 "ok\n";
+        }}
+
+        location / {{
+            return 404;
+        }}
+    }}"#
+    );
+}
+
+/// `stub_status` for the metrics exporter in the same pod: on the pod's loopback only (the
+/// exporter shares the network namespace), not logged, 404 for anything else.
+pub(super) fn status_server(w: &mut String) {
+    let _ = writeln!(
+        w,
+        r#"
+    # Port {STATUS_PORT} on loopback: nginx's counters for the metrics exporter beside it in the
+    # pod (spec.gateway.metrics). Nothing outside the pod reaches it.
+    server {{
+        listen 127.0.0.1:{STATUS_PORT} default_server;
+        access_log off;
+
+        location = {STATUS_PATH} {{
+            stub_status;
         }}
 
         location / {{

@@ -605,3 +605,29 @@ spec:
     assert_eq!(memory_bytes("100m"), None);
     assert_eq!(memory_bytes("lots"), None);
 }
+
+#[test]
+fn the_status_listener_is_on_loopback_and_only_with_metrics() {
+    let plain = render(&stack(TWO_ROUTES), &BuildOptions::default());
+    assert!(!plain.contains("stub_status"));
+    let with = TWO_ROUTES.replace(
+        "    clientMaxBodySize: 3m\n",
+        "    clientMaxBodySize: 3m\n    metrics: {enabled: true, allowFrom: [{namespaceSelector: {}}]}\n",
+    );
+    let conf = render(&stack(&with), &BuildOptions::default());
+    let listens: Vec<&str> = conf
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("listen ") && l.contains(&STATUS_PORT.to_string()))
+        .collect();
+    assert_eq!(
+        listens,
+        [format!("listen 127.0.0.1:{STATUS_PORT} default_server;")]
+    );
+    assert_eq!(conf.matches("stub_status;").count(), 1);
+    assert!(conf.contains(&format!("location = {STATUS_PATH} {{")));
+    // Everything else is the same file.
+    let start = conf.find("\n    # Port 8082").unwrap();
+    let end = start + conf[start..].find("\n    }\n").unwrap() + "\n    }\n".len();
+    assert_eq!(format!("{}{}", &conf[..start], &conf[end..]), plain);
+}
