@@ -113,6 +113,12 @@ enum Command {
         /// docs/operations.md). Empty: every namespace, through cluster-wide watches.
         #[arg(long, env = "OPSC_WATCH_NAMESPACES", value_delimiter = ',')]
         watch_namespaces: Vec<String>,
+        /// Serve only the namespaces whose labels match this label selector (e.g.
+        /// `tenant=a`, `tenant in (a,b),!frozen`): Namespaces are watched with it, and every
+        /// other watch is one per selected namespace, started and stopped as namespaces enter
+        /// and leave the selection. Not together with --watch-namespaces.
+        #[arg(long, env = "OPSC_NAMESPACE_SELECTOR")]
+        namespace_selector: Option<String>,
         #[command(flatten)]
         election: leader::ElectionArgs,
     },
@@ -147,10 +153,14 @@ fn main() -> ExitCode {
             allowed_gateway_images,
             cluster_cidrs,
             watch_namespaces,
+            namespace_selector,
             election,
         } => {
             init_logging(log_format);
-            let scope = match controller::scope::Scope::from_list(&watch_namespaces) {
+            let scope = match controller::scope::Scope::from_flags(
+                &watch_namespaces,
+                namespace_selector.as_deref(),
+            ) {
                 Ok(scope) => scope,
                 Err(e) => {
                     eprintln!("error: {e}");
