@@ -119,6 +119,18 @@ enum Command {
         /// and leave the selection. Not together with --watch-namespaces.
         #[arg(long, env = "OPSC_NAMESPACE_SELECTOR")]
         namespace_selector: Option<String>,
+        /// Where the violation audit watches Pods, Services, NetworkPolicies, Ingresses and
+        /// Gateway API routes: `scope`, everywhere the operator serves (cluster-wide watches
+        /// when it serves every namespace); `with-stacks`, one watch per kind and namespace
+        /// that holds a stack (objects elsewhere cost nothing; each such namespace costs a
+        /// connection per kind; docs/operations.md).
+        #[arg(
+            long,
+            env = "OPSC_AUDIT_NAMESPACES",
+            value_enum,
+            default_value = "scope"
+        )]
+        audit_namespaces: controller::scope::AuditNamespaces,
         #[command(flatten)]
         election: leader::ElectionArgs,
     },
@@ -154,6 +166,7 @@ fn main() -> ExitCode {
             cluster_cidrs,
             watch_namespaces,
             namespace_selector,
+            audit_namespaces,
             election,
         } => {
             init_logging(log_format);
@@ -187,6 +200,7 @@ fn main() -> ExitCode {
                     .filter(|i| !i.is_empty())
                     .collect(),
                 scope,
+                audit_namespaces,
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(run(

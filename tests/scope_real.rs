@@ -804,3 +804,163 @@ async fn releases_scoped_by_label_selectors_follow_the_labels_and_see_nothing_el
         assert!(denials.is_empty(), "{}:\n{}", op.name, denials.join("\n"));
     }
 }
+
+/// A release serving every namespace with `--audit-namespaces with-stacks`, as its own
+/// ServiceAccount with the chart's cluster-wide RBAC: the violation audit watches Pods,
+/// Services, NetworkPolicies and Ingresses one namespace at a time, only where a stack is. From
+/// the audit log: none of them is listed or watched cluster-wide, none in a namespace without a
+/// stack (which holds a NodePort Service and a NetworkPolicy), and when the namespace's stack is
+/// deleted its audit watches end; a violation in the stack's namespace is still found.
+#[tokio::test]
+async fn the_audit_watches_only_namespaces_that_hold_a_stack() {
+    let Some(sys) = TestNamespace::new("scope-aud-sys").await else {
+        return;
+    };
+    let cp = sys.control_plane;
+    assert_reads_recorded(cp);
+    let with_stack = TestNamespace::new("scope-aud-stack").await.unwrap();
+    let without = TestNamespace::new("scope-aud-none").await.unwrap();
+    install_crd(cp).await;
+    let (release, service_account) = ("aud", "op-aud");
+    let user = format!("system:serviceaccount:{}:{service_account}", sys.name);
+    let yaml = chart_rbac_of(release, &sys.name, service_account, &[]);
+    kubectl(cp, &["apply"], &yaml);
+    let _rbac = ClusterRbac { cp, yaml };
+
+    let exposed = |name: &str| -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"type": "NodePort", "ports": [{"port": 80}]}
+        }))
+        .unwrap()
+    };
+    let open_policy: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "open"},
+            "spec": {"podSelector": {}, "ingress": [{}]}
+        }))
+        .unwrap();
+    Api::<Service>::namespaced(without.client.clone(), &without.name)
+        .create(&Default::default(), &exposed("unrelated"))
+        .await
+        .unwrap();
+    Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(
+        without.client.clone(),
+        &without.name,
+    )
+    .create(&Default::default(), &open_policy)
+    .await
+    .unwrap();
+
+    let audit = AuditLog::of(cp);
+    let start = audit.mark();
+    let dir = cp.state_dir.join("scope-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join(format!("kubeconfig-{release}-{}", std::process::id()));
+    write_certificate_kubeconfig(cp, &kubeconfig, &user, AUDIT_READS_GROUP);
+    let lease = format!("{release}-opsconductor-operator");
+    let op = OperatorProcess::spawn(Spawn {
+        name: release,
+        kubeconfig: &kubeconfig,
+        log_dir: &dir,
+        args: &[
+            "--audit-namespaces",
+            "with-stacks",
+            "--leader-election",
+            "--leader-election-namespace",
+            &sys.name,
+            "--leader-election-id",
+            &lease,
+        ],
+        env: &[("POD_NAME", release)],
+    });
+    eventually(
+        "the operator to lead and sync its caches (/readyz)",
+        Duration::from_secs(90),
+        async || op.ready().then_some(()),
+    )
+    .await;
+    let stack = apply_stack(
+        &with_stack.client,
+        &example("minimal.yaml", &with_stack.name),
+    )
+    .await;
+    converged(&with_stack, &stack, "the stack to converge").await;
+    Api::<Service>::namespaced(with_stack.client.clone(), &with_stack.name)
+        .create(&Default::default(), &exposed("exposed"))
+        .await
+        .unwrap();
+    let stacks: Api<OpsConductorStack> = with_stack.api();
+    eventually(
+        "the NodePort Service in the stack's namespace to be reported",
+        Duration::from_secs(60),
+        || {
+            let stacks = stacks.clone();
+            async move {
+                let s = stacks.get("hello").await.ok()?;
+                s.status?
+                    .violations
+                    .iter()
+                    .any(|v| v.kind == "Service" && v.name == "exposed")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    // The stack goes: the audit's watches of its namespace end.
+    stacks.delete("hello", &Default::default()).await.unwrap();
+    let audited = ["pods", "services", "networkpolicies", "ingresses"];
+    eventually(
+        "every audit watch of the namespace whose stack is gone to end",
+        Duration::from_secs(60),
+        || {
+            let (mut started, mut ended) = (BTreeSet::new(), BTreeSet::new());
+            for e in audit
+                .requests_since(&start)
+                .iter()
+                .filter(|e| e.user == user && e.namespace == with_stack.name && e.verb == "watch")
+            {
+                if e.stage == "ResponseStarted" {
+                    started.insert((e.resource.clone(), e.audit_id.clone()));
+                } else {
+                    ended.insert((e.resource.clone(), e.audit_id.clone()));
+                }
+            }
+            let kinds: BTreeSet<&str> = started.iter().map(|(r, _)| r.as_str()).collect();
+            let ok = audited.iter().all(|k| kinds.contains(k)) && started.is_subset(&ended);
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+
+    let requests = audit.requests_since(&start);
+    let mine: Vec<&AuditEvent> = requests.iter().filter(|e| e.user == user).collect();
+    let wide: Vec<&AuditEvent> = mine
+        .iter()
+        .copied()
+        .filter(|e| {
+            matches!(e.verb.as_str(), "list" | "watch")
+                && e.namespace.is_empty()
+                && (audited.contains(&e.resource.as_str())
+                    || e.api_group == "gateway.networking.k8s.io")
+        })
+        .collect();
+    assert!(
+        wide.is_empty(),
+        "cluster-wide audit watches with --audit-namespaces with-stacks:\n{}",
+        describe(&wide)
+    );
+    let elsewhere: Vec<&AuditEvent> = mine
+        .iter()
+        .copied()
+        .filter(|e| e.namespace == without.name)
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "requests in a namespace without a stack:\n{}",
+        describe(&elsewhere)
+    );
+    let refused: Vec<&AuditEvent> = mine.iter().copied().filter(|e| e.code == 403).collect();
+    assert!(refused.is_empty(), "{}", describe(&refused));
+}

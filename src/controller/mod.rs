@@ -76,6 +76,8 @@ pub struct RunOptions {
     pub allowed_gateway_images: Vec<String>,
     /// The namespaces served (`--watch-namespaces`, `--namespace-selector`); see [`scope`].
     pub scope: scope::Scope,
+    /// Where the violation audit watches (`--audit-namespaces`).
+    pub audit_namespaces: scope::AuditNamespaces,
 }
 
 impl Default for RunOptions {
@@ -89,6 +91,7 @@ impl Default for RunOptions {
             allow_loopback_acme_directory: false,
             allowed_gateway_images: Vec::new(),
             scope: scope::Scope::Cluster,
+            audit_namespaces: scope::AuditNamespaces::Scope,
         }
     }
 }

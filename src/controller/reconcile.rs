@@ -82,8 +82,9 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
 /// Stage 1, gather: the stack's namespace once the caches hold their initial lists, or what to
 /// do instead: nothing for a stack being deleted (owner references hand everything to the
 /// garbage collector) or in a namespace that has left the `--namespace-selector` selection;
-/// come back shortly for one in a namespace that has just entered it and whose watches have
-/// not listed it yet (its caches are incomplete: an object missing from them is not missing).
+/// come back shortly for one in a namespace whose per-namespace watches have not listed it yet
+/// (it has just entered the selection, or holds its first stack with `--audit-namespaces
+/// with-stacks`): its caches are incomplete, and an object missing from them is not missing.
 async fn gather(stack: &OpsConductorStack, ctx: &Context) -> Result<Result<String, Action>, Error> {
     if stack.meta().deletion_timestamp.is_some() {
         ctx.acme
@@ -102,9 +103,9 @@ async fn gather(stack: &OpsConductorStack, ctx: &Context) -> Result<Result<Strin
         if !selected {
             return Ok(Err(Action::await_change()));
         }
-        if ctx.dynamic.listing.is_listing(&namespace) {
-            return Ok(Err(Action::requeue(std::time::Duration::from_millis(500))));
-        }
+    }
+    if ctx.dynamic.listing.is_listing(&namespace) {
+        return Ok(Err(Action::requeue(std::time::Duration::from_millis(500))));
     }
     Ok(Ok(namespace))
 }

@@ -178,10 +178,46 @@ pub async fn run(
     // one watch and one copy per object (apply and prune look objects up by name and check
     // the stack label and owner reference themselves).
     let everything = watcher::Config::default().any_semantic();
-    let (audit_services, audit_svc_stream) = child_watch!(Service, everything.clone());
-    let (audit_pods, audit_pod_stream) = child_watch!(Pod, everything.clone());
-    let (audit_ingresses, audit_ing_stream) = child_watch!(Ingress, everything.clone());
-    let (audit_policies, audit_np_stream) = child_watch!(NetworkPolicy, everything.clone());
+    // With --audit-namespaces with-stacks: the namespaces that hold a stack, published by the
+    // stack watch (below) once its cache has its first list, and followed by the audit's
+    // per-namespace watches.
+    let with_stacks = options.audit_namespaces == scope::AuditNamespaces::WithStacks;
+    let (stack_namespaces_tx, stack_namespaces) = tokio::sync::watch::channel(None);
+    let audit_dynamic = scope::Dynamic {
+        selected: stack_namespaces,
+        listing: dynamic.listing.clone(),
+    };
+    macro_rules! audit_watch {
+        ($kind:ty) => {
+            child_watch!($kind, everything.clone(), |reader| {
+                let client = client.clone();
+                if with_stacks {
+                    scope::watch_in(
+                        stringify!($kind),
+                        move |ns| Api::<Compact<$kind>>::namespaced(client.clone(), ns),
+                        everything.clone(),
+                        &audit_dynamic,
+                        reader,
+                    )
+                } else {
+                    options.scope.watch(
+                        stringify!($kind),
+                        move |ns| match ns {
+                            Some(ns) => Api::<Compact<$kind>>::namespaced(client.clone(), ns),
+                            None => Api::<Compact<$kind>>::all(client.clone()),
+                        },
+                        everything.clone(),
+                        reader,
+                        &dynamic,
+                    )
+                }
+            })
+        };
+    }
+    let (audit_services, audit_svc_stream) = audit_watch!(Service);
+    let (audit_pods, audit_pod_stream) = audit_watch!(Pod);
+    let (audit_ingresses, audit_ing_stream) = audit_watch!(Ingress);
+    let (audit_policies, audit_np_stream) = audit_watch!(NetworkPolicy);
     let (namespaces, ns_stream) = child_watch!(
         Namespace,
         everything.clone(),
@@ -231,6 +267,29 @@ pub async fn run(
             &dynamic,
         )
         .reflect(stack_writer)
+        // Once the cache has its first list, every change of it may change the namespaces
+        // that hold a stack (only the audit's watches with --audit-namespaces with-stacks
+        // follow them).
+        .inspect({
+            let (stacks, mut synced) = (stack_store.clone(), false);
+            move |event| {
+                synced |= matches!(event, Ok(watcher::Event::InitDone));
+                if synced && with_stacks {
+                    let names: std::collections::BTreeSet<String> = stacks
+                        .state()
+                        .iter()
+                        .filter_map(|s| s.metadata.namespace.clone())
+                        .collect();
+                    stack_namespaces_tx.send_if_modified(|current| {
+                        let changed = current.as_ref() != Some(&names);
+                        if changed {
+                            *current = Some(names);
+                        }
+                        changed
+                    });
+                }
+            }
+        })
         .applied_objects();
     let mut controller = Controller::for_stream(stack_stream, stack_store.clone());
     // An object anywhere in a namespace concerns every stack of that namespace.
@@ -251,23 +310,27 @@ pub async fn run(
     for (kind, resource) in served_route_kinds(&client).await {
         let writer = reflector::store::Writer::new(resource.clone());
         let reader = writer.as_reader();
-        let stream = options
-            .scope
-            .watch(
+        let api = {
+            let (client, resource) = (client.clone(), resource.clone());
+            move |ns: Option<&str>| match ns {
+                Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &resource),
+                None => Api::<DynamicObject>::all_with(client.clone(), &resource),
+            }
+        };
+        let watch = if with_stacks {
+            scope::watch_in(
                 &kind,
-                {
-                    let (client, resource) = (client.clone(), resource.clone());
-                    move |ns| match ns {
-                        Some(ns) => {
-                            Api::<DynamicObject>::namespaced_with(client.clone(), ns, &resource)
-                        }
-                        None => Api::<DynamicObject>::all_with(client.clone(), &resource),
-                    }
-                },
+                move |ns| api(Some(ns)),
                 everything.clone(),
+                &audit_dynamic,
                 reader.clone(),
-                &dynamic,
             )
+        } else {
+            options
+                .scope
+                .watch(&kind, api, everything.clone(), reader.clone(), &dynamic)
+        };
+        let stream = watch
             .modify(|o| o.managed_fields_mut().clear())
             .reflect(writer)
             .touched_objects()

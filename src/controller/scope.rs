@@ -46,6 +46,33 @@ pub enum Scope {
     Selector(String),
 }
 
+/// Where the violation audit's watches (Pods, Services, NetworkPolicies, Ingresses, Gateway API
+/// routes) go: `--audit-namespaces`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuditNamespaces {
+    /// Over the operator's whole scope, like every other watch: one cluster-wide watch per kind
+    /// when it serves every namespace.
+    #[default]
+    Scope,
+    /// One watch per kind and namespace that holds a stack (of the scope), started when the
+    /// namespace's first stack appears and stopped when its last one goes: objects of
+    /// namespaces without a stack cost nothing, each namespace with stacks costs a connection
+    /// per kind.
+    WithStacks,
+}
+
+/// A watch of a namespaced kind over the namespaces `dynamic.selected` holds, one watch per
+/// namespace, following its changes (see [`dynamic`]).
+pub fn watch_in<K: Watched>(
+    kind: &str,
+    api: impl Fn(&str) -> Api<K> + Send + 'static,
+    config: watcher::Config,
+    dynamic: &Dynamic,
+    store: Store<K>,
+) -> BoxStream<'static, watcher::Result<watcher::Event<K>>> {
+    self::dynamic(kind.to_string(), api, config, dynamic.clone(), store)
+}
+
 /// The namespaces a `--namespace-selector` selects now, as the Namespace cache holds them:
 /// `None` until that cache has its first list.
 pub type Selected = tokio::sync::watch::Receiver<Option<BTreeSet<String>>>;
