@@ -149,8 +149,8 @@ impl Scope {
         }
         if set.is_empty() && !list.is_empty() {
             return Err(
-                "--watch-namespaces: no namespace in the list; leave the flag out to \
-                        serve every namespace"
+                "--watch-namespaces: no namespace in the list; leave the flag (and \
+                 OPSC_WATCH_NAMESPACES) out to serve every namespace"
                     .into(),
             );
         }
@@ -249,7 +249,11 @@ pub fn check_label_selector(s: &str) -> Result<String, String> {
     }
     requirements.push(&s[start..]);
     if requirements.len() == 1 && requirements[0].trim().is_empty() {
-        return Err("empty: it would select every namespace; leave the flag out for that".into());
+        return Err(
+            "empty: it would select every namespace; leave the flag (and \
+                    OPSC_NAMESPACE_SELECTOR) out for that"
+                .into(),
+        );
     }
     let mut out = Vec::new();
     for r in requirements {
