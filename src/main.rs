@@ -113,6 +113,24 @@ enum Command {
         /// docs/operations.md). Empty: every namespace, through cluster-wide watches.
         #[arg(long, env = "OPSC_WATCH_NAMESPACES", value_delimiter = ',')]
         watch_namespaces: Vec<String>,
+        /// Serve only the namespaces whose labels match this label selector (e.g.
+        /// `tenant=a`, `tenant in (a,b),!frozen`): Namespaces are watched with it, and every
+        /// other watch is one per selected namespace, started and stopped as namespaces enter
+        /// and leave the selection. Not together with --watch-namespaces.
+        #[arg(long, env = "OPSC_NAMESPACE_SELECTOR")]
+        namespace_selector: Option<String>,
+        /// Where the violation audit watches Pods, Services, NetworkPolicies, Ingresses and
+        /// Gateway API routes: `scope`, everywhere the operator serves (cluster-wide watches
+        /// when it serves every namespace); `with-stacks`, one watch per kind and namespace
+        /// that holds a stack (objects elsewhere cost nothing; each such namespace costs a
+        /// connection per kind; docs/operations.md).
+        #[arg(
+            long,
+            env = "OPSC_AUDIT_NAMESPACES",
+            value_enum,
+            default_value = "scope"
+        )]
+        audit_namespaces: controller::scope::AuditNamespaces,
         #[command(flatten)]
         election: leader::ElectionArgs,
     },
@@ -147,10 +165,15 @@ fn main() -> ExitCode {
             allowed_gateway_images,
             cluster_cidrs,
             watch_namespaces,
+            namespace_selector,
+            audit_namespaces,
             election,
         } => {
             init_logging(log_format);
-            let scope = match controller::scope::Scope::from_list(&watch_namespaces) {
+            let scope = match controller::scope::Scope::from_flags(
+                &watch_namespaces,
+                namespace_selector.as_deref(),
+            ) {
                 Ok(scope) => scope,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -177,6 +200,7 @@ fn main() -> ExitCode {
                     .filter(|i| !i.is_empty())
                     .collect(),
                 scope,
+                audit_namespaces,
             };
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(run(

@@ -728,3 +728,124 @@ fn a_scoped_release_gets_roles_in_its_namespaces_and_almost_no_cluster_rules() {
     );
     assert!(!yaml_has(&unscoped, "--watch-namespaces"));
 }
+
+/// `operator.namespaceSelector`: the operator gets `--namespace-selector`; the rules stay in the
+/// ClusterRole (the selection changes with labels, which RBAC cannot follow), with no namespace
+/// Roles; a list and a selector together, or a non-string selector, are refused.
+#[test]
+fn a_release_scoped_by_a_selector_keeps_cluster_rules_and_passes_the_selector() {
+    let Some(yaml) = template(
+        "opsconductor-operator",
+        "team-b-system",
+        &[
+            "--set-string",
+            r"operator.namespaceSelector=example.com/tenant in (b\,b-staging)",
+        ],
+    ) else {
+        return;
+    };
+    let docs = documents(&yaml);
+    let deployment = find(&docs, "Deployment", "opsconductor-operator");
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap();
+    assert!(
+        args.contains(&json!(
+            "--namespace-selector=example.com/tenant in (b,b-staging)"
+        )),
+        "{args:?}"
+    );
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.as_str().unwrap().starts_with("--watch-namespaces")),
+        "{args:?}"
+    );
+    let unscoped = documents(&template("opsconductor-operator", "team-b-system", &[]).unwrap());
+    let name = "opsconductor-operator-team-b-system";
+    assert_eq!(
+        find(&docs, "ClusterRole", name)["rules"],
+        find(&unscoped, "ClusterRole", name)["rules"],
+        "a selector release has the cluster-wide release's rules"
+    );
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "Role" && d["metadata"]["namespace"] != "team-b-system"),
+        "a namespace Role with a selector"
+    );
+    let e = template_error(&[
+        "--set",
+        "operator.watchNamespaces={a}",
+        "--set",
+        "operator.namespaceSelector=tenant=a",
+    ])
+    .unwrap();
+    assert!(
+        e.contains("operator.watchNamespaces and operator.namespaceSelector"),
+        "{e}"
+    );
+    let e = template_error(&["--set", "operator.namespaceSelector=true"]).unwrap();
+    assert!(e.contains("namespaceSelector"), "{e}");
+}
+
+/// `operator.auditNamespaces`: `with-stacks` reaches the operator as `--audit-namespaces`; the
+/// default passes nothing; anything else is refused.
+#[test]
+fn the_audit_namespaces_value_reaches_the_operator() {
+    let Some(yaml) = template(
+        "opsconductor-operator",
+        "opsconductor-system",
+        &["--set", "operator.auditNamespaces=with-stacks"],
+    ) else {
+        return;
+    };
+    assert!(yaml_has(
+        &documents(&yaml),
+        "--audit-namespaces=with-stacks"
+    ));
+    let default = template("opsconductor-operator", "opsconductor-system", &[]).unwrap();
+    assert!(!yaml_has(&documents(&default), "--audit-namespaces"));
+    let e = template_error(&["--set", "operator.auditNamespaces=everywhere"]).unwrap();
+    assert!(e.contains("auditNamespaces"), "{e}");
+}
+
+/// The leader-election Lease is named after the release by default: two releases in one
+/// namespace elect their leaders independently, each Role granting only its own Lease.
+#[test]
+fn releases_in_one_namespace_have_their_own_leases() {
+    let Some(a) = template("team-a", "tenants", &[]) else {
+        return;
+    };
+    let b = template("team-b", "tenants", &[]).unwrap();
+    let lease = |yaml: &str| -> (String, Value) {
+        let docs = documents(yaml);
+        let deployment = find(&docs, "Deployment", "opsconductor-operator");
+        let id = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str()?.strip_prefix("--leader-election-id="))
+            .next()
+            .unwrap()
+            .to_string();
+        let role = find(&docs, "Role", "-leader-election");
+        (id, role["rules"][1]["resourceNames"].clone())
+    };
+    let (id_a, names_a) = lease(&a);
+    let (id_b, names_b) = lease(&b);
+    assert_eq!(id_a, "team-a-opsconductor-operator");
+    assert_eq!(id_b, "team-b-opsconductor-operator");
+    assert_eq!(names_a, json!([id_a]));
+    assert_eq!(names_b, json!([id_b]));
+    // The default release keeps the Lease name it always had; an explicit name wins.
+    let default = template("opsconductor-operator", "opsconductor-system", &[]).unwrap();
+    assert_eq!(lease(&default).0, "opsconductor-operator");
+    let named = template(
+        "team-a",
+        "tenants",
+        &["--set", "leaderElection.leaseName=shared"],
+    )
+    .unwrap();
+    assert_eq!(lease(&named), ("shared".to_string(), json!(["shared"])));
+}

@@ -243,6 +243,48 @@ async fn helm_template_passes_a_server_side_dry_run() {
     assert!(ok, "the API server refused manifests/install.yaml:\n{out}");
 }
 
+/// Both scoped forms of the chart pass the API server's checks: a list (Roles in the listed
+/// namespace) and a label selector with the audit limited to stack namespaces.
+#[tokio::test]
+async fn the_scoped_forms_of_the_chart_pass_a_server_side_dry_run() {
+    let Some(ns) = TestNamespace::new("chart-dry-run-scoped").await else {
+        return;
+    };
+    let cp = ns.control_plane;
+    let list = format!("operator.watchNamespaces={{{}}}", ns.name);
+    let selector = r"operator.namespaceSelector=example.com/tenant in (a\,b)\,!frozen";
+    for (sets, expected) in [
+        (
+            vec!["--set", list.as_str()],
+            format!(
+                "role.rbac.authorization.k8s.io/opsconductor-operator-{}",
+                ns.name
+            ),
+        ),
+        (
+            vec![
+                "--set-string",
+                selector,
+                "--set",
+                "operator.auditNamespaces=with-stacks",
+            ],
+            format!(
+                "clusterrole.rbac.authorization.k8s.io/opsconductor-operator-{}",
+                ns.name
+            ),
+        ),
+    ] {
+        let yaml = template("opsconductor-operator", &ns.name, &sets).unwrap();
+        let (ok, out) = kubectl(cp, &["apply", "--dry-run=server", "-f", "-"], Some(&yaml));
+        assert!(ok, "the API server refused the chart with {sets:?}:\n{out}");
+        assert!(out.contains(&expected), "{expected} missing:\n{out}");
+        assert!(
+            out.contains("deployment.apps/opsconductor-operator"),
+            "{out}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn helm_install_upgrade_and_uninstall() {
     let Some(ns) = TestNamespace::new("chart-install").await else {

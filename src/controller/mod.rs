@@ -74,8 +74,10 @@ pub struct RunOptions {
     /// Gateway images stacks may use (`--allowed-gateway-images`); empty: any. See
     /// [`crate::validate::gateway_image_problems`].
     pub allowed_gateway_images: Vec<String>,
-    /// The namespaces served (`--watch-namespaces`); see [`scope`].
+    /// The namespaces served (`--watch-namespaces`, `--namespace-selector`); see [`scope`].
     pub scope: scope::Scope,
+    /// Where the violation audit watches (`--audit-namespaces`).
+    pub audit_namespaces: scope::AuditNamespaces,
 }
 
 impl Default for RunOptions {
@@ -89,6 +91,7 @@ impl Default for RunOptions {
             allow_loopback_acme_directory: false,
             allowed_gateway_images: Vec::new(),
             scope: scope::Scope::Cluster,
+            audit_namespaces: scope::AuditNamespaces::Scope,
         }
     }
 }
@@ -100,6 +103,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
     pub options: RunOptions,
+    /// With `--namespace-selector`: the selected namespaces, and which are still being
+    /// listed (see [`scope::Dynamic`]).
+    pub dynamic: scope::Dynamic,
     /// The controller's own cache of stacks (to find the stacks of a namespace).
     pub stacks: Store<OpsConductorStack>,
     /// ACME issuance and renewal of the gateway certificates.

@@ -60,8 +60,9 @@ pub async fn reconcile(stack: Arc<OpsConductorStack>, ctx: Arc<Context>) -> Resu
 }
 
 async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Action, Error> {
-    let Some(namespace) = gather(stack, ctx).await? else {
-        return Ok(Action::await_change());
+    let namespace = match gather(stack, ctx).await? {
+        Ok(namespace) => namespace,
+        Err(action) => return Ok(action),
     };
     let model = match validate(stack, ctx, &namespace) {
         Ok(model) => model,
@@ -80,17 +81,35 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
     Ok(Action::requeue(requeue))
 }
 
-/// Stage 1, gather: the stack's namespace once the caches hold their initial lists; `None` for a
-/// stack being deleted (owner references hand everything to the garbage collector).
-async fn gather(stack: &OpsConductorStack, ctx: &Context) -> Result<Option<String>, Error> {
+/// Stage 1, gather: the stack's namespace once the caches hold their initial lists, or what to
+/// do instead: nothing for a stack being deleted (owner references hand everything to the
+/// garbage collector) or in a namespace that has left the `--namespace-selector` selection;
+/// come back shortly for one in a namespace whose per-namespace watches have not listed it yet
+/// (it has just entered the selection, or holds its first stack with `--audit-namespaces
+/// with-stacks`): its caches are incomplete, and an object missing from them is not missing.
+async fn gather(stack: &OpsConductorStack, ctx: &Context) -> Result<Result<String, Action>, Error> {
     if stack.meta().deletion_timestamp.is_some() {
         ctx.acme
             .forget(&stack.namespace().unwrap_or_default(), &stack.name_any());
-        return Ok(None);
+        return Ok(Err(Action::await_change()));
     }
     let namespace = stack.namespace().ok_or(Error::NoNamespace)?;
     ctx.stores.wait_ready().await;
-    Ok(Some(namespace))
+    if let super::scope::Scope::Selector(_) = ctx.options.scope {
+        let selected = ctx
+            .dynamic
+            .selected
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| s.contains(&namespace));
+        if !selected {
+            return Ok(Err(Action::await_change()));
+        }
+    }
+    if ctx.dynamic.listing.is_listing(&namespace) {
+        return Ok(Err(Action::requeue(std::time::Duration::from_millis(500))));
+    }
+    Ok(Ok(namespace))
 }
 
 /// Stage 2, validate: the spec into the model, with the checks that depend on the operator's

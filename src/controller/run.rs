@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::changes::Changes;
 use super::compact::Compact;
 use super::stores::{AuditStores, GuardrailStores, Stores};
-use super::{Context, Error, RunOptions, apply, janitor, reconcile, stack_key};
+use super::{Context, Error, RunOptions, apply, janitor, reconcile, scope, stack_key};
 use crate::crd::OpsConductorStack;
 use crate::names;
 use crate::server::Health;
@@ -111,27 +111,44 @@ pub async fn run(
         names::STACK_LABEL
     ));
 
+    // With --namespace-selector: the selected namespaces, published by the Namespace watch
+    // (below) once its cache has its first list, and followed by every per-namespace watch.
+    let (selected_tx, selected) = tokio::sync::watch::channel(None);
+    let dynamic = scope::Dynamic {
+        selected,
+        listing: Arc::default(),
+    };
     macro_rules! child_watch {
         ($kind:ty) => {
             child_watch!($kind, managed.clone())
         };
         ($kind:ty, $config:expr) => {
             child_watch!($kind, $config, |reader| options.scope.watch(
-                |ns| match ns {
-                    Some(ns) => Api::<Compact<$kind>>::namespaced(client.clone(), ns),
-                    None => Api::<Compact<$kind>>::all(client.clone()),
+                stringify!($kind),
+                {
+                    let client = client.clone();
+                    move |ns| match ns {
+                        Some(ns) => Api::<Compact<$kind>>::namespaced(client.clone(), ns),
+                        None => Api::<Compact<$kind>>::all(client.clone()),
+                    }
                 },
                 $config,
                 reader,
+                &dynamic,
             ))
         };
-        ($kind:ty, $config:expr, $watch:expr) => {{
+        ($kind:ty, $config:expr, $watch:expr) => {
+            child_watch!($kind, $config, $watch, |_| |_: &_| ())
+        };
+        ($kind:ty, $config:expr, $watch:expr, $after_cache:expr) => {{
             // Cached compactly: see `compact` (managedFields and what `Slim` drops are gone
             // before an object is kept).
             let (reader, writer) = reflector::store::<Compact<$kind>>();
             // Over the scope: cluster-wide, or one watch per namespace merged (see `scope`).
             let stream = ($watch)(reader.clone())
                 .reflect(writer)
+                // Sees each event after the cache has taken it in.
+                .inspect(($after_cache)(reader.clone()))
                 // Only changes of what the cache keeps trigger a reconcile (see `Changes`).
                 .filter_map({
                     let mut changes = Changes::default();
@@ -161,30 +178,118 @@ pub async fn run(
     // one watch and one copy per object (apply and prune look objects up by name and check
     // the stack label and owner reference themselves).
     let everything = watcher::Config::default().any_semantic();
-    let (audit_services, audit_svc_stream) = child_watch!(Service, everything.clone());
-    let (audit_pods, audit_pod_stream) = child_watch!(Pod, everything.clone());
-    let (audit_ingresses, audit_ing_stream) = child_watch!(Ingress, everything.clone());
-    let (audit_policies, audit_np_stream) = child_watch!(NetworkPolicy, everything.clone());
-    let (namespaces, ns_stream) = child_watch!(Namespace, everything.clone(), |reader| {
-        options.scope.watch_namespaces(
-            Api::<Compact<Namespace>>::all(client.clone()),
-            everything.clone(),
-            reader,
-        )
-    });
+    // With --audit-namespaces with-stacks: the namespaces that hold a stack, published by the
+    // stack watch (below) once its cache has its first list, and followed by the audit's
+    // per-namespace watches.
+    let with_stacks = options.audit_namespaces == scope::AuditNamespaces::WithStacks;
+    let (stack_namespaces_tx, stack_namespaces) = tokio::sync::watch::channel(None);
+    let audit_dynamic = scope::Dynamic {
+        selected: stack_namespaces,
+        listing: dynamic.listing.clone(),
+    };
+    macro_rules! audit_watch {
+        ($kind:ty) => {
+            child_watch!($kind, everything.clone(), |reader| {
+                let client = client.clone();
+                if with_stacks {
+                    scope::watch_in(
+                        stringify!($kind),
+                        move |ns| Api::<Compact<$kind>>::namespaced(client.clone(), ns),
+                        everything.clone(),
+                        &audit_dynamic,
+                        reader,
+                    )
+                } else {
+                    options.scope.watch(
+                        stringify!($kind),
+                        move |ns| match ns {
+                            Some(ns) => Api::<Compact<$kind>>::namespaced(client.clone(), ns),
+                            None => Api::<Compact<$kind>>::all(client.clone()),
+                        },
+                        everything.clone(),
+                        reader,
+                        &dynamic,
+                    )
+                }
+            })
+        };
+    }
+    let (audit_services, audit_svc_stream) = audit_watch!(Service);
+    let (audit_pods, audit_pod_stream) = audit_watch!(Pod);
+    let (audit_ingresses, audit_ing_stream) = audit_watch!(Ingress);
+    let (audit_policies, audit_np_stream) = audit_watch!(NetworkPolicy);
+    let (namespaces, ns_stream) = child_watch!(
+        Namespace,
+        everything.clone(),
+        |reader| {
+            options.scope.watch_namespaces(
+                Api::<Compact<Namespace>>::all(client.clone()),
+                everything.clone(),
+                reader,
+            )
+        },
+        // Once the cache has its first list, every change of it may change the selection
+        // (only the watches of a selector scope follow it).
+        |reader: reflector::Store<Compact<Namespace>>| {
+            let follow = matches!(options.scope, scope::Scope::Selector(_));
+            let mut synced = false;
+            move |event: &watcher::Result<watcher::Event<Compact<Namespace>>>| {
+                synced |= matches!(event, Ok(watcher::Event::InitDone));
+                if synced && follow {
+                    let names: std::collections::BTreeSet<String> =
+                        reader.state().iter().map(|n| n.name_any()).collect();
+                    selected_tx.send_if_modified(|current| {
+                        let changed = current.as_ref() != Some(&names);
+                        if changed {
+                            *current = Some(names);
+                        }
+                        changed
+                    });
+                }
+            }
+        }
+    );
     // The stacks, over the scope like everything else.
     let (stack_store, stack_writer) = reflector::store::<OpsConductorStack>();
     let stack_stream = options
         .scope
         .watch(
-            |ns| match ns {
-                Some(ns) => Api::<OpsConductorStack>::namespaced(client.clone(), ns),
-                None => Api::<OpsConductorStack>::all(client.clone()),
+            "OpsConductorStack",
+            {
+                let client = client.clone();
+                move |ns| match ns {
+                    Some(ns) => Api::<OpsConductorStack>::namespaced(client.clone(), ns),
+                    None => Api::<OpsConductorStack>::all(client.clone()),
+                }
             },
             watcher::Config::default().any_semantic(),
             stack_store.clone(),
+            &dynamic,
         )
         .reflect(stack_writer)
+        // Once the cache has its first list, every change of it may change the namespaces
+        // that hold a stack (only the audit's watches with --audit-namespaces with-stacks
+        // follow them).
+        .inspect({
+            let (stacks, mut synced) = (stack_store.clone(), false);
+            move |event| {
+                synced |= matches!(event, Ok(watcher::Event::InitDone));
+                if synced && with_stacks {
+                    let names: std::collections::BTreeSet<String> = stacks
+                        .state()
+                        .iter()
+                        .filter_map(|s| s.metadata.namespace.clone())
+                        .collect();
+                    stack_namespaces_tx.send_if_modified(|current| {
+                        let changed = current.as_ref() != Some(&names);
+                        if changed {
+                            *current = Some(names);
+                        }
+                        changed
+                    });
+                }
+            }
+        })
         .applied_objects();
     let mut controller = Controller::for_stream(stack_stream, stack_store.clone());
     // An object anywhere in a namespace concerns every stack of that namespace.
@@ -205,18 +310,27 @@ pub async fn run(
     for (kind, resource) in served_route_kinds(&client).await {
         let writer = reflector::store::Writer::new(resource.clone());
         let reader = writer.as_reader();
-        let stream = options
-            .scope
-            .watch(
-                |ns| match ns {
-                    Some(ns) => {
-                        Api::<DynamicObject>::namespaced_with(client.clone(), ns, &resource)
-                    }
-                    None => Api::<DynamicObject>::all_with(client.clone(), &resource),
-                },
+        let api = {
+            let (client, resource) = (client.clone(), resource.clone());
+            move |ns: Option<&str>| match ns {
+                Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &resource),
+                None => Api::<DynamicObject>::all_with(client.clone(), &resource),
+            }
+        };
+        let watch = if with_stacks {
+            scope::watch_in(
+                &kind,
+                move |ns| api(Some(ns)),
                 everything.clone(),
+                &audit_dynamic,
                 reader.clone(),
             )
+        } else {
+            options
+                .scope
+                .watch(&kind, api, everything.clone(), reader.clone(), &dynamic)
+        };
+        let stream = watch
             .modify(|o| o.managed_fields_mut().clear())
             .reflect(writer)
             .touched_objects()
@@ -316,6 +430,7 @@ pub async fn run(
             health.metrics.clone(),
         ),
         options,
+        dynamic,
         stacks: stack_store.clone(),
         applied: apply::AppliedLog::default(),
         failures: Mutex::default(),

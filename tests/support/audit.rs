@@ -48,6 +48,8 @@ pub struct AuditEvent {
     pub dry_run: bool,
     /// ResponseStarted (a watch that is still open) or ResponseComplete.
     pub stage: String,
+    /// The request's ID: a watch's ResponseStarted and ResponseComplete events share it.
+    pub audit_id: String,
 }
 
 impl AuditEvent {
@@ -91,6 +93,7 @@ impl AuditEvent {
             user_agent: s("/userAgent"),
             stage_timestamp: s("/stageTimestamp"),
             stage,
+            audit_id: s("/auditID"),
         })
     }
 

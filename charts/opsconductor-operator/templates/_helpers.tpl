@@ -67,3 +67,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 {{- end }}
+
+{{/*
+The leader-election Lease's name: leaderElection.leaseName, by default the release's full name,
+so that two releases in one namespace elect their leaders independently.
+*/}}
+{{- define "opsconductor-operator.leaseName" -}}
+{{- .Values.leaderElection.leaseName | default (include "opsconductor-operator.fullname" .) }}
+{{- end }}
