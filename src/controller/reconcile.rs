@@ -72,8 +72,17 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
         }
     };
     let certificate = dereference(stack, ctx, &model).await?;
-    let bundle = build(ctx, &model, &certificate).await?;
-    let report = apply(stack, ctx, &model, &bundle, &certificate).await?;
+    let (mut bundle, held_back) = build(ctx, &model, &certificate).await?;
+    let mut report = apply(stack, ctx, &model, &bundle, &certificate, !held_back).await?;
+    if held_back {
+        // The Services exist now, with their addresses: the configuration with them, then
+        // the gateway, in this same pass.
+        let (again, still_held_back) = build(ctx, &model, &certificate).await?;
+        if !still_held_back {
+            bundle = again;
+            report = apply(stack, ctx, &model, &bundle, &certificate, true).await?;
+        }
+    }
     let requeue = certificate
         .requeue_after
         .map_or(ctx.options.resync, |d| d.min(ctx.options.resync));
@@ -174,9 +183,14 @@ async fn dereference(
 /// with the configuration they mount then, and a route without an address answers 503 until
 /// the kubelet brings them the next one (up to a minute or more), while the stack already
 /// said Ready (seen on the node: the first request to a route got 503 after Ready). Until
-/// then the Deployment is left out of this pass; the Services it creates reconcile the stack
-/// again at once, with their addresses. A gateway that exists is always kept (and updated).
-async fn build(ctx: &Context, model: &Stack, certificate: &Certificate) -> Result<Bundle, Error> {
+/// then the Deployment is left out (the second value is true); the reconcile applies the
+/// rest, which creates the Services, and builds again. A gateway that exists is always kept
+/// (and updated).
+async fn build(
+    ctx: &Context,
+    model: &Stack,
+    certificate: &Certificate,
+) -> Result<(Bundle, bool), Error> {
     let (addresses, waiting) = addresses(ctx, model).await?;
     let options = BuildOptions {
         acme_thumbprint: certificate.thumbprint.clone(),
@@ -205,9 +219,10 @@ async fn build(ctx: &Context, model: &Stack, certificate: &Certificate) -> Resul
             bundle
                 .deployments
                 .retain(|d| d.metadata.name.as_deref() != Some(name.as_str()));
+            return Ok((bundle, true));
         }
     }
-    Ok(bundle)
+    Ok((bundle, false))
 }
 
 /// The ClusterIP of each routed service, and the routed services that have none yet. The
@@ -247,13 +262,16 @@ async fn addresses(
 
 /// Stage 5, apply: writes what differs and prunes what is no longer wanted (see
 /// [`super::apply`]), tells in Events what it wrote and whose objects it left alone, and sets
-/// the namespace's admission marker.
+/// the namespace's admission marker. A bundle that is not `complete` (the gateway held back,
+/// see [`build`]) does not count as this generation applied: the next apply still creates
+/// what is missing, also in Audit mode.
 async fn apply(
     stack: &OpsConductorStack,
     ctx: &Context,
     model: &Stack,
     bundle: &Bundle,
     certificate: &Certificate,
+    complete: bool,
 ) -> Result<Report, Error> {
     let namespace = model.namespace.as_str();
     let generation = stack.meta().generation;
@@ -276,7 +294,8 @@ async fn apply(
     let report = apply::apply_bundle(ctx, &target, bundle, certificate.conflicts.clone())
         .await
         .map_err(Error::Apply)?;
-    if report.conflicts.is_empty()
+    if complete
+        && report.conflicts.is_empty()
         && let Some(generation) = generation
     {
         ctx.applied_generations
