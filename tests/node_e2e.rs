@@ -1754,3 +1754,308 @@ spec:
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Changes to a running stack under load (issue 15)
+
+/// Waits until each Deployment's rollout is complete and no pod of the namespace is
+/// terminating (a draining gateway pod still takes requests until it is gone).
+async fn settled(cluster: &Cluster, ns: &NodeNamespace, deployments: &[&str]) {
+    for d in deployments {
+        cluster.kubectl_ok(&[
+            "-n",
+            &ns.name,
+            "rollout",
+            "status",
+            &format!("deployment/{d}"),
+            "--timeout=300s",
+        ]);
+    }
+    let pods: Api<Pod> = ns.api();
+    eventually(
+        "no pod of the stack to be terminating",
+        Duration::from_secs(300),
+        async || {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .all(|p| p.metadata.deletion_timestamp.is_none())
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Waits until the operator has written what `wanted` looks for into Deployment `name`.
+async fn deployment_has(
+    ns: &NodeNamespace,
+    name: &str,
+    what: &str,
+    wanted: impl Fn(&Deployment) -> bool,
+) {
+    let api: Api<Deployment> = ns.api();
+    eventually(what, Duration::from_secs(120), async || {
+        api.get_opt(name)
+            .await
+            .ok()?
+            .filter(|d| wanted(d))
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// Which service answered `path` through the gateway (the test service echoes its name).
+fn answered_by(ca: &Path, host: &str, port: &str, path: &str) -> Option<String> {
+    let args = https_on_node(ca, host, port, path);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, body) = try_curl_node(&args)?;
+    let echo: serde_json::Value = serde_json::from_str(&body).ok()?;
+    (code == 200).then(|| echo["service"].as_str().unwrap_or_default().to_string())
+}
+
+/// Issue 15, on the node: changes to a running stack, each under a steady load of kept-alive
+/// and new HTTPS connections through the gateway's NodePort (`gateway_support::Load`: a
+/// request that got no response on a reused connection, or an HTTP/2 refusal, is retried
+/// once as HTTP allows and counted; anything else is a failure). The goal is no failed
+/// request in any case:
+/// - a route added, then removed (the gateway's configuration reloaded in place);
+/// - the gateway image changed (its pods rolled: a new one ready first, each old one drained);
+/// - a backend pod deleted (two replicas);
+/// - the gateway scaled from 2 to 3 and back to 2.
+///
+/// (The certificate renewed under load is `the_certificate_comes_from_pebble_through_the_gateway_pod`.)
+#[tokio::test]
+async fn changes_to_a_running_stack_fail_no_request_under_load() {
+    let Some(cluster) = cluster() else { return };
+    install_operator(cluster);
+    let Some(ns) = NodeNamespace::new("node-changes").await else {
+        return;
+    };
+    let host = "changes.opsconductor.test";
+    let cert_dir = tls_secret(cluster, &ns.name, "changes-cert", host);
+    let ca = cert_dir.path().join("tls.crt");
+    let manifest = |gateway_image: &str, gateway_replicas: u32, extra_route: bool| {
+        let extra = if extra_route {
+            format!(
+                "    - {{name: extra, image: {svc}, route: /extra/, env: [{{name: SERVICE_NAME, value: extra}}]}}\n",
+                svc = cluster.image("test-service")
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            r#"apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata:
+  name: changes
+  namespace: {ns}
+spec:
+  gateway:
+    hosts: [{host}]
+    image: {gateway_image}
+    replicas: {gateway_replicas}
+    serviceType: NodePort
+  tls:
+    secretName: changes-cert
+  services:
+    - {{name: web, image: {svc}, replicas: 2, route: /, env: [{{name: SERVICE_NAME, value: web}}]}}
+{extra}"#,
+            ns = ns.name,
+            svc = cluster.image("test-service"),
+        )
+    };
+    let apply = |manifest: String| {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), manifest).expect("writing the stack");
+        cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
+    };
+    let gateway_image = cluster.image("gateway").to_string();
+    apply(manifest(&gateway_image, 2, false));
+    let stacks: Api<OpsConductorStack> = ns.api();
+    eventually(
+        "the stack's Ready condition to be True",
+        Duration::from_secs(240),
+        async || {
+            let st = stacks.get_opt("changes").await.ok()??.status?;
+            let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
+            (c.status == "True").then_some(())
+        },
+    )
+    .await;
+    settled(cluster, &ns, &["changes-gateway", "web"]).await;
+    let https = node_port(cluster, &ns.name, "changes-gateway", 443);
+    eventually(
+        "the gateway to answer through its NodePort",
+        Duration::from_secs(60),
+        async || (answered_by(&ca, host, &https, "/x")? == "web").then_some(()),
+    )
+    .await;
+    let port: u16 = https.parse().expect("a node port");
+    let node = "10.250.0.1";
+    let mut failures = Vec::new();
+    let mut record = |case: &str,
+                      started: std::time::Instant,
+                      report: gateway_support::LoadReport| {
+        support::measured(format!(
+            "under load, {case}: {} requests succeeded, {} failed, {} retried once (no response on a reused connection, or an HTTP/2 refusal) and then succeeded; the change took {:.0} s",
+            report.ok,
+            report.failures.len(),
+            report.retried,
+            started.elapsed().as_secs_f64()
+        ));
+        if !report.failures.is_empty() {
+            failures.push(format!("{case}: {:?}", report.failures));
+        }
+    };
+
+    // A route added, then removed: the gateway's configuration changes in place.
+    let load = gateway_support::Load::start_at(host, port, node);
+    load.wait_for(load.ok() + 100);
+    let started = std::time::Instant::now();
+    apply(manifest(&gateway_image, 2, true));
+    eventually(
+        "/extra/ to reach the new service",
+        Duration::from_secs(240),
+        async || (answered_by(&ca, host, &https, "/extra/x")? == "extra").then_some(()),
+    )
+    .await;
+    load.wait_for(load.ok() + 100);
+    apply(manifest(&gateway_image, 2, false));
+    eventually(
+        "/extra/ to fall back to the / route",
+        Duration::from_secs(240),
+        async || (answered_by(&ca, host, &https, "/extra/x")? == "web").then_some(()),
+    )
+    .await;
+    settled(cluster, &ns, &["changes-gateway", "web"]).await;
+    load.wait_for(load.ok() + 100);
+    record("a route added and removed", started, load.stop());
+
+    // The gateway image changed: the same content under a new ref, so its pods roll.
+    let rolled = format!("{gateway_image}-rolled");
+    cluster.tag_image(&gateway_image, &rolled);
+    let load = gateway_support::Load::start_at(host, port, node);
+    load.wait_for(load.ok() + 100);
+    let started = std::time::Instant::now();
+    apply(manifest(&rolled, 2, false));
+    let image_of = |d: &Deployment| {
+        d.spec
+            .as_ref()?
+            .template
+            .spec
+            .as_ref()?
+            .containers
+            .first()?
+            .image
+            .clone()
+    };
+    deployment_has(
+        &ns,
+        "changes-gateway",
+        "the new gateway image in its Deployment",
+        |d| image_of(d).as_deref() == Some(rolled.as_str()),
+    )
+    .await;
+    settled(cluster, &ns, &["changes-gateway"]).await;
+    load.wait_for(load.ok() + 100);
+    record("the gateway image changed", started, load.stop());
+    let pods: Api<Pod> = ns.api();
+    let gateway_images: Vec<String> = pods
+        .list(&ListParams::default())
+        .await
+        .expect("listing pods")
+        .items
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.containers.first()?.image.clone())
+        .filter(|i| i.starts_with(&gateway_image))
+        .collect();
+    assert!(
+        !gateway_images.is_empty() && gateway_images.iter().all(|i| *i == rolled),
+        "every gateway pod runs {rolled}: {gateway_images:?}"
+    );
+
+    // A backend pod deleted (the service has two).
+    let load = gateway_support::Load::start_at(host, port, node);
+    load.wait_for(load.ok() + 100);
+    let started = std::time::Instant::now();
+    let web_pod = pods
+        .list(&ListParams::default())
+        .await
+        .expect("listing pods")
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .find(|n| n.starts_with("web-"))
+        .expect("a web pod");
+    pods.delete(&web_pod, &DeleteParams::default())
+        .await
+        .expect("deleting a web pod");
+    eventually(
+        "two ready web pods, a new one for the deleted",
+        Duration::from_secs(180),
+        async || {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            let web: Vec<&Pod> = list
+                .items
+                .iter()
+                .filter(|p| p.name_any().starts_with("web-"))
+                .collect();
+            (web.len() == 2
+                && web.iter().all(|p| {
+                    pod_ready(p)
+                        && p.name_any() != web_pod
+                        && p.metadata.deletion_timestamp.is_none()
+                }))
+            .then_some(())
+        },
+    )
+    .await;
+    settled(cluster, &ns, &["web"]).await;
+    load.wait_for(load.ok() + 100);
+    record("a backend pod deleted", started, load.stop());
+
+    // The gateway scaled from 2 to 3 and back to 2.
+    let load = gateway_support::Load::start_at(host, port, node);
+    load.wait_for(load.ok() + 100);
+    let started = std::time::Instant::now();
+    apply(manifest(&rolled, 3, false));
+    let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas);
+    deployment_has(
+        &ns,
+        "changes-gateway",
+        "3 gateway replicas in its Deployment",
+        |d| replicas(d) == Some(3),
+    )
+    .await;
+    settled(cluster, &ns, &["changes-gateway"]).await;
+    load.wait_for(load.ok() + 100);
+    apply(manifest(&rolled, 2, false));
+    deployment_has(
+        &ns,
+        "changes-gateway",
+        "2 gateway replicas in its Deployment",
+        |d| replicas(d) == Some(2),
+    )
+    .await;
+    eventually("two gateway pods", Duration::from_secs(120), async || {
+        let n = pods
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .filter(|p| p.name_any().starts_with("changes-gateway-"))
+            .count();
+        (n == 2).then_some(())
+    })
+    .await;
+    settled(cluster, &ns, &["changes-gateway"]).await;
+    load.wait_for(load.ok() + 100);
+    record("the gateway scaled from 2 to 3 to 2", started, load.stop());
+
+    assert!(
+        failures.is_empty(),
+        "requests failed under load:\n{}",
+        failures.join("\n")
+    );
+}

@@ -1317,9 +1317,13 @@ pub fn curl_each(groups: &[Vec<String>]) -> Vec<Response> {
 // ---------------------------------------------------------------------------------------------
 // Steady load
 
+/// The longest a [`Load`] runs when nobody stops it.
+const LOAD_BOUND: Duration = Duration::from_secs(30 * 60);
+
 /// A steady HTTPS load on the gateway: 3 clients, each a loop of curl runs of 20 requests over
 /// one kept-alive connection, plus one client opening a new connection per request, each to
-/// `/c<i>`. Bounded: at most 2000 runs per client, and it stops when told.
+/// `/c<i>`. Bounded: it stops when told, or after [`LOAD_BOUND`] (a test that never stops it;
+/// a count of runs ran out on the node, where one change under load takes minutes).
 ///
 /// What a failed request is: every request must succeed for a client that behaves as HTTP
 /// allows and browsers do. A request that got no response at all on a connection that was
@@ -1393,7 +1397,8 @@ impl Load {
                         .collect();
                     (lines, String::from_utf8_lossy(&out.stderr).to_string())
                 };
-                for _ in 0..2000 {
+                let started = Instant::now();
+                while started.elapsed() < LOAD_BOUND {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }

@@ -75,6 +75,31 @@ impl Cluster {
         })
     }
 
+    /// Gives the imported image `image` a second ref `new_ref` in containerd (the same
+    /// content under another name, e.g. to roll pods to a "new" image without a registry).
+    pub fn tag_image(&self, image: &str, new_ref: &str) {
+        // Debian's containerd package's ctr (scripts/cluster installs it with containerd).
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.containerd_socket)
+            .args([
+                "--namespace",
+                "k8s.io",
+                "images",
+                "tag",
+                "--force",
+                image,
+                new_ref,
+            ])
+            .output()
+            .expect("ctr runs");
+        assert!(
+            out.status.success(),
+            "ctr images tag {image} {new_ref}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The admin client's configuration.
     pub async fn config(&self) -> Config {
         let kc = Kubeconfig::read_from(&self.kubeconfig)
