@@ -1247,8 +1247,8 @@ fn the_rate_limit_keys_on_the_client_a_trusted_proxy_names() {
     }
 }
 
-/// A gateway with `proxyProtocol: true` (and a certificate of its own: ACME is refused with
-/// it), the rate limit as in the test above, behind Debian's HAProxy.
+/// A gateway with `proxyProtocol: true` (and a certificate of its own), the rate limit as in
+/// the test above, behind Debian's HAProxy.
 #[test]
 fn the_proxy_protocol_names_the_client_only_when_a_trusted_proxy_sends_it() {
     if !tools_present(false) || !gateway_support::tool_present("haproxy", &["-v"], "haproxy") {

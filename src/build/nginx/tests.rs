@@ -518,20 +518,23 @@ fn braces_balance() {
     }
 }
 
-#[test]
-fn workers_follow_the_cpu_limit_and_stay_auto_without_one() {
-    let with = |resources: &str| {
-        stack(&format!(
-            "apiVersion: opsconductor.io/v1alpha1
+/// A one-route stack with `fields` added to its gateway (`, resources: {...}`).
+fn with_gateway_fields(fields: &str) -> Stack {
+    stack(&format!(
+        "apiVersion: opsconductor.io/v1alpha1
 kind: OpsConductorStack
 metadata: {{name: t, namespace: ns}}
 spec:
-  gateway: {{hosts: [a.example.com]{resources}}}
+  gateway: {{hosts: [a.example.com]{fields}}}
   tls: {{secretName: own}}
   services: [{{name: web, image: web:1, route: /}}]
 "
-        ))
-    };
+    ))
+}
+
+#[test]
+fn workers_follow_the_cpu_limit_and_stay_auto_without_one() {
+    let with = with_gateway_fields;
     assert_eq!(worker_processes(&with("")), "auto");
     assert!(render(&with(""), &BuildOptions::default()).contains("\nworker_processes auto;\n"));
     for (cpu, workers) in [
@@ -559,18 +562,7 @@ spec:
 
 #[test]
 fn worker_connections_fit_the_memory_limit_when_the_workers_are_known() {
-    let with = |resources: &str| {
-        stack(&format!(
-            "apiVersion: opsconductor.io/v1alpha1
-kind: OpsConductorStack
-metadata: {{name: t, namespace: ns}}
-spec:
-  gateway: {{hosts: [a.example.com]{resources}}}
-  tls: {{secretName: own}}
-  services: [{{name: web, image: web:1, route: /}}]
-"
-        ))
-    };
+    let with = with_gateway_fields;
     // The default resources (no CPU limit, so `auto` workers): the most.
     assert_eq!(worker_connections(&with("")), 4096);
     assert!(
