@@ -1831,6 +1831,10 @@ async fn changes_to_a_running_stack_fail_no_request_under_load() {
     let Some(ns) = NodeNamespace::new("node-changes").await else {
         return;
     };
+    // Where the gateway's exporter may be scraped from (spec.gateway.metrics.allowFrom).
+    let Some(scrapers) = NodeNamespace::new("node-scraper").await else {
+        return;
+    };
     let host = "changes.opsconductor.test";
     let cert_dir = tls_secret(cluster, &ns.name, "changes-cert", host);
     let ca = cert_dir.path().join("tls.crt");
@@ -1855,6 +1859,10 @@ spec:
     image: {gateway_image}
     replicas: {gateway_replicas}
     serviceType: NodePort
+    metrics:
+      enabled: true
+      image: {exporter_image}
+      allowFrom: [{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {scrapers}}}}}}}]
   tls:
     secretName: changes-cert
   services:
@@ -1862,6 +1870,8 @@ spec:
 {extra}"#,
             ns = ns.name,
             svc = cluster.image("test-service"),
+            exporter_image = cluster.image("gateway"),
+            scrapers = scrapers.name,
         )
     };
     let apply = |manifest: String| {
@@ -2058,4 +2068,76 @@ spec:
         "requests failed under load:\n{}",
         failures.join("\n")
     );
+
+    // The gateway's own metrics on the node: the exporter beside nginx in the gateway image,
+    // scraped from a pod of the namespace `allowFrom` names, through the gateway's
+    // NetworkPolicy. The load above went through nginx, so its request counter is far from 0.
+    let scraper = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: scraper, namespace: {}}}\nspec:\n  containers: [{{name: scraper, image: {}, imagePullPolicy: Never}}]\n",
+        scrapers.name,
+        cluster.image("test-service")
+    );
+    apply(scraper);
+    let scraper_pods: Api<Pod> = scrapers.api();
+    eventually(
+        "the scraper pod to be Ready",
+        Duration::from_secs(120),
+        async || {
+            let p = scraper_pods.get_opt("scraper").await.ok()??;
+            pod_ready(&p).then_some(())
+        },
+    )
+    .await;
+    let gateway_ips: Vec<String> = pods
+        .list(&ListParams::default())
+        .await
+        .expect("listing pods")
+        .items
+        .iter()
+        .filter(|p| p.name_any().starts_with("changes-gateway-") && pod_ready(p))
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .collect();
+    assert!(!gateway_ips.is_empty(), "ready gateway pods");
+    let mut served = 0.0;
+    for ip in &gateway_ips {
+        let url = format!("http://{ip}:9113/metrics");
+        let body = eventually(
+            "the exporter to answer the scraper",
+            Duration::from_secs(60),
+            async || {
+                let out = cluster
+                    .kubectl()
+                    .args([
+                        "-n",
+                        &scrapers.name,
+                        "exec",
+                        "scraper",
+                        "--",
+                        "/test-service",
+                        "get",
+                        "-t",
+                        "5",
+                        &url,
+                    ])
+                    .stdin(Stdio::null())
+                    .output()
+                    .ok()?;
+                out.status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+            },
+        )
+        .await;
+        let requests: f64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix("nginx_http_requests_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("nginx_http_requests_total from {url}: {body}"));
+        served += requests;
+    }
+    support::measured(format!(
+        "gateway metrics on the node: {} gateway pod(s) scraped through their NetworkPolicy, nginx_http_requests_total {served} in all",
+        gateway_ips.len()
+    ));
+    assert!(served > 0.0, "the gateways' request counters moved");
 }
