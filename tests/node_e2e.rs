@@ -37,17 +37,11 @@ const LEASE: &str = "opsconductor-operator";
 
 /// `helm <args>` against the cluster, with helm's caches in a private dir; stdout or a panic.
 fn helm(cluster: &Cluster, args: &[&str]) -> String {
-    let helm = support::tools_bin_dir()
-        .expect("helm is available when the node is")
-        .join("helm");
-    let home = std::env::temp_dir().join(format!("opsc-helm-node-{}", std::process::id()));
-    let out = Command::new(&helm)
+    let (mut helm, _home) = support::controlplane::helm_command();
+    let out = helm
         .args(args)
         .current_dir(support::controlplane::repo_root())
         .env("KUBECONFIG", &cluster.kubeconfig)
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
         .stdin(Stdio::null())
         .output()
         .expect("helm runs");

@@ -14,7 +14,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use opsconductor_operator::crd::OpsConductorStack;
 use support::audit::AUDIT_READS_GROUP;
 use support::operator::{apply_stack, example, install_crd, owned_objects, rendered_objects};
 use support::process::{OperatorProcess, Spawn};
-use support::{AuditEvent, AuditLog, ControlPlane, TestNamespace, eventually, tools_bin_dir};
+use support::{AuditEvent, AuditLog, ControlPlane, TestNamespace, eventually};
 
 const RELEASE: &str = "opsconductor-operator";
 
@@ -34,12 +34,6 @@ const RELEASE: &str = "opsconductor-operator";
 /// (and they would take its work for their operators').
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const SERVICE_ACCOUNT: &str = "op";
-
-fn helm() -> PathBuf {
-    tools_bin_dir()
-        .expect("the tools (helm) are built: scripts/build-parts tools")
-        .join("helm")
-}
 
 /// The chart's ServiceAccount, ClusterRole, Roles (the leader election's too) and bindings for a
 /// release in `release_ns` serving `scope`, as helm renders them (YAML).
@@ -58,14 +52,9 @@ fn chart_rbac(release_ns: &str, scope: &[&str]) -> String {
 /// The RBAC part of the chart (ServiceAccount, ClusterRole, Roles and bindings) for release
 /// `release` in `release_ns` with ServiceAccount `service_account` and the values `sets`.
 fn chart_rbac_of(release: &str, release_ns: &str, service_account: &str, sets: &[&str]) -> String {
-    let home = std::env::temp_dir().join(format!("opsc-helm-scope-{}", std::process::id()));
-    std::fs::create_dir_all(&home).unwrap();
     let chart = support::controlplane::repo_root().join("charts/opsconductor-operator");
-    let out = Command::new(helm())
-        .env("HOME", &home)
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
+    let (mut helm, _home) = support::controlplane::helm_command();
+    let out = helm
         .args(["template", release])
         .arg(&chart)
         .args(["--namespace", release_ns])

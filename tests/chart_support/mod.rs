@@ -50,14 +50,9 @@ pub fn helm_path() -> Option<PathBuf> {
 /// `helm <args>` (with the chart path relative to the repository root); stdout, or a panic with
 /// stderr.
 pub fn helm(args: &[&str], kubeconfig: Option<&Path>) -> String {
-    let helm = helm_path().expect("helm is available");
-    let mut cmd = Command::new(&helm);
+    // helm's caches and config in a directory of its own (removed with `_home`).
+    let (mut cmd, _home) = crate::support::controlplane::helm_command();
     cmd.current_dir(root()).args(args);
-    // Keep helm's caches and config out of the user's home and away from other tests.
-    let home = std::env::temp_dir().join(format!("opsc-helm-{}", std::process::id()));
-    cmd.env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"));
     if let Some(kc) = kubeconfig {
         cmd.env("KUBECONFIG", kc);
     }

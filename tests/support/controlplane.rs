@@ -361,6 +361,25 @@ fn build_tools() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// `helm` (the built one) with its home, cache, configuration and data in a directory of its
+/// own, removed when the returned guard drops: helm stays out of the user's home and away from
+/// other tests, and no run leaves a directory behind. Keep the guard until the command ran.
+pub fn helm_command() -> (std::process::Command, tempfile::TempDir) {
+    let helm = tools_bin_dir()
+        .expect("the tools (helm) are built: scripts/build-parts tools")
+        .join("helm");
+    let home = tempfile::Builder::new()
+        .prefix("opsc-helm-")
+        .tempdir()
+        .expect("a temporary directory for helm");
+    let mut cmd = std::process::Command::new(helm);
+    cmd.env("HOME", home.path())
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_DATA_HOME", home.path().join("data"));
+    (cmd, home)
+}
+
 /// The directory with helm, pebble, pebble-challtestsrv and netpolicy (built once by
 /// `scripts/build-parts tools`). Same policy as [`control_plane`]: `None` only outside CI with
 /// `OPSC_SKIP_CONTROLPLANE=1`, a panic naming what is missing otherwise.
