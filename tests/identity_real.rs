@@ -1,0 +1,394 @@
+//! Service identity (issue 18) against the real control plane and the real operator: a stack
+//! with `spec.serviceIdentity` gets the projected, audience-bound token volume in every service
+//! Deployment (and the API server admits the pods the deployment controller makes of it), and
+//! a `<stack>-identity` ConfigMap with the API server's issuer and signing keys. Then tokens
+//! are requested with the TokenRequest API, exactly what the kubelet does for the volume (no
+//! kubelet runs here; `tests/node_e2e.rs` reads the real files on the node), and checked two
+//! ways: TokenReview with the stack's audience, and offline against the ConfigMap's keys, as a
+//! service does it (docs/gateway.md, "Service identity between services").
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::{
+    TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client};
+use opsconductor_operator::crd::OpsConductorStack;
+use serde_json::{Value, json};
+use support::operator::{apply_stack, operator};
+use support::{TestNamespace, client_as, eventually};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A stack named `shop` with the services `a` (calls `b`) and `b`, identity on with `expiration`
+/// seconds. ACME with a CA this control plane cannot reach: the order fails in the background
+/// and changes nothing here.
+fn stack(namespace: &str, expiration: i64) -> OpsConductorStack {
+    serde_json::from_value(json!({
+        "apiVersion": "opsconductor.io/v1alpha1",
+        "kind": "OpsConductorStack",
+        "metadata": {"name": "shop", "namespace": namespace},
+        "spec": {
+            "gateway": {"hosts": ["shop.example.com"]},
+            "tls": {"acme": {
+                "directoryUrl": "https://acme-v02.api.letsencrypt.org/directory",
+                "acceptTermsOfService": true
+            }},
+            "services": [
+                {"name": "a", "image": "registry.example/a:1", "route": "/", "calls": ["b"]},
+                {"name": "b", "image": "registry.example/b:1"}
+            ],
+            "serviceIdentity": {"enabled": true, "expirationSeconds": expiration}
+        }
+    }))
+    .unwrap()
+}
+
+fn audience(namespace: &str) -> String {
+    format!("opsconductor.io/{namespace}/shop")
+}
+
+/// A token for the ServiceAccount `sa` with `audience`, from the TokenRequest API.
+async fn request_token(client: &Client, ns: &str, sa: &str, audience: &str) -> String {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_string()],
+            expiration_seconds: Some(600),
+            ..TokenRequestSpec::default()
+        },
+        ..TokenRequest::default()
+    };
+    let answer: TokenRequest = api
+        .create_subresource(
+            "token",
+            sa,
+            &PostParams::default(),
+            &request,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest for {ns}/{sa}: {e}"));
+    answer.status.expect("a TokenRequest answer has a status").token
+}
+
+/// TokenReview of `token` for `audience`: the username when authenticated, else the error.
+async fn review(client: &Client, token: &str, audience: &str) -> Result<String, String> {
+    let api: Api<TokenReview> = Api::all(client.clone());
+    let answer = api
+        .create(
+            &PostParams::default(),
+            &TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(token.to_string()),
+                    audiences: Some(vec![audience.to_string()]),
+                },
+                ..TokenReview::default()
+            },
+        )
+        .await
+        .unwrap();
+    let status = answer.status.unwrap_or_default();
+    if status.authenticated == Some(true) {
+        assert_eq!(
+            status.audiences.as_deref(),
+            Some(&[audience.to_string()][..]),
+            "an authenticated review names the audience asked for"
+        );
+        Ok(status.user.and_then(|u| u.username).unwrap_or_default())
+    } else {
+        Err(status.error.unwrap_or_default())
+    }
+}
+
+/// Verifies `token` the way a service does without the API server: RS256 signature by a key of
+/// `jwks` (by `kid`), `iss`, `aud`, `exp` and `nbf`. The `sub` when valid.
+fn verify_offline(token: &str, jwks: &Value, issuer: &str, audience: &str) -> Result<String, String> {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    let [header, claims, signature] = parts[..] else {
+        return Err("not a JWS in compact form".into());
+    };
+    let decode = |part: &str| -> Result<Value, String> {
+        let bytes = b64.decode(part).map_err(|e| e.to_string())?;
+        serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+    };
+    let header = decode(header)?;
+    if header["alg"] != "RS256" {
+        return Err(format!("alg {} (this control plane signs with RSA)", header["alg"]));
+    }
+    let key = jwks["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| k["kid"] == header["kid"])
+        .ok_or("no key with the token's kid")?;
+    let component = |name: &str| {
+        b64.decode(key[name].as_str().unwrap_or_default())
+            .map_err(|e| e.to_string())
+    };
+    ring::signature::RsaPublicKeyComponents {
+        n: component("n")?,
+        e: component("e")?,
+    }
+    .verify(
+        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        token[..header_and_claims_len(token)].as_bytes(),
+        &b64.decode(signature).map_err(|e| e.to_string())?,
+    )
+    .map_err(|_| "bad signature".to_string())?;
+    let claims = decode(claims)?;
+    if claims["iss"] != issuer {
+        return Err(format!("iss {} is not {issuer:?}", claims["iss"]));
+    }
+    let audiences = match &claims["aud"] {
+        Value::String(a) => vec![a.clone()],
+        Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        _ => vec![],
+    };
+    if !audiences.iter().any(|a| a == audience) {
+        return Err(format!("aud {audiences:?} does not hold {audience:?}"));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (exp, nbf) = (claims["exp"].as_i64(), claims["nbf"].as_i64());
+    if !exp.is_some_and(|e| e > now) || nbf.is_some_and(|n| n > now + 60) {
+        return Err(format!("not valid now (exp {exp:?}, nbf {nbf:?}, now {now})"));
+    }
+    Ok(claims["sub"].as_str().unwrap_or_default().to_string())
+}
+
+/// Length of `<header>.<claims>`, the signed part of a compact JWS.
+fn header_and_claims_len(token: &str) -> usize {
+    token.rfind('.').unwrap_or(0)
+}
+
+/// The keys and issuer the operator wrote, once it has.
+async fn identity_config(client: &Client, ns: &str) -> (String, Value, String) {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    eventually(
+        "the operator to write the identity ConfigMap with the issuer and keys",
+        WAIT,
+        async || {
+            let data = api.get_opt("shop-identity").await.ok()??.data?;
+            let jwks: Value = serde_json::from_str(data.get("jwks.json")?).ok()?;
+            Some((
+                data.get("issuer")?.clone(),
+                jwks,
+                data.get("audience")?.clone(),
+            ))
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn identity_tokens_are_bound_to_the_stack_and_verify_offline() {
+    let Some(_op) = operator().await else { return };
+    let Some(ns) = TestNamespace::new("identity").await else {
+        return;
+    };
+    let other = TestNamespace::new("identity-other").await.unwrap();
+    let client = ns.client.clone();
+    apply_stack(&client, &stack(&ns.name, 900)).await;
+    apply_stack(&client, &stack(&other.name, 600)).await;
+    let aud = audience(&ns.name);
+    let other_aud = audience(&other.name);
+    assert_ne!(aud, other_aud, "two stacks named alike in two namespaces");
+
+    // Every service Deployment mounts the projected token and nothing for the API server.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    for svc in ["a", "b"] {
+        let d = eventually("the service Deployments", WAIT, async || {
+            deployments.get_opt(svc).await.ok()?
+        })
+        .await;
+        let pod = serde_json::to_value(&d).unwrap()["spec"]["template"]["spec"].clone();
+        assert_eq!(pod["automountServiceAccountToken"], json!(false), "{svc}");
+        assert_eq!(pod["serviceAccountName"], json!(svc));
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "identity")
+            .unwrap_or_else(|| panic!("{svc}: no identity volume in {pod}"))
+            .clone();
+        assert_eq!(
+            volume["projected"]["sources"][0]["serviceAccountToken"],
+            json!({"audience": aud, "expirationSeconds": 900, "path": "token"})
+        );
+        assert_eq!(
+            volume["projected"]["sources"][1]["configMap"]["name"],
+            json!("shop-identity")
+        );
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "identity")
+            .unwrap()
+            .clone();
+        assert_eq!(mount["readOnly"], json!(true));
+        let env = pod["containers"][0]["env"].to_string();
+        assert!(env.contains("OPSC_IDENTITY_TOKEN_FILE"), "{env}");
+        assert!(env.contains(&format!("\"{aud}\"")), "{env}");
+    }
+    // The deployment controller made pods of it, and the API server admitted them (it checks
+    // audience and lifetime of projected tokens): with the identity volume, without the
+    // default API token volume.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let pod = eventually("a pod of service a", WAIT, async || {
+        pods.list(&ListParams::default().labels("app.kubernetes.io/name=a"))
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .next()
+    })
+    .await;
+    let volumes: Vec<String> = pod
+        .spec
+        .unwrap()
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(volumes, ["tmp", "identity"]);
+
+    // The ConfigMap holds exactly what the API server publishes.
+    let (issuer, jwks, cm_audience) = identity_config(&client, &ns.name).await;
+    assert_eq!(cm_audience, aud);
+    let served: Value = serde_json::from_str(
+        &client
+            .request_text(
+                http::Request::get("/openid/v1/jwks")
+                    .body(Vec::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(jwks, served);
+    let discovery: Value = serde_json::from_str(
+        &client
+            .request_text(
+                http::Request::get("/.well-known/openid-configuration")
+                    .body(Vec::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(discovery["issuer"], json!(issuer));
+
+    // A token of service a for its stack's audience: TokenReview names a's ServiceAccount, and
+    // offline verification agrees.
+    let a_sub = format!("system:serviceaccount:{}:a", ns.name);
+    let token = request_token(&client, &ns.name, "a", &aud).await;
+    assert_eq!(review(&client, &token, &aud).await, Ok(a_sub.clone()));
+    assert_eq!(verify_offline(&token, &jwks, &issuer, &aud), Ok(a_sub.clone()));
+    let b_token = request_token(&client, &ns.name, "b", &aud).await;
+    let b_sub = format!("system:serviceaccount:{}:b", ns.name);
+    assert_eq!(review(&client, &b_token, &aud).await, Ok(b_sub.clone()));
+    assert_eq!(verify_offline(&b_token, &jwks, &issuer, &aud), Ok(b_sub));
+
+    // The same ServiceAccount's token for the other stack's audience fails for this one.
+    let wrong_audience = request_token(&client, &ns.name, "a", &other_aud).await;
+    let refused = review(&client, &wrong_audience, &aud).await;
+    assert!(refused.is_err(), "{refused:?}");
+    let offline = verify_offline(&wrong_audience, &jwks, &issuer, &aud);
+    assert!(
+        offline.as_ref().is_err_and(|e| e.contains("aud")),
+        "{offline:?}"
+    );
+    // The other stack's service a, with its own stack's audience: valid there, not here.
+    let other_sub = format!("system:serviceaccount:{}:a", other.name);
+    let foreign = request_token(&client, &other.name, "a", &other_aud).await;
+    assert_eq!(review(&client, &foreign, &other_aud).await, Ok(other_sub));
+    let refused = review(&client, &foreign, &aud).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(verify_offline(&foreign, &jwks, &issuer, &aud).is_err());
+    // A changed claim breaks the signature.
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    claims["sub"] = json!(format!("system:serviceaccount:{}:b", ns.name));
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64.encode(serde_json::to_vec(&claims).unwrap()),
+        parts[2]
+    );
+    assert_eq!(
+        verify_offline(&forged, &jwks, &issuer, &aud),
+        Err("bad signature".to_string())
+    );
+    assert!(review(&client, &forged, &aud).await.is_err());
+
+    // The identity token is no credential for the API server: its audience is not the API's.
+    let mut config = ns.control_plane.config().await;
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.clone().into()),
+        ..kube::config::AuthInfo::default()
+    };
+    let as_token = Client::try_from(config).unwrap();
+    let err = as_token
+        .apiserver_version()
+        .await
+        .expect_err("the API server must refuse a token for another audience");
+    assert!(err.to_string().contains("401"), "{err}");
+    eprintln!("identity: the API server refuses the identity token: {err}");
+}
+
+/// The operator reads the issuer and keys with the permission every service account has by
+/// default (ClusterRoleBinding `system:service-account-issuer-discovery` to the group
+/// `system:serviceaccounts`), so the chart needs no rule for it; a user outside that group is
+/// refused.
+#[tokio::test]
+async fn every_service_account_may_read_the_signing_keys() {
+    let Some(admin) = support::admin_client().await else {
+        return;
+    };
+    let binding: ClusterRoleBinding = Api::all(admin.clone())
+        .get("system:service-account-issuer-discovery")
+        .await
+        .unwrap();
+    assert_eq!(binding.role_ref.name, "system:service-account-issuer-discovery");
+    assert!(
+        binding
+            .subjects
+            .unwrap_or_default()
+            .iter()
+            .any(|s| s.kind == "Group" && s.name == "system:serviceaccounts"),
+        "the default binding names the group system:serviceaccounts"
+    );
+    let get = |path: &str| http::Request::get(path).body(Vec::new()).unwrap();
+    let sa = client_as(
+        "system:serviceaccount:opsc-identity-nowhere:reader",
+        &["system:serviceaccounts", "system:authenticated"],
+    )
+    .await
+    .unwrap();
+    for path in ["/openid/v1/jwks", "/.well-known/openid-configuration"] {
+        sa.request_text(get(path))
+            .await
+            .unwrap_or_else(|e| panic!("a service account reads {path}: {e}"));
+    }
+    let user = client_as("someone", &["system:authenticated"]).await.unwrap();
+    let refused = user.request_text(get("/openid/v1/jwks")).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.to_string().contains("403")),
+        "{refused:?}"
+    );
+}
