@@ -482,7 +482,7 @@ async fn the_charts_rbac_is_enough_to_reconcile_a_full_stack() {
     let stack = apply_stack(&stack_ns.client, &offline_example(&stack_ns.name)).await;
     let uid = stack.uid().unwrap();
     let expected = rendered_objects(&stack);
-    assert_eq!(expected.len(), 35);
+    assert_eq!(expected.len(), 36);
     eventually(
         "every object of the example stack, owned by it",
         Duration::from_secs(60),
