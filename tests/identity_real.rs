@@ -23,6 +23,7 @@ use kube::{Api, Client};
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::{Value, json};
 use support::operator::{apply_stack, operator};
+use support::identity::{claims, verify_offline};
 use support::{TestNamespace, client_as, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -105,70 +106,6 @@ async fn review(client: &Client, token: &str, audience: &str) -> Result<String, 
     } else {
         Err(status.error.unwrap_or_default())
     }
-}
-
-/// Verifies `token` the way a service does without the API server: RS256 signature by a key of
-/// `jwks` (by `kid`), `iss`, `aud`, `exp` and `nbf`. The `sub` when valid.
-fn verify_offline(token: &str, jwks: &Value, issuer: &str, audience: &str) -> Result<String, String> {
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let parts: Vec<&str> = token.split('.').collect();
-    let [header, claims, signature] = parts[..] else {
-        return Err("not a JWS in compact form".into());
-    };
-    let decode = |part: &str| -> Result<Value, String> {
-        let bytes = b64.decode(part).map_err(|e| e.to_string())?;
-        serde_json::from_slice(&bytes).map_err(|e| e.to_string())
-    };
-    let header = decode(header)?;
-    if header["alg"] != "RS256" {
-        return Err(format!("alg {} (this control plane signs with RSA)", header["alg"]));
-    }
-    let key = jwks["keys"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|k| k["kid"] == header["kid"])
-        .ok_or("no key with the token's kid")?;
-    let component = |name: &str| {
-        b64.decode(key[name].as_str().unwrap_or_default())
-            .map_err(|e| e.to_string())
-    };
-    ring::signature::RsaPublicKeyComponents {
-        n: component("n")?,
-        e: component("e")?,
-    }
-    .verify(
-        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-        token[..header_and_claims_len(token)].as_bytes(),
-        &b64.decode(signature).map_err(|e| e.to_string())?,
-    )
-    .map_err(|_| "bad signature".to_string())?;
-    let claims = decode(claims)?;
-    if claims["iss"] != issuer {
-        return Err(format!("iss {} is not {issuer:?}", claims["iss"]));
-    }
-    let audiences = match &claims["aud"] {
-        Value::String(a) => vec![a.clone()],
-        Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
-        _ => vec![],
-    };
-    if !audiences.iter().any(|a| a == audience) {
-        return Err(format!("aud {audiences:?} does not hold {audience:?}"));
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let (exp, nbf) = (claims["exp"].as_i64(), claims["nbf"].as_i64());
-    if !exp.is_some_and(|e| e > now) || nbf.is_some_and(|n| n > now + 60) {
-        return Err(format!("not valid now (exp {exp:?}, nbf {nbf:?}, now {now})"));
-    }
-    Ok(claims["sub"].as_str().unwrap_or_default().to_string())
-}
-
-/// Length of `<header>.<claims>`, the signed part of a compact JWS.
-fn header_and_claims_len(token: &str) -> usize {
-    token.rfind('.').unwrap_or(0)
 }
 
 /// The keys and issuer the operator wrote, once it has.
@@ -322,12 +259,13 @@ async fn identity_tokens_are_bound_to_the_stack_and_verify_offline() {
     // A changed claim breaks the signature.
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let parts: Vec<&str> = token.split('.').collect();
-    let mut claims: Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
-    claims["sub"] = json!(format!("system:serviceaccount:{}:b", ns.name));
+    let mut forged_claims = claims(&token);
+    assert_eq!(forged_claims["sub"], json!(a_sub));
+    forged_claims["sub"] = json!(format!("system:serviceaccount:{}:b", ns.name));
     let forged = format!(
         "{}.{}.{}",
         parts[0],
-        b64.encode(serde_json::to_vec(&claims).unwrap()),
+        b64.encode(serde_json::to_vec(&forged_claims).unwrap()),
         parts[2]
     );
     assert_eq!(
