@@ -22,8 +22,8 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::{Value, json};
-use support::operator::{apply_stack, operator};
 use support::identity::{claims, verify_offline};
+use support::operator::{apply_stack, operator};
 use support::{TestNamespace, client_as, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -68,15 +68,13 @@ async fn request_token(client: &Client, ns: &str, sa: &str, audience: &str) -> S
         ..TokenRequest::default()
     };
     let answer: TokenRequest = api
-        .create_subresource(
-            "token",
-            sa,
-            &PostParams::default(),
-            &request,
-        )
+        .create_subresource("token", sa, &PostParams::default(), &request)
         .await
         .unwrap_or_else(|e| panic!("TokenRequest for {ns}/{sa}: {e}"));
-    answer.status.expect("a TokenRequest answer has a status").token
+    answer
+        .status
+        .expect("a TokenRequest answer has a status")
+        .token
 }
 
 /// TokenReview of `token` for `audience`: the username when authenticated, else the error.
@@ -234,7 +232,10 @@ async fn identity_tokens_are_bound_to_the_stack_and_verify_offline() {
     let a_sub = format!("system:serviceaccount:{}:a", ns.name);
     let token = request_token(&client, &ns.name, "a", &aud).await;
     assert_eq!(review(&client, &token, &aud).await, Ok(a_sub.clone()));
-    assert_eq!(verify_offline(&token, &jwks, &issuer, &aud), Ok(a_sub.clone()));
+    assert_eq!(
+        verify_offline(&token, &jwks, &issuer, &aud),
+        Ok(a_sub.clone())
+    );
     let b_token = request_token(&client, &ns.name, "b", &aud).await;
     let b_sub = format!("system:serviceaccount:{}:b", ns.name);
     assert_eq!(review(&client, &b_token, &aud).await, Ok(b_sub.clone()));
@@ -302,7 +303,10 @@ async fn every_service_account_may_read_the_signing_keys() {
         .get("system:service-account-issuer-discovery")
         .await
         .unwrap();
-    assert_eq!(binding.role_ref.name, "system:service-account-issuer-discovery");
+    assert_eq!(
+        binding.role_ref.name,
+        "system:service-account-issuer-discovery"
+    );
     assert!(
         binding
             .subjects
@@ -323,10 +327,14 @@ async fn every_service_account_may_read_the_signing_keys() {
             .await
             .unwrap_or_else(|e| panic!("a service account reads {path}: {e}"));
     }
-    let user = client_as("someone", &["system:authenticated"]).await.unwrap();
+    let user = client_as("someone", &["system:authenticated"])
+        .await
+        .unwrap();
     let refused = user.request_text(get("/openid/v1/jwks")).await;
     assert!(
-        refused.as_ref().is_err_and(|e| e.to_string().contains("403")),
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("403")),
         "{refused:?}"
     );
 }

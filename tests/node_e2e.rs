@@ -2268,7 +2268,12 @@ async fn service_identity_tokens_verify_and_rotate() {
         .expect("a second namespace");
     let mut certs = Vec::new();
     for n in [&ns, &other] {
-        certs.push(tls_secret(cluster, &n.name, "idt-cert", "idt.opsconductor.test"));
+        certs.push(tls_secret(
+            cluster,
+            &n.name,
+            "idt-cert",
+            "idt.opsconductor.test",
+        ));
         let file = tempfile::NamedTempFile::new().expect("temp file");
         std::fs::write(file.path(), identity_stack(cluster, &n.name)).expect("writing the stack");
         cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
@@ -2282,7 +2287,11 @@ async fn service_identity_tokens_verify_and_rotate() {
             Duration::from_secs(240),
             async || {
                 let s = stacks.get_opt("idt").await.ok()??;
-                let c = s.status?.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+                let c = s
+                    .status?
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "Ready")?;
                 (c.status == "True").then_some(())
             },
         )
@@ -2298,7 +2307,12 @@ async fn service_identity_tokens_verify_and_rotate() {
             .trim()
             .to_string()
     };
-    let issuer = exec_sh(cluster, &ns.name, &pod, "cat \"$OPSC_IDENTITY_ISSUER_FILE\"");
+    let issuer = exec_sh(
+        cluster,
+        &ns.name,
+        &pod,
+        "cat \"$OPSC_IDENTITY_ISSUER_FILE\"",
+    );
     let jwks: serde_json::Value = serde_json::from_str(&exec_sh(
         cluster,
         &ns.name,
@@ -2322,7 +2336,10 @@ async fn service_identity_tokens_verify_and_rotate() {
         .stdin(Stdio::null())
         .output()
         .expect("kubectl runs");
-    assert!(!write.status.success(), "the token file must not be writable");
+    assert!(
+        !write.status.success(),
+        "the token file must not be writable"
+    );
 
     let sa = format!("system:serviceaccount:{}:a", ns.name);
     let first = read_token(&pod, &ns.name);
@@ -2347,10 +2364,11 @@ async fn service_identity_tokens_verify_and_rotate() {
         Ok(other_sa)
     );
     let refused = token_review(&ns.client, &foreign, &audience).await;
-    assert!(refused.is_err(), "another stack's token passed: {refused:?}");
     assert!(
-        support::identity::verify_offline(&foreign, &jwks, issuer.trim(), &audience).is_err()
+        refused.is_err(),
+        "another stack's token passed: {refused:?}"
     );
+    assert!(support::identity::verify_offline(&foreign, &jwks, issuer.trim(), &audience).is_err());
 
     // Rotation: the kubelet writes a new token at 80% of the lifetime (480 s of 600).
     let started = std::time::Instant::now();

@@ -220,7 +220,11 @@ pub fn identity_config_map(
         data.insert(IDENTITY_JWKS_KEY.into(), keys.jwks.clone());
     }
     ConfigMap {
-        metadata: meta(stack, names::identity_config(&stack.name), Component::Identity),
+        metadata: meta(
+            stack,
+            names::identity_config(&stack.name),
+            Component::Identity,
+        ),
         data: Some(data),
         ..ConfigMap::default()
     }
@@ -316,8 +320,9 @@ mod tests {
             assert_eq!(pod["volumes"].as_array().unwrap().len(), 1, "only /tmp");
             let env = &pod["containers"][0]["env"];
             assert!(
-                env.as_array()
-                    .is_none_or(|e| e.iter().all(|v| !v["name"].as_str().unwrap().starts_with("OPSC_"))),
+                env.as_array().is_none_or(|e| e
+                    .iter()
+                    .all(|v| !v["name"].as_str().unwrap().starts_with("OPSC_"))),
                 "{env}"
             );
         }
@@ -329,7 +334,10 @@ mod tests {
         );
         // Disabled explicitly: the same objects as without the section.
         assert_eq!(
-            build(&stack("  serviceIdentity: {enabled: false, expirationSeconds: 900}\n"), &BuildOptions::default()),
+            build(
+                &stack("  serviceIdentity: {enabled: false, expirationSeconds: 900}\n"),
+                &BuildOptions::default()
+            ),
             bundle
         );
     }
@@ -402,7 +410,10 @@ mod tests {
             }
             expected.extend([
                 ("OPSC_IDENTITY_TOKEN_FILE".into(), format!("{dir}/token")),
-                ("OPSC_IDENTITY_AUDIENCE".into(), "opsconductor.io/team-a/shop".into()),
+                (
+                    "OPSC_IDENTITY_AUDIENCE".into(),
+                    "opsconductor.io/team-a/shop".into(),
+                ),
                 ("OPSC_IDENTITY_JWKS_FILE".into(), format!("{dir}/jwks.json")),
                 ("OPSC_IDENTITY_ISSUER_FILE".into(), format!("{dir}/issuer")),
             ]);
@@ -439,6 +450,9 @@ mod tests {
             ["audience"]
         );
         // NetworkPolicies do not change: verification needs no egress to the API server.
-        assert_eq!(offline.network_policies, build(&stack(""), &BuildOptions::default()).network_policies);
+        assert_eq!(
+            offline.network_policies,
+            build(&stack(""), &BuildOptions::default()).network_policies
+        );
     }
 }

@@ -1318,7 +1318,11 @@ fn service_identity_is_off_unless_enabled_and_names_the_stack_and_namespace() {
     assert_eq!(off.service_identity, None);
     let mut v = base();
     v["spec"]["serviceIdentity"] = json!({});
-    assert_eq!(run(v).unwrap().service_identity, None, "enabled defaults to false");
+    assert_eq!(
+        run(v).unwrap().service_identity,
+        None,
+        "enabled defaults to false"
+    );
 
     let mut v = base();
     v["spec"]["serviceIdentity"] = json!({"enabled": true});
@@ -1362,8 +1366,7 @@ fn service_identity_lifetime_out_of_range_names_the_field() {
 fn service_identity_refuses_env_names_the_operator_sets() {
     let edit = |v: &mut Value| {
         v["spec"]["serviceIdentity"] = json!({"enabled": true});
-        v["spec"]["services"][1]["env"] =
-            json!([{"name": "A", "value": "1"}, {"name": "OPSC_IDENTITY_TOKEN_FILE", "value": "/x"}]);
+        v["spec"]["services"][1]["env"] = json!([{"name": "A", "value": "1"}, {"name": "OPSC_IDENTITY_TOKEN_FILE", "value": "/x"}]);
     };
     assert_error(
         edit,

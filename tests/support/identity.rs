@@ -16,7 +16,12 @@ pub fn claims(token: &str) -> Value {
 
 /// Verifies `token` the way a service does without the API server: RS256 signature by a key of
 /// `jwks` (by `kid`), `iss`, `aud`, `exp` and `nbf`. The `sub` when valid.
-pub fn verify_offline(token: &str, jwks: &Value, issuer: &str, audience: &str) -> Result<String, String> {
+pub fn verify_offline(
+    token: &str,
+    jwks: &Value,
+    issuer: &str,
+    audience: &str,
+) -> Result<String, String> {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let parts: Vec<&str> = token.split('.').collect();
     let [header, claims, signature] = parts[..] else {
@@ -28,7 +33,10 @@ pub fn verify_offline(token: &str, jwks: &Value, issuer: &str, audience: &str) -
     };
     let header = decode(header)?;
     if header["alg"] != "RS256" {
-        return Err(format!("alg {} (this control plane signs with RSA)", header["alg"]));
+        return Err(format!(
+            "alg {} (this control plane signs with RSA)",
+            header["alg"]
+        ));
     }
     let key = jwks["keys"]
         .as_array()
@@ -56,7 +64,10 @@ pub fn verify_offline(token: &str, jwks: &Value, issuer: &str, audience: &str) -
     }
     let audiences = match &claims["aud"] {
         Value::String(a) => vec![a.clone()],
-        Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
         _ => vec![],
     };
     if !audiences.iter().any(|a| a == audience) {
@@ -68,7 +79,9 @@ pub fn verify_offline(token: &str, jwks: &Value, issuer: &str, audience: &str) -
         .as_secs() as i64;
     let (exp, nbf) = (claims["exp"].as_i64(), claims["nbf"].as_i64());
     if !exp.is_some_and(|e| e > now) || nbf.is_some_and(|n| n > now + 60) {
-        return Err(format!("not valid now (exp {exp:?}, nbf {nbf:?}, now {now})"));
+        return Err(format!(
+            "not valid now (exp {exp:?}, nbf {nbf:?}, now {now})"
+        ));
     }
     Ok(claims["sub"].as_str().unwrap_or_default().to_string())
 }
@@ -77,4 +90,3 @@ pub fn verify_offline(token: &str, jwks: &Value, issuer: &str, audience: &str) -
 pub fn header_and_claims_len(token: &str) -> usize {
     token.rfind('.').unwrap_or(0)
 }
-
