@@ -21,8 +21,11 @@ pub const RETRY: Duration = Duration::from_secs(30);
 /// The cache in [`super::Context`]: the keys last read, and when a read was last tried.
 #[derive(Default)]
 pub struct KeysCache {
-    state: tokio::sync::Mutex<(Option<IdentityKeys>, Option<(Instant, bool)>)>,
+    state: tokio::sync::Mutex<CacheState>,
 }
+
+/// The keys last read, and when a read was last tried and whether it succeeded.
+type CacheState = (Option<IdentityKeys>, Option<(Instant, bool)>);
 
 impl KeysCache {
     /// The keys, read again when the last read is older than [`REFRESH`] (or failed more than
@@ -71,10 +74,10 @@ pub async fn read(client: &Client) -> anyhow::Result<IdentityKeys> {
         .to_string();
     let jwks: serde_json::Value =
         serde_json::from_str(&client.request_text(get("/openid/v1/jwks")?).await?)?;
-    if !jwks
+    if jwks
         .get("keys")
         .and_then(|k| k.as_array())
-        .is_some_and(|k| !k.is_empty())
+        .is_none_or(|k| k.is_empty())
     {
         anyhow::bail!("/openid/v1/jwks has no keys");
     }

@@ -54,7 +54,7 @@ pub fn verify_offline(
     }
     .verify(
         &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-        token[..header_and_claims_len(token)].as_bytes(),
+        &token.as_bytes()[..header_and_claims_len(token)],
         &b64.decode(signature).map_err(|e| e.to_string())?,
     )
     .map_err(|_| "bad signature".to_string())?;
@@ -78,7 +78,7 @@ pub fn verify_offline(
         .unwrap()
         .as_secs() as i64;
     let (exp, nbf) = (claims["exp"].as_i64(), claims["nbf"].as_i64());
-    if !exp.is_some_and(|e| e > now) || nbf.is_some_and(|n| n > now + 60) {
+    if exp.is_none_or(|e| e <= now) || nbf.is_some_and(|n| n > now + 60) {
         return Err(format!(
             "not valid now (exp {exp:?}, nbf {nbf:?}, now {now})"
         ));
