@@ -18,7 +18,7 @@ use k8s_openapi::api::authentication::v1::{
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
-use kube::api::{ListParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use opsconductor_operator::crd::OpsConductorStack;
 use serde_json::{Value, json};
@@ -226,6 +226,26 @@ async fn identity_tokens_are_bound_to_the_stack_and_verify_offline() {
     )
     .unwrap();
     assert_eq!(discovery["issuer"], json!(issuer));
+    // Keys added by someone else (to sign tokens of their own) are reverted by the operator.
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    config_maps
+        .patch(
+            "shop-identity",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"jwks.json": "{\"keys\":[{\"kid\":\"mine\"}]}"}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the operator to write the API server's keys back",
+        WAIT,
+        async || {
+            let data = config_maps.get("shop-identity").await.ok()?.data?;
+            let now: Value = serde_json::from_str(data.get("jwks.json")?).ok()?;
+            (now == served).then_some(())
+        },
+    )
+    .await;
 
     // A token of service a for its stack's audience: TokenReview names a's ServiceAccount, and
     // offline verification agrees.
