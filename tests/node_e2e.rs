@@ -2177,20 +2177,25 @@ spec:
 }
 
 /// `kubectl exec <pod> -- sh -c <script>` in `ns` (the test-service image has busybox's sh and
-/// cat); stdout, or a panic with stderr.
-fn exec_sh(cluster: &Cluster, ns: &str, pod: &str, script: &str) -> String {
+/// cat): stdout when it succeeded, else stderr.
+fn try_exec_sh(cluster: &Cluster, ns: &str, pod: &str, script: &str) -> Result<String, String> {
     let out = cluster
         .kubectl()
         .args(["-n", ns, "exec", pod, "--", "sh", "-c", script])
         .stdin(Stdio::null())
         .output()
         .expect("kubectl runs");
-    assert!(
-        out.status.success(),
-        "kubectl exec {pod} -- sh -c {script:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// [`try_exec_sh`], or a panic naming the command and its error.
+fn exec_sh(cluster: &Cluster, ns: &str, pod: &str, script: &str) -> String {
+    try_exec_sh(cluster, ns, pod, script)
+        .unwrap_or_else(|e| panic!("kubectl -n {ns} exec {pod} -- sh -c {script:?}: {e}"))
 }
 
 /// The one Ready pod of service `svc` in `ns`.
@@ -2307,39 +2312,47 @@ async fn service_identity_tokens_verify_and_rotate() {
             .trim()
             .to_string()
     };
-    let issuer = exec_sh(
-        cluster,
-        &ns.name,
-        &pod,
-        "cat \"$OPSC_IDENTITY_ISSUER_FILE\"",
-    );
-    let jwks: serde_json::Value = serde_json::from_str(&exec_sh(
-        cluster,
-        &ns.name,
-        &pod,
-        "cat \"$OPSC_IDENTITY_JWKS_FILE\"",
-    ))
-    .expect("the mounted jwks.json is JSON");
-    // The root filesystem and the identity mount stay read-only for the service.
-    let write = cluster
-        .kubectl()
-        .args([
-            "-n",
-            &ns.name,
-            "exec",
-            &pod,
-            "--",
-            "sh",
-            "-c",
-            "echo x > \"$OPSC_IDENTITY_TOKEN_FILE\"",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("kubectl runs");
-    assert!(
-        !write.status.success(),
-        "the token file must not be writable"
-    );
+    // The issuer and keys the operator published, as the kubelet delivered them into the pod
+    // (a ConfigMap reaches a running pod within about a minute of a change).
+    let (issuer, jwks) = eventually(
+        "the issuer and keys in the pod's identity volume",
+        Duration::from_secs(120),
+        async || {
+            let issuer = try_exec_sh(
+                cluster,
+                &ns.name,
+                &pod,
+                "cat \"$OPSC_IDENTITY_ISSUER_FILE\"",
+            )
+            .ok()?;
+            let jwks =
+                try_exec_sh(cluster, &ns.name, &pod, "cat \"$OPSC_IDENTITY_JWKS_FILE\"").ok()?;
+            let jwks: serde_json::Value = serde_json::from_str(&jwks).ok()?;
+            Some((issuer.trim().to_string(), jwks))
+        },
+    )
+    .await;
+    // The identity volume and the root filesystem are mounted read-only in the container.
+    let mounts = exec_sh(cluster, &ns.name, &pod, "cat /proc/mounts");
+    // (`/var/run` may be a link to `/run` in an image: the mount then shows under `/run`.)
+    let identity_mount = |t: &str| t.ends_with("/secrets/opsconductor.io/identity");
+    for (target, is) in [
+        (
+            "the identity volume",
+            &identity_mount as &dyn Fn(&str) -> bool,
+        ),
+        ("the root filesystem", &|t: &str| t == "/"),
+    ] {
+        let line = mounts
+            .lines()
+            .find(|l| l.split_whitespace().nth(1).is_some_and(is))
+            .unwrap_or_else(|| panic!("no mount for {target} in the pod:\n{mounts}"));
+        let options = line.split_whitespace().nth(3).unwrap_or_default();
+        assert!(
+            options.split(',').any(|o| o == "ro"),
+            "{target} is mounted read-only: {line}"
+        );
+    }
 
     let sa = format!("system:serviceaccount:{}:a", ns.name);
     let first = read_token(&pod, &ns.name);
@@ -2349,7 +2362,7 @@ async fn service_identity_tokens_verify_and_rotate() {
         "the token from pod {pod} passes TokenReview for {audience}"
     );
     assert_eq!(
-        support::identity::verify_offline(&first, &jwks, issuer.trim(), &audience),
+        support::identity::verify_offline(&first, &jwks, &issuer, &audience),
         Ok(sa.clone())
     );
 
@@ -2368,9 +2381,10 @@ async fn service_identity_tokens_verify_and_rotate() {
         refused.is_err(),
         "another stack's token passed: {refused:?}"
     );
-    assert!(support::identity::verify_offline(&foreign, &jwks, issuer.trim(), &audience).is_err());
+    assert!(support::identity::verify_offline(&foreign, &jwks, &issuer, &audience).is_err());
 
-    // Rotation: the kubelet writes a new token at 80% of the lifetime (480 s of 600).
+    // Rotation: the kubelet writes a new token at 80% of the lifetime (480 s of 600). Polled
+    // every 10 s; a failed exec is tried again at the next poll (the pod keeps running).
     let started = std::time::Instant::now();
     let rotated = eventually(
         "the kubelet to replace the identity token in the pod (expected after about 480 s \
@@ -2378,19 +2392,24 @@ async fn service_identity_tokens_verify_and_rotate() {
         Duration::from_secs(720),
         async || {
             tokio::time::sleep(Duration::from_secs(10)).await;
-            let now = read_token(&pod, &ns.name);
+            let now = try_exec_sh(cluster, &ns.name, &pod, "cat \"$OPSC_IDENTITY_TOKEN_FILE\"")
+                .ok()?
+                .trim()
+                .to_string();
             (now != first && !now.is_empty()).then_some(now)
         },
     )
     .await;
-    support::measured(format!(
-        "service identity on the node: the kubelet replaced the 600 s token after {:.0} s (of the test's wait)",
-        started.elapsed().as_secs_f64()
-    ));
     let (old_claims, new_claims) = (
         support::identity::claims(&first),
         support::identity::claims(&rotated),
     );
+    support::measured(format!(
+        "service identity on the node: the kubelet replaced the 600 s token {} s after it was \
+         issued (iat to iat), seen {:.0} s into the wait",
+        new_claims["iat"].as_i64().unwrap_or(0) - old_claims["iat"].as_i64().unwrap_or(0),
+        started.elapsed().as_secs_f64()
+    ));
     assert!(
         new_claims["iat"].as_i64() > old_claims["iat"].as_i64(),
         "the new token is newer: iat {} then {}",
@@ -2403,7 +2422,7 @@ async fn service_identity_tokens_verify_and_rotate() {
         Ok((sa.clone(), pod.clone()))
     );
     assert_eq!(
-        support::identity::verify_offline(&rotated, &jwks, issuer.trim(), &audience),
+        support::identity::verify_offline(&rotated, &jwks, &issuer, &audience),
         Ok(sa)
     );
     drop(certs);
