@@ -358,3 +358,32 @@ async fn every_service_account_may_read_the_signing_keys() {
         "{refused:?}"
     );
 }
+
+/// The API server refuses a lifetime out of range at admission (the CRD's schema), naming the
+/// field, so such a stack is never stored.
+#[tokio::test]
+async fn the_api_server_refuses_a_lifetime_out_of_range() {
+    let Some(ns) = TestNamespace::new("identity-range").await else {
+        return;
+    };
+    support::operator::install_crd(ns.control_plane).await;
+    let api: Api<OpsConductorStack> = Api::namespaced(ns.client.clone(), &ns.name);
+    for (bad, bound) in [(599, "600"), (86_401, "86400")] {
+        let refused = eventually("the CRD to be served", WAIT, async || {
+            match api
+                .create(&PostParams::default(), &stack(&ns.name, bad))
+                .await
+            {
+                Err(kube::Error::Api(e)) if e.code == 422 => Some(e.message),
+                Err(_) => None,
+                Ok(_) => panic!("a lifetime of {bad} s was stored"),
+            }
+        })
+        .await;
+        assert!(
+            refused.contains("spec.serviceIdentity.expirationSeconds") && refused.contains(bound),
+            "{refused}"
+        );
+        eprintln!("identity: the API server says: {refused}");
+    }
+}
