@@ -387,3 +387,64 @@ async fn the_api_server_refuses_a_lifetime_out_of_range() {
         eprintln!("identity: the API server says: {refused}");
     }
 }
+
+/// A ConfigMap of someone else under the identity ConfigMap's name is never written, and no
+/// service runs with it (its keys would be the ones the services trust): the services'
+/// Deployments are held back, the stack says `NameConflict`; once the foreign ConfigMap is
+/// gone, the operator writes its own and the services are created.
+#[tokio::test]
+async fn someone_elses_identity_config_map_holds_the_services_back() {
+    let Some(_op) = operator().await else { return };
+    let Some(ns) = TestNamespace::new("identity-foreign").await else {
+        return;
+    };
+    let client = ns.client.clone();
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let foreign: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "shop-identity"},
+        "data": {"jwks.json": "{\"keys\":[{\"kid\":\"mine\"}]}", "issuer": "https://me"}
+    }))
+    .unwrap();
+    config_maps
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    apply_stack(&client, &stack(&ns.name, 900)).await;
+    let stacks: Api<OpsConductorStack> = Api::namespaced(client.clone(), &ns.name);
+    let message = eventually("Ready=False/NameConflict", WAIT, async || {
+        let s = stacks.get("shop").await.ok()?;
+        let status = s.status?;
+        (status.observed_generation == s.metadata.generation).then_some(())?;
+        let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (ready.reason == "NameConflict").then_some(ready.message)
+    })
+    .await;
+    assert!(message.contains("ConfigMap/shop-identity"), "{message}");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    for svc in ["a", "b"] {
+        assert!(
+            deployments.get_opt(svc).await.unwrap().is_none(),
+            "service {svc} must not run with someone else's keys"
+        );
+    }
+    let untouched = config_maps.get("shop-identity").await.unwrap();
+    assert_eq!(
+        untouched.data, foreign.data,
+        "the foreign ConfigMap is never written"
+    );
+
+    config_maps
+        .delete("shop-identity", &Default::default())
+        .await
+        .unwrap();
+    let (_, jwks, _) = identity_config(&client, &ns.name).await;
+    assert_ne!(jwks["keys"][0]["kid"], json!("mine"));
+    for svc in ["a", "b"] {
+        eventually(
+            "the held service Deployments to be created",
+            WAIT,
+            async || deployments.get_opt(svc).await.ok()?,
+        )
+        .await;
+    }
+}
