@@ -448,3 +448,42 @@ async fn someone_elses_identity_config_map_holds_the_services_back() {
         .await;
     }
 }
+
+/// Switched off, identity leaves nothing behind: the ConfigMap is deleted and the services'
+/// pods lose the volume and the variables.
+#[tokio::test]
+async fn switching_identity_off_removes_the_volume_and_the_config_map() {
+    let Some(_op) = operator().await else { return };
+    let Some(ns) = TestNamespace::new("identity-off").await else {
+        return;
+    };
+    let client = ns.client.clone();
+    apply_stack(&client, &stack(&ns.name, 900)).await;
+    identity_config(&client, &ns.name).await;
+    let mut off = stack(&ns.name, 900);
+    off.spec.service_identity.as_mut().unwrap().enabled = false;
+    apply_stack(&client, &off).await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    eventually(
+        "the identity ConfigMap to be deleted and the volume gone",
+        WAIT,
+        async || {
+            config_maps
+                .get_opt("shop-identity")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())?;
+            for svc in ["a", "b"] {
+                let d = serde_json::to_value(deployments.get(svc).await.ok()?).ok()?;
+                let pod = &d["spec"]["template"]["spec"];
+                let text = pod.to_string();
+                (!text.contains("serviceAccountToken") && !text.contains("OPSC_IDENTITY"))
+                    .then_some(())?;
+            }
+            Some(())
+        },
+    )
+    .await;
+}
