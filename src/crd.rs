@@ -95,6 +95,38 @@ pub struct OpsConductorStackSpec {
     /// How strictly the policy is enforced.
     #[serde(default)]
     pub policy: PolicySpec,
+    /// An identity for every service of the stack to present to the others: a ServiceAccount
+    /// token bound to the stack's audience, mounted into each service container and renewed
+    /// by the kubelet. Absent (the default): no token is mounted. See `docs/gateway.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_identity: Option<ServiceIdentitySpec>,
+}
+
+/// Tokens the services of a stack present to one another (`Authorization: Bearer`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceIdentitySpec {
+    /// Mount a token into every service container: a projected ServiceAccount token of the
+    /// service's own ServiceAccount, for the audience `opsconductor.io/<namespace>/<stack>`,
+    /// at the path in `OPSC_IDENTITY_TOKEN_FILE`. Default false. Switching it rolls the
+    /// services' pods once.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Lifetime of each token in seconds, 600 to 86400. Default 3600. The kubelet writes a new
+    /// token when 80% of it has passed (or after 24 hours), so a token read from the file is
+    /// always valid for at least a fifth of this.
+    #[serde(default = "default_identity_expiration")]
+    #[schemars(range(min = 600, max = 86400))]
+    pub expiration_seconds: i64,
+}
+
+/// Shortest and longest lifetime of a service identity token (`expirationSeconds`): the API
+/// server refuses projected tokens below 10 minutes; the kubelet renews any token after 24 hours
+/// at the latest, so a longer one only lives longer once stolen.
+pub const IDENTITY_EXPIRATION_RANGE: std::ops::RangeInclusive<i64> = 600..=86_400;
+
+fn default_identity_expiration() -> i64 {
+    3600
 }
 
 /// The TLS gateway (nginx).
