@@ -55,8 +55,9 @@ impl KeysCache {
 }
 
 /// Reads the issuer (`/.well-known/openid-configuration`) and the keys (`/openid/v1/jwks`).
-/// Needs `get` on those two non-resource URLs (the operator's ClusterRole has it; Kubernetes
-/// also grants it to every service account by default).
+/// Needs `get` on those two non-resource URLs: Kubernetes grants it to every service account
+/// by default (the ClusterRole `system:service-account-issuer-discovery`, bound to
+/// `system:serviceaccounts`); the chart adds no rule of its own for it.
 pub async fn read(client: &Client) -> anyhow::Result<IdentityKeys> {
     let get = |path: &str| -> anyhow::Result<http::Request<Vec<u8>>> {
         Ok(http::Request::get(path).body(Vec::new())?)
