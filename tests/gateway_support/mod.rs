@@ -108,6 +108,15 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A free UDP port on 127.0.0.1 (the socket is closed again; the exporter binds it next).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn ipv6_loopback() -> bool {
     TcpListener::bind("[::1]:0").is_ok()
 }
@@ -543,6 +552,9 @@ pub struct Layout {
     pub health_port: u16,
     /// For the loopback `stub_status` listener of a gateway with `spec.gateway.metrics`.
     pub status_port: u16,
+    /// The UDP port on 127.0.0.1 where nginx sends a line per request (with
+    /// `spec.gateway.metrics`) and the `requests` sidecar reads them.
+    pub request_log_port: u16,
 }
 
 impl Layout {
@@ -570,6 +582,7 @@ impl Layout {
             https_port: free_port(),
             health_port: free_port(),
             status_port: free_port(),
+            request_log_port: free_udp_port(),
         }
     }
 
@@ -590,6 +603,15 @@ impl Layout {
             self.https_port,
             Some(self.health_port),
             Some(self.status_port),
+        );
+        // The request log's target (with `metrics`): the layout's own UDP port.
+        let target = format!(
+            "syslog:server=127.0.0.1:{},",
+            nginx::request_metrics::REQUEST_LOG_PORT
+        );
+        let text = text.replace(
+            &target,
+            &format!("syslog:server=127.0.0.1:{},", self.request_log_port),
         );
         std::fs::write(self.config_path(), text).unwrap();
     }
@@ -1615,37 +1637,60 @@ fn publish_config(layout: &Layout, version: &str, rendered: &str) {
 /// first when missing). Under the rules of [`tools_present`]: missing, the test fails unless
 /// `OPSC_SKIP_NGINX=1` outside CI.
 pub fn exporter_binary() -> Option<PathBuf> {
+    unpacked_binary(
+        "OPSC_NGINX_EXPORTER",
+        "--exporter-path",
+        "the nginx exporter",
+        "prometheus-nginx-exporter",
+        "-version",
+    )
+}
+
+/// mtail, the `requests` sidecar's exporter, as the gateway image carries it (Debian's
+/// `mtail`): `OPSC_MTAIL` when set, else what `scripts/install-nginx --mtail-path` prints.
+/// The same rules as [`exporter_binary`].
+pub fn mtail_binary() -> Option<PathBuf> {
+    unpacked_binary("OPSC_MTAIL", "--mtail-path", "mtail", "mtail", "--version")
+}
+
+fn unpacked_binary(
+    env: &str,
+    flag: &str,
+    what: &str,
+    package: &str,
+    version_flag: &str,
+) -> Option<PathBuf> {
     if std::env::var("OPSC_SKIP_NGINX").is_ok_and(|v| v == "1")
         && !std::env::var("CI").is_ok_and(|v| v == "true")
     {
-        eprintln!("OPSC_SKIP_NGINX=1: skipping a test that needs the nginx exporter");
+        eprintln!("OPSC_SKIP_NGINX=1: skipping a test that needs {what}");
         return None;
     }
-    let path = match std::env::var_os("OPSC_NGINX_EXPORTER") {
+    let path = match std::env::var_os(env) {
         Some(p) => PathBuf::from(p),
         None => {
             let out = Command::new(root().join("scripts/install-nginx"))
-                .arg("--exporter-path")
+                .arg(flag)
                 .output()
                 .expect("scripts/install-nginx runs");
             assert!(
                 out.status.success(),
-                "scripts/install-nginx --exporter-path failed: {}",
+                "scripts/install-nginx {flag} failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
             PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
         }
     };
     let runs = Command::new(&path)
-        .arg("-version")
+        .arg(version_flag)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     assert!(
         runs,
-        "the nginx exporter {} does not run (Debian package prometheus-nginx-exporter; \
-         scripts/install-nginx unpacks it), or outside CI OPSC_SKIP_NGINX=1 to skip",
+        "{what} {} does not run (Debian package {package}; scripts/install-nginx unpacks it), \
+         or outside CI OPSC_SKIP_NGINX=1 to skip",
         path.display()
     );
     Some(path)
@@ -1686,9 +1731,54 @@ impl Exporter {
                     .any(|a| a.ends_with(&format!("127.0.0.1:{port}"))),
             "the sidecar's arguments changed shape: {args:?}"
         );
-        let log = gateway.layout.path("exporter.log");
+        Exporter::spawn(binary, &args, port, gateway.layout.path("exporter.log"))
+    }
+
+    /// mtail with the `requests` sidecar's own arguments and program, as the operator renders
+    /// them, except that its ports move: the UDP port it reads to the layout's request log
+    /// port (where the gateway's nginx sends), its `/metrics` to `port` on 127.0.0.1; and
+    /// the program directory to one in the layout holding `program`.
+    pub fn start_requests(
+        binary: &Path,
+        args: &[String],
+        program: &str,
+        gateway: &Gateway,
+    ) -> Exporter {
+        use opsconductor_operator::build::gateway::{REQUEST_METRICS_PORT, REQUEST_PROGRAM_DIR};
+        use opsconductor_operator::build::nginx::request_metrics::{PROGRAM_KEY, REQUEST_LOG_PORT};
+        let port = free_port();
+        let dir = gateway.layout.path("metrics-program");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(PROGRAM_KEY), program).unwrap();
+        let mut args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                a.replace(REQUEST_PROGRAM_DIR, &dir.display().to_string())
+                    .replace(
+                        &format!("udp://127.0.0.1:{REQUEST_LOG_PORT}"),
+                        &format!("udp://127.0.0.1:{}", gateway.layout.request_log_port),
+                    )
+                    .replace(
+                        &format!("--port={REQUEST_METRICS_PORT}"),
+                        &format!("--port={port}"),
+                    )
+            })
+            .collect();
+        assert!(
+            args.iter()
+                .any(|a| a.ends_with(&format!(":{}", gateway.layout.request_log_port)))
+                && args.contains(&format!("--port={port}"))
+                && args.iter().any(|a| a.contains(&dir.display().to_string())),
+            "the sidecar's arguments changed shape: {args:?}"
+        );
+        // The pod's network namespace is its own; here, only loopback.
+        args.push("--address=127.0.0.1".into());
+        Exporter::spawn(binary, &args, port, gateway.layout.path("requests.log"))
+    }
+
+    fn spawn(binary: &Path, args: &[String], port: u16, log: PathBuf) -> Exporter {
         let child = Command::new(binary)
-            .args(&args)
+            .args(args)
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -1743,7 +1833,10 @@ impl Drop for Exporter {
     fn drop(&mut self) {
         terminate(&mut self.child);
         if thread::panicking() {
-            eprintln!("--- exporter log ---\n{}", self.log());
+            eprintln!(
+                "--- exporter log ---\n{}",
+                self.log().chars().take(20_000).collect::<String>()
+            );
         }
     }
 }
