@@ -28,6 +28,16 @@ struct Cli {
 enum Command {
     /// Print the OpsConductorStack CustomResourceDefinition as YAML.
     Crd,
+    /// The gateway's `requests` sidecar (spec.gateway.metrics): counts the line nginx sends
+    /// per request by route and status class, with latency histograms, and serves /metrics.
+    GatewayRequests {
+        /// UDP address where nginx sends one line per request.
+        #[arg(long, default_value = "127.0.0.1:8083")]
+        udp: String,
+        /// Address of /metrics.
+        #[arg(long, default_value = "0.0.0.0:9114")]
+        listen: String,
+    },
     /// Print, offline, every object the operator would create for the stack in FILE.
     Render {
         /// The OpsConductorStack manifest (YAML or JSON).
@@ -214,6 +224,19 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::GatewayRequests { udp, listen } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            match runtime.block_on(opsconductor_operator::gateway_requests::run(&udp, &listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("opsconductor-operator gateway-requests: {e}");
                     ExitCode::FAILURE
                 }
             }

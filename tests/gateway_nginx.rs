@@ -2143,22 +2143,17 @@ fn the_metrics_exporter_counts_the_gateways_connections_and_requests() {
 }
 
 /// Requests by route and status class, and latency (issue 15), in real nginx with the
-/// configuration as rendered with `metrics`, and the real `requests` sidecar (Debian's mtail,
-/// the binary of the gateway image) run with its rendered arguments and the program from the
-/// rendered ConfigMap. Requests with known answers move the counters by exactly their number,
+/// configuration as rendered with `metrics`, and the `requests` sidecar (this build's
+/// `opsconductor-operator gateway-requests`) run with its rendered command. Requests with known answers move the counters by exactly their number,
 /// per route and status class; each histogram counts every request of its route; requests no
 /// route handled land under `(none)`; and many distinct URIs add no series. With the exporter
 /// gone, nginx still serves every request.
 #[test]
 fn the_request_exporter_counts_requests_by_route_and_status_class_with_bounded_labels() {
-    use opsconductor_operator::build::nginx::request_metrics::PROGRAM_KEY;
     use std::collections::BTreeMap;
     if !tools_present(false) {
         return;
     }
-    let Some(binary) = gateway_support::mtail_binary() else {
-        return;
-    };
     let slow = Backend::start("slow");
     let web = Backend::start("web");
     // Nothing listens there: every request to the route is a 502.
@@ -2182,7 +2177,7 @@ spec:
         w = web.port,
     );
     let gw = Gateway::start(&yaml, options(), Resolution::Loopback, &[HOST]);
-    // The sidecar's arguments and program, from what the operator renders for this stack.
+    // The sidecar's command, from what the operator renders for this stack.
     let bundle =
         opsconductor_operator::render::bundle_for("stack.yaml", &yaml, "shop", &options()).unwrap();
     let pod = bundle.deployments[0]
@@ -2198,17 +2193,8 @@ spec:
         .iter()
         .find(|c| c.name == "requests")
         .expect("the requests sidecar");
-    let program = bundle
-        .config_maps
-        .iter()
-        .find_map(|c| c.data.as_ref()?.get(PROGRAM_KEY).cloned())
-        .expect("the program in the gateway ConfigMap");
-    let exporter = gateway_support::Exporter::start_requests(
-        &binary,
-        sidecar.args.as_ref().unwrap(),
-        &program,
-        &gw,
-    );
+    let exporter =
+        gateway_support::Exporter::start_requests(sidecar.command.as_ref().unwrap(), &gw);
 
     let family = |m: &BTreeMap<String, f64>, prefix: &str| -> BTreeMap<String, f64> {
         m.iter()
@@ -2296,7 +2282,7 @@ spec:
     .collect();
     assert_eq!(family(&after, REQUESTS), expected);
     assert_eq!(
-        after.get("opsconductor_gateway_request_lines_unparsed_total"),
+        after.get("opsconductor_gateway_request_lines_dropped_total{reason=\"malformed\"}"),
         Some(&0.0)
     );
     // Each histogram counts every request of its route, in its +Inf bucket too, and its

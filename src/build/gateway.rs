@@ -7,10 +7,9 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    ExecAction, KeyToPath, Lifecycle, LifecycleHandler, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec,
-    Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, ExecAction,
+    Lifecycle, LifecycleHandler, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -177,69 +176,46 @@ fn exporter_container(metrics: &crate::model::GatewayMetrics) -> Container {
 /// latency (`spec.gateway.metrics`), beside [`METRICS_PORT`]: the same scrapers, the same rule.
 pub const REQUEST_METRICS_PORT: i32 = 9114;
 
-/// The `requests` sidecar's binary: mtail, Google's log-to-metrics exporter, as Debian builds
-/// it (package `mtail`, in the project's gateway image).
-pub const REQUEST_EXPORTER_BINARY: &str = "mtail";
-
-/// Where the `requests` sidecar finds its program (the ConfigMap's key
-/// [`request_metrics::PROGRAM_KEY`], mounted alone).
-pub const REQUEST_PROGRAM_DIR: &str = "/etc/opsconductor/metrics";
-
-/// The `requests` sidecar's arguments: the program directory, the UDP port on the pod's
-/// loopback where nginx sends a line per request ([`request_metrics::REQUEST_LOG_PORT`]), the
-/// port it serves `/metrics` on, its own log on stderr (the root filesystem is read-only), and
-/// no `prog` label (one program).
-pub fn request_exporter_args() -> Vec<String> {
+/// The `requests` sidecar's command: the operator's own binary, in the operator's image
+/// ([`crate::crd::DEFAULT_OPERATOR_IMAGE`]), as `gateway-requests`
+/// ([`crate::gateway_requests`]).
+pub fn request_exporter_command() -> Vec<String> {
     vec![
-        format!("--progs={REQUEST_PROGRAM_DIR}"),
-        format!(
-            "--logs=udp://127.0.0.1:{}",
-            request_metrics::REQUEST_LOG_PORT
-        ),
-        format!("--port={REQUEST_METRICS_PORT}"),
-        "--logtostderr".into(),
-        "--emit_prog_label=false".into(),
+        "/opsconductor-operator".into(),
+        "gateway-requests".into(),
+        format!("--udp=127.0.0.1:{}", request_metrics::REQUEST_LOG_PORT),
+        format!("--listen=0.0.0.0:{REQUEST_METRICS_PORT}"),
     ]
 }
 
-/// Requests and limits of the `requests` sidecar. Its series are bounded (routes x status
-/// classes, and the histograms' fixed buckets per route), so its memory is too: about 15 MiB
-/// resident, measured; the Go runtime is told to collect well before the limit
-/// (`GOMEMLIMIT`). The CPU limit keeps it from taking the gateway's CPU under load: past what
-/// it can parse in that share, lines are dropped (UDP), never nginx slowed.
+/// Requests and limits of the `requests` sidecar: a few counters per route (at most
+/// [`crate::gateway_requests::MAX_ROUTES`] routes), one thread reading datagrams and one
+/// answering scrapes. The CPU limit keeps it from taking the gateway's CPU under load: past
+/// what it can parse in that share, datagrams are dropped by the kernel, nginx never slowed.
 pub fn request_exporter_resources() -> ResourceRequirements {
     let q = |v: &str| Quantity(v.to_string());
     ResourceRequirements {
         requests: Some(BTreeMap::from([
-            ("cpu".to_string(), q("20m")),
-            ("memory".to_string(), q("32Mi")),
+            ("cpu".to_string(), q("10m")),
+            ("memory".to_string(), q("8Mi")),
         ])),
         limits: Some(BTreeMap::from([
-            ("cpu".to_string(), q("500m")),
-            ("memory".to_string(), q("96Mi")),
+            ("cpu".to_string(), q("200m")),
+            ("memory".to_string(), q("32Mi")),
         ])),
         ..ResourceRequirements::default()
     }
 }
 
-/// The `requests` sidecar, hardened like the other exporter; it reads only its program (one
-/// key of the gateway ConfigMap, read-only). One OS thread for Go code (`GOMAXPROCS=1`: it
-/// has a fraction of a CPU), and a soft memory limit under the container's.
-fn request_exporter_container(metrics: &crate::model::GatewayMetrics) -> Container {
+/// The `requests` sidecar, hardened like the other exporter: no volume, nothing written.
+fn request_exporter_container() -> Container {
     let mut security = container_security_context();
     security.run_as_user = Some(NGINX_UID);
     security.run_as_group = Some(NGINX_UID);
-    let env = |name: &str, value: &str| EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..EnvVar::default()
-    };
     Container {
         name: "requests".into(),
-        image: Some(metrics.image.clone()),
-        command: Some(vec![REQUEST_EXPORTER_BINARY.into()]),
-        args: Some(request_exporter_args()),
-        env: Some(vec![env("GOMAXPROCS", "1"), env("GOMEMLIMIT", "64MiB")]),
+        image: Some(crate::crd::DEFAULT_OPERATOR_IMAGE.into()),
+        command: Some(request_exporter_command()),
         ports: Some(vec![ContainerPort {
             name: Some("requests".into()),
             container_port: REQUEST_METRICS_PORT,
@@ -248,12 +224,6 @@ fn request_exporter_container(metrics: &crate::model::GatewayMetrics) -> Contain
         }]),
         resources: Some(request_exporter_resources()),
         security_context: Some(security),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "metrics-program".into(),
-            mount_path: REQUEST_PROGRAM_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
         ..Container::default()
     }
 }
@@ -274,18 +244,10 @@ pub fn config_map(stack: &Stack, options: &BuildOptions) -> ConfigMap {
             names::gateway_config(&stack.name),
             Component::Gateway,
         ),
-        data: Some({
-            let mut data =
-                BTreeMap::from([(nginx::CONFIG_KEY.to_string(), nginx::render(stack, options))]);
-            // The program of the `requests` sidecar, beside the file whose lines it reads.
-            if stack.gateway.metrics.is_some() {
-                data.insert(
-                    request_metrics::PROGRAM_KEY.to_string(),
-                    request_metrics::program(),
-                );
-            }
-            data
-        }),
+        data: Some(BTreeMap::from([(
+            nginx::CONFIG_KEY.to_string(),
+            nginx::render(stack, options),
+        )])),
         ..ConfigMap::default()
     }
 }
@@ -404,7 +366,7 @@ pub fn deployment(stack: &Stack) -> Deployment {
                         let mut containers = vec![container];
                         if let Some(metrics) = &stack.gateway.metrics {
                             containers.push(exporter_container(metrics));
-                            containers.push(request_exporter_container(metrics));
+                            containers.push(request_exporter_container());
                         }
                         containers
                     },
@@ -436,23 +398,6 @@ pub fn deployment(stack: &Stack) -> Deployment {
                                 ..Volume::default()
                             },
                         ];
-                        if stack.gateway.metrics.is_some() {
-                            // The `requests` sidecar's program, and nothing else of the
-                            // ConfigMap.
-                            volumes.push(Volume {
-                                name: "metrics-program".into(),
-                                config_map: Some(ConfigMapVolumeSource {
-                                    name: names::gateway_config(&stack.name),
-                                    items: Some(vec![KeyToPath {
-                                        key: request_metrics::PROGRAM_KEY.into(),
-                                        path: request_metrics::PROGRAM_KEY.into(),
-                                        ..KeyToPath::default()
-                                    }]),
-                                    ..ConfigMapVolumeSource::default()
-                                }),
-                                ..Volume::default()
-                            });
-                        }
                         if verdict_cache {
                             volumes.push(Volume {
                                 name: "verdicts".into(),
@@ -669,21 +614,19 @@ mod tests {
         assert!(e.readiness_probe.is_none() && e.liveness_probe.is_none());
         assert!(e.volume_mounts.is_none());
 
-        // The `requests` sidecar: mtail from the same image, its program alone mounted
-        // read-only, its port beside the other exporter's, hardened the same way.
+        // The `requests` sidecar: the operator's own binary and image, its port beside the
+        // other exporter's, hardened the same way, nothing mounted.
         let r = &spec.containers[2];
         assert_eq!(r.name, "requests");
-        assert_eq!(r.image, e.image);
-        assert_eq!(r.command, Some(vec![REQUEST_EXPORTER_BINARY.to_string()]));
+        assert_eq!(r.image.as_deref(), Some(crate::crd::DEFAULT_OPERATOR_IMAGE));
         assert_eq!(
-            r.args.as_deref(),
+            r.command.as_deref(),
             Some(
                 &[
-                    "--progs=/etc/opsconductor/metrics".to_string(),
-                    "--logs=udp://127.0.0.1:8083".into(),
-                    "--port=9114".into(),
-                    "--logtostderr".into(),
-                    "--emit_prog_label=false".into(),
+                    "/opsconductor-operator".to_string(),
+                    "gateway-requests".into(),
+                    "--udp=127.0.0.1:8083".into(),
+                    "--listen=0.0.0.0:9114".into(),
                 ][..]
             )
         );
@@ -696,51 +639,9 @@ mod tests {
         let limits = r.resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert!(limits.contains_key("memory") && limits.contains_key("cpu"));
         assert!(r.readiness_probe.is_none() && r.liveness_probe.is_none());
-        let mounts = r.volume_mounts.as_ref().unwrap();
-        assert_eq!(mounts.len(), 1);
-        assert_eq!(
-            (mounts[0].mount_path.as_str(), mounts[0].read_only),
-            (REQUEST_PROGRAM_DIR, Some(true))
-        );
-        let volume = spec
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == mounts[0].name)
-            .unwrap();
-        let items = volume.config_map.as_ref().unwrap().items.clone().unwrap();
-        assert_eq!(items.len(), 1);
-        assert_eq!(items[0].key, request_metrics::PROGRAM_KEY);
-        // Without metrics: no such volume.
-        assert_eq!(pod(&d).volumes.unwrap().len(), 3);
-    }
-
-    #[test]
-    fn the_program_is_in_the_config_map_only_with_metrics() {
-        let map = |gateway: &str| {
-            let yaml = format!(
-                "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
-                 metadata: {{name: t, namespace: ns}}\nspec:\n  gateway: {{hosts: [a.example.com]{gateway}}}\n\
-                 \x20 tls: {{secretName: own}}\n  services: [{{name: web, image: x, route: /}}]\n"
-            );
-            let raw = crate::render::parse_stack("test", &yaml).unwrap();
-            let stack = crate::validate::validate(&raw, "ns").unwrap();
-            config_map(&stack, &crate::build::BuildOptions::default())
-                .data
-                .unwrap()
-        };
-        let keys = |m: &BTreeMap<String, String>| m.keys().cloned().collect::<Vec<_>>();
-        assert_eq!(keys(&map("")), [nginx::CONFIG_KEY]);
-        let with = map(METRICS);
-        assert_eq!(
-            keys(&with),
-            [nginx::CONFIG_KEY, request_metrics::PROGRAM_KEY]
-        );
-        assert_eq!(
-            with[request_metrics::PROGRAM_KEY],
-            request_metrics::program()
-        );
+        assert!(r.volume_mounts.is_none());
+        // The pod's volumes are the same with or without metrics.
+        assert_eq!(spec.volumes, pod(&d).volumes);
     }
 
     #[test]

@@ -1637,60 +1637,37 @@ fn publish_config(layout: &Layout, version: &str, rendered: &str) {
 /// first when missing). Under the rules of [`tools_present`]: missing, the test fails unless
 /// `OPSC_SKIP_NGINX=1` outside CI.
 pub fn exporter_binary() -> Option<PathBuf> {
-    unpacked_binary(
-        "OPSC_NGINX_EXPORTER",
-        "--exporter-path",
-        "the nginx exporter",
-        "prometheus-nginx-exporter",
-        "-version",
-    )
-}
-
-/// mtail, the `requests` sidecar's exporter, as the gateway image carries it (Debian's
-/// `mtail`): `OPSC_MTAIL` when set, else what `scripts/install-nginx --mtail-path` prints.
-/// The same rules as [`exporter_binary`].
-pub fn mtail_binary() -> Option<PathBuf> {
-    unpacked_binary("OPSC_MTAIL", "--mtail-path", "mtail", "mtail", "--version")
-}
-
-fn unpacked_binary(
-    env: &str,
-    flag: &str,
-    what: &str,
-    package: &str,
-    version_flag: &str,
-) -> Option<PathBuf> {
     if std::env::var("OPSC_SKIP_NGINX").is_ok_and(|v| v == "1")
         && !std::env::var("CI").is_ok_and(|v| v == "true")
     {
-        eprintln!("OPSC_SKIP_NGINX=1: skipping a test that needs {what}");
+        eprintln!("OPSC_SKIP_NGINX=1: skipping a test that needs the nginx exporter");
         return None;
     }
-    let path = match std::env::var_os(env) {
+    let path = match std::env::var_os("OPSC_NGINX_EXPORTER") {
         Some(p) => PathBuf::from(p),
         None => {
             let out = Command::new(root().join("scripts/install-nginx"))
-                .arg(flag)
+                .arg("--exporter-path")
                 .output()
                 .expect("scripts/install-nginx runs");
             assert!(
                 out.status.success(),
-                "scripts/install-nginx {flag} failed: {}",
+                "scripts/install-nginx --exporter-path failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
             PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
         }
     };
     let runs = Command::new(&path)
-        .arg(version_flag)
+        .arg("-version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     assert!(
         runs,
-        "{what} {} does not run (Debian package {package}; scripts/install-nginx unpacks it), \
-         or outside CI OPSC_SKIP_NGINX=1 to skip",
+        "the nginx exporter {} does not run (Debian package prometheus-nginx-exporter; \
+         scripts/install-nginx unpacks it), or outside CI OPSC_SKIP_NGINX=1 to skip",
         path.display()
     );
     Some(path)
@@ -1734,46 +1711,42 @@ impl Exporter {
         Exporter::spawn(binary, &args, port, gateway.layout.path("exporter.log"))
     }
 
-    /// mtail with the `requests` sidecar's own arguments and program, as the operator renders
-    /// them, except that its ports move: the UDP port it reads to the layout's request log
-    /// port (where the gateway's nginx sends), its `/metrics` to `port` on 127.0.0.1; and
-    /// the program directory to one in the layout holding `program`.
-    pub fn start_requests(
-        binary: &Path,
-        args: &[String],
-        program: &str,
-        gateway: &Gateway,
-    ) -> Exporter {
-        use opsconductor_operator::build::gateway::{REQUEST_METRICS_PORT, REQUEST_PROGRAM_DIR};
-        use opsconductor_operator::build::nginx::request_metrics::{PROGRAM_KEY, REQUEST_LOG_PORT};
+    /// The `requests` sidecar, `opsconductor-operator gateway-requests` (this build's binary),
+    /// with the command the operator renders for it, except that its ports move: the UDP port
+    /// it reads to the layout's request log port (where the gateway's nginx sends), its
+    /// `/metrics` to `port` on 127.0.0.1.
+    pub fn start_requests(command: &[String], gateway: &Gateway) -> Exporter {
+        use opsconductor_operator::build::gateway::REQUEST_METRICS_PORT;
+        use opsconductor_operator::build::nginx::request_metrics::REQUEST_LOG_PORT;
         let port = free_port();
-        let dir = gateway.layout.path("metrics-program");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(PROGRAM_KEY), program).unwrap();
-        let mut args: Vec<String> = args
+        let args: Vec<String> = command[1..]
             .iter()
             .map(|a| {
-                a.replace(REQUEST_PROGRAM_DIR, &dir.display().to_string())
-                    .replace(
-                        &format!("udp://127.0.0.1:{REQUEST_LOG_PORT}"),
-                        &format!("udp://127.0.0.1:{}", gateway.layout.request_log_port),
-                    )
-                    .replace(
-                        &format!("--port={REQUEST_METRICS_PORT}"),
-                        &format!("--port={port}"),
-                    )
+                a.replace(
+                    &format!("--udp=127.0.0.1:{REQUEST_LOG_PORT}"),
+                    &format!("--udp=127.0.0.1:{}", gateway.layout.request_log_port),
+                )
+                .replace(
+                    &format!("--listen=0.0.0.0:{REQUEST_METRICS_PORT}"),
+                    &format!("--listen=127.0.0.1:{port}"),
+                )
             })
             .collect();
         assert!(
-            args.iter()
-                .any(|a| a.ends_with(&format!(":{}", gateway.layout.request_log_port)))
-                && args.contains(&format!("--port={port}"))
-                && args.iter().any(|a| a.contains(&dir.display().to_string())),
-            "the sidecar's arguments changed shape: {args:?}"
+            command[0] == "/opsconductor-operator"
+                && args.contains(&format!(
+                    "--udp=127.0.0.1:{}",
+                    gateway.layout.request_log_port
+                ))
+                && args.contains(&format!("--listen=127.0.0.1:{port}")),
+            "the sidecar's command changed shape: {command:?}"
         );
-        // The pod's network namespace is its own; here, only loopback.
-        args.push("--address=127.0.0.1".into());
-        Exporter::spawn(binary, &args, port, gateway.layout.path("requests.log"))
+        Exporter::spawn(
+            Path::new(env!("CARGO_BIN_EXE_opsconductor-operator")),
+            &args,
+            port,
+            gateway.layout.path("requests.log"),
+        )
     }
 
     fn spawn(binary: &Path, args: &[String], port: u16, log: PathBuf) -> Exporter {

@@ -17,7 +17,7 @@
 //! - `servers`: the `server` blocks (probes, port 8080, port 8443 and its locations);
 //! - `headers`: the security headers of every response, the request headers towards services;
 //! - `request_metrics`: with `metrics`, the per-request line for the exporter of requests by
-//!   route and status class, and the mtail program that reads it;
+//!   route and status class ([`crate::gateway_requests`]);
 //! - `route_limits`: per-route limits (`routeLimits`);
 //! - `edge_auth`: edge authentication (the verdict locations, cache and headers);
 //! - `tests`: tests of the whole file.

@@ -647,7 +647,7 @@ fn without_request_log(conf: &str) -> String {
 
 #[test]
 fn with_metrics_each_request_is_logged_to_the_sidecar_with_a_bounded_route_label() {
-    use super::request_metrics::{NO_ROUTE, REQUEST_LOG_PORT, ROUTE_VARIABLE, program};
+    use super::request_metrics::{NO_ROUTE, REQUEST_LOG_PORT, ROUTE_VARIABLE};
     let plain = render(&stack(TWO_ROUTES), &with_cluster_ips());
     assert!(!plain.contains("syslog") && !plain.contains(ROUTE_VARIABLE));
     assert!(!plain.contains("uninitialized_variable_warn"));
@@ -699,15 +699,4 @@ fn with_metrics_each_request_is_logged_to_the_sidecar_with_a_bounded_route_label
         without_request_log(&format!("{}{}", &conf[..start], &conf[end..])),
         plain
     );
-    // The program reads exactly that line, and nothing but a service name or the "none"
-    // label becomes a route.
-    let p = program();
-    assert!(p.contains(
-        "/ opsconductor: (?P<route>[a-z][a-z0-9-]{0,62}|\\(none\\)) (?P<status>[1-5]\\d\\d) "
-    ));
-    assert!(p.contains("counter opsconductor_gateway_requests_total by route, status_class"));
-    assert!(p.contains(
-        "histogram opsconductor_gateway_request_duration_seconds by route buckets -1, 0.005, 0.01, \
-         0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60\n"
-    ));
 }
