@@ -75,6 +75,11 @@ enum Command {
         /// Seconds between periodic re-checks of every stack (watches catch changes sooner).
         #[arg(long, env = "OPSC_RESYNC_SECONDS", default_value_t = 300)]
         resync_seconds: u64,
+        /// The image of the gateways' `requests` metrics sidecar (spec.gateway.metrics): this
+        /// operator's own image, which the chart passes (a mirrored registry's name included).
+        #[arg(long, env = "OPSC_GATEWAY_REQUESTS_IMAGE",
+              default_value = opsconductor_operator::crd::DEFAULT_OPERATOR_IMAGE)]
+        gateway_requests_image: String,
         /// Stacks reconciled at the same time (at least 1). Bounds the operator's memory and
         /// its burst of requests when many stacks change at once, e.g. at start.
         #[arg(long, env = "OPSC_MAX_CONCURRENT_RECONCILES", default_value_t = 8)]
@@ -165,6 +170,7 @@ fn main() -> ExitCode {
             metrics_addr,
             log_format,
             cluster_domain,
+            gateway_requests_image,
             resync_seconds,
             max_concurrent_reconciles,
             apply_always,
@@ -197,6 +203,7 @@ fn main() -> ExitCode {
                         .ok()
                         .filter(|n| !n.is_empty()),
                     cluster_cidrs,
+                    requests_exporter_image: gateway_requests_image,
                     ..BuildOptions::default()
                 },
                 compare_before_apply: !apply_always,

@@ -258,6 +258,9 @@ fn the_operator_deployment_is_hardened_and_elects_a_leader() {
         env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.namespace"
     );
+    // The gateways' `requests` metrics sidecar runs the operator's own image, as the chart
+    // names it (a mirrored registry included).
+    assert_eq!(env["OPSC_GATEWAY_REQUESTS_IMAGE"]["value"], c["image"]);
     let args: Vec<&str> = c["args"]
         .as_array()
         .unwrap()

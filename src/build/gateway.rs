@@ -207,14 +207,15 @@ pub fn request_exporter_resources() -> ResourceRequirements {
     }
 }
 
-/// The `requests` sidecar, hardened like the other exporter: no volume, nothing written.
-fn request_exporter_container() -> Container {
+/// The `requests` sidecar, hardened like the other exporter: no volume, nothing written. Its
+/// image is the operator's own ([`BuildOptions::requests_exporter_image`]).
+fn request_exporter_container(options: &BuildOptions) -> Container {
     let mut security = container_security_context();
     security.run_as_user = Some(NGINX_UID);
     security.run_as_group = Some(NGINX_UID);
     Container {
         name: "requests".into(),
-        image: Some(crate::crd::DEFAULT_OPERATOR_IMAGE.into()),
+        image: Some(options.requests_exporter_image.clone()),
         command: Some(request_exporter_command()),
         ports: Some(vec![ContainerPort {
             name: Some("requests".into()),
@@ -265,7 +266,7 @@ pub fn tls_secret_name(stack: &Stack) -> String {
 /// ConfigMap volume and their reload loop, without a roll. What the template holds (image,
 /// resources, ports, probes, the Secret's name) rolls the pods, one surge pod at a time,
 /// each old pod drained (`preStop`, SIGQUIT, [`termination_grace_seconds`]).
-pub fn deployment(stack: &Stack) -> Deployment {
+pub fn deployment(stack: &Stack, options: &BuildOptions) -> Deployment {
     let component = Component::Gateway;
     // With the PROXY protocol on 8080, the probes go to a port of their own.
     let probe_port = if stack.gateway.proxy_protocol {
@@ -366,7 +367,7 @@ pub fn deployment(stack: &Stack) -> Deployment {
                         let mut containers = vec![container];
                         if let Some(metrics) = &stack.gateway.metrics {
                             containers.push(exporter_container(metrics));
-                            containers.push(request_exporter_container());
+                            containers.push(request_exporter_container(options));
                         }
                         containers
                     },
@@ -531,7 +532,7 @@ mod tests {
         let stack = crate::validate::validate(&raw, "ns").unwrap();
         let options = crate::build::BuildOptions::default();
         let _ = config_map(&stack, &options);
-        (deployment(&stack), service(&stack))
+        (deployment(&stack, &options), service(&stack))
     }
 
     #[test]
@@ -640,6 +641,25 @@ mod tests {
         assert!(limits.contains_key("memory") && limits.contains_key("cpu"));
         assert!(r.readiness_probe.is_none() && r.liveness_probe.is_none());
         assert!(r.volume_mounts.is_none());
+        // Its image is the one the operator is told (its own, as the chart names it).
+        let raw = crate::render::parse_stack(
+            "test",
+            "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
+             metadata: {name: t, namespace: ns}\nspec:\n  gateway: {hosts: [a.example.com], \
+             metrics: {enabled: true, allowFrom: [{namespaceSelector: {}}]}}\n\
+             \x20 tls: {secretName: own}\n  services: [{name: web, image: x, route: /}]\n",
+        )
+        .unwrap();
+        let stack = crate::validate::validate(&raw, "ns").unwrap();
+        let options = crate::build::BuildOptions {
+            requests_exporter_image: "registry.example/mirror/operator:1".into(),
+            ..crate::build::BuildOptions::default()
+        };
+        let mirrored = pod(&deployment(&stack, &options));
+        assert_eq!(
+            mirrored.containers[2].image.as_deref(),
+            Some("registry.example/mirror/operator:1")
+        );
         // The pod's volumes are the same with or without metrics.
         assert_eq!(spec.volumes, pod(&d).volumes);
     }
@@ -669,7 +689,7 @@ mod tests {
                     \x20 tls: {secretName: own}\n  services: [{name: web, image: x, route: /}]\n";
         let raw = crate::render::parse_stack("test", yaml).unwrap();
         let stack = crate::validate::validate(&raw, "ns").unwrap();
-        let deployment = deployment(&stack);
+        let deployment = deployment(&stack, &crate::build::BuildOptions::default());
         let pod = deployment.spec.unwrap().template.spec.unwrap();
         // nginx with its reload loop, and the two metrics exporters.
         assert_eq!(pod.containers.len(), 3);

@@ -45,6 +45,9 @@ pub struct BuildOptions {
     /// a wider CIDR (`except`), and validation refuses a CIDR inside one
     /// ([`crate::validate::egress_cluster_problems`]).
     pub cluster_cidrs: Vec<ipnet::IpNet>,
+    /// The image of the gateway's `requests` metrics sidecar (`spec.gateway.metrics`): the
+    /// operator's own, from `--gateway-requests-image` (the chart passes the operator's image).
+    pub requests_exporter_image: String,
 }
 
 impl Default for BuildOptions {
@@ -55,6 +58,7 @@ impl Default for BuildOptions {
             upstreams: Upstreams::Names,
             operator_namespace: None,
             cluster_cidrs: Vec::new(),
+            requests_exporter_image: crate::crd::DEFAULT_OPERATOR_IMAGE.into(),
         }
     }
 }
@@ -146,7 +150,9 @@ pub fn build(stack: &Stack, options: &BuildOptions) -> Bundle {
     bundle
         .service_accounts
         .insert(0, gateway::service_account(stack));
-    bundle.deployments.insert(0, gateway::deployment(stack));
+    bundle
+        .deployments
+        .insert(0, gateway::deployment(stack, options));
     bundle.services.insert(0, gateway::service(stack));
     bundle.config_maps.push(config);
     bundle
