@@ -121,6 +121,9 @@ impl Histogram {
     }
 }
 
+/// Which of a route's histograms a series family renders.
+type PickHistogram = fn(&Route) -> &Histogram;
+
 #[derive(Default)]
 struct Route {
     classes: [u64; 5],
@@ -179,7 +182,7 @@ impl Requests {
                 }
             }
         }
-        let histograms: [(&str, &str, fn(&Route) -> &Histogram); 2] = [
+        let histograms: [(&str, &str, PickHistogram); 2] = [
             (
                 "opsconductor_gateway_request_duration_seconds",
                 "Time from the first byte of the request to the last byte of the response (nginx's $request_time), by route.",
