@@ -50,6 +50,9 @@ pub struct BuildOptions {
     /// a wider CIDR (`except`), and validation refuses a CIDR inside one
     /// ([`crate::validate::egress_cluster_problems`]).
     pub cluster_cidrs: Vec<ipnet::IpNet>,
+    /// The image of the gateway's `requests` metrics sidecar (`spec.gateway.metrics`): the
+    /// operator's own, from `--gateway-requests-image` (the chart passes the operator's image).
+    pub requests_exporter_image: String,
     /// The API server's service account token issuer and signing keys, once the operator has
     /// read them (`run`; the offline `render` has none). With `spec.serviceIdentity`, they go
     /// into the stack's identity ConfigMap, for the services to verify tokens offline.
@@ -75,6 +78,7 @@ impl Default for BuildOptions {
             operator_namespace: None,
             cluster_cidrs: Vec::new(),
             identity_keys: None,
+            requests_exporter_image: crate::crd::DEFAULT_OPERATOR_IMAGE.into(),
         }
     }
 }
@@ -166,7 +170,9 @@ pub fn build(stack: &Stack, options: &BuildOptions) -> Bundle {
     bundle
         .service_accounts
         .insert(0, gateway::service_account(stack));
-    bundle.deployments.insert(0, gateway::deployment(stack));
+    bundle
+        .deployments
+        .insert(0, gateway::deployment(stack, options));
     bundle.services.insert(0, gateway::service(stack));
     bundle.config_maps.push(config);
     if let Some(identity) = &stack.service_identity {
