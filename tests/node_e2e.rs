@@ -2092,11 +2092,10 @@ spec:
         .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
         .collect();
     assert!(!gateway_ips.is_empty(), "ready gateway pods");
-    let mut served = 0.0;
-    for ip in &gateway_ips {
-        let url = format!("http://{ip}:9113/metrics");
-        let body = eventually(
-            "the exporter to answer the scraper",
+    // `/metrics` of a gateway pod's port, as the scraper pod gets it.
+    let scrape = async |url: &str| {
+        eventually(
+            &format!("{url} to answer the scraper"),
             Duration::from_secs(60),
             async || {
                 let out = cluster
@@ -2111,7 +2110,7 @@ spec:
                         "get",
                         "-t",
                         "5",
-                        &url,
+                        url,
                     ])
                     .stdin(Stdio::null())
                     .output()
@@ -2121,19 +2120,40 @@ spec:
                     .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
             },
         )
-        .await;
+        .await
+    };
+    let (mut served, mut routed) = (0.0, 0.0);
+    for ip in &gateway_ips {
+        let url = format!("http://{ip}:9113/metrics");
+        let body = scrape(&url).await;
         let requests: f64 = body
             .lines()
             .find_map(|l| l.strip_prefix("nginx_http_requests_total "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("nginx_http_requests_total from {url}: {body}"));
         served += requests;
+        // The `requests` sidecar (the operator's image): answered requests by route.
+        let url = format!("http://{ip}:9114/metrics");
+        let body = scrape(&url).await;
+        routed += body
+            .lines()
+            .filter(|l| {
+                l.starts_with("opsconductor_gateway_requests_total{")
+                    && l.contains("status_class=\"2xx\"")
+                    && !l.contains("route=\"(none)\"")
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+            .sum::<f64>();
     }
     support::measured(format!(
-        "gateway metrics on the node: {} gateway pod(s) scraped through their NetworkPolicy, nginx_http_requests_total {served} in all",
+        "gateway metrics on the node: {} gateway pod(s) scraped through their NetworkPolicy, nginx_http_requests_total {served} in all, {routed} answered 2xx on a route by the requests sidecar",
         gateway_ips.len()
     ));
     assert!(served > 0.0, "the gateways' request counters moved");
+    assert!(
+        routed > 0.0,
+        "the requests sidecar counted 2xx answers on the stack's routes"
+    );
 }
 
 /// The stack of the identity test in `ns`: `idt`, services `a` (routed, calls `b`) and `b`
