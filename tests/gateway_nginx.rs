@@ -2039,6 +2039,26 @@ fn silent_and_stalled_connections_are_bounded_by_the_timeout_and_the_memory_limi
     );
 }
 
+/// Container `name` of the gateway Deployment the operator renders for stack `yaml` (the
+/// metrics sidecars' command lines, as they run in the pod).
+fn rendered_gateway_container(yaml: &str, name: &str) -> k8s_openapi::api::core::v1::Container {
+    let bundle =
+        opsconductor_operator::render::bundle_for("stack.yaml", yaml, "shop", &options()).unwrap();
+    let deployment = bundle
+        .deployments
+        .into_iter()
+        .next()
+        .expect("the gateway Deployment");
+    deployment
+        .spec
+        .and_then(|d| d.template.spec)
+        .expect("a pod template")
+        .containers
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("the {name} container of the gateway"))
+}
+
 /// The gateway's own metrics (issue 15): the configuration rendered with `spec.gateway.metrics`
 /// in real nginx, and the real exporter (Debian's `prometheus-nginx-exporter`, the binary of
 /// the gateway image) run with the sidecar's arguments as the operator renders them. The
@@ -2057,22 +2077,7 @@ fn the_metrics_exporter_counts_the_gateways_connections_and_requests() {
     let s = setup(METRICS);
     // The sidecar's arguments, from the Deployment the operator renders for this stack.
     let yaml = stack_yaml(s.auth.port, s.web.port, METRICS, "");
-    let bundle =
-        opsconductor_operator::render::bundle_for("stack.yaml", &yaml, "shop", &options()).unwrap();
-    let pod = bundle.deployments[0]
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .clone()
-        .unwrap();
-    let sidecar = pod
-        .containers
-        .iter()
-        .find(|c| c.name == "exporter")
-        .expect("the exporter sidecar");
-    let args = sidecar.args.clone().unwrap();
+    let args = rendered_gateway_container(&yaml, "exporter").args.unwrap();
 
     let exporter = gateway_support::Exporter::start(&binary, &args, &s.gw);
     let before = exporter.scrape();
@@ -2178,21 +2183,7 @@ spec:
     );
     let gw = Gateway::start(&yaml, options(), Resolution::Loopback, &[HOST]);
     // The sidecar's command, from what the operator renders for this stack.
-    let bundle =
-        opsconductor_operator::render::bundle_for("stack.yaml", &yaml, "shop", &options()).unwrap();
-    let pod = bundle.deployments[0]
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .clone()
-        .unwrap();
-    let sidecar = pod
-        .containers
-        .iter()
-        .find(|c| c.name == "requests")
-        .expect("the requests sidecar");
+    let sidecar = rendered_gateway_container(&yaml, "requests");
     let exporter =
         gateway_support::Exporter::start_requests(sidecar.command.as_ref().unwrap(), &gw);
 

@@ -13,9 +13,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authentication::v1::{
-    TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
-};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -79,31 +77,9 @@ async fn request_token(client: &Client, ns: &str, sa: &str, audience: &str) -> S
 
 /// TokenReview of `token` for `audience`: the username when authenticated, else the error.
 async fn review(client: &Client, token: &str, audience: &str) -> Result<String, String> {
-    let api: Api<TokenReview> = Api::all(client.clone());
-    let answer = api
-        .create(
-            &PostParams::default(),
-            &TokenReview {
-                spec: TokenReviewSpec {
-                    token: Some(token.to_string()),
-                    audiences: Some(vec![audience.to_string()]),
-                },
-                ..TokenReview::default()
-            },
-        )
+    support::identity::token_review(client, token, audience)
         .await
-        .unwrap();
-    let status = answer.status.unwrap_or_default();
-    if status.authenticated == Some(true) {
-        assert_eq!(
-            status.audiences.as_deref(),
-            Some(&[audience.to_string()][..]),
-            "an authenticated review names the audience asked for"
-        );
-        Ok(status.user.and_then(|u| u.username).unwrap_or_default())
-    } else {
-        Err(status.error.unwrap_or_default())
-    }
+        .map(|(user, _pod)| user)
 }
 
 /// The keys and issuer the operator wrote, once it has.

@@ -2231,41 +2231,6 @@ async fn service_pod(ns: &NodeNamespace, svc: &str) -> String {
     .await
 }
 
-/// TokenReview of `token` for `audience`: (username, pod name the token is bound to) when
-/// authenticated, else the API server's error.
-async fn token_review(
-    client: &kube::Client,
-    token: &str,
-    audience: &str,
-) -> Result<(String, String), String> {
-    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-    let answer = Api::<TokenReview>::all(client.clone())
-        .create(
-            &kube::api::PostParams::default(),
-            &TokenReview {
-                spec: TokenReviewSpec {
-                    token: Some(token.to_string()),
-                    audiences: Some(vec![audience.to_string()]),
-                },
-                ..TokenReview::default()
-            },
-        )
-        .await
-        .expect("TokenReview");
-    let status = answer.status.unwrap_or_default();
-    if status.authenticated != Some(true) {
-        return Err(status.error.unwrap_or_default());
-    }
-    let user = status.user.unwrap_or_default();
-    let pod = user
-        .extra
-        .as_ref()
-        .and_then(|e| e.get("authentication.kubernetes.io/pod-name"))
-        .and_then(|v| v.first().cloned())
-        .unwrap_or_default();
-    Ok((user.username.unwrap_or_default(), pod))
-}
-
 /// Issue 18, service identity on the node: the kubelet mounts the projected token into a
 /// running service pod; read from inside the pod (through the file its environment names),
 /// it passes TokenReview for its stack's audience as the service's ServiceAccount, bound to
@@ -2371,7 +2336,7 @@ async fn service_identity_tokens_verify_and_rotate() {
     let sa = format!("system:serviceaccount:{}:a", ns.name);
     let first = read_token(&pod, &ns.name);
     assert_eq!(
-        token_review(&ns.client, &first, &audience).await,
+        support::identity::token_review(&ns.client, &first, &audience).await,
         Ok((sa.clone(), pod.clone())),
         "the token from pod {pod} passes TokenReview for {audience}"
     );
@@ -2385,12 +2350,12 @@ async fn service_identity_tokens_verify_and_rotate() {
     let foreign = read_token(&other_pod, &other.name);
     let other_sa = format!("system:serviceaccount:{}:a", other.name);
     assert_eq!(
-        token_review(&ns.client, &foreign, &other_audience)
+        support::identity::token_review(&ns.client, &foreign, &other_audience)
             .await
             .map(|(user, _)| user),
         Ok(other_sa)
     );
-    let refused = token_review(&ns.client, &foreign, &audience).await;
+    let refused = support::identity::token_review(&ns.client, &foreign, &audience).await;
     assert!(
         refused.is_err(),
         "another stack's token passed: {refused:?}"
@@ -2432,7 +2397,7 @@ async fn service_identity_tokens_verify_and_rotate() {
     );
     assert_eq!(new_claims["sub"], old_claims["sub"]);
     assert_eq!(
-        token_review(&ns.client, &rotated, &audience).await,
+        support::identity::token_review(&ns.client, &rotated, &audience).await,
         Ok((sa.clone(), pod.clone()))
     );
     assert_eq!(

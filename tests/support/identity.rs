@@ -90,3 +90,44 @@ pub fn verify_offline(
 pub fn header_and_claims_len(token: &str) -> usize {
     token.rfind('.').unwrap_or(0)
 }
+
+/// TokenReview of `token` for `audience` on the API server of `client`: `(username, pod name
+/// the token is bound to, "" for a token bound to no pod)` when authenticated, else the API
+/// server's error. An authenticated review must name the audience asked for.
+pub async fn token_review(
+    client: &kube::Client,
+    token: &str,
+    audience: &str,
+) -> Result<(String, String), String> {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let answer = kube::Api::<TokenReview>::all(client.clone())
+        .create(
+            &kube::api::PostParams::default(),
+            &TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(token.to_string()),
+                    audiences: Some(vec![audience.to_string()]),
+                },
+                ..TokenReview::default()
+            },
+        )
+        .await
+        .expect("TokenReview");
+    let status = answer.status.unwrap_or_default();
+    if status.authenticated != Some(true) {
+        return Err(status.error.unwrap_or_default());
+    }
+    assert_eq!(
+        status.audiences.as_deref(),
+        Some(&[audience.to_string()][..]),
+        "an authenticated review names the audience asked for"
+    );
+    let user = status.user.unwrap_or_default();
+    let pod = user
+        .extra
+        .as_ref()
+        .and_then(|e| e.get("authentication.kubernetes.io/pod-name"))
+        .and_then(|v| v.first().cloned())
+        .unwrap_or_default();
+    Ok((user.username.unwrap_or_default(), pod))
+}
