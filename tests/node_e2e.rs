@@ -454,18 +454,7 @@ spec:
     std::fs::write(file.path(), manifest).expect("writing the stack");
     cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
 
-    let stacks: Api<OpsConductorStack> = ns.api();
-    let ready = eventually(
-        "the stack's Ready condition to be True",
-        Duration::from_secs(240),
-        async || {
-            let s = stacks.get_opt("e2e").await.ok()??;
-            let st = s.status?;
-            let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
-            (c.status == "True").then(|| c.message.clone())
-        },
-    )
-    .await;
+    let ready = condition_true(&ns, "e2e", "Ready").await;
     eprintln!("stack Ready: {ready}");
     assert_eq!(
         cluster
@@ -915,21 +904,7 @@ spec:
     );
 
     // HTTP-01 is validated through the real gateway pod, reached through its Service.
-    let stacks: Api<OpsConductorStack> = ns.api();
-    eventually(
-        "the stack's CertificateReady condition to be True (pebble through the gateway pod)",
-        Duration::from_secs(240),
-        async || {
-            let s = stacks.get_opt("acme").await.ok()??;
-            let c = s
-                .status?
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "CertificateReady")?;
-            (c.status == "True").then_some(())
-        },
-    )
-    .await;
+    condition_true(&ns, "acme", "CertificateReady").await;
 
     let ready_at = std::time::Instant::now();
     // The gateway serves a certificate that chains to pebble's root.
@@ -1496,21 +1471,7 @@ spec:
     .expect("writing the manifests");
     cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
 
-    let stacks: Api<OpsConductorStack> = ns.api();
-    eventually(
-        "the matrix stack's Ready condition to be True",
-        Duration::from_secs(240),
-        async || {
-            let s = stacks.get_opt("matrix").await.ok()??;
-            let c = s
-                .status?
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "Ready")?;
-            (c.status == "True").then_some(())
-        },
-    )
-    .await;
+    condition_true(&ns, "matrix", "Ready").await;
     // Every pod Running and Ready (1 gateway, 4 services, the stranger; the outsider).
     let ready_pods = |api: Api<Pod>, want: usize| async move {
         let list = api.list(&ListParams::default()).await.ok()?;
@@ -1752,6 +1713,21 @@ spec:
 // ---------------------------------------------------------------------------------------------
 // Changes to a running stack under load (issue 15)
 
+/// Waits (up to 4 minutes) until condition `type_` of stack `name` in `ns` is True; its message.
+async fn condition_true(ns: &NodeNamespace, name: &str, type_: &str) -> String {
+    let stacks: Api<OpsConductorStack> = ns.api();
+    eventually(
+        &format!("stack {}/{name}'s {type_} condition to be True", ns.name),
+        Duration::from_secs(240),
+        async || {
+            let st = stacks.get_opt(name).await.ok()??.status?;
+            let c = st.conditions.into_iter().find(|c| c.type_ == type_)?;
+            (c.status == "True").then_some(c.message)
+        },
+    )
+    .await
+}
+
 /// Waits until each Deployment's rollout is complete and no pod of the namespace is
 /// terminating (a draining gateway pod still takes requests until it is gone).
 async fn settled(cluster: &Cluster, ns: &NodeNamespace, deployments: &[&str]) {
@@ -1875,17 +1851,7 @@ spec:
     };
     let gateway_image = cluster.image("gateway").to_string();
     apply(manifest(&gateway_image, 2, false));
-    let stacks: Api<OpsConductorStack> = ns.api();
-    eventually(
-        "the stack's Ready condition to be True",
-        Duration::from_secs(240),
-        async || {
-            let st = stacks.get_opt("changes").await.ok()??.status?;
-            let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
-            (c.status == "True").then_some(())
-        },
-    )
-    .await;
+    condition_true(&ns, "changes", "Ready").await;
     settled(cluster, &ns, &["changes-gateway", "web"]).await;
     let https = node_port(cluster, &ns.name, "changes-gateway", 443);
     eventually(
@@ -2265,21 +2231,7 @@ async fn service_identity_tokens_verify_and_rotate() {
     let audience = format!("opsconductor.io/{}/idt", ns.name);
     let other_audience = format!("opsconductor.io/{}/idt", other.name);
     for n in [&ns, &other] {
-        let stacks: Api<OpsConductorStack> = n.api();
-        eventually(
-            &format!("the stack in {} to be Ready", n.name),
-            Duration::from_secs(240),
-            async || {
-                let s = stacks.get_opt("idt").await.ok()??;
-                let c = s
-                    .status?
-                    .conditions
-                    .into_iter()
-                    .find(|c| c.type_ == "Ready")?;
-                (c.status == "True").then_some(())
-            },
-        )
-        .await;
+        condition_true(n, "idt", "Ready").await;
     }
 
     // Inside the pod: the environment names the file and the audience; the files are there.
