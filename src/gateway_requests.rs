@@ -26,7 +26,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::UdpSocket;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::build::nginx::request_metrics::{LATENCY_BUCKETS, NO_ROUTE, TAG};
 
@@ -230,12 +232,19 @@ impl Requests {
     }
 }
 
-/// Receives datagrams on `socket` until it fails, counting each into `requests`.
-pub fn receive(socket: &UdpSocket, requests: &Mutex<Requests>) -> std::io::Result<()> {
+/// Receives datagrams on `socket` until it fails, counting each into `requests`; `last` is
+/// when the latest one came, in milliseconds since `epoch`.
+pub fn receive(
+    socket: &UdpSocket,
+    requests: &Mutex<Requests>,
+    epoch: Instant,
+    last: &AtomicU64,
+) -> std::io::Result<()> {
     // nginx's lines are short; a longer datagram is not one of them (cut, then malformed).
     let mut buf = vec![0u8; 2048];
     loop {
         let n = socket.recv(&mut buf)?;
+        last.store(millis_since(epoch), Ordering::Relaxed);
         let text = String::from_utf8_lossy(&buf[..n]);
         requests
             .lock()
@@ -244,24 +253,67 @@ pub fn receive(socket: &UdpSocket, requests: &Mutex<Requests>) -> std::io::Resul
     }
 }
 
-/// Runs the exporter: datagrams on `udp` (a thread), `/metrics` on `listen`.
+fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How long the socket must have been quiet after SIGTERM before the exporter exits: nginx is
+/// told to stop at the same moment (both containers' `preStop` waits are equally long) and
+/// finishes the requests in flight, whose lines still come.
+pub const QUIET_BEFORE_EXIT: Duration = Duration::from_secs(1);
+
+/// Runs the exporter: datagrams on `udp` (a thread), `/metrics` on `listen`, until SIGTERM or
+/// an interrupt (then once the socket has been quiet for [`QUIET_BEFORE_EXIT`]). Without
+/// this, as a container's first process it would ignore SIGTERM, and every gateway pod's
+/// termination would wait out its whole grace period.
 pub async fn run(udp: &str, listen: &str) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
     let socket = UdpSocket::bind(udp)
         .map_err(|e| anyhow::anyhow!("cannot receive request lines on udp {udp}: {e}"))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot serve /metrics on {listen}: {e}"))?;
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| anyhow::anyhow!("cannot handle SIGTERM: {e}"))?;
     let requests = Arc::new(Mutex::new(Requests::default()));
-    let counted = requests.clone();
-    let receiver = std::thread::spawn(move || receive(&socket, &counted));
+    let (epoch, last) = (Instant::now(), Arc::new(AtomicU64::new(0)));
+    // A plain thread, not the runtime's blocking pool: the runtime would wait for it (blocked
+    // in recv) when it is dropped; a plain thread ends with the process.
+    let (stopped, on_stopped) = tokio::sync::oneshot::channel();
+    {
+        let (counted, last) = (requests.clone(), last.clone());
+        std::thread::spawn(move || {
+            let _ = stopped.send(receive(&socket, &counted, epoch, &last));
+        });
+    }
     let render = move || requests.lock().unwrap_or_else(|e| e.into_inner()).render();
+    let server = crate::server::serve_metrics(listener, Arc::new(render));
+    tokio::pin!(server);
     tokio::select! {
-        () = crate::server::serve_metrics(listener, Arc::new(render)) => Ok(()),
-        result = tokio::task::spawn_blocking(move || receiver.join()) => match result {
-            Ok(Ok(Err(e))) => Err(anyhow::anyhow!("receiving request lines failed: {e}")),
+        () = &mut server => return Ok(()),
+        result = on_stopped => return match result {
+            Ok(Err(e)) => Err(anyhow::anyhow!("receiving request lines failed: {e}")),
             _ => Err(anyhow::anyhow!("the receiver stopped")),
         },
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
+    // Still serving scrapes while the last lines come.
+    let quiet = async {
+        loop {
+            let since = millis_since(epoch).saturating_sub(last.load(Ordering::Relaxed));
+            let left = QUIET_BEFORE_EXIT.saturating_sub(Duration::from_millis(since));
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left).await;
+        }
+    };
+    tokio::select! {
+        () = &mut server => {}
+        () = quiet => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2348,9 +2348,12 @@ spec:
         gw.error_log()
     );
 
-    // The exporter gone (a restart, a crash): nginx serves every request all the same; the
-    // lines are lost, and nginx notes the refused sends in its error log.
-    drop(exporter);
+    // The exporter stopped as the kubelet stops it (SIGTERM, after the same `preStop` wait as
+    // nginx's): it exits, and successfully. Then nginx serves every request all the same (the
+    // same as after a crash); the lines are lost, and nginx notes the refused sends in its
+    // error log.
+    let status = exporter.stop();
+    assert!(status.success(), "the exporter's exit at SIGTERM: {status}");
     // On one kept-alive connection, so one worker sends them all: its first send after the
     // port closed succeeds (the refusal comes back later), the next ones are refused.
     let down: Vec<String> = (0..10)

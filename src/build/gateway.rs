@@ -9,7 +9,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, ExecAction,
     Lifecycle, LifecycleHandler, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -217,6 +218,19 @@ fn request_exporter_container(options: &BuildOptions) -> Container {
         name: "requests".into(),
         image: Some(options.requests_exporter_image.clone()),
         command: Some(request_exporter_command()),
+        // Waits as long as nginx's own `preStop`, so nginx's lines keep coming to a listener
+        // while it still serves; at SIGTERM the exporter exits once they stop coming
+        // ([`crate::gateway_requests::QUIET_BEFORE_EXIT`]). A `sleep` action: the image has no
+        // shell.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: i64::from(PRE_STOP_SECONDS),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         ports: Some(vec![ContainerPort {
             name: Some("requests".into()),
             container_port: REQUEST_METRICS_PORT,
@@ -631,6 +645,12 @@ mod tests {
                 ][..]
             )
         );
+        // Listening while nginx's `preStop` waits: the same wait, no shell needed.
+        let sleep = r
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref()?.sleep.as_ref());
+        assert_eq!(sleep.map(|s| s.seconds), Some(i64::from(PRE_STOP_SECONDS)));
         let port = &r.ports.as_ref().unwrap()[0];
         assert_eq!(
             (port.name.as_deref(), port.container_port),

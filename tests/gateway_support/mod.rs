@@ -1776,6 +1776,27 @@ impl Exporter {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, as the kubelet stops a container: how it exited, or a failure if it was still
+    /// running 10 s later (a container's first process that ignores SIGTERM keeps its pod
+    /// terminating for the whole grace period).
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the exporter still runs 10 s after SIGTERM:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn scrape_text(&self) -> Option<String> {
         let out = Command::new("curl")
             .args(["-sS", "--fail", "--max-time", "10"])
