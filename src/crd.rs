@@ -14,6 +14,14 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// The operator's own image, published with each release under its version: the gateway's
+/// `requests` sidecar (`spec.gateway.metrics`) runs the operator's binary from it
+/// (`opsconductor-operator gateway-requests`).
+pub const DEFAULT_OPERATOR_IMAGE: &str = concat!(
+    "ghcr.io/opsconductor/opsconductor-operator:",
+    env!("CARGO_PKG_VERSION")
+);
+
 /// The default image of the gateway: the project's own, built from `images/gateway/Dockerfile`
 /// (Debian 12's nginx, uid 101, listening on 8080/8443) and published with each release under
 /// the operator's version; `docs/images.md`.
@@ -95,6 +103,38 @@ pub struct OpsConductorStackSpec {
     /// How strictly the policy is enforced.
     #[serde(default)]
     pub policy: PolicySpec,
+    /// An identity for every service of the stack to present to the others: a ServiceAccount
+    /// token bound to the stack's audience, mounted into each service container and renewed
+    /// by the kubelet. Absent (the default): no token is mounted. See `docs/gateway.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_identity: Option<ServiceIdentitySpec>,
+}
+
+/// Tokens the services of a stack present to one another (`Authorization: Bearer`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceIdentitySpec {
+    /// Mount a token into every service container: a projected ServiceAccount token of the
+    /// service's own ServiceAccount, for the audience `opsconductor.io/<namespace>/<stack>`,
+    /// at the path in `OPSC_IDENTITY_TOKEN_FILE`. Default false. Switching it rolls the
+    /// services' pods once.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Lifetime of each token in seconds, 600 to 86400. Default 3600. The kubelet writes a new
+    /// token when 80% of it has passed (or after 24 hours), so a token read from the file is
+    /// always valid for at least a fifth of this.
+    #[serde(default = "default_identity_expiration")]
+    #[schemars(range(min = 600, max = 86400))]
+    pub expiration_seconds: i64,
+}
+
+/// Shortest and longest lifetime of a service identity token (`expirationSeconds`): the API
+/// server refuses projected tokens below 10 minutes; the kubelet renews any token after 24 hours
+/// at the latest, so a longer one only lives longer once stolen.
+pub const IDENTITY_EXPIRATION_RANGE: std::ops::RangeInclusive<i64> = 600..=86_400;
+
+fn default_identity_expiration() -> i64 {
+    3600
 }
 
 /// The TLS gateway (nginx).
@@ -180,7 +220,9 @@ pub struct GatewaySpec {
     pub resources: Option<ResourceRequirements>,
     /// The gateway's own metrics for Prometheus: nginx's connection and request counters
     /// (`stub_status`) served by an exporter beside nginx in each gateway pod, on port 9113,
-    /// reachable only from `allowFrom`. Absent (the default): no exporter.
+    /// and requests by route and status class with their latency, served by a second one
+    /// (the operator's own binary) on port 9114; both reachable only from `allowFrom`.
+    /// Absent (the default): no exporter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<GatewayMetricsSpec>,
 }
@@ -196,15 +238,16 @@ pub struct GatewayMetricsSpec {
     /// Run the exporter. Default false. Switching it on or off rolls the gateway pods once.
     #[serde(default)]
     pub enabled: bool,
-    /// Who may connect to the metrics port 9113: each entry is one peer, pods matching
+    /// Who may connect to the metrics ports 9113 and 9114: each entry is one peer, pods matching
     /// `podSelector` (all pods when absent) in the namespaces matching `namespaceSelector`.
     /// Nothing else reaches the port. Needed when `enabled`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10))]
     pub allow_from: Vec<MetricsScraperSpec>,
-    /// The exporter's image: it must hold `prometheus-nginx-exporter` on PATH (Debian's build
-    /// of nginx's exporter, 0.11 or later) and run as uid 101. Default: the project's gateway
-    /// image, which carries it. The operator's gateway image allow-list applies to it too.
+    /// The image of the exporter on port 9113: it must hold `prometheus-nginx-exporter` on
+    /// PATH (Debian's build of nginx's exporter, 0.11 or later) and run as uid 101. Default:
+    /// the project's gateway image, which carries it. The operator's gateway image allow-list
+    /// applies to it too. (The exporter on 9114 runs from the operator's own image.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub image: Option<String>,

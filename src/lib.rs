@@ -10,6 +10,7 @@ pub mod audit;
 pub mod build;
 pub mod controller;
 pub mod crd;
+pub mod gateway_requests;
 pub mod leader;
 pub mod memory;
 pub mod metrics;

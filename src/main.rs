@@ -28,6 +28,16 @@ struct Cli {
 enum Command {
     /// Print the OpsConductorStack CustomResourceDefinition as YAML.
     Crd,
+    /// The gateway's `requests` sidecar (spec.gateway.metrics): counts the line nginx sends
+    /// per request by route and status class, with latency histograms, and serves /metrics.
+    GatewayRequests {
+        /// UDP address where nginx sends one line per request.
+        #[arg(long, default_value = "127.0.0.1:8083")]
+        udp: String,
+        /// Address of /metrics.
+        #[arg(long, default_value = "0.0.0.0:9114")]
+        listen: String,
+    },
     /// Print, offline, every object the operator would create for the stack in FILE.
     Render {
         /// The OpsConductorStack manifest (YAML or JSON).
@@ -65,6 +75,11 @@ enum Command {
         /// Seconds between periodic re-checks of every stack (watches catch changes sooner).
         #[arg(long, env = "OPSC_RESYNC_SECONDS", default_value_t = 300)]
         resync_seconds: u64,
+        /// The image of the gateways' `requests` metrics sidecar (spec.gateway.metrics): this
+        /// operator's own image, which the chart passes (a mirrored registry's name included).
+        #[arg(long, env = "OPSC_GATEWAY_REQUESTS_IMAGE",
+              default_value = opsconductor_operator::crd::DEFAULT_OPERATOR_IMAGE)]
+        gateway_requests_image: String,
         /// Stacks reconciled at the same time (at least 1). Bounds the operator's memory and
         /// its burst of requests when many stacks change at once, e.g. at start.
         #[arg(long, env = "OPSC_MAX_CONCURRENT_RECONCILES", default_value_t = 8)]
@@ -155,6 +170,7 @@ fn main() -> ExitCode {
             metrics_addr,
             log_format,
             cluster_domain,
+            gateway_requests_image,
             resync_seconds,
             max_concurrent_reconciles,
             apply_always,
@@ -187,6 +203,7 @@ fn main() -> ExitCode {
                         .ok()
                         .filter(|n| !n.is_empty()),
                     cluster_cidrs,
+                    requests_exporter_image: gateway_requests_image,
                     ..BuildOptions::default()
                 },
                 compare_before_apply: !apply_always,
@@ -214,6 +231,19 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::GatewayRequests { udp, listen } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            match runtime.block_on(opsconductor_operator::gateway_requests::run(&udp, &listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("opsconductor-operator gateway-requests: {e}");
                     ExitCode::FAILURE
                 }
             }

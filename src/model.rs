@@ -77,6 +77,8 @@ pub struct Stack {
     pub backends: Vec<Backend>,
     pub mode: PolicyMode,
     pub service_to_service: ServiceToService,
+    /// The services' identity tokens, when `spec.serviceIdentity.enabled`.
+    pub service_identity: Option<ServiceIdentity>,
 }
 
 impl Stack {
@@ -97,6 +99,22 @@ impl Stack {
             .as_ref()
             .filter(|_| self.services.iter().any(|s| s.edge_auth.is_some()))
     }
+}
+
+/// Identity tokens of the services (`spec.serviceIdentity`, enabled).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceIdentity {
+    /// `opsconductor.io/<namespace>/<stack>` ([`identity_audience`]).
+    pub audience: String,
+    /// Within [`crate::crd::IDENTITY_EXPIRATION_RANGE`].
+    pub expiration_seconds: i64,
+}
+
+/// The audience of a stack's service identity tokens: `opsconductor.io/<namespace>/<stack>`.
+/// Both parts are DNS labels (no `/`), so two stacks differ in their audience exactly when they
+/// differ in namespace or name; a token of one never passes as a token of the other.
+pub fn identity_audience(namespace: &str, stack: &DnsLabel) -> String {
+    format!("opsconductor.io/{namespace}/{stack}")
 }
 
 /// The validated gateway.

@@ -21,6 +21,8 @@ pub enum Component<'a> {
     Gateway,
     Service(&'a DnsLabel),
     Policy,
+    /// The services' identity settings (`spec.serviceIdentity`): the identity ConfigMap.
+    Identity,
 }
 
 impl Component<'_> {
@@ -29,6 +31,7 @@ impl Component<'_> {
             Component::Gateway => "gateway",
             Component::Service(_) => "service",
             Component::Policy => "network-policy",
+            Component::Identity => "identity",
         }
     }
 }
@@ -53,6 +56,12 @@ pub fn gateway(stack: &DnsLabel) -> String {
 }
 pub fn gateway_config(stack: &DnsLabel) -> String {
     format!("{stack}-gateway-config")
+}
+/// The stack's service identity ConfigMap. Not in [`FIXED_SUFFIXES`]: it is shorter than the
+/// longest, and no service's objects (ServiceAccount, Deployment, Service) are ConfigMaps, so
+/// no service name is reserved for it (reserving one would break stacks that use it).
+pub fn identity_config(stack: &DnsLabel) -> String {
+    format!("{stack}-identity")
 }
 pub fn tls_secret(stack: &DnsLabel) -> String {
     format!("{stack}-tls")
@@ -108,5 +117,6 @@ fn name_of(stack: &DnsLabel, component: Component<'_>) -> String {
         Component::Gateway => gateway(stack),
         Component::Service(name) => name.to_string(),
         Component::Policy => stack.to_string(),
+        Component::Identity => identity_config(stack),
     }
 }

@@ -34,8 +34,35 @@ pub struct Health {
     pub metrics: Arc<Metrics>,
 }
 
+/// The answer to one request: status line, body, content type.
+type Answer = (&'static str, String, &'static str);
+
+/// What answers a request, from its method and path.
+type Handler = Arc<dyn Fn(&str, &str) -> Answer + Send + Sync>;
+
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, health: Arc<Health>) {
+    serve_with(
+        listener,
+        Arc::new(move |method, path| route(&health, method, path)),
+    )
+    .await;
+}
+
+/// Serves `/metrics` alone, from `render`, with the same bounds (the gateway's `requests`
+/// sidecar, [`crate::gateway_requests`]).
+pub async fn serve_metrics(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
+    serve_with(
+        listener,
+        Arc::new(move |method, path| match (method, path) {
+            ("GET", "/metrics") => ("200 OK", render(), "text/plain; version=0.0.4"),
+            _ => ("404 Not Found", "not found\n".into(), "text/plain"),
+        }),
+    )
+    .await;
+}
+
+async fn serve_with(listener: TcpListener, handler: Handler) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = ACCEPT_BACKOFF_FIRST;
     let mut failing = false;
@@ -51,11 +78,11 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>) {
                     failing = false;
                 }
                 backoff = ACCEPT_BACKOFF_FIRST;
-                let health = health.clone();
+                let handler = handler.clone();
                 tokio::spawn(async move {
                     // Dropped, with the connection, at the deadline.
                     let _ =
-                        tokio::time::timeout(CONNECTION_DEADLINE, answer(stream, &health)).await;
+                        tokio::time::timeout(CONNECTION_DEADLINE, answer(stream, &*handler)).await;
                     drop(slot);
                 });
             }
@@ -76,7 +103,7 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>) {
 }
 
 /// Reads one request head (bounded) and writes the answer; the body of a GET is ignored.
-async fn answer(mut stream: TcpStream, health: &Health) {
+async fn answer(mut stream: TcpStream, handler: &(dyn Fn(&str, &str) -> Answer + Send + Sync)) {
     let mut buf = vec![0u8; 2048];
     let mut len = 0;
     while len < buf.len() {
@@ -93,7 +120,18 @@ async fn answer(mut stream: TcpStream, health: &Health) {
     let head = String::from_utf8_lossy(&buf[..len]);
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, body, content_type) = match (method, path) {
+    let (status, body, content_type) = handler(method, path);
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// The operator's three routes.
+fn route(health: &Health, method: &str, path: &str) -> Answer {
+    match (method, path) {
         ("GET", "/healthz") => ("200 OK", "ok\n".to_string(), "text/plain"),
         ("GET", "/readyz") if health.ready.load(Ordering::Relaxed) => {
             ("200 OK", "ok\n".into(), "text/plain")
@@ -109,11 +147,5 @@ async fn answer(mut stream: TcpStream, health: &Health) {
             "text/plain; version=0.0.4",
         ),
         _ => ("404 Not Found", "not found\n".into(), "text/plain"),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    }
 }

@@ -258,6 +258,9 @@ fn the_operator_deployment_is_hardened_and_elects_a_leader() {
         env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.namespace"
     );
+    // The gateways' `requests` metrics sidecar runs the operator's own image, as the chart
+    // names it (a mirrored registry included).
+    assert_eq!(env["OPSC_GATEWAY_REQUESTS_IMAGE"]["value"], c["image"]);
     let args: Vec<&str> = c["args"]
         .as_array()
         .unwrap()
@@ -568,14 +571,18 @@ fn opt_in_pod_monitor_for_the_gateways() {
         "{selector:?} vs {gateway_labels:?}"
     );
     assert!(!selects(&web_labels), "a service's pods are not scraped");
-    let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
-    assert_eq!(endpoint["path"], "/metrics");
-    let exporter = gateway_containers
-        .iter()
-        .find(|c| c.name == "exporter")
-        .expect("the exporter sidecar");
-    let port = &exporter.ports.as_ref().unwrap()[0];
-    assert_eq!(endpoint["port"].as_str(), port.name.as_deref());
+    // One endpoint per exporter sidecar, on its named port.
+    let endpoints = pm["spec"]["podMetricsEndpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 2);
+    for (endpoint, sidecar) in endpoints.iter().zip(["exporter", "requests"]) {
+        assert_eq!(endpoint["path"], "/metrics");
+        let exporter = gateway_containers
+            .iter()
+            .find(|c| c.name == sidecar)
+            .unwrap_or_else(|| panic!("the {sidecar} sidecar"));
+        let port = &exporter.ports.as_ref().unwrap()[0];
+        assert_eq!(endpoint["port"].as_str(), port.name.as_deref());
+    }
     assert_eq!(
         pm["spec"]["podTargetLabels"],
         json!(["opsconductor.io/stack"])

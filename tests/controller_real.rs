@@ -61,7 +61,7 @@ async fn creates_every_object_and_then_writes_nothing() {
     let stack = apply_stack(&ns.client, &example("opsconductor.yaml", &ns.name)).await;
     let uid = stack.uid().unwrap();
     let expected = rendered_objects(&stack);
-    assert_eq!(expected.len(), 35, "the example renders 35 objects");
+    assert_eq!(expected.len(), 36, "the example renders 36 objects");
     eventually(
         "every rendered object to exist, owned by the stack",
         WAIT,

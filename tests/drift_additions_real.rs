@@ -223,7 +223,8 @@ async fn the_metrics_exporter_is_applied_held_and_removed_with_the_spec() {
             .collect()
     };
     eventually("the exporter sidecar", WAIT, async || {
-        (containers(&pod_spec(&ns, "hello-gateway").await) == ["nginx", "exporter"]).then_some(())
+        (containers(&pod_spec(&ns, "hello-gateway").await) == ["nginx", "exporter", "requests"])
+            .then_some(())
     })
     .await;
     let metrics_rule = async || {

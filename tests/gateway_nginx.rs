@@ -2039,6 +2039,26 @@ fn silent_and_stalled_connections_are_bounded_by_the_timeout_and_the_memory_limi
     );
 }
 
+/// Container `name` of the gateway Deployment the operator renders for stack `yaml` (the
+/// metrics sidecars' command lines, as they run in the pod).
+fn rendered_gateway_container(yaml: &str, name: &str) -> k8s_openapi::api::core::v1::Container {
+    let bundle =
+        opsconductor_operator::render::bundle_for("stack.yaml", yaml, "shop", &options()).unwrap();
+    let deployment = bundle
+        .deployments
+        .into_iter()
+        .next()
+        .expect("the gateway Deployment");
+    deployment
+        .spec
+        .and_then(|d| d.template.spec)
+        .expect("a pod template")
+        .containers
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("the {name} container of the gateway"))
+}
+
 /// The gateway's own metrics (issue 15): the configuration rendered with `spec.gateway.metrics`
 /// in real nginx, and the real exporter (Debian's `prometheus-nginx-exporter`, the binary of
 /// the gateway image) run with the sidecar's arguments as the operator renders them. The
@@ -2057,22 +2077,7 @@ fn the_metrics_exporter_counts_the_gateways_connections_and_requests() {
     let s = setup(METRICS);
     // The sidecar's arguments, from the Deployment the operator renders for this stack.
     let yaml = stack_yaml(s.auth.port, s.web.port, METRICS, "");
-    let bundle =
-        opsconductor_operator::render::bundle_for("stack.yaml", &yaml, "shop", &options()).unwrap();
-    let pod = bundle.deployments[0]
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .clone()
-        .unwrap();
-    let sidecar = pod
-        .containers
-        .iter()
-        .find(|c| c.name == "exporter")
-        .expect("the exporter sidecar");
-    let args = sidecar.args.clone().unwrap();
+    let args = rendered_gateway_container(&yaml, "exporter").args.unwrap();
 
     let exporter = gateway_support::Exporter::start(&binary, &args, &s.gw);
     let before = exporter.scrape();
@@ -2140,4 +2145,238 @@ fn the_metrics_exporter_counts_the_gateways_connections_and_requests() {
     assert_eq!(other.status, 404);
     // nginx's own log has no line for the scrapes (access_log off on the status listener).
     assert!(!s.gw.access_log().contains("stub_status"));
+}
+
+/// Requests by route and status class, and latency (issue 15), in real nginx with the
+/// configuration as rendered with `metrics`, and the `requests` sidecar (this build's
+/// `opsconductor-operator gateway-requests`) run with its rendered command. Requests with known answers move the counters by exactly their number,
+/// per route and status class; each histogram counts every request of its route; requests no
+/// route handled land under `(none)`; and many distinct URIs add no series. With the exporter
+/// gone, nginx still serves every request.
+#[test]
+fn the_request_exporter_counts_requests_by_route_and_status_class_with_bounded_labels() {
+    use std::collections::BTreeMap;
+    if !tools_present(false) {
+        return;
+    }
+    let slow = Backend::start("slow");
+    let web = Backend::start("web");
+    // Nothing listens there: every request to the route is a 502.
+    let gone_port = gateway_support::free_port();
+    let yaml = format!(
+        r#"apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata: {{name: edge, namespace: shop}}
+spec:
+  gateway:
+    hosts: [{HOST}]
+    metrics: {{enabled: true, allowFrom: [{{namespaceSelector: {{matchLabels: {{team: obs}}}}}}]}}
+  tls:
+    acme: {{directoryUrl: "https://acme.invalid/directory", acceptTermsOfService: true}}
+  services:
+    - {{name: slow, image: example/slow:1, port: {a}, route: /hold/, routeLimits: {{concurrentRequestsPerClient: 1}}}}
+    - {{name: web, image: example/web:1, port: {w}, route: /web/}}
+    - {{name: gone, image: example/gone:1, port: {gone_port}, route: /gone/}}
+"#,
+        a = slow.port,
+        w = web.port,
+    );
+    let gw = Gateway::start(&yaml, options(), Resolution::Loopback, &[HOST]);
+    // The sidecar's command, from what the operator renders for this stack.
+    let sidecar = rendered_gateway_container(&yaml, "requests");
+    let exporter =
+        gateway_support::Exporter::start_requests(sidecar.command.as_ref().unwrap(), &gw);
+
+    let family = |m: &BTreeMap<String, f64>, prefix: &str| -> BTreeMap<String, f64> {
+        m.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    };
+    const REQUESTS: &str = "opsconductor_gateway_requests_total{";
+    let total = |m: &BTreeMap<String, f64>| family(m, REQUESTS).values().sum::<f64>();
+    // Waits until the exporter has taken `n` requests in all (UDP: nginx does not wait for
+    // it), then returns that scrape.
+    let settled = |n: f64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = exporter.scrape();
+            if total(&m) >= n {
+                return m;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the exporter took {} of {n} requests: {m:?}\n{}",
+                total(&m),
+                gw.error_log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let before = exporter.scrape();
+    assert_eq!(total(&before), 0.0, "{before:?}");
+
+    let status = |path: &str| gw.curl_https(HOST, path, &[]).status;
+    // web: 5 x 200.
+    for i in 0..5 {
+        assert_eq!(status(&format!("/web/page-{i}")), 200);
+    }
+    // slow: with one request held by the backend, 2 x 429 (one request in progress per
+    // client on that route), the held one 200 once released, then 3 x 200 (answered at once).
+    let held = {
+        let url = gw.https_url(HOST, "/hold/on");
+        let resolve = format!("{HOST}:{}:127.0.0.1", gw.layout.https_port);
+        let cert = gw.layout.cert().display().to_string();
+        thread::spawn(move || {
+            gateway_support::curl(&["--resolve", &resolve, "--cacert", &cert, &url]).status
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while slow.held() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request was not held"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..2 {
+        assert_eq!(status("/hold/now"), 429);
+    }
+    slow.release();
+    assert_eq!(held.join().unwrap(), 200);
+    for _ in 0..3 {
+        assert_eq!(status("/hold/now"), 200);
+    }
+    // gone: 2 x 502 (refused, retried once, refused).
+    for _ in 0..2 {
+        assert_eq!(status("/gone/x"), 502);
+    }
+    // No route: a URI no route takes (404), the route without its slash (nginx's own 301,
+    // before the route's location runs), plain HTTP (308 to HTTPS).
+    assert_eq!(status("/nowhere"), 404);
+    assert_eq!(status("/web"), 301);
+    assert_eq!(gw.curl_http(HOST, "/web/page").status, 308);
+
+    let after = settled(16.0);
+    let key = |route: &str, class: &str| {
+        format!("{REQUESTS}route=\"{route}\",status_class=\"{class}\"}}")
+    };
+    let expected: BTreeMap<String, f64> = [
+        (key("web", "2xx"), 5.0),
+        (key("slow", "2xx"), 4.0),
+        (key("slow", "4xx"), 2.0),
+        (key("gone", "5xx"), 2.0),
+        (key("(none)", "4xx"), 1.0),
+        (key("(none)", "3xx"), 2.0),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(family(&after, REQUESTS), expected);
+    assert_eq!(
+        after.get("opsconductor_gateway_request_lines_dropped_total{reason=\"malformed\"}"),
+        Some(&0.0)
+    );
+    // Each histogram counts every request of its route, in its +Inf bucket too, and its
+    // buckets only grow; the upstream one only requests that reached a service (not the
+    // 429s, not the ones no route took).
+    let check_histogram = |name: &str, route: &str, count: f64| {
+        let c = after.get(&format!("{name}_count{{route=\"{route}\"}}"));
+        assert_eq!(c, Some(&count), "{name} {route}: {after:?}");
+        let buckets = family(&after, &format!("{name}_bucket{{route=\"{route}\",le="));
+        assert_eq!(buckets.len(), 14, "13 buckets and +Inf: {after:?}");
+        let inf = after[&format!("{name}_bucket{{route=\"{route}\",le=\"+Inf\"}}")];
+        assert_eq!(inf, count, "{name} {route}");
+        let mut below = 0.0;
+        for bound in nginx::request_metrics::LATENCY_BUCKETS {
+            let v = after[&format!("{name}_bucket{{route=\"{route}\",le=\"{bound}\"}}")];
+            assert!(
+                below <= v && v <= inf,
+                "{name} {route} le={bound}: {after:?}"
+            );
+            below = v;
+        }
+    };
+    const LATENCY: &str = "opsconductor_gateway_request_duration_seconds";
+    const UPSTREAM: &str = "opsconductor_gateway_upstream_duration_seconds";
+    for (route, n) in [("web", 5.0), ("slow", 6.0), ("gone", 2.0), ("(none)", 3.0)] {
+        check_histogram(LATENCY, route, n);
+    }
+    for (route, n) in [("web", 5.0), ("slow", 4.0), ("gone", 2.0)] {
+        check_histogram(UPSTREAM, route, n);
+    }
+    assert!(!after.contains_key(&format!("{UPSTREAM}_count{{route=\"(none)\"}}")));
+    // Requests nginx answered itself within a millisecond are in the smallest bucket.
+    assert_eq!(
+        after[&format!("{LATENCY}_bucket{{route=\"(none)\",le=\"0.005\"}}")],
+        3.0
+    );
+
+    // 40 distinct URIs, as an attacker would pick them: 30 that no route takes, 10 under a
+    // route. The counters move by exactly that, and not one series is added.
+    let series = |m: &BTreeMap<String, f64>| -> Vec<String> {
+        m.keys()
+            .filter(|k| k.starts_with("opsconductor_gateway_"))
+            .cloned()
+            .collect()
+    };
+    let url = |path: String| gw.https_url(HOST, &path);
+    let mut urls: Vec<String> = (0..30)
+        .map(|i| url(format!("/x{i}-{:x}/{:x}?q={i}", rand_u64(), rand_u64())))
+        .collect();
+    urls.extend((0..10).map(|i| url(format!("/web/{:x}/{i}", rand_u64()))));
+    let resolve = format!("{HOST}:{}:127.0.0.1", gw.layout.https_port);
+    let cert = gw.layout.cert().display().to_string();
+    let mut args: Vec<&str> = vec!["--resolve", &resolve, "--cacert", &cert];
+    args.extend(urls.iter().map(String::as_str));
+    let answers = curl_many(&args);
+    assert_eq!(
+        answers.iter().filter(|r| r.status == 404).count(),
+        30,
+        "{answers:?}"
+    );
+    assert_eq!(answers.iter().filter(|r| r.status == 200).count(), 10);
+    let random = settled(56.0);
+    assert_eq!(series(&random), series(&after));
+    assert_eq!(random[&key("(none)", "4xx")], 1.0 + 30.0);
+    assert_eq!(random[&key("web", "2xx")], 5.0 + 10.0);
+    assert_eq!(total(&random), 56.0);
+    // nginx warns about nothing per request (the route variable is unset where no route
+    // ran, on purpose).
+    assert!(
+        !gw.error_log().contains("uninitialized"),
+        "{}",
+        gw.error_log()
+    );
+
+    // The exporter stopped as the kubelet stops it (SIGTERM, after the same `preStop` wait as
+    // nginx's): it exits, and successfully. Then nginx serves every request all the same (the
+    // same as after a crash); the lines are lost, and nginx notes the refused sends in its
+    // error log.
+    let status = exporter.stop();
+    assert!(status.success(), "the exporter's exit at SIGTERM: {status}");
+    // On one kept-alive connection, so one worker sends them all: its first send after the
+    // port closed succeeds (the refusal comes back later), the next ones are refused.
+    let down: Vec<String> = (0..10)
+        .map(|i| gw.https_url(HOST, &format!("/web/while-down-{i}")))
+        .collect();
+    let mut args: Vec<&str> = vec!["--resolve", &resolve, "--cacert", &cert];
+    args.extend(down.iter().map(String::as_str));
+    let answers = curl_many(&args);
+    assert_eq!(answers.len(), 10);
+    assert!(answers.iter().all(|r| r.status == 200), "{answers:?}");
+    assert!(
+        gw.error_log().contains("send() to syslog failed"),
+        "{}",
+        gw.error_log()
+    );
+}
+
+/// A random number for URIs no test has sent before (from the kernel, no crate needed).
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    u64::from_le_bytes(b)
 }

@@ -454,18 +454,7 @@ spec:
     std::fs::write(file.path(), manifest).expect("writing the stack");
     cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
 
-    let stacks: Api<OpsConductorStack> = ns.api();
-    let ready = eventually(
-        "the stack's Ready condition to be True",
-        Duration::from_secs(240),
-        async || {
-            let s = stacks.get_opt("e2e").await.ok()??;
-            let st = s.status?;
-            let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
-            (c.status == "True").then(|| c.message.clone())
-        },
-    )
-    .await;
+    let ready = condition_true(&ns, "e2e", "Ready").await;
     eprintln!("stack Ready: {ready}");
     assert_eq!(
         cluster
@@ -915,21 +904,7 @@ spec:
     );
 
     // HTTP-01 is validated through the real gateway pod, reached through its Service.
-    let stacks: Api<OpsConductorStack> = ns.api();
-    eventually(
-        "the stack's CertificateReady condition to be True (pebble through the gateway pod)",
-        Duration::from_secs(240),
-        async || {
-            let s = stacks.get_opt("acme").await.ok()??;
-            let c = s
-                .status?
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "CertificateReady")?;
-            (c.status == "True").then_some(())
-        },
-    )
-    .await;
+    condition_true(&ns, "acme", "CertificateReady").await;
 
     let ready_at = std::time::Instant::now();
     // The gateway serves a certificate that chains to pebble's root.
@@ -1496,21 +1471,7 @@ spec:
     .expect("writing the manifests");
     cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
 
-    let stacks: Api<OpsConductorStack> = ns.api();
-    eventually(
-        "the matrix stack's Ready condition to be True",
-        Duration::from_secs(240),
-        async || {
-            let s = stacks.get_opt("matrix").await.ok()??;
-            let c = s
-                .status?
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "Ready")?;
-            (c.status == "True").then_some(())
-        },
-    )
-    .await;
+    condition_true(&ns, "matrix", "Ready").await;
     // Every pod Running and Ready (1 gateway, 4 services, the stranger; the outsider).
     let ready_pods = |api: Api<Pod>, want: usize| async move {
         let list = api.list(&ListParams::default()).await.ok()?;
@@ -1752,6 +1713,21 @@ spec:
 // ---------------------------------------------------------------------------------------------
 // Changes to a running stack under load (issue 15)
 
+/// Waits (up to 4 minutes) until condition `type_` of stack `name` in `ns` is True; its message.
+async fn condition_true(ns: &NodeNamespace, name: &str, type_: &str) -> String {
+    let stacks: Api<OpsConductorStack> = ns.api();
+    eventually(
+        &format!("stack {}/{name}'s {type_} condition to be True", ns.name),
+        Duration::from_secs(240),
+        async || {
+            let st = stacks.get_opt(name).await.ok()??.status?;
+            let c = st.conditions.into_iter().find(|c| c.type_ == type_)?;
+            (c.status == "True").then_some(c.message)
+        },
+    )
+    .await
+}
+
 /// Waits until each Deployment's rollout is complete and no pod of the namespace is
 /// terminating (a draining gateway pod still takes requests until it is gone).
 async fn settled(cluster: &Cluster, ns: &NodeNamespace, deployments: &[&str]) {
@@ -1875,17 +1851,7 @@ spec:
     };
     let gateway_image = cluster.image("gateway").to_string();
     apply(manifest(&gateway_image, 2, false));
-    let stacks: Api<OpsConductorStack> = ns.api();
-    eventually(
-        "the stack's Ready condition to be True",
-        Duration::from_secs(240),
-        async || {
-            let st = stacks.get_opt("changes").await.ok()??.status?;
-            let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
-            (c.status == "True").then_some(())
-        },
-    )
-    .await;
+    condition_true(&ns, "changes", "Ready").await;
     settled(cluster, &ns, &["changes-gateway", "web"]).await;
     let https = node_port(cluster, &ns.name, "changes-gateway", 443);
     eventually(
@@ -2092,11 +2058,10 @@ spec:
         .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
         .collect();
     assert!(!gateway_ips.is_empty(), "ready gateway pods");
-    let mut served = 0.0;
-    for ip in &gateway_ips {
-        let url = format!("http://{ip}:9113/metrics");
-        let body = eventually(
-            "the exporter to answer the scraper",
+    // `/metrics` of a gateway pod's port, as the scraper pod gets it.
+    let scrape = async |url: &str| {
+        eventually(
+            &format!("{url} to answer the scraper"),
             Duration::from_secs(60),
             async || {
                 let out = cluster
@@ -2111,7 +2076,7 @@ spec:
                         "get",
                         "-t",
                         "5",
-                        &url,
+                        url,
                     ])
                     .stdin(Stdio::null())
                     .output()
@@ -2121,17 +2086,275 @@ spec:
                     .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
             },
         )
-        .await;
+        .await
+    };
+    let (mut served, mut routed) = (0.0, 0.0);
+    for ip in &gateway_ips {
+        let url = format!("http://{ip}:9113/metrics");
+        let body = scrape(&url).await;
         let requests: f64 = body
             .lines()
             .find_map(|l| l.strip_prefix("nginx_http_requests_total "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("nginx_http_requests_total from {url}: {body}"));
         served += requests;
+        // The `requests` sidecar (the operator's image): answered requests by route.
+        let url = format!("http://{ip}:9114/metrics");
+        let body = scrape(&url).await;
+        routed += body
+            .lines()
+            .filter(|l| {
+                l.starts_with("opsconductor_gateway_requests_total{")
+                    && l.contains("status_class=\"2xx\"")
+                    && !l.contains("route=\"(none)\"")
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+            .sum::<f64>();
     }
     support::measured(format!(
-        "gateway metrics on the node: {} gateway pod(s) scraped through their NetworkPolicy, nginx_http_requests_total {served} in all",
+        "gateway metrics on the node: {} gateway pod(s) scraped through their NetworkPolicy, nginx_http_requests_total {served} in all, {routed} answered 2xx on a route by the requests sidecar",
         gateway_ips.len()
     ));
     assert!(served > 0.0, "the gateways' request counters moved");
+    assert!(
+        routed > 0.0,
+        "the requests sidecar counted 2xx answers on the stack's routes"
+    );
+}
+
+/// The stack of the identity test in `ns`: `idt`, services `a` (routed, calls `b`) and `b`
+/// from the test-service image, identity tokens of 600 s (the least the API server issues, so
+/// the kubelet renews them within the test).
+fn identity_stack(cluster: &Cluster, ns: &str) -> String {
+    format!(
+        r#"apiVersion: opsconductor.io/v1alpha1
+kind: OpsConductorStack
+metadata:
+  name: idt
+  namespace: {ns}
+spec:
+  gateway:
+    hosts: [idt.opsconductor.test]
+    image: {gateway}
+    replicas: 1
+    serviceType: ClusterIP
+  tls:
+    secretName: idt-cert
+  services:
+    - name: a
+      image: {svc}
+      route: /
+      calls: [b]
+    - name: b
+      image: {svc}
+  serviceIdentity:
+    enabled: true
+    expirationSeconds: 600
+"#,
+        gateway = cluster.image("gateway"),
+        svc = cluster.image("test-service"),
+    )
+}
+
+/// `kubectl exec <pod> -- sh -c <script>` in `ns` (the test-service image has busybox's sh and
+/// cat): stdout when it succeeded, else stderr.
+fn try_exec_sh(cluster: &Cluster, ns: &str, pod: &str, script: &str) -> Result<String, String> {
+    let out = cluster
+        .kubectl()
+        .args(["-n", ns, "exec", pod, "--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("kubectl runs");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// [`try_exec_sh`], or a panic naming the command and its error.
+fn exec_sh(cluster: &Cluster, ns: &str, pod: &str, script: &str) -> String {
+    try_exec_sh(cluster, ns, pod, script)
+        .unwrap_or_else(|e| panic!("kubectl -n {ns} exec {pod} -- sh -c {script:?}: {e}"))
+}
+
+/// The one Ready pod of service `svc` in `ns`.
+async fn service_pod(ns: &NodeNamespace, svc: &str) -> String {
+    let pods: Api<Pod> = ns.api();
+    eventually(
+        &format!("a Ready pod of service {svc} in {}", ns.name),
+        Duration::from_secs(240),
+        async || {
+            pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/name={svc}")))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|p| pod_ready(p) && p.metadata.deletion_timestamp.is_none())
+                .map(|p| p.name_any())
+        },
+    )
+    .await
+}
+
+/// Issue 18, service identity on the node: the kubelet mounts the projected token into a
+/// running service pod; read from inside the pod (through the file its environment names),
+/// it passes TokenReview for its stack's audience as the service's ServiceAccount, bound to
+/// that pod, and verifies offline with the keys mounted beside it; a token read from a pod of
+/// the same stack in another namespace (another audience) fails for the first stack; and the
+/// kubelet replaces the token before it expires with a newer one that verifies too.
+///
+/// Rotation takes about 480 s (80% of the 600 s lifetime, plus up to a kubelet sync period):
+/// this test runs for about 10 minutes.
+#[tokio::test]
+async fn service_identity_tokens_verify_and_rotate() {
+    let Some(cluster) = cluster() else { return };
+    install_operator(cluster);
+    let Some(ns) = NodeNamespace::new("node-identity").await else {
+        return;
+    };
+    let other = NodeNamespace::new("node-identity-other")
+        .await
+        .expect("a second namespace");
+    let mut certs = Vec::new();
+    for n in [&ns, &other] {
+        certs.push(tls_secret(
+            cluster,
+            &n.name,
+            "idt-cert",
+            "idt.opsconductor.test",
+        ));
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), identity_stack(cluster, &n.name)).expect("writing the stack");
+        cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
+    }
+    let audience = format!("opsconductor.io/{}/idt", ns.name);
+    let other_audience = format!("opsconductor.io/{}/idt", other.name);
+    for n in [&ns, &other] {
+        condition_true(n, "idt", "Ready").await;
+    }
+
+    // Inside the pod: the environment names the file and the audience; the files are there.
+    let pod = service_pod(&ns, "a").await;
+    let env_audience = exec_sh(cluster, &ns.name, &pod, "echo \"$OPSC_IDENTITY_AUDIENCE\"");
+    assert_eq!(env_audience.trim(), audience);
+    let read_token = |pod: &str, namespace: &str| {
+        exec_sh(cluster, namespace, pod, "cat \"$OPSC_IDENTITY_TOKEN_FILE\"")
+            .trim()
+            .to_string()
+    };
+    // The issuer and keys the operator published, as the kubelet delivered them into the pod
+    // (a ConfigMap reaches a running pod within about a minute of a change).
+    let (issuer, jwks) = eventually(
+        "the issuer and keys in the pod's identity volume",
+        Duration::from_secs(120),
+        async || {
+            let issuer = try_exec_sh(
+                cluster,
+                &ns.name,
+                &pod,
+                "cat \"$OPSC_IDENTITY_ISSUER_FILE\"",
+            )
+            .ok()?;
+            let jwks =
+                try_exec_sh(cluster, &ns.name, &pod, "cat \"$OPSC_IDENTITY_JWKS_FILE\"").ok()?;
+            let jwks: serde_json::Value = serde_json::from_str(&jwks).ok()?;
+            Some((issuer.trim().to_string(), jwks))
+        },
+    )
+    .await;
+    // The identity volume and the root filesystem are mounted read-only in the container.
+    let mounts = exec_sh(cluster, &ns.name, &pod, "cat /proc/mounts");
+    // (`/var/run` may be a link to `/run` in an image: the mount then shows under `/run`.)
+    let identity_mount = |t: &str| t.ends_with("/secrets/opsconductor.io/identity");
+    for (target, is) in [
+        (
+            "the identity volume",
+            &identity_mount as &dyn Fn(&str) -> bool,
+        ),
+        ("the root filesystem", &|t: &str| t == "/"),
+    ] {
+        let line = mounts
+            .lines()
+            .find(|l| l.split_whitespace().nth(1).is_some_and(is))
+            .unwrap_or_else(|| panic!("no mount for {target} in the pod:\n{mounts}"));
+        let options = line.split_whitespace().nth(3).unwrap_or_default();
+        assert!(
+            options.split(',').any(|o| o == "ro"),
+            "{target} is mounted read-only: {line}"
+        );
+    }
+
+    let sa = format!("system:serviceaccount:{}:a", ns.name);
+    let first = read_token(&pod, &ns.name);
+    assert_eq!(
+        support::identity::token_review(&ns.client, &first, &audience).await,
+        Ok((sa.clone(), pod.clone())),
+        "the token from pod {pod} passes TokenReview for {audience}"
+    );
+    assert_eq!(
+        support::identity::verify_offline(&first, &jwks, &issuer, &audience),
+        Ok(sa.clone())
+    );
+
+    // The same-named stack's service in the other namespace: valid for its own audience only.
+    let other_pod = service_pod(&other, "a").await;
+    let foreign = read_token(&other_pod, &other.name);
+    let other_sa = format!("system:serviceaccount:{}:a", other.name);
+    assert_eq!(
+        support::identity::token_review(&ns.client, &foreign, &other_audience)
+            .await
+            .map(|(user, _)| user),
+        Ok(other_sa)
+    );
+    let refused = support::identity::token_review(&ns.client, &foreign, &audience).await;
+    assert!(
+        refused.is_err(),
+        "another stack's token passed: {refused:?}"
+    );
+    assert!(support::identity::verify_offline(&foreign, &jwks, &issuer, &audience).is_err());
+
+    // Rotation: the kubelet writes a new token at 80% of the lifetime (480 s of 600). Polled
+    // every 10 s; a failed exec is tried again at the next poll (the pod keeps running).
+    let started = std::time::Instant::now();
+    let rotated = eventually(
+        "the kubelet to replace the identity token in the pod (expected after about 480 s \
+         of its 600 s lifetime; 12 minutes allowed)",
+        Duration::from_secs(720),
+        async || {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let now = try_exec_sh(cluster, &ns.name, &pod, "cat \"$OPSC_IDENTITY_TOKEN_FILE\"")
+                .ok()?
+                .trim()
+                .to_string();
+            (now != first && !now.is_empty()).then_some(now)
+        },
+    )
+    .await;
+    let (old_claims, new_claims) = (
+        support::identity::claims(&first),
+        support::identity::claims(&rotated),
+    );
+    support::measured(format!(
+        "service identity on the node: the kubelet replaced the 600 s token {} s after it was \
+         issued (iat to iat), seen {:.0} s into the wait",
+        new_claims["iat"].as_i64().unwrap_or(0) - old_claims["iat"].as_i64().unwrap_or(0),
+        started.elapsed().as_secs_f64()
+    ));
+    assert!(
+        new_claims["iat"].as_i64() > old_claims["iat"].as_i64(),
+        "the new token is newer: iat {} then {}",
+        old_claims["iat"],
+        new_claims["iat"]
+    );
+    assert_eq!(new_claims["sub"], old_claims["sub"]);
+    assert_eq!(
+        support::identity::token_review(&ns.client, &rotated, &audience).await,
+        Ok((sa.clone(), pod.clone()))
+    );
+    assert_eq!(
+        support::identity::verify_offline(&rotated, &jwks, &issuer, &audience),
+        Ok(sa)
+    );
+    drop(certs);
 }

@@ -482,7 +482,7 @@ async fn the_charts_rbac_is_enough_to_reconcile_a_full_stack() {
     let stack = apply_stack(&stack_ns.client, &offline_example(&stack_ns.name)).await;
     let uid = stack.uid().unwrap();
     let expected = rendered_objects(&stack);
-    assert_eq!(expected.len(), 35);
+    assert_eq!(expected.len(), 36);
     eventually(
         "every object of the example stack, owned by it",
         Duration::from_secs(60),
@@ -522,6 +522,20 @@ async fn the_charts_rbac_is_enough_to_reconcile_a_full_stack() {
             .any(|c| c.type_ == "PolicyEnforced" && c.status == "True"),
         "{conditions:?}"
     );
+
+    // The example has service identity on: the operator read the API server's token issuer
+    // and signing keys with the chart's RBAC (Kubernetes' default issuer-discovery binding of
+    // every service account; the chart adds no rule for it) and published them.
+    let identity: Api<k8s_openapi::api::core::v1::ConfigMap> = stack_ns.api();
+    eventually(
+        "the identity ConfigMap to hold the issuer and keys (chart RBAC)",
+        Duration::from_secs(60),
+        async || {
+            let data = identity.get("prod-identity").await.ok()?.data?;
+            (data.contains_key("issuer") && data.contains_key("jwks.json")).then_some(())
+        },
+    )
+    .await;
 
     // Drift by addition is reverted with the chart's RBAC too: a sidecar added to the gateway
     // by another field manager is removed by a replace (the `update` verb; without it the

@@ -106,7 +106,8 @@ fn example_stack_renders_every_object_kind() {
     assert_eq!(count("ServiceAccount"), 7);
     assert_eq!(count("Deployment"), 7);
     assert_eq!(count("Service"), 7);
-    assert_eq!(count("ConfigMap"), 1);
+    // The gateway's nginx.conf and the services' identity (`serviceIdentity`).
+    assert_eq!(count("ConfigMap"), 2);
     assert_eq!(count("PodDisruptionBudget"), 1);
     // default-deny, dns, gateway, one per service, one per backend.
     assert_eq!(count("NetworkPolicy"), 3 + 6 + 3);
@@ -156,6 +157,29 @@ fn invalid_stack_lists_every_problem_with_its_field() {
             "spec.backends[0].allowFrom[0]: unknown service \"ghost\"",
             "spec.tls.acme.acceptTermsOfService: must be true",
         ],
+    );
+}
+
+#[test]
+fn service_identity_out_of_range_is_refused_naming_the_field() {
+    let stack = |identity: &str| {
+        format!(
+            "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\nmetadata: {{name: x}}\n\
+             spec:\n  gateway: {{hosts: [a.example.com]}}\n  tls: {{secretName: s}}\n\
+             \x20 services:\n    - {{name: a, image: i, env: [{{name: OPSC_IDENTITY_AUDIENCE, value: v}}]}}\n\
+             \x20 serviceIdentity: {identity}\n"
+        )
+    };
+    assert_rejected(
+        &stack("{enabled: true, expirationSeconds: 300}"),
+        &[
+            "spec.serviceIdentity.expirationSeconds: 300 is out of range 600 to 86400 seconds",
+            "spec.services[0].env[0].name: \"OPSC_IDENTITY_AUDIENCE\" is set by the operator",
+        ],
+    );
+    assert_rejected(
+        &stack("{enabled: true, expirationSeconds: 172800}"),
+        &["spec.serviceIdentity.expirationSeconds: 172800 is out of range 600 to 86400 seconds"],
     );
 }
 

@@ -9,13 +9,15 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, ExecAction,
     Lifecycle, LifecycleHandler, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::nginx::request_metrics;
 use super::service::{container_security_context, pod_security_context};
 use super::{BuildOptions, meta, nginx};
 use crate::model::{CertificateSource, GatewayServiceType, Stack};
@@ -171,6 +173,76 @@ fn exporter_container(metrics: &crate::model::GatewayMetrics) -> Container {
     }
 }
 
+/// The port where the `requests` sidecar serves the requests by route and status class, and
+/// latency (`spec.gateway.metrics`), beside [`METRICS_PORT`]: the same scrapers, the same rule.
+pub const REQUEST_METRICS_PORT: i32 = 9114;
+
+/// The `requests` sidecar's command: the operator's own binary, in the operator's image
+/// ([`crate::crd::DEFAULT_OPERATOR_IMAGE`]), as `gateway-requests`
+/// ([`crate::gateway_requests`]).
+pub fn request_exporter_command() -> Vec<String> {
+    vec![
+        "/opsconductor-operator".into(),
+        "gateway-requests".into(),
+        format!("--udp=127.0.0.1:{}", request_metrics::REQUEST_LOG_PORT),
+        format!("--listen=0.0.0.0:{REQUEST_METRICS_PORT}"),
+    ]
+}
+
+/// Requests and limits of the `requests` sidecar: a few counters per route (at most
+/// [`crate::gateway_requests::MAX_ROUTES`] routes), one thread reading datagrams and one
+/// answering scrapes. The CPU limit keeps it from taking the gateway's CPU under load: past
+/// what it can parse in that share, datagrams are dropped by the kernel, nginx never slowed.
+pub fn request_exporter_resources() -> ResourceRequirements {
+    let q = |v: &str| Quantity(v.to_string());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), q("10m")),
+            ("memory".to_string(), q("8Mi")),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".to_string(), q("200m")),
+            ("memory".to_string(), q("32Mi")),
+        ])),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// The `requests` sidecar, hardened like the other exporter: no volume, nothing written. Its
+/// image is the operator's own ([`BuildOptions::requests_exporter_image`]).
+fn request_exporter_container(options: &BuildOptions) -> Container {
+    let mut security = container_security_context();
+    security.run_as_user = Some(NGINX_UID);
+    security.run_as_group = Some(NGINX_UID);
+    Container {
+        name: "requests".into(),
+        image: Some(options.requests_exporter_image.clone()),
+        command: Some(request_exporter_command()),
+        // Waits as long as nginx's own `preStop`, so nginx's lines keep coming to a listener
+        // while it still serves; at SIGTERM the exporter exits once they stop coming
+        // ([`crate::gateway_requests::QUIET_BEFORE_EXIT`]). A `sleep` action: the image has no
+        // shell.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: i64::from(PRE_STOP_SECONDS),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        ports: Some(vec![ContainerPort {
+            name: Some("requests".into()),
+            container_port: REQUEST_METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        resources: Some(request_exporter_resources()),
+        security_context: Some(security),
+        ..Container::default()
+    }
+}
+
 pub fn service_account(stack: &Stack) -> ServiceAccount {
     ServiceAccount {
         metadata: meta(stack, names::gateway(&stack.name), Component::Gateway),
@@ -208,7 +280,7 @@ pub fn tls_secret_name(stack: &Stack) -> String {
 /// ConfigMap volume and their reload loop, without a roll. What the template holds (image,
 /// resources, ports, probes, the Secret's name) rolls the pods, one surge pod at a time,
 /// each old pod drained (`preStop`, SIGQUIT, [`termination_grace_seconds`]).
-pub fn deployment(stack: &Stack) -> Deployment {
+pub fn deployment(stack: &Stack, options: &BuildOptions) -> Deployment {
     let component = Component::Gateway;
     // With the PROXY protocol on 8080, the probes go to a port of their own.
     let probe_port = if stack.gateway.proxy_protocol {
@@ -309,6 +381,7 @@ pub fn deployment(stack: &Stack) -> Deployment {
                         let mut containers = vec![container];
                         if let Some(metrics) = &stack.gateway.metrics {
                             containers.push(exporter_container(metrics));
+                            containers.push(request_exporter_container(options));
                         }
                         containers
                     },
@@ -473,7 +546,7 @@ mod tests {
         let stack = crate::validate::validate(&raw, "ns").unwrap();
         let options = crate::build::BuildOptions::default();
         let _ = config_map(&stack, &options);
-        (deployment(&stack), service(&stack))
+        (deployment(&stack, &options), service(&stack))
     }
 
     #[test]
@@ -523,7 +596,7 @@ mod tests {
         // The gateway Service (public) never carries the metrics port.
         assert_eq!(svc, svc_with);
         let spec = pod(&with);
-        assert_eq!(spec.containers.len(), 2);
+        assert_eq!(spec.containers.len(), 3);
         // The nginx container is the same with or without the exporter.
         assert_eq!(spec.containers[0], pod(&d).containers[0]);
         let e = &spec.containers[1];
@@ -555,6 +628,60 @@ mod tests {
         // Readiness is nginx's alone.
         assert!(e.readiness_probe.is_none() && e.liveness_probe.is_none());
         assert!(e.volume_mounts.is_none());
+
+        // The `requests` sidecar: the operator's own binary and image, its port beside the
+        // other exporter's, hardened the same way, nothing mounted.
+        let r = &spec.containers[2];
+        assert_eq!(r.name, "requests");
+        assert_eq!(r.image.as_deref(), Some(crate::crd::DEFAULT_OPERATOR_IMAGE));
+        assert_eq!(
+            r.command.as_deref(),
+            Some(
+                &[
+                    "/opsconductor-operator".to_string(),
+                    "gateway-requests".into(),
+                    "--udp=127.0.0.1:8083".into(),
+                    "--listen=0.0.0.0:9114".into(),
+                ][..]
+            )
+        );
+        // Listening while nginx's `preStop` waits: the same wait, no shell needed.
+        let sleep = r
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref()?.sleep.as_ref());
+        assert_eq!(sleep.map(|s| s.seconds), Some(i64::from(PRE_STOP_SECONDS)));
+        let port = &r.ports.as_ref().unwrap()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("requests"), REQUEST_METRICS_PORT)
+        );
+        assert_eq!(r.security_context, e.security_context);
+        let limits = r.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert!(limits.contains_key("memory") && limits.contains_key("cpu"));
+        assert!(r.readiness_probe.is_none() && r.liveness_probe.is_none());
+        assert!(r.volume_mounts.is_none());
+        // Its image is the one the operator is told (its own, as the chart names it).
+        let raw = crate::render::parse_stack(
+            "test",
+            "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
+             metadata: {name: t, namespace: ns}\nspec:\n  gateway: {hosts: [a.example.com], \
+             metrics: {enabled: true, allowFrom: [{namespaceSelector: {}}]}}\n\
+             \x20 tls: {secretName: own}\n  services: [{name: web, image: x, route: /}]\n",
+        )
+        .unwrap();
+        let stack = crate::validate::validate(&raw, "ns").unwrap();
+        let options = crate::build::BuildOptions {
+            requests_exporter_image: "registry.example/mirror/operator:1".into(),
+            ..crate::build::BuildOptions::default()
+        };
+        let mirrored = pod(&deployment(&stack, &options));
+        assert_eq!(
+            mirrored.containers[2].image.as_deref(),
+            Some("registry.example/mirror/operator:1")
+        );
+        // The pod's volumes are the same with or without metrics.
+        assert_eq!(spec.volumes, pod(&d).volumes);
     }
 
     #[test]
@@ -582,10 +709,10 @@ mod tests {
                     \x20 tls: {secretName: own}\n  services: [{name: web, image: x, route: /}]\n";
         let raw = crate::render::parse_stack("test", yaml).unwrap();
         let stack = crate::validate::validate(&raw, "ns").unwrap();
-        let deployment = deployment(&stack);
+        let deployment = deployment(&stack, &crate::build::BuildOptions::default());
         let pod = deployment.spec.unwrap().template.spec.unwrap();
-        // nginx with its reload loop, and the metrics exporter.
-        assert_eq!(pod.containers.len(), 2);
+        // nginx with its reload loop, and the two metrics exporters.
+        assert_eq!(pod.containers.len(), 3);
         for container in &pod.containers {
             assert_kubelet_leaves_alone(container);
         }

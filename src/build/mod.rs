@@ -9,6 +9,11 @@ mod netpol;
 pub mod nginx;
 mod service;
 
+pub use service::{
+    IDENTITY_AUDIENCE_KEY, IDENTITY_DIR, IDENTITY_ENV, IDENTITY_ISSUER_KEY, IDENTITY_JWKS_KEY,
+    IDENTITY_TOKEN_FILE,
+};
+
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, HTTPGetAction, Probe, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -45,6 +50,23 @@ pub struct BuildOptions {
     /// a wider CIDR (`except`), and validation refuses a CIDR inside one
     /// ([`crate::validate::egress_cluster_problems`]).
     pub cluster_cidrs: Vec<ipnet::IpNet>,
+    /// The image of the gateway's `requests` metrics sidecar (`spec.gateway.metrics`): the
+    /// operator's own, from `--gateway-requests-image` (the chart passes the operator's image).
+    pub requests_exporter_image: String,
+    /// The API server's service account token issuer and signing keys, once the operator has
+    /// read them (`run`; the offline `render` has none). With `spec.serviceIdentity`, they go
+    /// into the stack's identity ConfigMap, for the services to verify tokens offline.
+    pub identity_keys: Option<IdentityKeys>,
+}
+
+/// What a service needs to verify a service identity token without asking the API server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityKeys {
+    /// The `iss` of every service account token (`issuer` of the API server's
+    /// `/.well-known/openid-configuration`).
+    pub issuer: String,
+    /// The public keys that sign the tokens: the API server's `/openid/v1/jwks`, as served.
+    pub jwks: String,
 }
 
 impl Default for BuildOptions {
@@ -55,6 +77,8 @@ impl Default for BuildOptions {
             upstreams: Upstreams::Names,
             operator_namespace: None,
             cluster_cidrs: Vec::new(),
+            identity_keys: None,
+            requests_exporter_image: crate::crd::DEFAULT_OPERATOR_IMAGE.into(),
         }
     }
 }
@@ -146,9 +170,18 @@ pub fn build(stack: &Stack, options: &BuildOptions) -> Bundle {
     bundle
         .service_accounts
         .insert(0, gateway::service_account(stack));
-    bundle.deployments.insert(0, gateway::deployment(stack));
+    bundle
+        .deployments
+        .insert(0, gateway::deployment(stack, options));
     bundle.services.insert(0, gateway::service(stack));
     bundle.config_maps.push(config);
+    if let Some(identity) = &stack.service_identity {
+        bundle.config_maps.push(service::identity_config_map(
+            stack,
+            identity,
+            options.identity_keys.as_ref(),
+        ));
+    }
     bundle
         .pod_disruption_budgets
         .push(gateway::pod_disruption_budget(stack));

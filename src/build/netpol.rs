@@ -4,7 +4,7 @@
 //!
 //! The allowed edges are exactly those of "The policy" in docs/api.md:
 //! clients (or `allowedSourceRanges`) -> gateway 8080/8443; `spec.gateway.metrics.allowFrom`
-//! -> gateway 9113 (the metrics exporter); gateway -> routed services and the
+//! -> gateway 9113 and 9114 (the metrics exporters); gateway -> routed services and the
 //! verdict service of edge authentication;
 //! service -> service per `calls` (or all, with `serviceToService: All`); `allowFrom`
 //! services -> backends; every stack pod -> cluster DNS; a service -> its own `egress` CIDRs.
@@ -196,7 +196,10 @@ fn gateway(stack: &Stack, operator_namespace: Option<&str>) -> NetworkPolicy {
                     })
                     .collect(),
             ),
-            ports: Some(tcp(&[super::gateway::METRICS_PORT as Port])),
+            ports: Some(tcp(&[
+                super::gateway::METRICS_PORT as Port,
+                super::gateway::REQUEST_METRICS_PORT as Port,
+            ])),
         });
     }
     let egress = stack
@@ -411,7 +414,7 @@ mod tests {
         assert_eq!(rules.len(), 2);
         assert_eq!(rules[0], without[0], "the client rule is unchanged");
         let metrics = &rules[1];
-        assert_eq!(metrics.ports, Some(tcp(&[9113])));
+        assert_eq!(metrics.ports, Some(tcp(&[9113, 9114])));
         let peers = metrics.from.as_ref().unwrap();
         assert_eq!(peers.len(), 2);
         let labels =

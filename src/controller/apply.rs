@@ -223,7 +223,8 @@ children!(
 );
 
 /// The conflicting object that `deployment`'s pods would depend on, as `Kind/name`: its
-/// ServiceAccount, a mounted ConfigMap or Secret, or any NetworkPolicy of the stack.
+/// ServiceAccount, a mounted ConfigMap or Secret (also as a source of a projected volume), or
+/// any NetworkPolicy of the stack.
 fn held_by(deployment: &Deployment, conflicts: &[NameConflict]) -> Option<String> {
     let spec = deployment.spec.as_ref()?.template.spec.as_ref()?;
     let mut uses: Vec<(&str, &str)> = Vec::new();
@@ -236,6 +237,17 @@ fn held_by(deployment: &Deployment, conflicts: &[NameConflict]) -> Option<String
         }
         if let Some(secret) = v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) {
             uses.push(("Secret", secret));
+        }
+        // A projected volume's sources too: the services' identity volume holds the identity
+        // ConfigMap (the keys they trust), beside the token.
+        let sources = v.projected.iter().flat_map(|p| p.sources.iter().flatten());
+        for source in sources {
+            if let Some(cm) = &source.config_map {
+                uses.push(("ConfigMap", cm.name.as_str()));
+            }
+            if let Some(secret) = &source.secret {
+                uses.push(("Secret", secret.name.as_str()));
+            }
         }
     }
     conflicts
@@ -449,4 +461,57 @@ async fn prune_kind<K: Child>(
         report.pruned.push((kind, name));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service_deployment(identity: bool) -> Deployment {
+        let extra = if identity {
+            "  serviceIdentity: {enabled: true}\n"
+        } else {
+            ""
+        };
+        let yaml = format!(
+            "apiVersion: opsconductor.io/v1alpha1\nkind: OpsConductorStack\n\
+             metadata: {{name: shop, namespace: ns}}\nspec:\n  gateway: {{hosts: [a.example.com]}}\n\
+             \x20 tls: {{secretName: cert}}\n  services: [{{name: web, image: x, route: /}}]\n{extra}"
+        );
+        let raw: crate::crd::OpsConductorStack = serde_yaml::from_str(&yaml).unwrap();
+        let stack = crate::validate::validate(&raw, "default").unwrap();
+        crate::build::build(&stack, &crate::build::BuildOptions::default())
+            .deployments
+            .into_iter()
+            .find(|d| d.metadata.name.as_deref() == Some("web"))
+            .unwrap()
+    }
+
+    fn conflict(kind: &'static str, name: &str) -> NameConflict {
+        NameConflict {
+            kind,
+            name: name.into(),
+            why: "someone else's".into(),
+        }
+    }
+
+    /// Someone else's ConfigMap under the identity ConfigMap's name would put their keys into
+    /// the services' identity volume (a projected source): the services are held back.
+    #[test]
+    fn a_service_is_held_back_by_someone_elses_identity_config_map() {
+        let foreign = [conflict("ConfigMap", "shop-identity")];
+        assert_eq!(
+            held_by(&service_deployment(true), &foreign).as_deref(),
+            Some("ConfigMap/shop-identity")
+        );
+        assert_eq!(held_by(&service_deployment(false), &foreign), None);
+        assert_eq!(
+            held_by(
+                &service_deployment(false),
+                &[conflict("ServiceAccount", "web")]
+            )
+            .as_deref(),
+            Some("ServiceAccount/web")
+        );
+    }
 }

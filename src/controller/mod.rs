@@ -23,6 +23,7 @@ mod dereference;
 pub mod diff;
 mod error;
 mod events;
+mod identity;
 pub mod janitor;
 mod marker;
 mod reconcile;
@@ -123,6 +124,8 @@ pub struct Context {
     /// The generation of each stack (namespace/name) this process last applied in full, so
     /// that a stack cache that has not yet seen the status write does not hide convergence.
     applied_generations: Mutex<HashMap<String, i64>>,
+    /// The API server's token issuer and signing keys, for stacks with service identity.
+    identity_keys: identity::KeysCache,
 }
 
 fn stack_key(stack: &OpsConductorStack) -> String {

@@ -192,9 +192,14 @@ async fn build(
     certificate: &Certificate,
 ) -> Result<(Bundle, bool), Error> {
     let (addresses, waiting) = addresses(ctx, model).await?;
+    let identity_keys = match model.service_identity {
+        Some(_) => ctx.identity_keys.get(&ctx.client).await,
+        None => None,
+    };
     let options = BuildOptions {
         acme_thumbprint: certificate.thumbprint.clone(),
         upstreams: build::Upstreams::ClusterIps(addresses),
+        identity_keys,
         ..ctx.options.build.clone()
     };
     let mut bundle = build::build(model, &options);

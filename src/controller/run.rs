@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::changes::Changes;
 use super::compact::Compact;
 use super::stores::{AuditStores, GuardrailStores, Stores};
-use super::{Context, Error, RunOptions, apply, janitor, reconcile, scope, stack_key};
+use super::{Context, Error, RunOptions, apply, identity, janitor, reconcile, scope, stack_key};
 use crate::crd::OpsConductorStack;
 use crate::names;
 use crate::server::Health;
@@ -438,6 +438,7 @@ pub async fn run(
         announced_violations: Mutex::default(),
         markers_written: Mutex::default(),
         applied_generations: Mutex::default(),
+        identity_keys: identity::KeysCache::default(),
     });
 
     // Tasks that live as long as this controller: a JoinSet aborts them when `run` returns or

@@ -157,6 +157,7 @@ pub fn validate(
     let tls = validate_tls(spec, &mut errs);
     let services = validate_services(spec, name.as_ref(), &mut errs);
     let backends = validate_backends(spec, name.as_ref(), &services, &mut errs);
+    let service_identity = services::validate_identity(spec, &mut errs);
     check_wildcards(spec, &mut errs);
     if name.is_some() {
         errs.0
@@ -165,6 +166,12 @@ pub fn validate(
 
     match (name, gateway, tls) {
         (Some(name), Some(gateway), Some(tls)) if errs.0.is_empty() => Ok(Stack {
+            service_identity: service_identity.map(|expiration_seconds| {
+                crate::model::ServiceIdentity {
+                    audience: crate::model::identity_audience(&namespace, &name),
+                    expiration_seconds,
+                }
+            }),
             name,
             namespace,
             uid: stack.metadata.uid.clone(),

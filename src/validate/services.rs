@@ -534,3 +534,42 @@ fn check_label_value(value: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// `spec.serviceIdentity`: the lifetime in range (the schema's, repeated for `render`), and no
+/// service setting an environment variable the operator sets for the token. The lifetime when
+/// enabled and valid.
+pub(super) fn validate_identity(spec: &OpsConductorStackSpec, errs: &mut Errors) -> Option<i64> {
+    let identity = spec.service_identity.as_ref()?;
+    let before = errs.0.len();
+    let range = crate::crd::IDENTITY_EXPIRATION_RANGE;
+    if !range.contains(&identity.expiration_seconds) {
+        errs.add(
+            "spec.serviceIdentity.expirationSeconds",
+            format!(
+                "{} is out of range {} to {} seconds: the API server refuses projected tokens \
+                 shorter than 10 minutes, and the kubelet renews every token within 24 hours",
+                identity.expiration_seconds,
+                range.start(),
+                range.end()
+            ),
+        );
+    }
+    if !identity.enabled {
+        return None;
+    }
+    for (i, s) in spec.services.iter().enumerate() {
+        for (k, e) in s.env.iter().enumerate() {
+            if crate::build::IDENTITY_ENV.contains(&e.name.as_str()) {
+                errs.add(
+                    format!("spec.services[{i}].env[{k}].name"),
+                    format!(
+                        "{:?} is set by the operator with spec.serviceIdentity.enabled (the \
+                         identity token's file and audience); choose another name",
+                        e.name
+                    ),
+                );
+            }
+        }
+    }
+    (errs.0.len() == before).then_some(identity.expiration_seconds)
+}

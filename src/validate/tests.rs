@@ -1311,3 +1311,71 @@ fn the_gateway_image_allow_list_applies_to_the_metrics_exporter() {
     // Not enabled: the image is not run, not checked.
     assert!(problems(json!({"enabled": false, "image": "evil/exporter:1"})).is_empty());
 }
+
+#[test]
+fn service_identity_is_off_unless_enabled_and_names_the_stack_and_namespace() {
+    let off = run(base()).unwrap();
+    assert_eq!(off.service_identity, None);
+    let mut v = base();
+    v["spec"]["serviceIdentity"] = json!({});
+    assert_eq!(
+        run(v).unwrap().service_identity,
+        None,
+        "enabled defaults to false"
+    );
+
+    let mut v = base();
+    v["spec"]["serviceIdentity"] = json!({"enabled": true});
+    let on = run(v).unwrap().service_identity.unwrap();
+    assert_eq!(on.audience, "opsconductor.io/ops/prod");
+    assert_eq!(on.expiration_seconds, 3600, "the default lifetime");
+
+    // The same stack name in another namespace has another audience.
+    let mut v = base();
+    v["metadata"]["namespace"] = json!("staging");
+    v["spec"]["serviceIdentity"] = json!({"enabled": true, "expirationSeconds": 600});
+    let other = run(v).unwrap().service_identity.unwrap();
+    assert_eq!(other.audience, "opsconductor.io/staging/prod");
+    assert_eq!(other.expiration_seconds, 600);
+}
+
+#[test]
+fn service_identity_lifetime_out_of_range_names_the_field() {
+    for bad in [0, 599, 86_401, -1] {
+        assert_error(
+            |v| v["spec"]["serviceIdentity"] = json!({"enabled": true, "expirationSeconds": bad}),
+            &format!(
+                "spec.serviceIdentity.expirationSeconds: {bad} is out of range 600 to 86400 seconds"
+            ),
+        );
+    }
+    // Checked even while disabled: the schema refuses it either way.
+    assert_error(
+        |v| v["spec"]["serviceIdentity"] = json!({"expirationSeconds": 100}),
+        "spec.serviceIdentity.expirationSeconds: 100 is out of range",
+    );
+    for good in [600, 86_400] {
+        let errs = errors(|v| {
+            v["spec"]["serviceIdentity"] = json!({"enabled": true, "expirationSeconds": good})
+        });
+        assert!(errs.is_empty(), "{good}: {errs:?}");
+    }
+}
+
+#[test]
+fn service_identity_refuses_env_names_the_operator_sets() {
+    let edit = |v: &mut Value| {
+        v["spec"]["serviceIdentity"] = json!({"enabled": true});
+        v["spec"]["services"][1]["env"] = json!([{"name": "A", "value": "1"}, {"name": "OPSC_IDENTITY_TOKEN_FILE", "value": "/x"}]);
+    };
+    assert_error(
+        edit,
+        "spec.services[1].env[1].name: \"OPSC_IDENTITY_TOKEN_FILE\" is set by the operator",
+    );
+    // Without identity the name is the service's to use.
+    let errs = errors(|v| {
+        v["spec"]["services"][1]["env"] =
+            json!([{"name": "OPSC_IDENTITY_TOKEN_FILE", "value": "/x"}]);
+    });
+    assert!(errs.is_empty(), "{errs:?}");
+}

@@ -108,6 +108,15 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A free UDP port on 127.0.0.1 (the socket is closed again; the exporter binds it next).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn ipv6_loopback() -> bool {
     TcpListener::bind("[::1]:0").is_ok()
 }
@@ -543,6 +552,9 @@ pub struct Layout {
     pub health_port: u16,
     /// For the loopback `stub_status` listener of a gateway with `spec.gateway.metrics`.
     pub status_port: u16,
+    /// The UDP port on 127.0.0.1 where nginx sends a line per request (with
+    /// `spec.gateway.metrics`) and the `requests` sidecar reads them.
+    pub request_log_port: u16,
 }
 
 impl Layout {
@@ -570,6 +582,7 @@ impl Layout {
             https_port: free_port(),
             health_port: free_port(),
             status_port: free_port(),
+            request_log_port: free_udp_port(),
         }
     }
 
@@ -590,6 +603,15 @@ impl Layout {
             self.https_port,
             Some(self.health_port),
             Some(self.status_port),
+        );
+        // The request log's target (with `metrics`): the layout's own UDP port.
+        let target = format!(
+            "syslog:server=127.0.0.1:{},",
+            nginx::request_metrics::REQUEST_LOG_PORT
+        );
+        let text = text.replace(
+            &target,
+            &format!("syslog:server=127.0.0.1:{},", self.request_log_port),
         );
         std::fs::write(self.config_path(), text).unwrap();
     }
@@ -1686,9 +1708,50 @@ impl Exporter {
                     .any(|a| a.ends_with(&format!("127.0.0.1:{port}"))),
             "the sidecar's arguments changed shape: {args:?}"
         );
-        let log = gateway.layout.path("exporter.log");
+        Exporter::spawn(binary, &args, port, gateway.layout.path("exporter.log"))
+    }
+
+    /// The `requests` sidecar, `opsconductor-operator gateway-requests` (this build's binary),
+    /// with the command the operator renders for it, except that its ports move: the UDP port
+    /// it reads to the layout's request log port (where the gateway's nginx sends), its
+    /// `/metrics` to `port` on 127.0.0.1.
+    pub fn start_requests(command: &[String], gateway: &Gateway) -> Exporter {
+        use opsconductor_operator::build::gateway::REQUEST_METRICS_PORT;
+        use opsconductor_operator::build::nginx::request_metrics::REQUEST_LOG_PORT;
+        let port = free_port();
+        let args: Vec<String> = command[1..]
+            .iter()
+            .map(|a| {
+                a.replace(
+                    &format!("--udp=127.0.0.1:{REQUEST_LOG_PORT}"),
+                    &format!("--udp=127.0.0.1:{}", gateway.layout.request_log_port),
+                )
+                .replace(
+                    &format!("--listen=0.0.0.0:{REQUEST_METRICS_PORT}"),
+                    &format!("--listen=127.0.0.1:{port}"),
+                )
+            })
+            .collect();
+        assert!(
+            command[0] == "/opsconductor-operator"
+                && args.contains(&format!(
+                    "--udp=127.0.0.1:{}",
+                    gateway.layout.request_log_port
+                ))
+                && args.contains(&format!("--listen=127.0.0.1:{port}")),
+            "the sidecar's command changed shape: {command:?}"
+        );
+        Exporter::spawn(
+            Path::new(env!("CARGO_BIN_EXE_opsconductor-operator")),
+            &args,
+            port,
+            gateway.layout.path("requests.log"),
+        )
+    }
+
+    fn spawn(binary: &Path, args: &[String], port: u16, log: PathBuf) -> Exporter {
         let child = Command::new(binary)
-            .args(&args)
+            .args(args)
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -1711,6 +1774,27 @@ impl Exporter {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, as the kubelet stops a container: how it exited, or a failure if it was still
+    /// running 10 s later (a container's first process that ignores SIGTERM keeps its pod
+    /// terminating for the whole grace period).
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the exporter still runs 10 s after SIGTERM:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn scrape_text(&self) -> Option<String> {
@@ -1743,7 +1827,10 @@ impl Drop for Exporter {
     fn drop(&mut self) {
         terminate(&mut self.child);
         if thread::panicking() {
-            eprintln!("--- exporter log ---\n{}", self.log());
+            eprintln!(
+                "--- exporter log ---\n{}",
+                self.log().chars().take(20_000).collect::<String>()
+            );
         }
     }
 }

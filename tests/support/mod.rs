@@ -16,6 +16,7 @@
 
 pub mod audit;
 pub mod controlplane;
+pub mod identity;
 pub mod measured;
 pub mod netpol;
 pub mod node;

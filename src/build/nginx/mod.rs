@@ -16,6 +16,8 @@
 //! - `upstreams`: the `upstream` blocks, by name or by ClusterIP, with keep-alive;
 //! - `servers`: the `server` blocks (probes, port 8080, port 8443 and its locations);
 //! - `headers`: the security headers of every response, the request headers towards services;
+//! - `request_metrics`: with `metrics`, the per-request line for the exporter of requests by
+//!   route and status class ([`crate::gateway_requests`]);
 //! - `route_limits`: per-route limits (`routeLimits`);
 //! - `edge_auth`: edge authentication (the verdict locations, cache and headers);
 //! - `tests`: tests of the whole file.
@@ -23,6 +25,7 @@
 mod edge_auth;
 mod headers;
 mod http_context;
+pub mod request_metrics;
 mod route_limits;
 mod servers;
 #[cfg(test)]
@@ -35,6 +38,7 @@ use super::BuildOptions;
 use crate::model::Stack;
 use edge_auth::verdict_cache;
 use http_context::{client_address, http_settings, tls_settings};
+use request_metrics::request_log;
 use route_limits::{any_route_rate, route_limit_zones};
 use servers::{health_server, plain_http_server, status_server, tls_servers};
 use upstreams::upstreams;
@@ -129,6 +133,7 @@ pub fn render(stack: &Stack, options: &BuildOptions) -> String {
     main_context(w, stack);
     let _ = writeln!(w, "\nhttp {{");
     http_settings(w, stack);
+    request_log(w, stack);
     client_address(w, stack);
     tls_settings(w);
     upstreams(w, stack, options);

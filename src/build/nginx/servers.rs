@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use super::edge_auth::{route_locations, verdict_locations, verdict_variables};
 use super::headers::{request_header_hygiene, security_headers};
 use super::http_context::wildcard_regex;
+use super::request_metrics::route_label;
 use super::route_limits::any_route_rate;
 use super::upstreams::{upstream_id, upstream_server};
 use super::{
@@ -228,6 +229,8 @@ pub(super) fn tls_servers(w: &mut String, stack: &Stack, options: &BuildOptions)
         // The route, then its public paths (edge authentication): the same service, the same
         // limits, no verdict asked for.
         for (location, policy) in route_locations(stack, route, svc) {
+            // With metrics, the route's label first, before any rule that may answer.
+            let policy = format!("{}{policy}", route_label(stack, svc));
             if upstream_server(stack, svc, options).is_some() {
                 // Without a URI part, the request URI goes upstream exactly as the client sent
                 // it.

@@ -618,8 +618,85 @@ fn the_status_listener_is_on_loopback_and_only_with_metrics() {
     );
     assert_eq!(conf.matches("stub_status;").count(), 1);
     assert!(conf.contains(&format!("location = {STATUS_PATH} {{")));
-    // Everything else is the same file.
+    // Everything else is the same file, but for the request log (tested below).
     let start = conf.find("\n    # Port 8082").unwrap();
     let end = start + conf[start..].find("\n    }\n").unwrap() + "\n    }\n".len();
-    assert_eq!(format!("{}{}", &conf[..start], &conf[end..]), plain);
+    assert_eq!(
+        without_request_log(&format!("{}{}", &conf[..start], &conf[end..])),
+        plain
+    );
+}
+
+/// The configuration without what `request_metrics` adds: the http-context block and the
+/// route label line of each route's locations.
+fn without_request_log(conf: &str) -> String {
+    let start = conf
+        .find("\n    # Requests by route and status class")
+        .expect("the request log block");
+    let end = start
+        + conf[start..]
+            .find("nohostname opsconductor_metrics;\n")
+            .unwrap()
+        + "nohostname opsconductor_metrics;\n".len();
+    let rest = format!("{}{}", &conf[..start], &conf[end..]);
+    rest.lines()
+        .filter(|l| !l.trim_start().starts_with("set $opsconductor_route "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[test]
+fn with_metrics_each_request_is_logged_to_the_sidecar_with_a_bounded_route_label() {
+    use super::request_metrics::{NO_ROUTE, REQUEST_LOG_PORT, ROUTE_VARIABLE};
+    let plain = render(&stack(TWO_ROUTES), &with_cluster_ips());
+    assert!(!plain.contains("syslog") && !plain.contains(ROUTE_VARIABLE));
+    assert!(!plain.contains("uninitialized_variable_warn"));
+    let with = TWO_ROUTES.replace(
+        "    clientMaxBodySize: 3m\n",
+        "    clientMaxBodySize: 3m\n    metrics: {enabled: true, allowFrom: [{namespaceSelector: {}}]}\n",
+    );
+    let conf = render(&stack(&with), &with_cluster_ips());
+    // One second access log, over UDP to the pod's loopback, beside the JSON one on stdout.
+    let logs: Vec<&str> = conf
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("access_log "))
+        .collect();
+    assert_eq!(
+        logs,
+        [
+            "access_log /dev/stdout opsconductor_json;",
+            &format!(
+                "access_log syslog:server=127.0.0.1:{REQUEST_LOG_PORT},facility=local7,\
+                 severity=info,tag=opsconductor,nohostname opsconductor_metrics;"
+            ),
+            // The probes and the status listener: in neither log.
+            "access_log off;",
+            "access_log off;",
+        ]
+    );
+    // The line: the route's label and nginx's own numbers, nothing a client sends.
+    assert!(conf.contains(
+        "log_format opsconductor_metrics\n        \
+         '$opsconductor_route_label $status $request_time $upstream_response_time\\n';"
+    ));
+    assert!(conf.contains(&format!("\"\"      \"{NO_ROUTE}\";")));
+    // Each routed service's location starts with its name as the label; no other location
+    // sets it (the unrouted service, the 404 catch-all, the redirect, ACME, probes).
+    let labelled: Vec<(String, String)> = locations(&conf)
+        .into_iter()
+        .filter(|(_, body)| body.contains(ROUTE_VARIABLE))
+        .collect();
+    let headers: Vec<&str> = labelled.iter().map(|(h, _)| h.as_str()).collect();
+    assert_eq!(headers, ["location / {", "location /api/ {"]);
+    assert!(labelled[0].1.starts_with("set $opsconductor_route web;"));
+    assert!(labelled[1].1.starts_with("set $opsconductor_route api-v2;"));
+    assert_eq!(conf.matches("set $opsconductor_route ").count(), 2);
+    // Everything else is the file without metrics.
+    let start = conf.find("\n    # Port 8082").unwrap();
+    let end = start + conf[start..].find("\n    }\n").unwrap() + "\n    }\n".len();
+    assert_eq!(
+        without_request_log(&format!("{}{}", &conf[..start], &conf[end..])),
+        plain
+    );
 }
