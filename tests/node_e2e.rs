@@ -2358,3 +2358,137 @@ async fn service_identity_tokens_verify_and_rotate() {
     );
     drop(certs);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The OpsConductor example on the node (issue 18)
+
+/// `examples/opsconductor.yaml` as it is, on the node, with only what cannot be the same here
+/// changed: the namespace, the host, a certificate the test brings instead of Let's Encrypt,
+/// the gateway reached on a NodePort, and every image the local test service (`auth` answering
+/// edge authentication's verdicts for one token, the frontend on its port 8080). Then: the
+/// stack is Ready with service identity keys published; through the gateway pods, login is
+/// public, an API route without the token is refused (401) and with it reaches its service
+/// with the verdict's user id (a client's own `X-User-Id` never arrives); login's stricter
+/// limit answers 429; the frontend answers on `/`.
+#[tokio::test]
+async fn the_opsconductor_example_runs_with_edge_auth_login_limits_and_identity() {
+    let Some(cluster) = cluster() else { return };
+    install_operator(cluster);
+    let Some(ns) = NodeNamespace::new("node-example").await else {
+        return;
+    };
+    let host = "ops.opsconductor.test";
+    let token = format!("token-{}", std::process::id());
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/opsconductor.yaml"),
+    )
+    .expect("examples/opsconductor.yaml");
+    let mut stack: serde_yaml::Value = serde_yaml::from_str(&text).expect("the example parses");
+    stack["metadata"]["namespace"] = ns.name.clone().into();
+    let spec = &mut stack["spec"];
+    spec["gateway"]["hosts"] = serde_yaml::to_value([host]).unwrap();
+    spec["gateway"]["image"] = cluster.image("gateway").into();
+    spec["gateway"]["serviceType"] = "NodePort".into();
+    spec["tls"] = serde_yaml::from_str("{secretName: ops-cert}").unwrap();
+    let services = spec["services"].as_sequence_mut().expect("services");
+    let mut names = Vec::new();
+    for svc in services.iter_mut() {
+        let name = svc["name"].as_str().expect("a name").to_string();
+        svc["image"] = cluster.image("test-service").into();
+        let mut env = vec![("SERVICE_NAME", name.clone())];
+        match name.as_str() {
+            "auth" => {
+                env.push(("VERDICT_PATH", "/api/v1/auth/verify".into()));
+                env.push(("VERDICT_TOKEN", token.clone()));
+            }
+            "frontend" => env.push(("PORT", "8080".into())),
+            _ => {}
+        }
+        if svc["env"].as_sequence().is_none() {
+            svc["env"] = serde_yaml::Value::Sequence(Vec::new());
+        }
+        let list = svc["env"].as_sequence_mut().unwrap();
+        for (k, v) in env {
+            list.push(serde_yaml::to_value(serde_json::json!({"name": k, "value": v})).unwrap());
+        }
+        names.push(name);
+    }
+    let certs = tls_secret(cluster, &ns.name, "ops-cert", host);
+    let ca = certs.path().join("tls.crt");
+    cluster.kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "create",
+        "secret",
+        "generic",
+        "opsconductor-db",
+        "--from-literal=url=postgres://stand-in",
+    ]);
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), serde_yaml::to_string(&stack).unwrap()).unwrap();
+    cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
+
+    condition_true(&ns, "prod", "Ready").await;
+    let identity = condition_true(&ns, "prod", "ServiceIdentityReady").await;
+    assert!(identity.contains("prod-identity"), "{identity}");
+    let mut deployments: Vec<&str> = names.iter().map(String::as_str).collect();
+    deployments.push("prod-gateway");
+    settled(cluster, &ns, &deployments).await;
+    let https = node_port(cluster, &ns.name, "prod-gateway", 443);
+    let get = |path: &str, headers: &[&str]| {
+        let mut args = https_on_node(&ca, host, &https, path);
+        for h in headers {
+            args.insert(0, h.to_string());
+            args.insert(0, "-H".to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        try_curl_node(&args)
+    };
+    let echo = |body: &str| -> serde_json::Value { serde_json::from_str(body).unwrap_or_default() };
+    eventually(
+        "login through the gateway (a public path)",
+        Duration::from_secs(60),
+        async || {
+            let (code, _, body) = get("/api/v1/auth/login", &[])?;
+            (code == 200 && echo(&body)["service"] == "auth").then_some(())
+        },
+    )
+    .await;
+    let (code, _, body) = get("/", &[]).expect("the frontend answers");
+    assert_eq!(
+        (code, echo(&body)["service"].clone()),
+        (200, "frontend".into())
+    );
+    for path in ["/api/v1/users/me", "/api/v1/jobs/", "/api/v1/executions/1"] {
+        let (code, _, _) = get(path, &[]).expect("an answer");
+        assert_eq!(code, 401, "{path} without a token");
+        let (code, _, _) = get(path, &["Authorization: Bearer not-the-token"]).expect("an answer");
+        assert_eq!(code, 401, "{path} with another token");
+    }
+    let bearer = format!("Authorization: Bearer {token}");
+    let (code, _, body) =
+        get("/api/v1/users/me", &[&bearer, "X-User-Id: admin"]).expect("an answer");
+    let seen = echo(&body);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(seen["service"], "users", "{body}");
+    assert_eq!(
+        seen["headers"]["x-user-id"], "user-1",
+        "the verdict's user id: {body}"
+    );
+
+    // Login's limit: 30 a minute per client address and gateway pod, bursts of 10. Two gateway
+    // pods let at most about 2 x 11 of 40 quick requests through.
+    let mut codes = std::collections::BTreeMap::<u16, u32>::new();
+    for _ in 0..40 {
+        let (code, _, _) = get("/api/v1/auth/login", &[]).expect("an answer");
+        *codes.entry(code).or_default() += 1;
+    }
+    support::measured(format!(
+        "the OpsConductor example on the node: 40 quick logins answered {codes:?} (status: count)"
+    ));
+    assert!(
+        codes.get(&429).copied().unwrap_or(0) >= 1 && codes.get(&200).copied().unwrap_or(0) >= 1,
+        "{codes:?}"
+    );
+    assert!(codes.keys().all(|c| *c == 200 || *c == 429), "{codes:?}");
+}

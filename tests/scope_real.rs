@@ -990,3 +990,109 @@ async fn the_audit_watches_only_namespaces_that_hold_a_stack() {
         .collect();
     assert!(refused.is_empty(), "{}", describe(&refused));
 }
+
+/// Service identity with an operator that may not read the API server's signing keys: the
+/// release's user here has its certificate's group, not `system:serviceaccounts`, so the default
+/// binding `system:service-account-issuer-discovery` does not cover it (a cluster that removed
+/// that binding is the same). The stack says so in `ServiceIdentityReady` (and `Ready`), its
+/// identity ConfigMap has no keys (every token is refused: fails closed); once the read is
+/// allowed, the next retry publishes the API server's keys and the condition turns True.
+#[tokio::test]
+async fn an_operator_that_may_not_read_the_signing_keys_says_so_and_publishes_none() {
+    let _serial = SERIAL.lock().await;
+    let Some(t) = Tenant::new("keys").await else {
+        return;
+    };
+    let cp = t.release.control_plane;
+    install_crd(cp).await;
+    let _rbac = t.install_rbac();
+    let dir = cp.state_dir.join("scope-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let op = t.start(&dir);
+    eventually(
+        "the operator to lead and sync its caches (/readyz)",
+        Duration::from_secs(90),
+        async || op.ready().then_some(()),
+    )
+    .await;
+
+    let mut stack = serde_json::to_value(example("minimal.yaml", &t.served.name)).unwrap();
+    stack["spec"]["serviceIdentity"] = serde_json::json!({"enabled": true});
+    let stack: OpsConductorStack = serde_json::from_value(stack).unwrap();
+    apply_stack(&t.served.client, &stack).await;
+    let stacks: Api<OpsConductorStack> = t.served.api();
+    let identity = async |want: &str| {
+        let s = stacks.get("hello").await.ok()?;
+        let status = s.status?;
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ServiceIdentityReady")?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (c.status == want).then(|| (c.clone(), ready.clone()))
+    };
+    let (refused, ready) = eventually(
+        "ServiceIdentityReady=False",
+        Duration::from_secs(90),
+        async || identity("False").await,
+    )
+    .await;
+    assert_eq!(refused.reason, "KeysUnavailable", "{refused:?}");
+    assert!(
+        refused.message.contains("forbidden") && refused.message.contains("hello-identity"),
+        "the API server's answer and the ConfigMap: {refused:?}"
+    );
+    assert!(
+        ready.status == "False" && ready.message.contains("ServiceIdentityReady"),
+        "{ready:?}"
+    );
+    let config_maps: Api<ConfigMap> = t.served.api();
+    let data = config_maps
+        .get("hello-identity")
+        .await
+        .expect("the identity ConfigMap")
+        .data
+        .unwrap_or_default();
+    assert_eq!(
+        data.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["audience"],
+        "no keys while they cannot be read: {data:?}"
+    );
+
+    // The read allowed (what the default binding gives every ServiceAccount).
+    let binding = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: {}-issuer-discovery\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: system:service-account-issuer-discovery\nsubjects:\n- apiGroup: rbac.authorization.k8s.io\n  kind: User\n  name: {}\n",
+        t.release.name, t.user
+    );
+    kubectl(cp, &["apply"], &binding);
+    let _binding = ClusterRbac { cp, yaml: binding };
+    let (published, _) = eventually(
+        "ServiceIdentityReady=True after the next read",
+        Duration::from_secs(120),
+        async || identity("True").await,
+    )
+    .await;
+    assert_eq!(published.reason, "KeysPublished", "{published:?}");
+    let served: serde_json::Value = serde_json::from_str(
+        &t.served
+            .client
+            .request_text(
+                http::Request::get("/openid/v1/jwks")
+                    .body(Vec::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let published_keys = eventually(
+        "the API server's keys in the identity ConfigMap",
+        Duration::from_secs(30),
+        async || {
+            let data = config_maps.get("hello-identity").await.ok()?.data?;
+            serde_json::from_str::<serde_json::Value>(data.get("jwks.json")?).ok()
+        },
+    )
+    .await;
+    assert_eq!(published_keys, served);
+}

@@ -5,6 +5,10 @@
 //	PORT           port to listen on, all addresses (default 8000)
 //	SERVICE_NAME   echoed as "service", so a test sees which service answered (default "")
 //
+//	VERDICT_PATH   with VERDICT_TOKEN: this path is an edge authentication verdict endpoint
+//	VERDICT_TOKEN  (spec.gateway.edgeAuth): 200 with "X-User-Id: user-1" when the request has
+//	               "Authorization: Bearer <VERDICT_TOKEN>", else 401
+//
 //	GET /health    200 "ok"
 //	anything else  200 with a JSON description of the request: service, hostname (the pod's
 //	               name), method, uri (exactly as received, query included), path, host,
@@ -60,6 +64,16 @@ func handler(service, hostname string) http.Handler {
 		w.Header().Set("Content-Type", "text/plain")
 		_, _ = w.Write([]byte("ok\n"))
 	})
+	if path, token := os.Getenv("VERDICT_PATH"), os.Getenv("VERDICT_TOKEN"); path != "" && token != "" {
+		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			if r.Header.Get("Authorization") != "Bearer "+token {
+				w.WriteHeader(http.StatusUnauthorized)
+				return
+			}
+			w.Header().Set("X-User-Id", "user-1")
+			w.WriteHeader(http.StatusOK)
+		})
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		headers := make(map[string]string, len(r.Header))
 		for name, values := range r.Header {

@@ -4,8 +4,12 @@
 //! egress to the API server and no RBAC of their own (docs/gateway.md, "Service identity").
 //!
 //! Read once, then again every [`REFRESH`] (signing keys change only when the API server is
-//! restarted with other keys); after a failed read the last keys stay in use and the next
-//! reconcile that needs them tries again after [`RETRY`].
+//! restarted with other keys); after a failed read the keys last read stay in use and the next
+//! reconcile that needs them tries again after [`RETRY`]. With none read since the operator
+//! started, the ConfigMaps are written without keys: services then refuse every token (fails
+//! closed) until a read succeeds, and the stack's `ServiceIdentityReady` condition says why.
+//! Keys found in an existing ConfigMap are not taken over: anyone who may edit ConfigMaps in the
+//! namespace could have put their own key there, and a drift revert needs the real keys.
 
 use std::time::{Duration, Instant};
 
@@ -25,12 +29,24 @@ pub struct KeysCache {
 }
 
 /// The keys last read, and when a read was last tried and whether it succeeded.
-type CacheState = (Option<IdentityKeys>, Option<(Instant, bool)>);
+type CacheState = (
+    Option<IdentityKeys>,
+    Option<(Instant, bool)>,
+    Option<String>,
+);
+
+/// What the cache gives a reconcile: the keys last read, and why the last read failed, when it
+/// did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Keys {
+    pub keys: Option<IdentityKeys>,
+    pub error: Option<String>,
+}
 
 impl KeysCache {
     /// The keys, read again when the last read is older than [`REFRESH`] (or failed more than
-    /// [`RETRY`] ago). `None` until a read succeeded.
-    pub async fn get(&self, client: &Client) -> Option<IdentityKeys> {
+    /// [`RETRY`] ago). No keys until a read succeeded.
+    pub async fn get(&self, client: &Client) -> Keys {
         let mut state = self.state.lock().await;
         let due = match state.1 {
             None => true,
@@ -42,16 +58,78 @@ impl KeysCache {
                     if state.0.as_ref() != Some(&keys) {
                         tracing::info!(issuer = %keys.issuer, "read the service account token signing keys");
                     }
-                    *state = (Some(keys), Some((Instant::now(), true)));
+                    *state = (Some(keys), Some((Instant::now(), true)), None);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the service account token issuer and keys from the API server; the stacks' identity ConfigMaps keep what they have");
+                    if state.0.is_some() {
+                        tracing::warn!(error = %e, "cannot read the service account token issuer and keys from the API server; the stacks' identity ConfigMaps keep the keys read earlier");
+                    } else {
+                        tracing::warn!(error = %e, "cannot read the service account token issuer and keys from the API server; the stacks' identity ConfigMaps have no keys until a read succeeds (services refuse every token meanwhile)");
+                    }
                     state.1 = Some((Instant::now(), false));
+                    state.2 = Some(format!("{e:#}"));
                 }
             }
         }
-        state.0.clone()
+        Keys {
+            keys: state.0.clone(),
+            error: state.2.clone(),
+        }
     }
+
+    /// What [`KeysCache::get`] gave last, without reading (for the status of the reconcile
+    /// that just built with it).
+    pub async fn current(&self) -> Keys {
+        let state = self.state.lock().await;
+        Keys {
+            keys: state.0.clone(),
+            error: state.2.clone(),
+        }
+    }
+}
+
+/// `ServiceIdentityReady` of a stack with `spec.serviceIdentity`, from the identity ConfigMap
+/// it wants (`keys`: what it publishes) and the last read's error. True while the ConfigMap
+/// has keys (a failed refresh is named: the keys read earlier stay until a read succeeds);
+/// False without them, since then every token is refused.
+pub fn verdict(config_map: &str, keys: &Keys) -> crate::controller::status::Verdict {
+    use crate::controller::status::Verdict;
+    let error = keys.error.as_deref();
+    match (&keys.keys, error) {
+        (Some(k), None) => Verdict::ok(
+            "KeysPublished",
+            format!(
+                "ConfigMap {config_map} holds the API server's issuer {} and {} token signing key(s)",
+                k.issuer,
+                key_count(&k.jwks)
+            ),
+        ),
+        (Some(k), Some(e)) => Verdict::ok(
+            "KeysPublished",
+            format!(
+                "ConfigMap {config_map} holds the issuer {} and {} token signing key(s) read earlier; reading them again failed ({e}), retried every {} s",
+                k.issuer,
+                key_count(&k.jwks),
+                RETRY.as_secs()
+            ),
+        ),
+        (None, e) => Verdict::not(
+            "KeysUnavailable",
+            format!(
+                "cannot read the service account token issuer and keys from the API server ({}); ConfigMap {config_map} has none, so services refuse every identity token until a read succeeds (retried every {} s)",
+                e.unwrap_or("not read yet"),
+                RETRY.as_secs()
+            ),
+        ),
+    }
+}
+
+/// How many keys a JWKS document holds (0 if it is not one).
+fn key_count(jwks: &str) -> usize {
+    serde_json::from_str::<serde_json::Value>(jwks)
+        .ok()
+        .and_then(|v| Some(v.get("keys")?.as_array()?.len()))
+        .unwrap_or(0)
 }
 
 /// Reads the issuer (`/.well-known/openid-configuration`) and the keys (`/openid/v1/jwks`).
@@ -87,4 +165,52 @@ pub async fn read(client: &Client) -> anyhow::Result<IdentityKeys> {
         // Re-serialized compactly, so that the ConfigMap changes only when the keys do.
         jwks: serde_json::to_string(&jwks)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_condition_is_true_only_with_keys_and_names_a_failed_read() {
+        let k = IdentityKeys {
+            issuer: "https://kubernetes.default.svc".into(),
+            jwks: r#"{"keys":[{"kid":"a"},{"kid":"b"}]}"#.into(),
+        };
+        let fresh = verdict(
+            "shop-identity",
+            &Keys {
+                keys: Some(k.clone()),
+                error: None,
+            },
+        );
+        assert!(fresh.ok && fresh.reason == "KeysPublished", "{fresh:?}");
+        assert!(
+            fresh.message.contains("2 token signing key(s)"),
+            "{fresh:?}"
+        );
+        let stale = verdict(
+            "shop-identity",
+            &Keys {
+                keys: Some(k),
+                error: Some("403 Forbidden".into()),
+            },
+        );
+        assert!(
+            stale.ok && stale.message.contains("403 Forbidden"),
+            "{stale:?}"
+        );
+        let none = verdict(
+            "shop-identity",
+            &Keys {
+                keys: None,
+                error: Some("403 Forbidden".into()),
+            },
+        );
+        assert!(!none.ok && none.reason == "KeysUnavailable", "{none:?}");
+        assert!(
+            none.message.contains("403 Forbidden") && none.message.contains("shop-identity"),
+            "{none:?}"
+        );
+    }
 }

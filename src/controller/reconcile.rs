@@ -83,9 +83,14 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
             report = apply(stack, ctx, &model, &bundle, &certificate, true).await?;
         }
     }
-    let requeue = certificate
+    let mut requeue = certificate
         .requeue_after
         .map_or(ctx.options.resync, |d| d.min(ctx.options.resync));
+    // Without the API server's signing keys the stack's services refuse every token: come back
+    // when the next read is due, not at the next resync.
+    if model.service_identity.is_some() && ctx.identity_keys.current().await.keys.is_none() {
+        requeue = requeue.min(super::identity::RETRY);
+    }
     status(stack, ctx, &model, &bundle, &report, certificate).await?;
     Ok(Action::requeue(requeue))
 }
@@ -193,7 +198,7 @@ async fn build(
 ) -> Result<(Bundle, bool), Error> {
     let (addresses, waiting) = addresses(ctx, model).await?;
     let identity_keys = match model.service_identity {
-        Some(_) => ctx.identity_keys.get(&ctx.client).await,
+        Some(_) => ctx.identity_keys.get(&ctx.client).await.keys,
         None => None,
     };
     let options = BuildOptions {
@@ -361,7 +366,14 @@ async fn status(
         violations: &violations,
     });
     ctx.metrics.violations(&stack_key(stack), violations.len());
-    let observed = observe(
+    let identity_verdict = match model.service_identity {
+        Some(_) => Some(super::identity::verdict(
+            &names::identity_config(&model.name),
+            &ctx.identity_keys.current().await,
+        )),
+        None => None,
+    };
+    let mut observed = observe(
         stack,
         ctx,
         model,
@@ -370,6 +382,7 @@ async fn status(
         policy_verdict,
         violations,
     );
+    observed.identity_verdict = identity_verdict;
     let new_status = status::compute(stack.status.as_ref(), &observed, Timestamp::now());
     events.audit_drift(&new_status).await;
     events.violations(&new_status).await;
@@ -559,6 +572,7 @@ fn observe(
         violations,
         conflicts: conflicts.into_iter().collect(),
         held: report.held.clone(),
+        identity_verdict: None,
     }
 }
 

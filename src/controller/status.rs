@@ -16,6 +16,8 @@ pub const SERVICES_READY: &str = "ServicesReady";
 pub const GATEWAY_READY: &str = "GatewayReady";
 pub const CERTIFICATE_READY: &str = "CertificateReady";
 pub const POLICY_ENFORCED: &str = "PolicyEnforced";
+/// Only on stacks with `spec.serviceIdentity`.
+pub const SERVICE_IDENTITY_READY: &str = "ServiceIdentityReady";
 
 /// Most violations listed in status; `violationCount` has the total.
 pub const MAX_LISTED_VIOLATIONS: usize = 50;
@@ -66,6 +68,8 @@ pub struct Observed {
     pub conflicts: Vec<String>,
     /// Deployments held back, with the conflicting object each would depend on.
     pub held: Vec<(String, String)>,
+    /// `ServiceIdentityReady`, for a stack with `spec.serviceIdentity` (else no condition).
+    pub identity_verdict: Option<Verdict>,
 }
 
 /// What apply and the audit found about the stack's policy, for `PolicyEnforced`.
@@ -190,12 +194,15 @@ pub fn compute(
             format!("0/{} gateway pods ready", observed.gateway_desired_replicas),
         )
     };
-    let parts = [
+    let mut parts = vec![
         (SERVICES_READY, services),
         (GATEWAY_READY, gateway),
         (CERTIFICATE_READY, observed.certificate_verdict.clone()),
         (POLICY_ENFORCED, observed.policy_verdict.clone()),
     ];
+    if let Some(identity) = &observed.identity_verdict {
+        parts.push((SERVICE_IDENTITY_READY, identity.clone()));
+    }
     let failing: Vec<&str> = parts
         .iter()
         .filter(|(_, v)| !v.ok)
@@ -205,6 +212,11 @@ pub fn compute(
         Verdict::not(
             "NameConflict",
             conflict_message(&observed.conflicts, &observed.held),
+        )
+    } else if failing.is_empty() && observed.identity_verdict.is_some() {
+        Verdict::ok(
+            "AllReady",
+            "services, gateway, certificate, policy and service identity are all in place",
         )
     } else if failing.is_empty() {
         Verdict::ok(
@@ -312,6 +324,7 @@ fn leak_type(t: &str) -> &'static str {
         GATEWAY_READY => GATEWAY_READY,
         CERTIFICATE_READY => CERTIFICATE_READY,
         POLICY_ENFORCED => POLICY_ENFORCED,
+        SERVICE_IDENTITY_READY => SERVICE_IDENTITY_READY,
         _ => READY,
     }
 }
@@ -374,6 +387,7 @@ mod tests {
             violations: vec![],
             conflicts: vec![],
             held: vec![],
+            identity_verdict: None,
         }
     }
 
@@ -455,6 +469,46 @@ mod tests {
         assert_eq!(ready.observed_generation, Some(3));
         assert_eq!(s.services.unwrap().summary, "2/2");
         assert_eq!(s.violation_count, Some(0));
+    }
+
+    /// ServiceIdentityReady only with identity on; without keys it holds Ready back, and the
+    /// condition goes away with identity switched off.
+    #[test]
+    fn service_identity_has_a_condition_of_its_own_only_when_on() {
+        let plain = compute(None, &observed(), t(100));
+        assert!(condition(Some(&plain), SERVICE_IDENTITY_READY).is_none());
+        let with = |v: Verdict| Observed {
+            identity_verdict: Some(v),
+            ..observed()
+        };
+        let published = compute(None, &with(Verdict::ok("KeysPublished", "keys")), t(100));
+        assert_eq!(
+            condition(Some(&published), SERVICE_IDENTITY_READY)
+                .unwrap()
+                .status,
+            "True"
+        );
+        assert_eq!(condition(Some(&published), READY).unwrap().status, "True");
+        let missing = compute(
+            Some(&published),
+            &with(Verdict::not("KeysUnavailable", "no keys")),
+            t(200),
+        );
+        let c = condition(Some(&missing), SERVICE_IDENTITY_READY).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "KeysUnavailable")
+        );
+        let ready = condition(Some(&missing), READY).unwrap();
+        assert_eq!(ready.status, "False");
+        assert!(ready.message.contains(SERVICE_IDENTITY_READY), "{ready:?}");
+        // An invalid spec keeps it as it was.
+        let invalid = invalid(Some(&missing), Some(4), "bad", t(300));
+        let kept = condition(Some(&invalid), SERVICE_IDENTITY_READY).unwrap();
+        assert_eq!(kept.reason, "KeysUnavailable");
+        // Switched off: gone.
+        let off = compute(Some(&missing), &observed(), t(400));
+        assert!(condition(Some(&off), SERVICE_IDENTITY_READY).is_none());
     }
 
     #[test]
