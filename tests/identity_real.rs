@@ -178,17 +178,7 @@ async fn identity_tokens_are_bound_to_the_stack_and_verify_offline() {
     // The ConfigMap holds exactly what the API server publishes.
     let (issuer, jwks, cm_audience) = identity_config(&client, &ns.name).await;
     assert_eq!(cm_audience, aud);
-    let served: Value = serde_json::from_str(
-        &client
-            .request_text(
-                http::Request::get("/openid/v1/jwks")
-                    .body(Vec::new())
-                    .unwrap(),
-            )
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let served = support::identity::served_jwks(&client).await;
     assert_eq!(jwks, served);
     let discovery: Value = serde_json::from_str(
         &client

@@ -1073,18 +1073,7 @@ async fn an_operator_that_may_not_read_the_signing_keys_says_so_and_publishes_no
     )
     .await;
     assert_eq!(published.reason, "KeysPublished", "{published:?}");
-    let served: serde_json::Value = serde_json::from_str(
-        &t.served
-            .client
-            .request_text(
-                http::Request::get("/openid/v1/jwks")
-                    .body(Vec::new())
-                    .unwrap(),
-            )
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let served = support::identity::served_jwks(&t.served.client).await;
     let published_keys = eventually(
         "the API server's keys in the identity ConfigMap",
         Duration::from_secs(30),

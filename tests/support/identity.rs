@@ -131,3 +131,16 @@ pub async fn token_review(
         .unwrap_or_default();
     Ok((user.username.unwrap_or_default(), pod))
 }
+
+/// The API server's token signing keys as it serves them (`/openid/v1/jwks`), read by `client`.
+pub async fn served_jwks(client: &kube::Client) -> Value {
+    let text = client
+        .request_text(
+            http::Request::get("/openid/v1/jwks")
+                .body(Vec::new())
+                .unwrap(),
+        )
+        .await
+        .expect("reading /openid/v1/jwks");
+    serde_json::from_str(&text).expect("/openid/v1/jwks is JSON")
+}
