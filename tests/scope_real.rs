@@ -137,12 +137,29 @@ impl Drop for ClusterRbac<'_> {
     }
 }
 
-/// A kubeconfig that authenticates as `user` in `group` with a client certificate of the control
-/// plane's CA. Not impersonation: the API server's audit policy matches the authenticated user,
-/// which for an impersonated request is the admin; a certificate's user is the one the policy
-/// sees, so the reads of `group` are recorded (scripts/controlplane). RBAC binds a ServiceAccount
-/// subject by its user name, so `system:serviceaccount:<ns>:<name>` gets the chart's bindings.
-fn write_certificate_kubeconfig(cp: &ControlPlane, path: &Path, user: &str, group: &str) {
+/// The groups the API server gives a ServiceAccount `system:serviceaccount:<ns>:<name>`
+/// (`system:serviceaccounts`, `system:serviceaccounts:<ns>`), beside [`AUDIT_READS_GROUP`]: what
+/// the chart's operator pod runs with, so that what Kubernetes grants those groups by default
+/// (reading the token signing keys, for stacks with service identity) is granted here too.
+fn as_service_account(user: &str) -> Vec<String> {
+    let ns = user
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split(':').next())
+        .expect("a ServiceAccount's user name");
+    vec![
+        AUDIT_READS_GROUP.to_string(),
+        "system:serviceaccounts".to_string(),
+        format!("system:serviceaccounts:{ns}"),
+    ]
+}
+
+/// A kubeconfig that authenticates as `user` in `groups` with a client certificate of the
+/// control plane's CA. Not impersonation: the API server's audit policy matches the
+/// authenticated user, which for an impersonated request is the admin; a certificate's user is
+/// the one the policy sees, so the reads of [`AUDIT_READS_GROUP`] are recorded
+/// (scripts/controlplane). RBAC binds a ServiceAccount subject by its user name, so
+/// `system:serviceaccount:<ns>:<name>` gets the chart's bindings.
+fn write_certificate_kubeconfig(cp: &ControlPlane, path: &Path, user: &str, groups: &[String]) {
     let pki = cp.state_dir.join("pki");
     let key = path.with_extension("key");
     let csr = path.with_extension("csr");
@@ -158,7 +175,8 @@ fn write_certificate_kubeconfig(cp: &ControlPlane, path: &Path, user: &str, grou
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    let subject = format!("/O={group}/CN={user}");
+    let subject: String =
+        groups.iter().map(|g| format!("/O={g}")).collect::<String>() + &format!("/CN={user}");
     // Extensions make it an X.509 v3 certificate (rustls accepts no other).
     let ext = path.with_extension("ext");
     std::fs::write(
@@ -242,13 +260,18 @@ impl Tenant {
 
     /// The operator as this release's ServiceAccount (never system:masters), its reads audited.
     fn start(&self, dir: &Path) -> OperatorProcess {
+        self.start_in(dir, &as_service_account(&self.user))
+    }
+
+    /// [`Tenant::start`] with the certificate's `groups` as given.
+    fn start_in(&self, dir: &Path, groups: &[String]) -> OperatorProcess {
         let cp = self.release.control_plane;
         let kubeconfig = dir.join(format!(
             "kubeconfig-{}-{}",
             self.release.name,
             std::process::id()
         ));
-        write_certificate_kubeconfig(cp, &kubeconfig, &self.user, AUDIT_READS_GROUP);
+        write_certificate_kubeconfig(cp, &kubeconfig, &self.user, groups);
         OperatorProcess::spawn(Spawn {
             name: &self.release.name,
             kubeconfig: &kubeconfig,
@@ -503,7 +526,7 @@ impl<'a> SelectorRelease<'a> {
             self.release,
             std::process::id()
         ));
-        write_certificate_kubeconfig(cp, &kubeconfig, &self.user, AUDIT_READS_GROUP);
+        write_certificate_kubeconfig(cp, &kubeconfig, &self.user, &as_service_account(&self.user));
         OperatorProcess::spawn(Spawn {
             name: self.release,
             kubeconfig: &kubeconfig,
@@ -868,7 +891,7 @@ async fn the_audit_watches_only_namespaces_that_hold_a_stack() {
     let dir = cp.state_dir.join("scope-tests");
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join(format!("kubeconfig-{release}-{}", std::process::id()));
-    write_certificate_kubeconfig(cp, &kubeconfig, &user, AUDIT_READS_GROUP);
+    write_certificate_kubeconfig(cp, &kubeconfig, &user, &as_service_account(&user));
     let lease = format!("{release}-opsconductor-operator");
     let op = OperatorProcess::spawn(Spawn {
         name: release,
@@ -992,7 +1015,7 @@ async fn the_audit_watches_only_namespaces_that_hold_a_stack() {
 }
 
 /// Service identity with an operator that may not read the API server's signing keys: the
-/// release's user here has its certificate's group, not `system:serviceaccounts`, so the default
+/// release's user here has only the audit group, not `system:serviceaccounts`, so the default
 /// binding `system:service-account-issuer-discovery` does not cover it (a cluster that removed
 /// that binding is the same). The stack says so in `ServiceIdentityReady` (and `Ready`), its
 /// identity ConfigMap has no keys (every token is refused: fails closed); once the read is
@@ -1008,7 +1031,7 @@ async fn an_operator_that_may_not_read_the_signing_keys_says_so_and_publishes_no
     let _rbac = t.install_rbac();
     let dir = cp.state_dir.join("scope-tests");
     std::fs::create_dir_all(&dir).unwrap();
-    let op = t.start(&dir);
+    let op = t.start_in(&dir, &[AUDIT_READS_GROUP.to_string()]);
     eventually(
         "the operator to lead and sync its caches (/readyz)",
         Duration::from_secs(90),
