@@ -737,11 +737,16 @@ fn a_service_without_an_address_answers_503_alone_and_is_served_after_a_reload()
     );
     gw.layout.install_config(&rendered);
     gw.reload();
-    // The old workers may answer a request or two more; polled, a hang guard only.
+    // The old workers may answer a request or two more, and one that accepted the connection
+    // as it began its graceful shutdown closes it unanswered (curl: "Error in the HTTP2
+    // framing layer", seen once in a full run; a client may retry such a request, RFC 9113
+    // section 8.7; the reload tests count those). Polled, a hang guard only.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let r = gw.curl_https(HOST, "/ghost/a", &[]);
-        if r.status == 200 {
+        let r = gw.try_curl_https(HOST, "/ghost/a");
+        if let Ok(r) = &r
+            && r.status == 200
+        {
             assert_eq!(r.json()["backend"], "ghost");
             break;
         }

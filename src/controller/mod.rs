@@ -126,6 +126,11 @@ pub struct Context {
     applied_generations: Mutex<HashMap<String, i64>>,
     /// The API server's token issuer and signing keys, for stacks with service identity.
     identity_keys: identity::KeysCache,
+    /// Cancelled when the controller must stop (shutdown, or the Lease lost). A reconcile
+    /// that waits for something the controller's own streams bring (the caches' first lists)
+    /// gives up on it: the controller stops polling those streams when it stops, and waits
+    /// for the reconciles in flight.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 fn stack_key(stack: &OpsConductorStack) -> String {

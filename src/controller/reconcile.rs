@@ -108,7 +108,13 @@ async fn gather(stack: &OpsConductorStack, ctx: &Context) -> Result<Result<Strin
         return Ok(Err(Action::await_change()));
     }
     let namespace = stack.namespace().ok_or(Error::NoNamespace)?;
-    ctx.stores.wait_ready().await;
+    // Stopping before the caches synced: they never will (the controller no longer polls the
+    // streams that fill them, and waits for this reconcile), so give up instead of hanging
+    // the shutdown until the kubelet kills the pod with the Lease still held.
+    tokio::select! {
+        () = ctx.stores.wait_ready() => {}
+        () = ctx.stop.cancelled() => return Ok(Err(Action::await_change())),
+    }
     if let super::scope::Scope::Selector(_) = ctx.options.scope {
         let selected = ctx
             .dynamic

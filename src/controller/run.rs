@@ -439,6 +439,7 @@ pub async fn run(
         markers_written: Mutex::default(),
         applied_generations: Mutex::default(),
         identity_keys: identity::KeysCache::default(),
+        stop: stop.clone(),
     });
 
     // Tasks that live as long as this controller: a JoinSet aborts them when `run` returns or
@@ -449,7 +450,10 @@ pub async fn run(
         let ctx = ctx.clone();
         let health = health.clone();
         tasks.spawn(async move {
-            ctx.stores.open_when_synced().await;
+            if !ctx.stores.open_when_synced().await {
+                // Stopped before the caches synced: nothing to report ready.
+                return;
+            }
             // The initial lists are behind us: hand what they left free back to the kernel.
             crate::memory::release_free_memory();
             health.ready.store(true, Ordering::Relaxed);

@@ -77,26 +77,32 @@ impl Stores {
     }
 
     /// The single waiter on the stores' own readiness: opens [`Stores::wait_ready`] for
-    /// everyone once each cache has had its initial list.
-    pub(super) async fn open_when_synced(&self) {
-        // Errors here only mean the writer was dropped, i.e. the operator is shutting down.
-        let _ = self.service_accounts.wait_until_ready().await;
-        let _ = self.config_maps.wait_until_ready().await;
-        let _ = self.deployments.wait_until_ready().await;
-        let _ = self.pod_disruption_budgets.wait_until_ready().await;
-        let _ = self.audit.services.wait_until_ready().await;
-        let _ = self.audit.pods.wait_until_ready().await;
-        let _ = self.audit.ingresses.wait_until_ready().await;
-        let _ = self.audit.network_policies.wait_until_ready().await;
-        let _ = self.audit.namespaces.wait_until_ready().await;
+    /// everyone once each cache has had its initial list. False when a cache's writer went
+    /// away first (the controller stopped before they synced); the waiters are let go then
+    /// too, since nothing will fill the caches any more.
+    pub(super) async fn open_when_synced(&self) -> bool {
+        let mut synced = true;
+        let mut note = |r: Result<(), kube::runtime::reflector::store::WriterDropped>| {
+            synced &= r.is_ok();
+        };
+        note(self.service_accounts.wait_until_ready().await);
+        note(self.config_maps.wait_until_ready().await);
+        note(self.deployments.wait_until_ready().await);
+        note(self.pod_disruption_budgets.wait_until_ready().await);
+        note(self.audit.services.wait_until_ready().await);
+        note(self.audit.pods.wait_until_ready().await);
+        note(self.audit.ingresses.wait_until_ready().await);
+        note(self.audit.network_policies.wait_until_ready().await);
+        note(self.audit.namespaces.wait_until_ready().await);
         for (_, store) in &self.audit.routes {
-            let _ = store.wait_until_ready().await;
+            note(store.wait_until_ready().await);
         }
         if let Some(g) = &self.guardrails {
-            let _ = g.policies.wait_until_ready().await;
-            let _ = g.bindings.wait_until_ready().await;
+            note(g.policies.wait_until_ready().await);
+            note(g.bindings.wait_until_ready().await);
         }
         self.ready.send_replace(true);
+        synced
     }
 }
 

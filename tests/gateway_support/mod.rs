@@ -916,6 +916,16 @@ impl Gateway {
     }
 
     /// curl to the HTTPS port, trusting the test certificate, `host` resolved to loopback.
+    /// [`Gateway::curl_https`], with curl's error as `Err` (no HTTP response at all).
+    pub fn try_curl_https(&self, host: &str, path: &str) -> Result<Response, String> {
+        let resolve = format!("{host}:{}:127.0.0.1", self.layout.https_port);
+        let cert = self.layout.cert().display().to_string();
+        let url = self.https_url(host, path);
+        let mut responses = try_curl_many(&["--resolve", &resolve, "--cacert", &cert, &url])?;
+        assert_eq!(responses.len(), 1, "{responses:?}");
+        Ok(responses.remove(0))
+    }
+
     pub fn curl_https(&self, host: &str, path: &str, extra: &[&str]) -> Response {
         let resolve = format!("{host}:{}:127.0.0.1", self.layout.https_port);
         let cert = self.layout.cert().display().to_string();
@@ -994,20 +1004,23 @@ pub fn curl(args: &[&str]) -> Response {
 
 /// Every response of one curl run, e.g. `curl URL URL URL` (one connection, reused).
 pub fn curl_many(args: &[&str]) -> Vec<Response> {
+    try_curl_many(args).unwrap_or_else(|e| panic!("curl {args:?} failed: {e}"))
+}
+
+/// [`curl_many`], with curl's error (a transport failure: no HTTP response) as `Err`.
+pub fn try_curl_many(args: &[&str]) -> Result<Vec<Response>, String> {
     let out = Command::new("curl")
         .args(["-sS", "-i", "--max-time", "60", "-w", END_MARK])
         .args(args)
         .output()
         .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "curl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let mut parts: Vec<&str> = text.split(END_MARK).collect();
     assert_eq!(parts.pop(), Some(""), "curl output ends with the mark");
-    parts.into_iter().map(parse_response).collect()
+    Ok(parts.into_iter().map(parse_response).collect())
 }
 
 fn parse_response(text: &str) -> Response {
