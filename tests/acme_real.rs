@@ -263,8 +263,37 @@ async fn first_issuance_through_the_real_http01_path_then_account_reuse_and_a_ho
         return;
     };
     w.start_operator();
+    // The first gateway configuration the operator writes: every 20 ms from before the stack
+    // exists (the operator's next look, which could add a thumbprint, is 2 s later).
+    let first_config = {
+        let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = w.ns.api();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(Some(cm)) = cms.get_opt(&format!("{STACK}-gateway-config")).await {
+                    return cm.data.unwrap_or_default()["nginx.conf"].clone();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
     let applied = Instant::now();
     w.apply(&["shop.test", "www.shop.test"]).await;
+
+    // The account key is made before the gateway exists: its first configuration already
+    // answers HTTP-01 with the thumbprint the registration keeps, so the first order waits
+    // for no configuration to reach the gateway pods (the kubelet takes up to 90 s).
+    let first_config = tokio::time::timeout(WAIT, first_config)
+        .await
+        .expect("the gateway ConfigMap within the wait")
+        .unwrap();
+    let first_answer = first_config
+        .lines()
+        .find(|l| l.contains("return 200 \"$1."))
+        .unwrap_or_else(|| {
+            panic!("the first gateway configuration answers no challenge:\n{first_config}")
+        })
+        .trim()
+        .to_string();
 
     // A temporary certificate first, so the gateway can start.
     let early = eventually("the bootstrap Secret", WAIT, async || {
@@ -319,6 +348,11 @@ async fn first_issuance_through_the_real_http01_path_then_account_reuse_and_a_ho
         }
     };
     let before: serde_json::Value = serde_json::from_str(&account_secret(&w).await).unwrap();
+    assert_eq!(
+        gateway_config(&w).await,
+        first_answer,
+        "the registered account has the thumbprint of the key made ahead"
+    );
     w.start_operator();
     // A host change: a new order for all three hosts, with the same account.
     w.apply(&["shop.test", "www.shop.test", "api.shop.test"])

@@ -3,7 +3,12 @@
 //! [`super::ca_client`].
 //!
 //! The Secret holds instant-acme's account credentials (`credentials.json`: the account URL,
-//! the PKCS#8 P-256 key, the directory URL). It carries the stack's labels and a controller
+//! the PKCS#8 P-256 key, the directory URL). Before the account is registered it holds only
+//! the key ([`KEY_AHEAD_KEY`]): the operator makes the key at the stack's first reconcile
+//! ([`generate_ahead`]), so the gateway's first configuration already answers HTTP-01 with its
+//! thumbprint, and the first order need not wait for the kubelet to bring a changed ConfigMap
+//! into the gateway pods (up to a minute and a half); registration then uses that key. Not
+//! with External Account Binding: instant-acme makes the key of such an account itself. It carries the stack's labels and a controller
 //! owner reference, so it goes away with the stack. Registration happens only with
 //! `acceptTermsOfService: true` (validation refuses anything else), with the `email` as
 //! `mailto:` contact and, when configured, External Account Binding.
@@ -32,6 +37,9 @@ use crate::ownership::{self, Claim, NameConflict};
 
 /// Key of the credentials in the account Secret.
 pub const CREDENTIALS_KEY: &str = "credentials.json";
+/// Key of the account key made ahead of registration (PKCS#8 DER), until `credentials.json`
+/// replaces it.
+pub const KEY_AHEAD_KEY: &str = "account-key.pk8";
 /// Annotation naming the directory the account is registered with (for people).
 pub const DIRECTORY_ANNOTATION: &str = "opsconductor.io/acme-directory";
 
@@ -50,9 +58,12 @@ pub fn jwk_thumbprint_p256(public_point: &[u8]) -> Option<String> {
     Some(b64.encode(Sha256::digest(jwk.as_bytes())))
 }
 
-/// The stored account: instant-acme's credentials and what we read from them.
+/// The stored account: instant-acme's credentials and what we read from them, or only a key
+/// made ahead of registration.
 pub struct Stored {
-    pub credentials_json: String,
+    /// instant-acme's credentials; `None` for a key made ahead of registration.
+    pub credentials_json: Option<String>,
+    /// The directory the account is registered with (`None` before registration).
     pub directory: Option<String>,
     pub thumbprint: String,
     key_pkcs8: Vec<u8>,
@@ -69,19 +80,49 @@ impl Stored {
         let key_pkcs8 = URL_SAFE_NO_PAD
             .decode(key)
             .map_err(|e| format!("key_pkcs8: {e}"))?;
+        let mut stored = Stored::ahead(key_pkcs8)?;
+        stored.credentials_json = Some(credentials_json.to_string());
+        stored.directory = value["directory"].as_str().map(str::to_string);
+        Ok(stored)
+    }
+
+    /// A key made ahead of registration (PKCS#8 DER, P-256).
+    pub fn ahead(key_pkcs8: Vec<u8>) -> Result<Stored, String> {
         let pair = rcgen::KeyPair::try_from(key_pkcs8.as_slice()).map_err(|e| e.to_string())?;
         let thumbprint =
             jwk_thumbprint_p256(pair.public_key_raw()).ok_or("the account key is not P-256")?;
         Ok(Stored {
-            credentials_json: credentials_json.to_string(),
-            directory: value["directory"].as_str().map(str::to_string),
+            credentials_json: None,
+            directory: None,
             thumbprint,
             key_pkcs8,
         })
     }
 
-    fn credentials(&self) -> Result<AccountCredentials, Failure> {
-        serde_json::from_str(&self.credentials_json)
+    /// Whether this is an account registered with `directory_url`.
+    pub fn registered_with(&self, directory_url: &str) -> bool {
+        self.credentials_json.is_some() && self.directory.as_deref() == Some(directory_url)
+    }
+
+    /// The thumbprint the gateway must answer HTTP-01 with for `acme`, when it is known before
+    /// an order: the account's, when it is registered with that directory; a key's made ahead
+    /// of registration, which the registration will use (not with External Account Binding,
+    /// whose key instant-acme makes itself).
+    pub fn thumbprint_for(&self, acme: &Acme) -> Option<&str> {
+        let known = if self.credentials_json.is_some() {
+            self.registered_with(&acme.directory_url)
+        } else {
+            acme.external_account_binding.is_none()
+        };
+        known.then_some(self.thumbprint.as_str())
+    }
+
+    pub fn credentials(&self) -> Result<AccountCredentials, Failure> {
+        let json = self
+            .credentials_json
+            .as_deref()
+            .ok_or_else(|| Failure::config("the ACME account is not registered yet"))?;
+        serde_json::from_str(json)
             .map_err(|e| Failure::config(format!("the stored ACME account is unreadable: {e}")))
     }
 }
@@ -94,6 +135,9 @@ pub enum ReadError {
     /// A Secret of that name exists and is someone else's: never read, never written.
     #[error("{0}")]
     Conflict(NameConflict),
+    /// No key could be made ahead of registration (the system's random source failed).
+    #[error("generating an ACME account key: {0}")]
+    KeyGeneration(String),
 }
 
 impl From<ReadError> for Failure {
@@ -101,6 +145,7 @@ impl From<ReadError> for Failure {
         match e {
             ReadError::Kube(e) => Failure::kube(format!("reading the ACME account Secret: {e}")),
             ReadError::Conflict(c) => Failure::new(super::FailureKind::NameConflict, c.to_string()),
+            ReadError::KeyGeneration(e) => Failure::config(e),
         }
     }
 }
@@ -122,12 +167,41 @@ pub async fn read(client: &Client, stack: &Stack) -> Result<Option<Stored>, Read
             why,
         }));
     }
-    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(CREDENTIALS_KEY)) else {
-        return Ok(None);
+    let data = secret.data.unwrap_or_default();
+    if let Some(bytes) = data.get(CREDENTIALS_KEY) {
+        return Ok(std::str::from_utf8(&bytes.0)
+            .ok()
+            .and_then(|s| Stored::parse(s).ok()));
+    }
+    Ok(data
+        .get(KEY_AHEAD_KEY)
+        .and_then(|bytes| Stored::ahead(bytes.0.clone()).ok()))
+}
+
+/// Makes the account key ahead of registration and keeps it in the account Secret (created,
+/// never replaced); returns what [`read`] then finds. Called when there is no account Secret,
+/// without External Account Binding: the gateway's configuration gets the key's thumbprint
+/// before the first order, and the registration uses the key.
+pub async fn generate_ahead(client: &Client, stack: &Stack) -> Result<Option<Stored>, ReadError> {
+    let (_, pkcs8) = Key::generate_pkcs8().map_err(|e| ReadError::KeyGeneration(e.to_string()))?;
+    let key_pkcs8 = pkcs8.secret_pkcs8_der().to_vec();
+    let api: Api<Secret> = Api::namespaced(client.clone(), &stack.namespace);
+    let name = names::acme_account_secret(&stack.name);
+    let secret = Secret {
+        metadata: crate::build::meta(stack, name, Component::Gateway),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            KEY_AHEAD_KEY.to_string(),
+            ByteString(key_pkcs8.clone()),
+        )])),
+        ..Secret::default()
     };
-    Ok(std::str::from_utf8(&bytes.0)
-        .ok()
-        .and_then(|s| Stored::parse(s).ok()))
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(Stored::ahead(key_pkcs8).ok()),
+        // Made meanwhile (by the order job's registration, or by hand): what is there counts.
+        Err(kube::Error::Api(e)) if e.code == 409 => read(client, stack).await,
+        Err(e) => Err(ReadError::Kube(e)),
+    }
 }
 
 /// A ready account and its thumbprint.
@@ -147,22 +221,28 @@ pub async fn load_or_register(
     http: &CaClient,
 ) -> Result<Ready, Failure> {
     let stored = read(client, stack).await?;
-    if let Some(stored) = stored.filter(|s| s.directory.as_deref() == Some(&acme.directory_url)) {
+    if let Some(stored) = stored
+        .as_ref()
+        .filter(|s| s.registered_with(&acme.directory_url))
+    {
         let account = Account::builder_with_http(Box::new(http.clone()))
             .from_credentials(stored.credentials()?)
             .await
             .map_err(|e| Failure::from_acme("reading the CA's directory", e, http))?;
         return Ok(Ready {
             account,
-            thumbprint: stored.thumbprint,
+            thumbprint: stored.thumbprint.clone(),
             registered: false,
         });
     }
-    register(client, stack, acme, http, None).await
+    // A key made ahead of registration is registered, so the thumbprint the gateway already
+    // answers with stays right; an account of another directory is not reused.
+    let ahead = stored.as_ref().filter(|s| s.credentials_json.is_none());
+    register(client, stack, acme, http, ahead).await
 }
 
-/// Registers an account (reusing `key` when given: after the CA forgot the account, as a
-/// restarted test CA does) and stores its credentials.
+/// Registers an account (reusing `key` when given: one made ahead of registration, or after
+/// the CA forgot the account, as a restarted test CA does) and stores its credentials.
 pub async fn register(
     client: &Client,
     stack: &Stack,
@@ -343,6 +423,66 @@ mod tests {
             Stored::parse(&credentials).unwrap().thumbprint,
             stored.thumbprint
         );
+    }
+
+    /// A key made ahead of registration names the thumbprint the registration will keep,
+    /// except with External Account Binding; a registered account's counts only for its own
+    /// directory.
+    #[test]
+    fn which_stored_key_names_the_thumbprint_before_an_order() {
+        let (_, pkcs8) = Key::generate_pkcs8().unwrap();
+        let der = pkcs8.secret_pkcs8_der().to_vec();
+        let ahead = Stored::ahead(der.clone()).unwrap();
+        let credentials = serde_json::json!({
+            "id": "https://ca.test/acct/1",
+            "key_pkcs8": URL_SAFE_NO_PAD.encode(&der),
+            "directory": "https://ca.test/dir",
+        })
+        .to_string();
+        let registered = Stored::parse(&credentials).unwrap();
+        assert_eq!(
+            ahead.thumbprint, registered.thumbprint,
+            "same key, same thumbprint"
+        );
+        let mut acme = Acme {
+            directory_url: "https://ca.test/dir".into(),
+            email: None,
+            external_account_binding: None,
+            ca_bundle: None,
+            profile: None,
+            key_algorithm: Default::default(),
+            dns01: None,
+        };
+        assert_eq!(ahead.thumbprint_for(&acme), Some(ahead.thumbprint.as_str()));
+        assert_eq!(
+            registered.thumbprint_for(&acme),
+            Some(ahead.thumbprint.as_str())
+        );
+        assert!(registered.credentials().is_ok());
+        assert!(
+            ahead.credentials().is_err(),
+            "a key ahead is no account yet"
+        );
+        acme.directory_url = "https://other-ca.test/dir".into();
+        assert_eq!(
+            registered.thumbprint_for(&acme),
+            None,
+            "another CA: a new account"
+        );
+        assert_eq!(ahead.thumbprint_for(&acme), Some(ahead.thumbprint.as_str()));
+        acme.external_account_binding = Some((
+            "kid".into(),
+            SecretKey {
+                name: "eab".into(),
+                key: "hmac".into(),
+            },
+        ));
+        assert_eq!(
+            ahead.thumbprint_for(&acme),
+            None,
+            "EAB: the key is made at registration"
+        );
+        assert!(Stored::ahead(b"not a key".to_vec()).is_err());
     }
 
     #[test]

@@ -303,10 +303,7 @@ async fn renewal_info(ctx: JobContext, serial: String, ari_id: String) {
             return Err(Failure::config("no ACME account yet"));
         };
         let account = instant_acme::Account::builder_with_http(Box::new(http.clone()))
-            .from_credentials(
-                serde_json::from_str(&stored.credentials_json)
-                    .map_err(|e| Failure::config(e.to_string()))?,
-            )
+            .from_credentials(stored.credentials()?)
             .await
             .map_err(|e| Failure::from_acme("reading the CA's directory", e, &http))?;
         let (aki, serial_b64) = ari_id.split_once('.').unwrap_or_default();

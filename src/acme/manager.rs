@@ -170,25 +170,41 @@ impl Manager {
             }
         }
 
-        // The account's thumbprint, from the stored key (no CA request).
+        // The account's thumbprint, from the stored key (no CA request). With no account
+        // Secret yet, the key is made now, so the gateway's first configuration answers with
+        // its thumbprint (account::generate_ahead).
         let mut conflicts = Vec::new();
         let known = state.lock().unwrap().thumbprint.clone();
         let thumbprint = match known {
             Some(t) => Some(t),
-            None => match account::read(client, stack).await {
-                Ok(stored) => {
-                    let t = stored
-                        .filter(|s| s.directory.as_deref() == Some(acme.directory_url.as_str()))
-                        .map(|s| s.thumbprint);
-                    state.lock().unwrap().thumbprint.clone_from(&t);
-                    t
+            None => {
+                let read = match account::read(client, stack).await {
+                    Ok(None) if acme.external_account_binding.is_none() => {
+                        account::generate_ahead(client, stack).await
+                    }
+                    read => read,
+                };
+                match read {
+                    Ok(stored) => {
+                        let t = stored
+                            .as_ref()
+                            .and_then(|s| s.thumbprint_for(acme))
+                            .map(str::to_string);
+                        state.lock().unwrap().thumbprint.clone_from(&t);
+                        t
+                    }
+                    Err(account::ReadError::Kube(e)) => return Err(e.into()),
+                    Err(account::ReadError::Conflict(c)) => {
+                        conflicts.push(c);
+                        None
+                    }
+                    // The order's registration makes a key then; the configuration follows.
+                    Err(e @ account::ReadError::KeyGeneration(_)) => {
+                        tracing::warn!(stack = %key, error = %e, "no account key ahead of registration");
+                        None
+                    }
                 }
-                Err(account::ReadError::Kube(e)) => return Err(e.into()),
-                Err(account::ReadError::Conflict(c)) => {
-                    conflicts.push(c);
-                    None
-                }
-            },
+            }
         };
 
         // The certificate in use.

@@ -48,6 +48,113 @@ impl Cluster {
         c
     }
 
+    /// `kubectl <args>`: what it printed (stdout, then stderr), never a panic; for diagnoses.
+    fn kubectl_shown(&self, args: &[&str]) -> String {
+        match self.kubectl().args(args).stdin(Stdio::null()).output() {
+            Ok(out) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => format!("kubectl did not run: {e}"),
+        }
+    }
+
+    /// What a failed node test needs to be explained after the fact, when the namespace is
+    /// gone: the namespace's stacks (spec and status), pods, Events and ConfigMaps, each pod's
+    /// recent logs, and, in each gateway pod, the reload loop's last result and the HTTP-01
+    /// lines of the nginx configuration it reads; then the operator pods' recent logs. A
+    /// failed ACME test once could not be explained (the gateway answered 404 on the challenge
+    /// path for 3 minutes, and neither the operator's log nor the pod's files were kept).
+    pub fn diagnose(&self, ns: &str) -> String {
+        let mut out = format!("==== diagnosis of namespace {ns} (the test failed) ====\n");
+        let mut show = |title: &str, args: &[&str]| {
+            out.push_str(&format!("---- {title}\n{}\n", self.kubectl_shown(args)));
+        };
+        show(
+            "stacks",
+            &["-n", ns, "get", "opsconductorstacks", "-o", "yaml"],
+        );
+        show(
+            "pods, Events",
+            &[
+                "-n",
+                ns,
+                "get",
+                "pods,events",
+                "-o",
+                "wide",
+                "--sort-by=.metadata.creationTimestamp",
+            ],
+        );
+        show("ConfigMaps", &["-n", ns, "get", "configmaps", "-o", "yaml"]);
+        let pods = self.kubectl_shown(&["-n", ns, "get", "pods", "-o", "name"]);
+        for pod in pods.lines().filter(|l| l.starts_with("pod/")) {
+            show(
+                &format!("{pod}: logs"),
+                &[
+                    "-n",
+                    ns,
+                    "logs",
+                    pod,
+                    "--all-containers",
+                    "--prefix",
+                    "--timestamps",
+                    "--tail",
+                    "80",
+                ],
+            );
+            if pod.contains("-gateway-") {
+                show(
+                    &format!("{pod}: the reload loop's last result, the HTTP-01 lines it reads"),
+                    &[
+                        "-n",
+                        ns,
+                        "exec",
+                        pod,
+                        "-c",
+                        "nginx",
+                        "--",
+                        "sh",
+                        "-c",
+                        "cat /tmp/opsconductor-config-status; \
+                         grep -n -A3 acme-challenge /etc/opsconductor/config/nginx.conf",
+                    ],
+                );
+            }
+        }
+        show(
+            "operator pods",
+            &[
+                "get",
+                "pods",
+                "-A",
+                "-l",
+                "app.kubernetes.io/name=opsconductor-operator",
+                "-o",
+                "wide",
+            ],
+        );
+        show(
+            "operator logs",
+            &[
+                "logs",
+                "-n",
+                "opsconductor-system",
+                "-l",
+                "app.kubernetes.io/name=opsconductor-operator",
+                "--prefix",
+                "--timestamps",
+                "--tail",
+                "200",
+                "--max-log-requests",
+                "10",
+            ],
+        );
+        out.push_str(&format!("==== end of the diagnosis of {ns} ===="));
+        out
+    }
+
     /// `kubectl <args>`; its stdout, or a panic with its stderr.
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         let out = self
@@ -278,6 +385,9 @@ impl NodeNamespace {
 impl Drop for NodeNamespace {
     fn drop(&mut self) {
         let cluster = self.cluster;
+        if std::thread::panicking() {
+            eprintln!("{}", cluster.diagnose(&self.name));
+        }
         delete_namespace_from_drop(self.name.clone(), move || cluster.config());
     }
 }
