@@ -333,7 +333,8 @@ fn the_operators_network_policy_admits_only_metrics_and_reaches_only_what_it_nee
         np["ingress"],
         json!([{"ports": [{"port": 8080, "protocol": "TCP"}]}])
     );
-    // Out: the API server, ACME over HTTPS, the gateways' HTTP port, DNS. Nothing else.
+    // Out: the API server, ACME over HTTPS, the gateways' HTTP port and reload result port,
+    // DNS. Nothing else.
     let egress = np["egress"].as_array().unwrap();
     let ports: Vec<Value> = egress.iter().map(|r| r["ports"].clone()).collect();
     assert_eq!(
@@ -341,11 +342,12 @@ fn the_operators_network_policy_admits_only_metrics_and_reaches_only_what_it_nee
         [
             json!([{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]),
             json!([{"port": 443, "protocol": "TCP"}]),
-            json!([{"port": 8080, "protocol": "TCP"}]),
+            json!([{"port": 8080, "protocol": "TCP"}, {"port": 8084, "protocol": "TCP"}]),
             json!([{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]),
         ]
     );
-    // The ACME self-check reaches only the stacks' gateway pods.
+    // The ACME self-check and the look at the reload results reach only the stacks' gateway
+    // pods.
     assert_eq!(
         egress[2]["to"],
         json!([{"namespaceSelector": {}, "podSelector": {"matchLabels": {

@@ -613,6 +613,16 @@ async fn status_and_printer_columns_explain_the_state() {
         ("False", "SecretMissing")
     );
     assert_eq!(first.services.as_ref().unwrap().summary, "0/2");
+    // No gateway pod runs (no kubelet here): which configuration they run is not known.
+    let loaded = first
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "GatewayConfigLoaded")
+        .unwrap();
+    assert_eq!(
+        (loaded.status.as_str(), loaded.reason.as_str()),
+        ("Unknown", "NoPods")
+    );
 
     // The user's certificate appears.
     // A real certificate: the operator checks chain, key and hosts of a user's Secret.
@@ -660,6 +670,16 @@ async fn status_and_printer_columns_explain_the_state() {
         }
     })
     .await;
+
+    // Pods reported Running without an address (this test stands in for the kubelet): still
+    // not known, and an Unknown condition does not hold Ready back.
+    let now = api.get("hello").await.unwrap().status.unwrap();
+    let loaded = now
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "GatewayConfigLoaded")
+        .unwrap();
+    assert_eq!(loaded.status, "Unknown", "{loaded:?}");
 
     let out = ns
         .control_plane

@@ -19,6 +19,7 @@ use gateway_support::{
     Backend, Gateway, Layout, OldTlsServer, Resolution, curl_many, rendered_config, tools_present,
 };
 use opsconductor_operator::build::{BuildOptions, nginx};
+use opsconductor_operator::controller::config_status;
 
 const HOST: &str = "shop.example.test";
 const OTHER_HOST: &str = "api.shop.example.test";
@@ -1621,7 +1622,9 @@ fn wait_for_backend(pod: &gateway_support::PodGateway, path: &str, backend: &str
 /// directory laid out as the kubelet lays out a ConfigMap volume. Under a steady load of
 /// kept-alive and new connections, a route is added, a configuration that fails `nginx -t` is
 /// published (never loaded: nginx keeps serving, the loop says why), and the route is removed:
-/// no request fails (as defined in [`gateway_support::Load`]).
+/// no request fails (as defined in [`gateway_support::Load`]). At each step nginx serves the
+/// loop's result on the port the operator asks, and the operator's verdict on it is checked
+/// (`GatewayConfigLoaded`): the file loaded, by its name, or refused with nginx's reason.
 #[test]
 fn a_route_added_and_removed_through_the_pods_reload_loop_fails_no_request() {
     if !tools_present(false) {
@@ -1651,6 +1654,29 @@ fn a_route_added_and_removed_through_the_pods_reload_loop_fails_no_request() {
     let pod = gateway_support::PodGateway::start(&script, &without_api, &[HOST]);
     assert_eq!(pod.curl_https(HOST, "/api/x").json()["backend"], "web");
     assert!(pod.config_status().starts_with("loaded "));
+    // What the operator reads, and what it makes of it.
+    let served = || {
+        let (status, body) = pod.served_config_status();
+        assert_eq!(status, 200, "{body}");
+        config_status::Answer::parse(&body)
+    };
+    let id = |conf: &str| nginx::config_id(conf).unwrap().to_string();
+    let verdict = |want: &str| config_status::verdict(want, &[("pod".into(), served())], 0).0;
+    assert_eq!(served(), config_status::Answer::Loaded(id(&without_api)));
+    assert_eq!(verdict(&id(&without_api)).reason, "Loaded");
+    assert_ne!(id(&without_api), id(&with_api));
+    let until = |what: &str, want: config_status::Answer| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while served() != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {:?}\n{}",
+                served(),
+                pod.error_log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
 
     let load = gateway_support::Load::start(HOST, pod.layout.https_port);
     load.wait_for(200);
@@ -1658,10 +1684,28 @@ fn a_route_added_and_removed_through_the_pods_reload_loop_fails_no_request() {
     // The route is added: the kubelet swaps the ConfigMap volume, the loop reloads nginx.
     pod.publish("..v1", &with_api);
     wait_for_backend(&pod, "/api/x", "api");
+    until(
+        "the new file loaded",
+        config_status::Answer::Loaded(id(&with_api)),
+    );
+    let loaded = verdict(&id(&with_api));
+    assert!(
+        loaded.ok && !loaded.unknown && loaded.reason == "Loaded",
+        "{loaded:?}"
+    );
+    // Against the file before, the pod is on its way (it runs another one).
+    assert_eq!(verdict(&id(&without_api)).reason, "Pending");
     load.wait_for(load.ok() + 200);
 
     // A configuration nginx refuses is never loaded: the route stays, the loop says why.
-    pod.publish("..v2", &format!("{with_api}\nnot_a_directive on;\n"));
+    // (A file of its own name, as the operator would write a new one.)
+    let broken_id = "00000000deadbeef";
+    let broken = format!("{with_api}\nnot_a_directive on;\n").replace(
+        &format!("{}{}", nginx::CONFIG_ID_PREFIX, id(&with_api)),
+        &format!("{}{broken_id}", nginx::CONFIG_ID_PREFIX),
+    );
+    assert_eq!(nginx::config_id(&broken), Some(broken_id));
+    pod.publish("..v2", &broken);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !pod.config_status().starts_with("rejected ") {
         assert!(
@@ -1672,6 +1716,30 @@ fn a_route_added_and_removed_through_the_pods_reload_loop_fails_no_request() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    let config_status::Answer::Rejected {
+        id: refused,
+        message,
+    } = served()
+    else {
+        panic!("served: {:?}", served())
+    };
+    assert_eq!(refused, broken_id);
+    assert!(
+        message.contains("unknown directive \"not_a_directive\""),
+        "{message}"
+    );
+    let rejected = verdict(broken_id);
+    assert!(
+        !rejected.ok && rejected.reason == "Rejected",
+        "{rejected:?}"
+    );
+    assert!(
+        rejected
+            .message
+            .contains("pod(s) pod refused configuration 00000000deadbeef")
+            && rejected.message.contains("not_a_directive"),
+        "{rejected:?}"
+    );
     assert!(
         pod.error_log().contains(
             "the configuration test failed, not loaded (nginx keeps serving the previous files)"
@@ -1686,6 +1754,10 @@ fn a_route_added_and_removed_through_the_pods_reload_loop_fails_no_request() {
     // The route is removed again.
     pod.publish("..v3", &without_api);
     wait_for_backend(&pod, "/api/x", "web");
+    until(
+        "the first file loaded again",
+        config_status::Answer::Loaded(id(&without_api)),
+    );
     assert!(pod.config_status().starts_with("loaded "));
     load.wait_for(load.ok() + 200);
 

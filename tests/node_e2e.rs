@@ -1728,6 +1728,35 @@ async fn condition_true(ns: &NodeNamespace, name: &str, type_: &str) -> String {
     .await
 }
 
+/// Waits until the stack's `GatewayConfigLoaded` is True for the configuration its gateway
+/// ConfigMap holds now (every gateway pod reloaded it); returns that configuration's name.
+async fn config_loaded(ns: &NodeNamespace, name: &str) -> String {
+    let stacks: Api<OpsConductorStack> = ns.api();
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = ns.api();
+    eventually(
+        &format!(
+            "stack {}/{name}'s GatewayConfigLoaded to be True for its ConfigMap",
+            ns.name
+        ),
+        Duration::from_secs(240),
+        async || {
+            let map = maps
+                .get_opt(&format!("{name}-gateway-config"))
+                .await
+                .ok()??;
+            let conf = map.data?.remove("nginx.conf")?;
+            let id = opsconductor_operator::build::nginx::config_id(&conf)?.to_string();
+            let st = stacks.get_opt(name).await.ok()??.status?;
+            let c = st
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "GatewayConfigLoaded")?;
+            (c.status == "True" && c.reason == "Loaded" && c.message.contains(&id)).then_some(id)
+        },
+    )
+    .await
+}
+
 /// Waits until each Deployment's rollout is complete and no pod of the namespace is
 /// terminating (a draining gateway pod still takes requests until it is gone).
 async fn settled(cluster: &Cluster, ns: &NodeNamespace, deployments: &[&str]) {
@@ -1853,6 +1882,9 @@ spec:
     apply(manifest(&gateway_image, 2, false));
     condition_true(&ns, "changes", "Ready").await;
     settled(cluster, &ns, &["changes-gateway", "web"]).await;
+    // The operator asks each gateway pod which configuration it loaded (through the gateway's
+    // NetworkPolicy and the chart's, enforced by kube-router).
+    config_loaded(&ns, "changes").await;
     let https = node_port(cluster, &ns.name, "changes-gateway", 443);
     eventually(
         "the gateway to answer through its NodePort",
@@ -1889,6 +1921,12 @@ spec:
         async || (answered_by(&ca, host, &https, "/extra/x")? == "extra").then_some(()),
     )
     .await;
+    let id = config_loaded(&ns, "changes").await;
+    support::measured(format!(
+        "a route added: GatewayConfigLoaded True for configuration {id} (every gateway pod \
+         reloaded it) {:.0} s after the apply",
+        started.elapsed().as_secs_f64()
+    ));
     load.wait_for(load.ok() + 100);
     apply(manifest(&gateway_image, 2, false));
     eventually(

@@ -52,7 +52,11 @@ const NGINX_UID: i64 = 101;
 /// with the new files while the old ones finish their requests (graceful). Files that fail
 /// `nginx -t` are never loaded: nginx keeps serving the previous ones, the loop logs why on
 /// stderr and tries again at the next change (the operator's own checks normally prevent it:
-/// see `docs/gateway.md`). The last result is in [`CONFIG_STATUS_PATH`]. The loop ends when
+/// see `docs/gateway.md`). The last result is in [`CONFIG_STATUS_PATH`]: `loaded <id>` or
+/// `rejected <id>` with nginx's message on the lines after it, `<id>` the name the operator
+/// wrote into the file ([`nginx::CONFIG_ID_PREFIX`]); it is replaced atomically (written
+/// beside, then renamed), and nginx serves it to the operator on
+/// [`nginx::CONFIG_STATUS_PORT`] for the `GatewayConfigLoaded` condition. The loop ends when
 /// nginx does (its parent, read from `/proc/self/stat`, is the shell that became nginx by
 /// `exec`), so it never outlives it where the container does not end with nginx (e.g. a test
 /// running the command). See `docs/gateway.md` and `docs/acme.md`.
@@ -62,32 +66,43 @@ const NGINX_UID: i64 = 101;
 /// variable), so `kill -0 "$$"` ran as `kill -0 "$"` in a real pod, the loop ended after 2 s,
 /// and a renewed certificate never reached a running gateway.
 /// [`kubelet_expansion_leaves_the_command_alone`] guards it.
-pub const RELOAD_ON_CHANGE: &str = r#"tls=/etc/opsconductor/tls
+pub const RELOAD_ON_CHANGE: &str = r##"tls=/etc/opsconductor/tls
 conf=/etc/opsconductor/config/nginx.conf
 result=/tmp/opsconductor-config-status
 digest() { cat "$conf" "$tls/tls.crt" "$tls/tls.key" 2>/dev/null | cksum; }
+config_id() {
+  n=0
+  while [ "$n" -lt 5 ] && IFS= read -r line; do
+    n=$((n + 1))
+    case $line in "# opsconductor-config "*) echo "${line#"# opsconductor-config "}"; return ;; esac
+  done < "$conf"
+  echo none
+}
+report() { printf '%s %s\n%s\n' "$1" "$2" "$3" > "$result.new" && mv -f "$result.new" "$result"; }
 (
   read -r _ _ _ nginx _ < /proc/self/stat
   last=$(digest)
-  echo "loaded $last" > "$result"
+  report loaded "$(config_id)" ""
   while sleep 2; do
     kill -0 "$nginx" 2>/dev/null || exit 0
     now=$(digest)
     [ "$now" = "$last" ] && continue
+    id=$(config_id)
     if problem=$(nginx -t -q -c "$conf" 2>&1); then
-      nginx -s reload -c "$conf" && last=$now && echo "loaded $now" > "$result"
+      nginx -s reload -c "$conf" && last=$now && report loaded "$id" ""
     else
       last=$now
-      echo "rejected $now" > "$result"
+      report rejected "$id" "$problem"
       echo "opsconductor-gateway: the configuration test failed, not loaded (nginx keeps serving the previous files): $problem" >&2
     fi
   done
 ) &
 exec nginx -c "$conf"
-"#;
+"##;
 
-/// Where the reload loop writes the result of the last change it saw: `loaded <cksum>` or
-/// `rejected <cksum>` (in the pod's emptyDir; `kubectl exec ... cat` shows it).
+/// Where the reload loop writes the result of the last change it saw: `loaded <id>` or
+/// `rejected <id>` and nginx's message (in the pod's emptyDir; nginx serves it on
+/// [`nginx::CONFIG_STATUS_PORT`], and `kubectl exec ... cat` shows it).
 pub const CONFIG_STATUS_PATH: &str = "/tmp/opsconductor-config-status";
 
 /// Seconds the `preStop` hook waits before nginx is told to stop: the pod leaves the Service's
@@ -330,6 +345,7 @@ pub fn deployment(stack: &Stack, options: &BuildOptions) -> Deployment {
         ports: Some(vec![
             port("http", nginx::HTTP_PORT),
             port("https", nginx::HTTPS_PORT),
+            port("config-status", nginx::CONFIG_STATUS_PORT),
         ]),
         resources: Some(stack.gateway.resources.clone()),
         readiness_probe: Some(probe(2)),

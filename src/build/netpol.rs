@@ -166,20 +166,16 @@ fn gateway(stack: &Stack, operator_namespace: Option<&str>) -> NetworkPolicy {
     let acme = matches!(stack.tls.source, crate::model::CertificateSource::Acme(_));
     if let (true, false, Some(ns)) = (acme, sources.is_empty(), operator_namespace) {
         ingress.push(NetworkPolicyIngressRule {
-            from: Some(vec![NetworkPolicyPeer {
-                namespace_selector: Some(selector(BTreeMap::from([(
-                    "kubernetes.io/metadata.name".to_string(),
-                    ns.to_string(),
-                )]))),
-                pod_selector: Some(selector(
-                    OPERATOR_POD_LABELS
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                )),
-                ..NetworkPolicyPeer::default()
-            }]),
+            from: Some(vec![operator_pods(ns)]),
             ports: Some(tcp(&[nginx::HTTP_PORT as Port])),
+        });
+    }
+    // The reload loop's result, from the operator's pods and nobody else: the operator reads
+    // it for the GatewayConfigLoaded condition.
+    if let Some(ns) = operator_namespace {
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(vec![operator_pods(ns)]),
+            ports: Some(tcp(&[nginx::CONFIG_STATUS_PORT as Port])),
         });
     }
     // The exporter's metrics port, from the scrapers the spec names and nobody else.
@@ -218,6 +214,23 @@ fn gateway(stack: &Stack, operator_namespace: Option<&str>) -> NetworkPolicy {
         Some(ingress),
         Some(egress),
     )
+}
+
+/// The operator's pods: the chart's pod labels in the operator's namespace.
+fn operator_pods(namespace: &str) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        namespace_selector: Some(selector(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_string(),
+            namespace.to_string(),
+        )]))),
+        pod_selector: Some(selector(
+            OPERATOR_POD_LABELS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )),
+        ..NetworkPolicyPeer::default()
+    }
 }
 
 /// Services that `svc` may call.
@@ -370,7 +383,8 @@ mod tests {
     #[test]
     fn the_acme_self_check_passes_source_ranges_from_the_operator_pods_only() {
         let rules = gateway_ingress(&stack(ACME, "[192.0.2.0/24]"), Some("opsconductor-system"));
-        assert_eq!(rules.len(), 2);
+        // Clients, the self-check, the reload loop's result.
+        assert_eq!(rules.len(), 3);
         let peer = &rules[1].from.as_ref().unwrap()[0];
         let ns = peer
             .namespace_selector
@@ -404,16 +418,16 @@ mod tests {
             gateway_ingress(&crate::validate::validate(&cr, "ns").unwrap(), Some("o"))
         };
         let without = with("");
-        assert_eq!(without.len(), 1);
+        assert_eq!(without.len(), 2, "clients, the reload loop's result");
         assert_eq!(with(", metrics: {enabled: false}"), without);
         let rules = with(
             ", metrics: {enabled: true, allowFrom: [\
              {namespaceSelector: {matchLabels: {team: obs}}, podSelector: {matchLabels: {app: prom}}}, \
              {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: ops}}}]}",
         );
-        assert_eq!(rules.len(), 2);
-        assert_eq!(rules[0], without[0], "the client rule is unchanged");
-        let metrics = &rules[1];
+        assert_eq!(rules.len(), 3);
+        assert_eq!(rules[..2], without[..], "the other rules are unchanged");
+        let metrics = &rules[2];
         assert_eq!(metrics.ports, Some(tcp(&[9113, 9114])));
         let peers = metrics.from.as_ref().unwrap();
         assert_eq!(peers.len(), 2);
@@ -435,16 +449,51 @@ mod tests {
     fn no_extra_rule_without_source_ranges_acme_or_a_known_operator_namespace() {
         assert_eq!(
             gateway_ingress(&stack(ACME, "[]"), Some("opsconductor-system")).len(),
-            1
+            2,
+            "clients, the reload loop's result"
         );
         assert_eq!(
             gateway_ingress(&stack("{secretName: c}", "[192.0.2.0/24]"), Some("o")).len(),
-            1
+            2
         );
         assert_eq!(
             gateway_ingress(&stack(ACME, "[192.0.2.0/24]"), None).len(),
             1
         );
+    }
+
+    /// The reload loop's result port admits the operator's pods, nobody else, and only that port.
+    #[test]
+    fn the_reload_result_is_open_to_the_operator_pods_only() {
+        for tls in [ACME, "{secretName: c}"] {
+            let rules = gateway_ingress(&stack(tls, "[]"), Some("opsconductor-system"));
+            let rule = rules.last().unwrap();
+            assert_eq!(rule.ports, Some(tcp(&[nginx::CONFIG_STATUS_PORT as Port])));
+            assert_eq!(rule.from, Some(vec![operator_pods("opsconductor-system")]));
+            let peer = &rule.from.as_ref().unwrap()[0];
+            assert!(peer.ip_block.is_none());
+            assert_eq!(
+                peer.pod_selector
+                    .as_ref()
+                    .unwrap()
+                    .match_labels
+                    .as_ref()
+                    .unwrap()
+                    .len(),
+                OPERATOR_POD_LABELS.len()
+            );
+            // No other rule opens that port.
+            let opened = rules
+                .iter()
+                .filter(|r| {
+                    r.ports
+                        .iter()
+                        .flatten()
+                        .any(|p| p.port == Some(IntOrString::Int(nginx::CONFIG_STATUS_PORT)))
+                })
+                .count();
+            assert_eq!(opened, 1);
+        }
     }
 
     #[test]

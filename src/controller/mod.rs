@@ -13,12 +13,14 @@
 //!   dereference, build, apply, status), each failing with its own [`Error`];
 //! - beside it, the stages' helpers: [`dereference`] (the certificate), [`apply`] (the only
 //!   writes of children), [`diff`] (is an object exactly ours?), [`marker`] (the namespace
-//!   admission label), [`status`] (the status as a value), [`events`];
+//!   admission label), [`status`] (the status as a value), [`config_status`] (which
+//!   configuration the gateway pods run), [`events`];
 //! - [`janitor`]: what follows from the caches, not from single events.
 
 mod apply;
 mod changes;
 pub mod compact;
+pub mod config_status;
 mod dereference;
 pub mod diff;
 mod error;

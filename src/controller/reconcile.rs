@@ -91,7 +91,28 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
     if model.service_identity.is_some() && ctx.identity_keys.current().await.keys.is_none() {
         requeue = requeue.min(super::identity::RETRY);
     }
-    status(stack, ctx, &model, &bundle, &report, certificate).await?;
+    // Which configuration the gateway pods run; while some are still on their way to the one
+    // just written, look again soon (nothing in the API tells when a pod's reload happened).
+    let config_verdict = match gateway_config_id(&model, &bundle) {
+        Some(want) => {
+            let (verdict, soon) = super::config_status::check(ctx, &model, &want).await;
+            if soon {
+                requeue = requeue.min(super::config_status::PENDING_RECHECK);
+            }
+            Some(verdict)
+        }
+        None => None,
+    };
+    status(
+        stack,
+        ctx,
+        &model,
+        &bundle,
+        &report,
+        certificate,
+        config_verdict,
+    )
+    .await?;
     Ok(Action::requeue(requeue))
 }
 
@@ -337,6 +358,20 @@ async fn apply(
     Ok(report)
 }
 
+/// The name of the gateway configuration in `bundle` (see [`crate::build::nginx::config_id`]).
+fn gateway_config_id(model: &Stack, bundle: &Bundle) -> Option<String> {
+    let name = names::gateway_config(&model.name);
+    bundle
+        .config_maps
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some(name.as_str()))?
+        .data
+        .as_ref()?
+        .get(crate::build::nginx::CONFIG_KEY)
+        .and_then(|conf| crate::build::nginx::config_id(conf))
+        .map(str::to_string)
+}
+
 /// Stage 6, status: what runs, what the audit finds and the certificate, into the status (written
 /// only when it changed) and Events.
 async fn status(
@@ -346,6 +381,7 @@ async fn status(
     bundle: &Bundle,
     report: &Report,
     certificate: Certificate,
+    config_verdict: Option<status::Verdict>,
 ) -> Result<(), Error> {
     let events = Events::new(stack, ctx);
     let violations = violations(ctx, model, bundle, report);
@@ -389,6 +425,7 @@ async fn status(
         violations,
     );
     observed.identity_verdict = identity_verdict;
+    observed.config_verdict = config_verdict;
     let new_status = status::compute(stack.status.as_ref(), &observed, Timestamp::now());
     events.audit_drift(&new_status).await;
     events.violations(&new_status).await;
@@ -579,6 +616,7 @@ fn observe(
         conflicts: conflicts.into_iter().collect(),
         held: report.held.clone(),
         identity_verdict: None,
+        config_verdict: None,
     }
 }
 

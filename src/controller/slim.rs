@@ -7,14 +7,23 @@
 //! managedFields are dropped from everything (see `child_watch!` in the controller).
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
-use k8s_openapi::api::core::v1::{Container, ContainerPort, EphemeralContainer, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EphemeralContainer, Pod, PodSpec, PodStatus,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// Keeps what [`crate::audit`] reads of a Pod: its identity and labels (NetworkPolicy and
 /// backend selectors match them), `hostNetwork`, `hostPID`, and each container's name and
-/// ports (for `hostPort`), ephemeral containers included.
+/// ports (for `hostPort`), ephemeral containers included. Of a gateway pod's status (labelled
+/// as one of a stack's gateway pods) also the phase and address, where the operator asks
+/// it which configuration it loaded ([`super::config_status`]); no other pod keeps any status,
+/// so their status updates change nothing cached and trigger no reconcile.
 pub fn pod(pod: &mut Pod) {
     let meta = std::mem::take(&mut pod.metadata);
+    let gateway = meta.labels.as_ref().is_some_and(|l| {
+        l.contains_key(crate::names::STACK_LABEL)
+            && l.get(crate::names::COMPONENT_LABEL).map(String::as_str) == Some("gateway")
+    });
     pod.metadata = ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,
@@ -25,7 +34,15 @@ pub fn pod(pod: &mut Pod) {
         deletion_timestamp: meta.deletion_timestamp,
         ..ObjectMeta::default()
     };
-    pod.status = None;
+    pod.status = pod
+        .status
+        .take()
+        .filter(|_| gateway)
+        .map(|status| PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            ..PodStatus::default()
+        });
     let Some(spec) = pod.spec.take() else { return };
     let ports = |ports: Option<Vec<ContainerPort>>| {
         ports.map(|ports| {
@@ -106,7 +123,11 @@ mod tests {
                 "volumes": [{"name": "v", "emptyDir": {}}],
                 "tolerations": [{"key": "k", "operator": "Exists"}]
             },
-            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False"}]}
+            "status": {"phase": "Running", "podIP": "10.244.0.9", "podIPs": [{"ip": "10.244.0.9"}],
+                       "hostIP": "10.250.0.1",
+                       "conditions": [{"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "web", "image": "nginx", "imageID": "x",
+                                              "ready": true, "restartCount": 0}]}
         }))
         .unwrap()
     }
@@ -127,6 +148,19 @@ mod tests {
         let init = &spec.init_containers.as_ref().unwrap()[0];
         assert_eq!(init.name, "setup");
         assert_eq!(init.ports.as_ref().unwrap()[0].host_port, Some(9));
+        assert!(p.status.is_none(), "no status but a gateway pod's");
+        // A stack's gateway pod keeps its phase and address.
+        let mut g = full_pod();
+        g.metadata.labels = Some(crate::names::selector(
+            &crate::model::DnsLabel::parse("shop").unwrap(),
+            crate::names::Component::Gateway,
+        ));
+        pod(&mut g);
+        let status = g.status.as_ref().unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert_eq!(status.pod_ip.as_deref(), Some("10.244.0.9"));
+        assert!(status.conditions.is_none() && status.container_statuses.is_none());
+        assert!(status.pod_ips.is_none() && status.host_ip.is_none());
     }
 
     #[test]

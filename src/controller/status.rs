@@ -18,6 +18,9 @@ pub const CERTIFICATE_READY: &str = "CertificateReady";
 pub const POLICY_ENFORCED: &str = "PolicyEnforced";
 /// Only on stacks with `spec.serviceIdentity`.
 pub const SERVICE_IDENTITY_READY: &str = "ServiceIdentityReady";
+/// Whether the gateway pods run the configuration the operator wrote
+/// ([`super::config_status`]).
+pub const GATEWAY_CONFIG_LOADED: &str = "GatewayConfigLoaded";
 
 /// Most violations listed in status; `violationCount` has the total.
 pub const MAX_LISTED_VIOLATIONS: usize = 50;
@@ -29,6 +32,9 @@ pub const MAX_LISTED_CONFLICTS: usize = 20;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub ok: bool,
+    /// Status `Unknown` (with `ok` true: an unknown condition holds `Ready` back no more than
+    /// a missing one would).
+    pub unknown: bool,
     pub reason: String,
     pub message: String,
 }
@@ -43,8 +49,16 @@ impl Verdict {
     pub fn new(ok: bool, reason: &str, message: impl Into<String>) -> Self {
         Self {
             ok,
+            unknown: false,
             reason: reason.into(),
             message: message.into(),
+        }
+    }
+    /// Status `Unknown`: nothing can be said yet (see [`Verdict::unknown`] the field).
+    pub fn unknown(reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            unknown: true,
+            ..Self::new(true, reason, message)
         }
     }
 }
@@ -70,6 +84,8 @@ pub struct Observed {
     pub held: Vec<(String, String)>,
     /// `ServiceIdentityReady`, for a stack with `spec.serviceIdentity` (else no condition).
     pub identity_verdict: Option<Verdict>,
+    /// `GatewayConfigLoaded`; `None` (no condition) when the gateway is not built yet.
+    pub config_verdict: Option<Verdict>,
 }
 
 /// What apply and the audit found about the stack's policy, for `PolicyEnforced`.
@@ -203,6 +219,9 @@ pub fn compute(
     if let Some(identity) = &observed.identity_verdict {
         parts.push((SERVICE_IDENTITY_READY, identity.clone()));
     }
+    if let Some(config) = &observed.config_verdict {
+        parts.push((GATEWAY_CONFIG_LOADED, config.clone()));
+    }
     let failing: Vec<&str> = parts
         .iter()
         .filter(|(_, v)| !v.ok)
@@ -303,7 +322,8 @@ pub fn invalid(
             verdicts.push((
                 leak_type(&c.type_),
                 Verdict {
-                    ok: c.status == "True",
+                    ok: c.status != "False",
+                    unknown: c.status == "Unknown",
                     reason: c.reason.clone(),
                     message: c.message.clone(),
                 },
@@ -338,7 +358,11 @@ fn conditions(
     verdicts
         .iter()
         .map(|(type_, v)| {
-            let status = if v.ok { "True" } else { "False" };
+            let status = match (v.unknown, v.ok) {
+                (true, _) => "Unknown",
+                (false, true) => "True",
+                (false, false) => "False",
+            };
             let before = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == *type_));
             let last_transition_time = match before {
                 Some(c) if c.status == status => c.last_transition_time.clone(),
@@ -388,6 +412,7 @@ mod tests {
             conflicts: vec![],
             held: vec![],
             identity_verdict: None,
+            config_verdict: None,
         }
     }
 

@@ -555,6 +555,8 @@ pub struct Layout {
     /// The UDP port on 127.0.0.1 where nginx sends a line per request (with
     /// `spec.gateway.metrics`) and the `requests` sidecar reads them.
     pub request_log_port: u16,
+    /// For the reload loop's result ([`nginx::CONFIG_STATUS_PORT`] in the pod).
+    pub config_status_port: u16,
 }
 
 impl Layout {
@@ -583,6 +585,7 @@ impl Layout {
             health_port: free_port(),
             status_port: free_port(),
             request_log_port: free_udp_port(),
+            config_status_port: free_port(),
         }
     }
 
@@ -596,13 +599,14 @@ impl Layout {
 
     /// Rewrites the mount-path prefixes, `/tmp` and the listen ports; nothing else.
     pub fn install_config(&self, rendered: &str) {
-        let text = local_config_with_ports(
+        let text = local_config_with_all_ports(
             rendered,
             self.dir.path(),
             self.http_port,
             self.https_port,
             Some(self.health_port),
             Some(self.status_port),
+            self.config_status_port,
         );
         // The request log's target (with `metrics`): the layout's own UDP port.
         let target = format!(
@@ -730,6 +734,8 @@ pub fn local_config_with_health(
 
 /// [`local_config_with_health`], and the loopback `stub_status` port [`nginx::STATUS_PORT`]
 /// (rendered only with `spec.gateway.metrics`) becomes `status_port` (still on 127.0.0.1).
+/// The reload loop's result port [`nginx::CONFIG_STATUS_PORT`] becomes a free port (see
+/// [`local_config_with_all_ports`] to choose it).
 pub fn local_config_with_ports(
     rendered: &str,
     dir: &Path,
@@ -737,6 +743,27 @@ pub fn local_config_with_ports(
     https_port: u16,
     health_port: Option<u16>,
     status_port: Option<u16>,
+) -> String {
+    local_config_with_all_ports(
+        rendered,
+        dir,
+        http_port,
+        https_port,
+        health_port,
+        status_port,
+        free_port(),
+    )
+}
+
+/// [`local_config_with_ports`], with the reload loop's result on `config_status_port`.
+pub fn local_config_with_all_ports(
+    rendered: &str,
+    dir: &Path,
+    http_port: u16,
+    https_port: u16,
+    health_port: Option<u16>,
+    status_port: Option<u16>,
+    config_status_port: u16,
 ) -> String {
     let d = dir.display();
     let v6 = ipv6_loopback();
@@ -764,6 +791,7 @@ pub fn local_config_with_ports(
                 p if p == nginx::HTTP_PORT => http_port,
                 p if p == nginx::HTTPS_PORT => https_port,
                 p if p == nginx::HEALTH_PORT && health_port.is_some() => health_port.unwrap(),
+                p if p == nginx::CONFIG_STATUS_PORT => config_status_port,
                 p => panic!("unexpected listen port {p}"),
             };
             match (ipv6, v6) {
@@ -1588,10 +1616,37 @@ impl PodGateway {
         std::fs::read_to_string(self.layout.path("error.log")).unwrap_or_default()
     }
 
-    /// The reload loop's last result (`loaded <cksum>` or `rejected <cksum>`).
+    /// The reload loop's last result (`loaded <id>` or `rejected <id>` and nginx's message),
+    /// from its file.
     pub fn config_status(&self) -> String {
         std::fs::read_to_string(self.layout.path("tmp/opsconductor-config-status"))
             .unwrap_or_default()
+    }
+
+    /// The reload loop's last result as nginx serves it to the operator (an HTTP GET of
+    /// [`nginx::CONFIG_STATUS_URL_PATH`] on the layout's port for it): (status, body).
+    pub fn served_config_status(&self) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut stream = TcpStream::connect(("127.0.0.1", self.layout.config_status_port))
+            .expect("the config status port accepts");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n",
+            nginx::CONFIG_STATUS_URL_PATH
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, body.to_string())
     }
 
     /// curl to the HTTPS port, trusting the test certificate.
@@ -1626,12 +1681,14 @@ impl Drop for PodGateway {
 /// Writes `rendered` (made local) as `config/<version>/nginx.conf` and points `config/..data`
 /// at it with an atomic rename, as the kubelet's atomic writer does.
 fn publish_config(layout: &Layout, version: &str, rendered: &str) {
-    let text = local_config_with_health(
+    let text = local_config_with_all_ports(
         rendered,
         layout.dir.path(),
         layout.http_port,
         layout.https_port,
         Some(layout.health_port),
+        None,
+        layout.config_status_port,
     );
     let config = layout.path("config");
     std::fs::create_dir(config.join(version)).unwrap();

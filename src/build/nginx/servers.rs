@@ -11,8 +11,8 @@ use super::request_metrics::route_label;
 use super::route_limits::any_route_rate;
 use super::upstreams::{upstream_id, upstream_server};
 use super::{
-    ACME_CHALLENGE_PREFIX, HEALTH_PATH, HEALTH_PORT, HTTP_PORT, HTTPS_PORT,
-    MAX_REQUESTS_PER_CLIENT, STATUS_PATH, STATUS_PORT,
+    ACME_CHALLENGE_PREFIX, CONFIG_STATUS_PORT, CONFIG_STATUS_URL_PATH, HEALTH_PATH, HEALTH_PORT,
+    HTTP_PORT, HTTPS_PORT, MAX_REQUESTS_PER_CLIENT, STATUS_PATH, STATUS_PORT,
 };
 use crate::build::BuildOptions;
 use crate::model::{CertificateSource, Stack};
@@ -69,6 +69,31 @@ pub(super) fn status_server(w: &mut String) {
             return 404;
         }}
     }}"#
+    );
+}
+
+pub(super) fn config_status_server(w: &mut String) {
+    let _ = writeln!(
+        w,
+        r#"
+    # Port {CONFIG_STATUS_PORT}: the reload loop's last result (which configuration this pod loaded or
+    # refused, and why), read by the operator for the stack's GatewayConfigLoaded condition.
+    # Not part of the gateway Service; the gateway's NetworkPolicy admits only the operator.
+    server {{
+        listen {CONFIG_STATUS_PORT} default_server;
+        listen [::]:{CONFIG_STATUS_PORT} default_server;
+        access_log off;
+
+        location = {CONFIG_STATUS_URL_PATH} {{
+            default_type text/plain;
+            alias {status_file};
+        }}
+
+        location / {{
+            return 404;
+        }}
+    }}"#,
+        status_file = crate::build::gateway::CONFIG_STATUS_PATH,
     );
 }
 

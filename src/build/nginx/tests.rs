@@ -234,9 +234,71 @@ fn redirects_name_only_the_stacks_hosts_and_no_port() {
     assert!(conf.contains("ssl_ecdh_curve X25519:prime256v1:secp384r1;"));
 }
 
+/// `conf` without the line that names it (which changes with every other line).
+fn without_id(conf: &str) -> String {
+    conf.lines()
+        .filter(|l| !l.starts_with(super::CONFIG_ID_PREFIX))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// `conf` without the server of the reload loop's result (port 8084).
+fn without_config_status(conf: &str) -> String {
+    let start = conf
+        .find("\n    # Port 8084")
+        .expect("the config status server");
+    let end = start + conf[start..].find("\n    }\n").unwrap() + "\n    }\n".len();
+    format!("{}{}", &conf[..start], &conf[end..])
+}
+
+#[test]
+fn the_file_names_itself_and_serves_the_reload_result_on_its_own_port() {
+    let conf = render(&stack(TWO_ROUTES), &BuildOptions::default());
+    let third = conf.lines().nth(2).unwrap();
+    let id = super::config_id(&conf).unwrap();
+    assert_eq!(third, format!("{}{id}", super::CONFIG_ID_PREFIX));
+    assert_eq!(id.len(), 16);
+    assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+    // The SHA-256 of the file without that line.
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(without_id(&conf).as_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    assert_eq!(id, hex);
+    // Any change of the stack that changes the file changes the name; the same stack, the same.
+    assert_eq!(render(&stack(TWO_ROUTES), &BuildOptions::default()), conf);
+    let other = render(
+        &stack(&TWO_ROUTES.replace("3m", "4m")),
+        &BuildOptions::default(),
+    );
+    assert_ne!(super::config_id(&other), Some(id));
+    assert_eq!(super::config_id("worker_processes 1;\n"), None);
+    // The reload loop's result on 8084, nothing else there, and no access log.
+    let start = conf.find("\n    # Port 8084").unwrap();
+    let server = &conf[start..start + conf[start..].find("\n    }\n").unwrap()];
+    let listens: Vec<&str> = server
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("listen "))
+        .collect();
+    assert_eq!(
+        listens,
+        [
+            "listen 8084 default_server;",
+            "listen [::]:8084 default_server;"
+        ]
+    );
+    assert!(server.contains("access_log off;"));
+    assert!(server.contains(&format!(
+        "location = {} {{\n            default_type text/plain;\n            alias {};",
+        super::CONFIG_STATUS_URL_PATH,
+        crate::build::gateway::CONFIG_STATUS_PATH
+    )));
+    assert!(!server.contains("proxy_pass") && !server.contains("root "));
+    assert_eq!(server.matches("location ").count(), 2, "{server}");
+}
+
 #[test]
 fn a_root_route_replaces_the_404_fallback() {
-    let conf = render(&stack(TWO_ROUTES), &BuildOptions::default());
+    let conf = without_config_status(&render(&stack(TWO_ROUTES), &BuildOptions::default()));
     let roots = locations(&conf)
         .into_iter()
         .filter(|(h, _)| h == "location / {")
@@ -244,7 +306,7 @@ fn a_root_route_replaces_the_404_fallback() {
     // One on 8080 (the redirect), one on 8443 (the web route); no 404 fallback.
     assert_eq!(roots, 2, "{conf}");
     let yaml = TWO_ROUTES.replace("route: /}", "}");
-    let conf = render(&stack(&yaml), &BuildOptions::default());
+    let conf = without_config_status(&render(&stack(&yaml), &BuildOptions::default()));
     assert!(conf.contains("location / {\n            return 404;"));
 }
 
@@ -324,10 +386,11 @@ fn trusted_proxies_name_the_client_by_x_forwarded_for_or_the_proxy_protocol() {
         .map(str::trim)
         .filter(|l| l.starts_with("listen "))
         .collect();
-    assert_eq!(listens.len(), 8, "{listens:?}");
+    assert_eq!(listens.len(), 10, "{listens:?}");
     for l in &listens {
-        let health = l.contains(&format!("{HEALTH_PORT} "));
-        assert_eq!(!health, l.contains(" proxy_protocol"), "{l}");
+        let own_port = l.contains(&format!("{HEALTH_PORT} "))
+            || l.contains(&format!("{} ", super::CONFIG_STATUS_PORT));
+        assert_eq!(!own_port, l.contains(" proxy_protocol"), "{l}");
     }
     let start = conf.find(&format!("listen {HEALTH_PORT} ")).unwrap();
     let health = &conf[start..start + conf[start..].find("\n    }").unwrap()];
@@ -622,8 +685,12 @@ fn the_status_listener_is_on_loopback_and_only_with_metrics() {
     let start = conf.find("\n    # Port 8082").unwrap();
     let end = start + conf[start..].find("\n    }\n").unwrap() + "\n    }\n".len();
     assert_eq!(
-        without_request_log(&format!("{}{}", &conf[..start], &conf[end..])),
-        plain
+        without_id(&without_request_log(&format!(
+            "{}{}",
+            &conf[..start],
+            &conf[end..]
+        ))),
+        without_id(&plain)
     );
 }
 
@@ -670,7 +737,8 @@ fn with_metrics_each_request_is_logged_to_the_sidecar_with_a_bounded_route_label
                 "access_log syslog:server=127.0.0.1:{REQUEST_LOG_PORT},facility=local7,\
                  severity=info,tag=opsconductor,nohostname opsconductor_metrics;"
             ),
-            // The probes and the status listener: in neither log.
+            // The probes, the status listener, the reload result: in neither log.
+            "access_log off;",
             "access_log off;",
             "access_log off;",
         ]
@@ -696,7 +764,11 @@ fn with_metrics_each_request_is_logged_to_the_sidecar_with_a_bounded_route_label
     let start = conf.find("\n    # Port 8082").unwrap();
     let end = start + conf[start..].find("\n    }\n").unwrap() + "\n    }\n".len();
     assert_eq!(
-        without_request_log(&format!("{}{}", &conf[..start], &conf[end..])),
-        plain
+        without_id(&without_request_log(&format!(
+            "{}{}",
+            &conf[..start],
+            &conf[end..]
+        ))),
+        without_id(&plain)
     );
 }
