@@ -28,6 +28,7 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
+use kube::Resource;
 
 use super::Context;
 use super::status::Verdict;
@@ -177,14 +178,19 @@ pub async fn check(ctx: &Context, model: &Stack, want: &str) -> (Verdict, bool) 
         .pods
         .state()
         .iter()
+        // What the cache keeps decoded first (namespace, deletion, the stack label): only
+        // this stack's pods are decoded.
+        .filter(|p| {
+            p.meta().namespace.as_deref() == Some(model.namespace.as_str())
+                && p.meta().deletion_timestamp.is_none()
+                && p.label(names::STACK_LABEL) == Some(model.name.as_str())
+        })
         .map(|p| p.decode())
         .filter(|p: &Pod| {
-            p.metadata.namespace.as_deref() == Some(model.namespace.as_str())
-                && p.metadata.deletion_timestamp.is_none()
-                && p.metadata
-                    .labels
-                    .as_ref()
-                    .is_some_and(|l| selector.iter().all(|(k, v)| l.get(k) == Some(v)))
+            p.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| selector.iter().all(|(k, v)| l.get(k) == Some(v)))
         })
         .filter_map(|p| {
             let status = p.status?;

@@ -472,7 +472,8 @@ pub async fn run(
         in_namespace.clone(),
     );
     tasks.spawn(janitor::run(ctx.clone()));
-    controller
+    let stacks_listed = stack_store.clone();
+    let controller = controller
         .trigger_backoff(WatchBackoff::default())
         .with_config(
             kube::runtime::controller::Config::default()
@@ -489,14 +490,30 @@ pub async fn run(
         .watches_stream(audit_np_stream, move |o| n4(o.namespace()))
         // Namespaces only feed the cache (for the admission marker); they trigger nothing.
         .watches_stream(ns_stream, |_| Vec::<ObjectRef<OpsConductorStack>>::new())
-        .graceful_shutdown_on(stop.cancelled_owned())
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "controller event");
             }
-        })
-        .await;
+        });
+    // kube-runtime holds every reconcile until the stack cache has its first list, and its
+    // graceful shutdown waits for that too: told to stop before that list, the controller
+    // would never end, since nothing polls the stack watch any more (seen in a full run: a
+    // leader stopped 0.5 s after it started, on a loaded machine, hung until killed). No
+    // reconcile can have started then, so the controller is dropped instead.
+    tokio::select! {
+        () = controller => {}
+        () = async {
+            stop.cancelled().await;
+            if futures::FutureExt::now_or_never(stacks_listed.wait_until_ready()).is_some() {
+                // Listed: the graceful shutdown ends once the reconciles in flight have.
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::info!("stopped before the stacks were listed: no reconcile had started");
+        }
+    }
     tracing::info!("controller stopped");
 }
 
