@@ -218,6 +218,13 @@ fn the_operator_deployment_is_hardened_and_elects_a_leader() {
     assert_eq!(deployment["metadata"]["name"], "opsconductor-operator");
     let spec = &deployment["spec"];
     assert_eq!(spec["replicas"], 2);
+    // The stacks' gateway NetworkPolicies admit the operator's pods by these labels (the ACME
+    // self-check, the reload results): every pod of the chart carries them. (They were on the
+    // Deployment only, and a node test found the gateways refusing the operator.)
+    let pod_labels = &spec["template"]["metadata"]["labels"];
+    for (key, value) in opsconductor_operator::build::netpol::OPERATOR_POD_LABELS {
+        assert_eq!(pod_labels[key], value, "pod label {key}: {pod_labels}");
+    }
     let pod = &spec["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "opsconductor-operator");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);

@@ -877,6 +877,7 @@ spec:
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), manifest).expect("writing the stack");
     cluster.kubectl_ok(&["apply", "-f", path_str(file.path())]);
+    let applied = std::time::Instant::now();
 
     // The gateway Service's ClusterIP becomes the answer for every name pebble looks up.
     let services: Api<k8s_openapi::api::core::v1::Service> = ns.api();
@@ -905,6 +906,11 @@ spec:
 
     // HTTP-01 is validated through the real gateway pod, reached through its Service.
     condition_true(&ns, "acme", "CertificateReady").await;
+    support::measured(format!(
+        "first issuance on the node: CertificateReady {:.0} s after the stack was applied \
+         (the gateway pod's first configuration already answers with the account's thumbprint)",
+        applied.elapsed().as_secs_f64()
+    ));
 
     let ready_at = std::time::Instant::now();
     // The gateway serves a certificate that chains to pebble's root.

@@ -425,6 +425,19 @@ mod tests {
         );
     }
 
+    /// An ACME setting at `https://ca.test/dir` without anything optional.
+    fn test_acme() -> Acme {
+        Acme {
+            directory_url: "https://ca.test/dir".into(),
+            email: None,
+            external_account_binding: None,
+            ca_bundle: None,
+            profile: None,
+            key_algorithm: Default::default(),
+            dns01: None,
+        }
+    }
+
     /// A key made ahead of registration names the thumbprint the registration will keep,
     /// except with External Account Binding; a registered account's counts only for its own
     /// directory.
@@ -444,15 +457,7 @@ mod tests {
             ahead.thumbprint, registered.thumbprint,
             "same key, same thumbprint"
         );
-        let mut acme = Acme {
-            directory_url: "https://ca.test/dir".into(),
-            email: None,
-            external_account_binding: None,
-            ca_bundle: None,
-            profile: None,
-            key_algorithm: Default::default(),
-            dns01: None,
-        };
+        let mut acme = test_acme();
         assert_eq!(ahead.thumbprint_for(&acme), Some(ahead.thumbprint.as_str()));
         assert_eq!(
             registered.thumbprint_for(&acme),
@@ -517,15 +522,7 @@ mod tests {
                 .unwrap(),
             )
         };
-        let mut acme = Acme {
-            directory_url: "https://ca.test/dir".into(),
-            email: None,
-            external_account_binding: None,
-            ca_bundle: None,
-            profile: None,
-            key_algorithm: Default::default(),
-            dns01: None,
-        };
+        let mut acme = test_acme();
         // No binding configured, and the CA wants one.
         let f = registration_failure(
             problem("externalAccountRequired", "policy requires EAB"),

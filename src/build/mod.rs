@@ -5,7 +5,7 @@
 //! skip writes when nothing changed.
 
 pub mod gateway;
-mod netpol;
+pub mod netpol;
 pub mod nginx;
 mod service;
 

@@ -39,6 +39,10 @@ use crate::names::{self, Component};
 /// How soon a stack whose pods still run another configuration is looked at again.
 pub const PENDING_RECHECK: Duration = Duration::from_secs(10);
 
+/// How soon a stack none of whose pods answered is looked at again (a pod that has just
+/// started may not listen yet; its becoming Ready also brings a reconcile).
+pub const UNREACHABLE_RECHECK: Duration = Duration::from_secs(30);
+
 /// How long one pod may take to answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -88,14 +92,19 @@ fn shorten(text: &str) -> String {
 }
 
 /// The condition from the pods' answers (pod name, answer) for the configuration `want`,
-/// `not_asked` pods beyond [`MAX_PODS_ASKED`]; and whether the stack should be looked at again
-/// soon ([`PENDING_RECHECK`]): only while pods are on their way to it (the others change with
-/// a pod's start or end, which the pod watch brings).
-pub fn verdict(want: &str, answers: &[(String, Answer)], not_asked: usize) -> (Verdict, bool) {
+/// `not_asked` pods beyond [`MAX_PODS_ASKED`]; and how soon the stack should be looked at
+/// again: [`PENDING_RECHECK`] while pods are on their way to it, [`UNREACHABLE_RECHECK`] when
+/// none answered (the others change with a pod's start, readiness or end, which the pod watch
+/// brings).
+pub fn verdict(
+    want: &str,
+    answers: &[(String, Answer)],
+    not_asked: usize,
+) -> (Verdict, Option<Duration>) {
     if answers.is_empty() {
         return (
             Verdict::unknown("NoPods", "no gateway pod is running yet"),
-            false,
+            None,
         );
     }
     let rejected: Vec<(&str, &str)> = answers
@@ -118,7 +127,7 @@ pub fn verdict(want: &str, answers: &[(String, Answer)], not_asked: usize) -> (V
                     pods.join(", ")
                 ),
             ),
-            false,
+            None,
         );
     }
     let loaded = answers
@@ -139,7 +148,7 @@ pub fn verdict(want: &str, answers: &[(String, Answer)], not_asked: usize) -> (V
                 "Loaded",
                 format!("every gateway pod ({asked}) runs configuration {want}"),
             ),
-            false,
+            None,
         );
     }
     if unreadable.len() == asked {
@@ -154,7 +163,7 @@ pub fn verdict(want: &str, answers: &[(String, Answer)], not_asked: usize) -> (V
                      namespace (POD_NAMESPACE, set by the chart)"
                 ),
             ),
-            false,
+            Some(UNREACHABLE_RECHECK),
         );
     }
     let mut message = format!(
@@ -165,12 +174,12 @@ pub fn verdict(want: &str, answers: &[(String, Answer)], not_asked: usize) -> (V
     if let Some((pod, error)) = unreadable.first() {
         message.push_str(&format!("; pod {pod} did not answer: {error}"));
     }
-    (Verdict::unknown("Pending", message), true)
+    (Verdict::unknown("Pending", message), Some(PENDING_RECHECK))
 }
 
 /// The condition for `model`, whose gateway configuration is `want`: asks each Running gateway
-/// pod of the watch cache. The second value: look again soon.
-pub async fn check(ctx: &Context, model: &Stack, want: &str) -> (Verdict, bool) {
+/// pod of the watch cache. The second value: when to look again (see [`verdict`]).
+pub async fn check(ctx: &Context, model: &Stack, want: &str) -> (Verdict, Option<Duration>) {
     let selector = names::selector(&model.name, Component::Gateway);
     let mut pods: Vec<(String, String)> = ctx
         .stores
@@ -299,11 +308,17 @@ mod tests {
     #[test]
     fn every_pod_with_the_file_is_loaded_a_refusal_is_false_the_rest_unknown() {
         let (v, soon) = verdict("new", &[loaded("a", "new"), loaded("b", "new")], 0);
-        assert!(v.ok && !v.unknown && v.reason == "Loaded" && !soon, "{v:?}");
+        assert!(
+            v.ok && !v.unknown && v.reason == "Loaded" && soon.is_none(),
+            "{v:?}"
+        );
         assert!(v.message.contains("(2)"), "{v:?}");
 
         let (v, soon) = verdict("new", &[loaded("a", "new"), loaded("b", "old")], 0);
-        assert!(v.unknown && v.reason == "Pending" && soon, "{v:?}");
+        assert!(
+            v.unknown && v.reason == "Pending" && soon == Some(PENDING_RECHECK),
+            "{v:?}"
+        );
         assert!(v.message.starts_with("1 of 2 gateway pods"), "{v:?}");
 
         let refused = (
@@ -315,7 +330,7 @@ mod tests {
         );
         let (v, soon) = verdict("new", &[loaded("a", "new"), refused.clone()], 0);
         assert!(
-            !v.ok && !v.unknown && v.reason == "Rejected" && !soon,
+            !v.ok && !v.unknown && v.reason == "Rejected" && soon.is_none(),
             "{v:?}"
         );
         assert!(
@@ -339,13 +354,18 @@ mod tests {
             Answer::Unreadable("connection refused".into()),
         );
         let (v, soon) = verdict("new", std::slice::from_ref(&down), 0);
-        assert!(v.unknown && v.reason == "Unreachable" && !soon, "{v:?}");
+        assert!(
+            v.unknown && v.reason == "Unreachable" && soon == Some(UNREACHABLE_RECHECK),
+            "{v:?}"
+        );
         assert!(v.message.contains("connection refused"), "{v:?}");
         let (v, soon) = verdict("new", &[loaded("b", "new"), down], 0);
-        assert!(v.reason == "Pending" && soon && v.message.contains("pod a did not answer"));
+        assert!(
+            v.reason == "Pending" && soon.is_some() && v.message.contains("pod a did not answer")
+        );
 
         let (v, soon) = verdict("new", &[], 0);
-        assert!(v.unknown && v.reason == "NoPods" && !soon, "{v:?}");
+        assert!(v.unknown && v.reason == "NoPods" && soon.is_none(), "{v:?}");
         // Pods not asked are not known to run it.
         let (v, _) = verdict("new", &[loaded("a", "new")], 1);
         assert!(

@@ -95,9 +95,9 @@ async fn reconcile_inner(stack: &OpsConductorStack, ctx: &Context) -> Result<Act
     // just written, look again soon (nothing in the API tells when a pod's reload happened).
     let config_verdict = match gateway_config_id(&model, &bundle) {
         Some(want) => {
-            let (verdict, soon) = super::config_status::check(ctx, &model, &want).await;
-            if soon {
-                requeue = requeue.min(super::config_status::PENDING_RECHECK);
+            let (verdict, again) = super::config_status::check(ctx, &model, &want).await;
+            if let Some(again) = again {
+                requeue = requeue.min(again);
             }
             Some(verdict)
         }

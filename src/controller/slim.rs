@@ -8,16 +8,18 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EphemeralContainer, Pod, PodSpec, PodStatus,
+    Container, ContainerPort, EphemeralContainer, Pod, PodCondition, PodSpec, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// Keeps what [`crate::audit`] reads of a Pod: its identity and labels (NetworkPolicy and
 /// backend selectors match them), `hostNetwork`, `hostPID`, and each container's name and
 /// ports (for `hostPort`), ephemeral containers included. Of a gateway pod's status (labelled
-/// as one of a stack's gateway pods) also the phase and address, where the operator asks
-/// it which configuration it loaded ([`super::config_status`]); no other pod keeps any status,
-/// so their status updates change nothing cached and trigger no reconcile.
+/// as one of a stack's gateway pods) also the phase, the address, where the operator asks it
+/// which configuration it loaded ([`super::config_status`]), and whether it is Ready (so that
+/// the pod's becoming ready, when nginx listens, brings a reconcile that asks it); no other
+/// pod keeps any status, so their status updates change nothing cached and trigger no
+/// reconcile.
 pub fn pod(pod: &mut Pod) {
     let meta = std::mem::take(&mut pod.metadata);
     let gateway = meta.labels.as_ref().is_some_and(|l| {
@@ -41,6 +43,17 @@ pub fn pod(pod: &mut Pod) {
         .map(|status| PodStatus {
             phase: status.phase,
             pod_ip: status.pod_ip,
+            conditions: status.conditions.map(|conditions| {
+                conditions
+                    .into_iter()
+                    .filter(|c| c.type_ == "Ready")
+                    .map(|c| PodCondition {
+                        type_: c.type_,
+                        status: c.status,
+                        ..PodCondition::default()
+                    })
+                    .collect()
+            }),
             ..PodStatus::default()
         });
     let Some(spec) = pod.spec.take() else { return };
@@ -125,7 +138,9 @@ mod tests {
             },
             "status": {"phase": "Running", "podIP": "10.244.0.9", "podIPs": [{"ip": "10.244.0.9"}],
                        "hostIP": "10.250.0.1",
-                       "conditions": [{"type": "Ready", "status": "True"}],
+                       "conditions": [{"type": "Ready", "status": "True",
+                                       "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                                      {"type": "PodScheduled", "status": "True"}],
                        "containerStatuses": [{"name": "web", "image": "nginx", "imageID": "x",
                                               "ready": true, "restartCount": 0}]}
         }))
@@ -159,7 +174,15 @@ mod tests {
         let status = g.status.as_ref().unwrap();
         assert_eq!(status.phase.as_deref(), Some("Running"));
         assert_eq!(status.pod_ip.as_deref(), Some("10.244.0.9"));
-        assert!(status.conditions.is_none() && status.container_statuses.is_none());
+        // Of the conditions only Ready, without its times.
+        let conditions = status.conditions.as_ref().unwrap();
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(
+            (conditions[0].type_.as_str(), conditions[0].status.as_str()),
+            ("Ready", "True")
+        );
+        assert!(conditions[0].last_transition_time.is_none());
+        assert!(status.container_statuses.is_none());
         assert!(status.pod_ips.is_none() && status.host_ip.is_none());
     }
 

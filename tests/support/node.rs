@@ -77,15 +77,7 @@ impl Cluster {
         );
         show(
             "pods, Events",
-            &[
-                "-n",
-                ns,
-                "get",
-                "pods,events",
-                "-o",
-                "wide",
-                "--sort-by=.metadata.creationTimestamp",
-            ],
+            &["-n", ns, "get", "pods,events", "-o", "wide"],
         );
         show("ConfigMaps", &["-n", ns, "get", "configmaps", "-o", "yaml"]);
         let pods = self.kubectl_shown(&["-n", ns, "get", "pods", "-o", "name"]);
@@ -117,8 +109,11 @@ impl Cluster {
                         "--",
                         "sh",
                         "-c",
+                        // The gateway image has no grep: the shell picks the lines.
                         "cat /tmp/opsconductor-config-status; \
-                         grep -n -A3 acme-challenge /etc/opsconductor/config/nginx.conf",
+                         while IFS= read -r l; do case $l in \
+                         *opsconductor-config*|*acme-challenge*|*'return 200 \"$1.'*) \
+                         echo \"$l\";; esac; done < /etc/opsconductor/config/nginx.conf",
                     ],
                 );
             }
