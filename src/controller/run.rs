@@ -450,7 +450,9 @@ pub async fn run(
         let ctx = ctx.clone();
         let health = health.clone();
         tasks.spawn(async move {
-            if !ctx.stores.open_when_synced().await {
+            // The stacks too: a controller that cannot list them is not ready either.
+            if !ctx.stores.open_when_synced().await || ctx.stacks.wait_until_ready().await.is_err()
+            {
                 // Stopped before the caches synced: nothing to report ready.
                 return;
             }
