@@ -93,8 +93,18 @@ fn retry_delay(attempts: u32) -> Duration {
 /// Runs until the controller stops (it is one of the controller's tasks).
 pub(super) async fn run(ctx: Arc<Context>) {
     ctx.stores.wait_ready().await;
-    // The only waiter on the stack cache (see `Stores::wait_ready` for why that matters).
-    let _ = ctx.stacks.wait_until_ready().await;
+    // Not the cache's own `wait_until_ready`: kube-runtime's runner waits on it, and only
+    // one waiter wakes (see `Stores::wait_ready`). A closed channel means the controller is
+    // gone, and this task with it.
+    if ctx
+        .stacks_listed
+        .clone()
+        .wait_for(|listed| *listed)
+        .await
+        .is_err()
+    {
+        return;
+    }
     let mut retries: HashMap<String, Retry> = HashMap::new();
     loop {
         pass(&ctx, &mut retries).await;

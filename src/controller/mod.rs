@@ -111,6 +111,10 @@ pub struct Context {
     pub dynamic: scope::Dynamic,
     /// The controller's own cache of stacks (to find the stacks of a namespace).
     pub stacks: Store<OpsConductorStack>,
+    /// Turns true once the stack cache has had its first list. Wait on this, never on the
+    /// cache's own `wait_until_ready`: kube-runtime's runner waits on that already, and it
+    /// wakes only the last of several waiters.
+    pub stacks_listed: tokio::sync::watch::Receiver<bool>,
     /// ACME issuance and renewal of the gateway certificates.
     pub acme: crate::acme::Manager,
     applied: apply::AppliedLog,

@@ -250,6 +250,7 @@ pub async fn run(
         }
     );
     // The stacks, over the scope like everything else.
+    let (stacks_listed_tx, stacks_listed) = tokio::sync::watch::channel(false);
     let (stack_store, stack_writer) = reflector::store::<OpsConductorStack>();
     let stack_stream = options
         .scope
@@ -273,6 +274,9 @@ pub async fn run(
         .inspect({
             let (stacks, mut synced) = (stack_store.clone(), false);
             move |event| {
+                if matches!(event, Ok(watcher::Event::InitDone)) {
+                    stacks_listed_tx.send_replace(true);
+                }
                 synced |= matches!(event, Ok(watcher::Event::InitDone));
                 if synced && with_stacks {
                     let names: std::collections::BTreeSet<String> = stacks
@@ -292,6 +296,10 @@ pub async fn run(
         })
         .applied_objects();
     let mut controller = Controller::for_stream(stack_stream, stack_store.clone());
+    // Whether the stack cache has had its first list. Known from the stream itself, set as the
+    // list's end passes into the cache: the cache's own `wait_until_ready` wakes only one of
+    // several waiters (it is a oneshot receiver behind a lock, and the last poll's waker
+    // replaces the others), and kube-runtime's runner already waits on it.
     // An object anywhere in a namespace concerns every stack of that namespace.
     let in_namespace = {
         let stack_store = stack_store.clone();
@@ -432,6 +440,7 @@ pub async fn run(
         options,
         dynamic,
         stacks: stack_store.clone(),
+        stacks_listed: stacks_listed.clone(),
         applied: apply::AppliedLog::default(),
         failures: Mutex::default(),
         announced_conflicts: Mutex::default(),
@@ -449,9 +458,11 @@ pub async fn run(
     {
         let ctx = ctx.clone();
         let health = health.clone();
+        let mut listed = stacks_listed.clone();
         tasks.spawn(async move {
             // The stacks too: a controller that cannot list them is not ready either.
-            if !ctx.stores.open_when_synced().await || ctx.stacks.wait_until_ready().await.is_err()
+            if !ctx.stores.open_when_synced().await
+                || listed.wait_for(|listed| *listed).await.is_err()
             {
                 // Stopped before the caches synced: nothing to report ready.
                 return;
@@ -474,7 +485,6 @@ pub async fn run(
         in_namespace.clone(),
     );
     tasks.spawn(janitor::run(ctx.clone()));
-    let stacks_listed = stack_store.clone();
     let controller = controller
         .trigger_backoff(WatchBackoff::default())
         .with_config(
@@ -508,7 +518,7 @@ pub async fn run(
         () = controller => {}
         () = async {
             stop.cancelled().await;
-            if futures::FutureExt::now_or_never(stacks_listed.wait_until_ready()).is_some() {
+            if *stacks_listed.borrow() {
                 // Listed: the graceful shutdown ends once the reconciles in flight have.
                 std::future::pending::<()>().await;
             }
