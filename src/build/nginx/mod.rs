@@ -113,8 +113,15 @@ ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 /// that offer nothing else (some FIPS-restricted ones).
 pub const ECDH_CURVES: &str = "X25519:prime256v1:secp384r1";
 
-/// Idle upstream connections each worker keeps per service.
-pub const UPSTREAM_KEEPALIVE: u32 = 32;
+/// Idle upstream connections each worker keeps per service: a cap, not a pool nginx fills
+/// (it keeps only connections it opened for requests, each for [`UPSTREAM_IDLE_SECONDS`] at
+/// most). Sized above the requests one worker carries at once, so that a connection opened for
+/// a request is kept for the next one instead of closed after it: at 32, with 50 client
+/// connections in flight, 175 to 220 requests in 1000 opened a new upstream connection, and
+/// the gateway spent 61 µs of CPU per kept-alive HTTPS request; at 512 none did, 49 µs
+/// (`docs/benchmarks.md`, issue 15). Upstream connections count against `worker_connections`,
+/// which bounds them whatever this says.
+pub const UPSTREAM_KEEPALIVE: u32 = 512;
 
 /// Seconds an idle upstream connection is kept open. Below the idle timeout of common HTTP
 /// servers (Node.js 5 s, uvicorn 5 s, Tomcat 20 s), so that nginx, not the service, closes an

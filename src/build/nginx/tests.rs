@@ -130,7 +130,7 @@ fn offline_upstreams_name_the_routed_services_and_keep_connections_alive() {
         "{api}"
     );
     for needle in [
-        "keepalive 32;",
+        "keepalive 512;",
         "keepalive_timeout 4s;",
         "keepalive_time 60s;",
     ] {
