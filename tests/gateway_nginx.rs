@@ -835,6 +835,102 @@ fn requests_reuse_far_fewer_upstream_connections_than_there_are_requests() {
     assert!(opened >= 1);
 }
 
+/// Issue 15: more requests at once than nginx's usual upstream `keepalive 32` keep their
+/// upstream connections for the next ones. One nginx worker (a CPU limit of 1), and rounds of
+/// 48 requests held by the backend at the same time, so that the worker needs 48 upstream
+/// connections at once; between rounds they are idle. With a cap of 32, every round after the
+/// first opened 16 new connections (the ones beyond the cap were closed after their request);
+/// the operator's cap keeps all of them, so a round opens none.
+#[test]
+fn a_burst_above_nginxs_usual_keepalive_cap_keeps_its_upstream_connections() {
+    if !tools_present(false) {
+        return;
+    }
+    const AT_ONCE: usize = 48;
+    const ROUNDS: usize = 4;
+    // nginx closes an upstream connection idle for 4 s; a round that began later than this
+    // after the previous one's answers says nothing about the cap.
+    const QUICK: std::time::Duration = std::time::Duration::from_secs(3);
+    let s = setup("    resources: {limits: {cpu: \"1\"}}\n");
+    let config = std::fs::read_to_string(s.gw.layout.config_path()).unwrap();
+    assert!(config.contains("worker_processes 1;"), "{config}");
+    let resolve = format!("{HOST}:{}:127.0.0.1", s.gw.layout.https_port);
+    let cert = s.gw.layout.cert().display().to_string();
+    let mut answered_at: Option<std::time::Instant> = None;
+    let mut counted = Vec::new();
+    for round in 0..ROUNDS {
+        let before = s.web.connections();
+        let mut args: Vec<String> = [
+            "-sS",
+            "--parallel",
+            "--parallel-max",
+            "100",
+            "--http1.1",
+            "--resolve",
+            &resolve,
+            "--cacert",
+            &cert,
+            "-w",
+            "%{http_code}\\n",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        for i in 0..AT_ONCE {
+            args.extend(["-o".to_string(), "/dev/null".to_string()]);
+            args.push(s.gw.https_url(HOST, &format!("/hold?{round}-{i}")));
+        }
+        let holding = std::thread::spawn(move || {
+            let out = std::process::Command::new("curl")
+                .args(&args)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).to_string()
+        });
+        // A hang guard, not a timing assertion.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while s.web.held() < AT_ONCE && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(
+            s.web.held(),
+            AT_ONCE,
+            "round {round}: the held requests did not all arrive"
+        );
+        let opened = s.web.connections() - before;
+        let gap = answered_at.map(|t| t.elapsed());
+        s.web.release();
+        let codes = holding.join().unwrap();
+        answered_at = Some(std::time::Instant::now());
+        s.web.hold_again();
+        assert_eq!(
+            codes.lines().filter(|c| *c == "200").count(),
+            AT_ONCE,
+            "round {round}: {codes}"
+        );
+        if round == 0 {
+            assert_eq!(
+                opened, AT_ONCE,
+                "the first round needs a connection per request"
+            );
+        } else if gap.is_some_and(|g| g < QUICK) {
+            counted.push((round, opened));
+        }
+    }
+    assert!(
+        !counted.is_empty(),
+        "no round began within {QUICK:?} of the previous one's answers (a machine this slow \
+         cannot show the cap)"
+    );
+    for (round, opened) in &counted {
+        assert!(
+            *opened <= 2,
+            "round {round}: {AT_ONCE} requests at once opened {opened} new upstream connections \
+             although {AT_ONCE} were idle (the idle ones beyond the keep-alive cap were closed)"
+        );
+    }
+}
+
 #[test]
 fn the_access_log_is_one_json_object_per_request_on_stdout() {
     if !tools_present(false) {

@@ -337,6 +337,12 @@ impl Backend {
     pub fn release(&self) {
         self.release.store(true, Ordering::Relaxed);
     }
+
+    /// Holds `/hold...` requests again until the next [`Backend::release`] (call it once the
+    /// released ones were answered).
+    pub fn hold_again(&self) {
+        self.release.store(false, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Backend {
