@@ -76,6 +76,44 @@ fn setup(gateway_extra: &str) -> Setup {
     Setup { auth, web, gw }
 }
 
+/// Requests to `paths` on [`HOST`] over HTTPS, HTTP/1.1, all at once (one curl, a connection
+/// each), from a thread: its result is the status codes, a line each (only those: the output
+/// of parallel transfers may interleave).
+fn curl_at_once(
+    gw: &Gateway,
+    paths: impl Iterator<Item = String>,
+) -> std::thread::JoinHandle<String> {
+    let resolve = format!("{HOST}:{}:127.0.0.1", gw.layout.https_port);
+    let cert = gw.layout.cert().display().to_string();
+    let mut args: Vec<String> = [
+        "-sS",
+        "--parallel",
+        "--parallel-max",
+        "300",
+        "--http1.1",
+        "--resolve",
+        &resolve,
+        "--cacert",
+        &cert,
+        "-w",
+        "%{http_code}\\n",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    for path in paths {
+        args.extend(["-o".to_string(), "/dev/null".to_string()]);
+        args.push(gw.https_url(HOST, &path));
+    }
+    std::thread::spawn(move || {
+        let out = std::process::Command::new("curl")
+            .args(&args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    })
+}
+
 fn assert_security_headers(r: &gateway_support::Response, what: &str) {
     let expect = [
         (
@@ -593,37 +631,8 @@ fn one_client_address_cannot_hold_more_than_256_requests() {
     }
     const LIMIT: usize = 256;
     let s = setup("");
-    let resolve = format!("{HOST}:{}:127.0.0.1", s.gw.layout.https_port);
-    let cert = s.gw.layout.cert().display().to_string();
-    let mut args: Vec<String> = [
-        "-sS",
-        "--parallel",
-        "--parallel-max",
-        "300",
-        "--http1.1",
-        "--resolve",
-        &resolve,
-        "--cacert",
-        &cert,
-        "-w",
-        "%{http_code}\\n",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    for i in 0..LIMIT {
-        args.extend(["-o".to_string(), "/dev/null".to_string()]);
-        args.push(s.gw.https_url(HOST, &format!("/hold?{i}")));
-    }
-    // LIMIT requests at once from 127.0.0.1, each held by the backend until released. (Their
-    // status codes only: the output of parallel transfers may interleave.)
-    let holding = std::thread::spawn(move || {
-        let out = std::process::Command::new("curl")
-            .args(&args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).to_string()
-    });
+    // LIMIT requests at once from 127.0.0.1, each held by the backend until released.
+    let holding = curl_at_once(&s.gw, (0..LIMIT).map(|i| format!("/hold?{i}")));
     // A hang guard, not a timing assertion.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while s.web.held() < LIMIT && std::time::Instant::now() < deadline {
@@ -854,39 +863,11 @@ fn a_burst_above_nginxs_usual_keepalive_cap_keeps_its_upstream_connections() {
     let s = setup("    resources: {limits: {cpu: \"1\"}}\n");
     let config = std::fs::read_to_string(s.gw.layout.config_path()).unwrap();
     assert!(config.contains("worker_processes 1;"), "{config}");
-    let resolve = format!("{HOST}:{}:127.0.0.1", s.gw.layout.https_port);
-    let cert = s.gw.layout.cert().display().to_string();
     let mut answered_at: Option<std::time::Instant> = None;
     let mut counted = Vec::new();
     for round in 0..ROUNDS {
         let before = s.web.connections();
-        let mut args: Vec<String> = [
-            "-sS",
-            "--parallel",
-            "--parallel-max",
-            "100",
-            "--http1.1",
-            "--resolve",
-            &resolve,
-            "--cacert",
-            &cert,
-            "-w",
-            "%{http_code}\\n",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-        for i in 0..AT_ONCE {
-            args.extend(["-o".to_string(), "/dev/null".to_string()]);
-            args.push(s.gw.https_url(HOST, &format!("/hold?{round}-{i}")));
-        }
-        let holding = std::thread::spawn(move || {
-            let out = std::process::Command::new("curl")
-                .args(&args)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).to_string()
-        });
+        let holding = curl_at_once(&s.gw, (0..AT_ONCE).map(|i| format!("/hold?{round}-{i}")));
         // A hang guard, not a timing assertion.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         while s.web.held() < AT_ONCE && std::time::Instant::now() < deadline {
