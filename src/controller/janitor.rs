@@ -93,16 +93,8 @@ fn retry_delay(attempts: u32) -> Duration {
 /// Runs until the controller stops (it is one of the controller's tasks).
 pub(super) async fn run(ctx: Arc<Context>) {
     ctx.stores.wait_ready().await;
-    // Not the cache's own `wait_until_ready`: kube-runtime's runner waits on it, and only
-    // one waiter wakes (see `Stores::wait_ready`). A closed channel means the controller is
-    // gone, and this task with it.
-    if ctx
-        .stacks_listed
-        .clone()
-        .wait_for(|listed| *listed)
-        .await
-        .is_err()
-    {
+    // A false means the controller is gone, and this task with it.
+    if !ctx.stacks_listed().await {
         return;
     }
     let mut retries: HashMap<String, Retry> = HashMap::new();

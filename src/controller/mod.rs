@@ -111,10 +111,8 @@ pub struct Context {
     pub dynamic: scope::Dynamic,
     /// The controller's own cache of stacks (to find the stacks of a namespace).
     pub stacks: Store<OpsConductorStack>,
-    /// Turns true once the stack cache has had its first list. Wait on this, never on the
-    /// cache's own `wait_until_ready`: kube-runtime's runner waits on that already, and it
-    /// wakes only the last of several waiters.
-    pub stacks_listed: tokio::sync::watch::Receiver<bool>,
+    /// Turns true once the stack cache has had its first list (see [`Context::stacks_listed`]).
+    stacks_listed: tokio::sync::watch::Receiver<bool>,
     /// ACME issuance and renewal of the gateway certificates.
     pub acme: crate::acme::Manager,
     applied: apply::AppliedLog,
@@ -137,6 +135,20 @@ pub struct Context {
     /// gives up on it: the controller stops polling those streams when it stops, and waits
     /// for the reconciles in flight.
     stop: tokio_util::sync::CancellationToken,
+}
+
+impl Context {
+    /// Waits until the stack cache has had its first list; false when the controller stopped
+    /// first. Wait here, never on the cache's own `wait_until_ready`: kube-runtime's runner
+    /// already waits on that, and it wakes only the last of several waiters (a oneshot
+    /// receiver behind a lock: each poll replaces the waker of the one before).
+    async fn stacks_listed(&self) -> bool {
+        self.stacks_listed
+            .clone()
+            .wait_for(|listed| *listed)
+            .await
+            .is_ok()
+    }
 }
 
 fn stack_key(stack: &OpsConductorStack) -> String {

@@ -250,6 +250,8 @@ pub async fn run(
         }
     );
     // The stacks, over the scope like everything else.
+    // Whether the stack cache has had its first list, set as the list's end passes into the
+    // cache (`Context::stacks_listed` says why not the cache's own readiness).
     let (stacks_listed_tx, stacks_listed) = tokio::sync::watch::channel(false);
     let (stack_store, stack_writer) = reflector::store::<OpsConductorStack>();
     let stack_stream = options
@@ -275,9 +277,9 @@ pub async fn run(
             let (stacks, mut synced) = (stack_store.clone(), false);
             move |event| {
                 if matches!(event, Ok(watcher::Event::InitDone)) {
+                    synced = true;
                     stacks_listed_tx.send_replace(true);
                 }
-                synced |= matches!(event, Ok(watcher::Event::InitDone));
                 if synced && with_stacks {
                     let names: std::collections::BTreeSet<String> = stacks
                         .state()
@@ -296,10 +298,6 @@ pub async fn run(
         })
         .applied_objects();
     let mut controller = Controller::for_stream(stack_stream, stack_store.clone());
-    // Whether the stack cache has had its first list. Known from the stream itself, set as the
-    // list's end passes into the cache: the cache's own `wait_until_ready` wakes only one of
-    // several waiters (it is a oneshot receiver behind a lock, and the last poll's waker
-    // replaces the others), and kube-runtime's runner already waits on it.
     // An object anywhere in a namespace concerns every stack of that namespace.
     let in_namespace = {
         let stack_store = stack_store.clone();
@@ -458,12 +456,9 @@ pub async fn run(
     {
         let ctx = ctx.clone();
         let health = health.clone();
-        let mut listed = stacks_listed.clone();
         tasks.spawn(async move {
             // The stacks too: a controller that cannot list them is not ready either.
-            if !ctx.stores.open_when_synced().await
-                || listed.wait_for(|listed| *listed).await.is_err()
-            {
+            if !ctx.stores.open_when_synced().await || !ctx.stacks_listed().await {
                 // Stopped before the caches synced: nothing to report ready.
                 return;
             }
