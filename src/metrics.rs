@@ -107,6 +107,7 @@ pub struct Metrics {
     violations: Family<StackLabels, Gauge>,
     cache_objects: Family<KindLabel, Gauge>,
     cache_json_bytes: Family<KindLabel, Gauge>,
+    cache_packed_bytes: Family<KindLabel, Gauge>,
     acme_requests: Family<TypeOutcome, Counter>,
     acme_latency: Family<TypeLabel, Histogram, fn() -> Histogram>,
     certificate_not_after: Family<StackLabels, FloatGauge>,
@@ -132,6 +133,7 @@ impl Default for Metrics {
             violations: Family::default(),
             cache_objects: Family::default(),
             cache_json_bytes: Family::default(),
+            cache_packed_bytes: Family::default(),
             acme_requests: Family::default(),
             acme_latency: Family::new_with_constructor(acme_histogram),
             certificate_not_after: Family::default(),
@@ -185,8 +187,13 @@ impl Default for Metrics {
         );
         registry.register(
             "opsconductor_cache_json_bytes",
-            "Compact JSON held by the watch caches, by kind (the objects' size in memory, roughly)",
+            "Compact JSON of the objects the watch caches hold, by kind, before compression",
             m.cache_json_bytes.clone(),
+        );
+        registry.register(
+            "opsconductor_cache_packed_bytes",
+            "What the watch caches keep of that JSON, by kind, after compression (their share of the memory, roughly)",
+            m.cache_packed_bytes.clone(),
         );
         registry.register(
             "opsconductor_acme_requests",
@@ -268,7 +275,13 @@ impl Metrics {
     }
 
     /// What the watch cache of `kind` holds.
-    pub fn cache(&self, kind: &'static str, objects: usize, json_bytes: usize) {
+    pub fn cache(
+        &self,
+        kind: &'static str,
+        objects: usize,
+        json_bytes: usize,
+        packed_bytes: usize,
+    ) {
         let labels = KindLabel { kind };
         self.cache_objects
             .get_or_create(&labels)
@@ -276,6 +289,9 @@ impl Metrics {
         self.cache_json_bytes
             .get_or_create(&labels)
             .set(gauge_value(json_bytes));
+        self.cache_packed_bytes
+            .get_or_create(&labels)
+            .set(gauge_value(packed_bytes));
     }
 
     /// The number of violations in the namespace of the stack `key` (`namespace/name`).
@@ -440,7 +456,7 @@ mod tests {
     fn every_family_is_declared_with_help_and_type() {
         let m = Metrics::default();
         m.set_leader(true);
-        m.cache("Service", 3, 1024);
+        m.cache("Service", 3, 1024, 256);
         m.applied("Service", "created");
         m.pruned("Service");
         m.drift("Service", "reverted");
@@ -451,6 +467,7 @@ mod tests {
             "opsconductor_leader",
             "opsconductor_cache_objects",
             "opsconductor_cache_json_bytes",
+            "opsconductor_cache_packed_bytes",
             "opsconductor_objects_applied_total",
             "opsconductor_objects_pruned_total",
             "opsconductor_drift_total",

@@ -117,8 +117,9 @@ impl Stores {
                 + compact::Slim,
         {
             let state = store.state();
-            let bytes: usize = state.iter().map(|o| o.json_len()).sum();
-            metrics.cache(kind, state.len(), bytes);
+            let json: usize = state.iter().map(|o| o.json_len()).sum();
+            let packed: usize = state.iter().map(|o| o.packed_len()).sum();
+            metrics.cache(kind, state.len(), json, packed);
         }
         // Services and NetworkPolicies: one cache serves the managed objects and the audit.
         one(metrics, "ServiceAccount", &self.service_accounts);
