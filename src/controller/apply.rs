@@ -10,7 +10,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
@@ -274,6 +274,10 @@ async fn apply_kind<K: Child>(
 ) -> Result<(), Request> {
     let kind = K::KIND;
     let api: Api<K> = Api::namespaced(ctx.client.clone(), target.namespace);
+    // The names of this kind in the namespace, listed (metadata only) once per pass the first
+    // time an object is missing from the cache: a new stack's objects then cost one list per
+    // kind instead of a read per object before it is created.
+    let mut listed: Option<BTreeSet<String>> = None;
     for object in desired {
         let name = object.name_any();
         let key = (kind, target.namespace.to_string(), name.clone());
@@ -285,14 +289,21 @@ async fn apply_kind<K: Child>(
         let claim_of =
             |meta: &kube::api::ObjectMeta| ownership::claim(meta, target.stack_name, uid);
         // Whose is it? The managed caches hold only objects with the operator's labels, so
-        // an object missing from the cache may still exist under that name: a read (never a
-        // write) settles it before anything is created.
+        // an object missing from the cache may still exist under that name: a list of the
+        // names (never a write) settles it before anything is created, and a read of the
+        // object when the name is taken.
         let mut exists = cached.is_some();
         let mut read: Option<K> = None;
+        if cached.is_none() && listed.is_none() {
+            let names = api.list_metadata(&ListParams::default()).await?;
+            listed = Some(names.items.iter().map(|o| o.name_any()).collect());
+        }
+        let taken = || listed.as_ref().is_some_and(|names| names.contains(&name));
         let claim = match &cached {
             Some(c) if claim_of(c.meta()) == Claim::Ours => Claim::Ours,
             // The cache keeps only owner references to stacks and no annotations.
             Some(c) => claim_of(c.decode().meta()),
+            None if !taken() => Claim::Ours,
             None => match api.get_opt(&name).await? {
                 Some(fresh) => {
                     exists = true;
