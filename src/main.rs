@@ -219,6 +219,8 @@ fn main() -> ExitCode {
                 scope,
                 audit_namespaces,
             };
+            // Before the runtime starts its threads (see the function).
+            opsconductor_operator::memory::tune_allocator();
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(run(
                 metrics_addr,
