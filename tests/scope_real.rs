@@ -428,6 +428,46 @@ async fn two_operators_with_disjoint_scopes_touch_only_their_own_namespaces() {
             "{} never wrote its stack's status",
             tenant.user
         );
+        // A new stack's objects are created without a read of each one first: the operator
+        // lists the names of each kind in the namespace once per reconcile and reads an
+        // object only when its name is taken (src/controller/apply.rs). Services and
+        // Deployments are left out: the gateway's configuration reads the routed Services'
+        // ClusterIPs, and whether its Deployment exists, by name before they are created.
+        let created: Vec<&AuditEvent> = writes
+            .iter()
+            .map(|e| **e)
+            .filter(|e| {
+                e.verb == "patch"
+                    && e.code == 201
+                    && e.namespace == tenant.served.name
+                    && e.subresource.is_empty()
+                    && READ_ONLY_TO_CREATE.contains(&e.resource.as_str())
+            })
+            .collect();
+        assert!(
+            created.len() >= 4,
+            "{} created only {} objects of its stack: {created:#?}",
+            tenant.user,
+            created.len()
+        );
+        let read_first: Vec<String> = created
+            .iter()
+            .filter(|c| {
+                mine.iter().any(|e| {
+                    e.verb == "get"
+                        && e.resource == c.resource
+                        && e.namespace == c.namespace
+                        && e.name == c.name
+                        && e.stage_timestamp < c.stage_timestamp
+                })
+            })
+            .map(|c| format!("{}/{}", c.resource, c.name))
+            .collect();
+        assert!(
+            read_first.is_empty(),
+            "{} read these objects by name before creating them: {read_first:?}",
+            tenant.user
+        );
         let trespass: Vec<String> = writes
             .iter()
             .filter(|e| e.namespace == other.served.name || e.namespace == outside.name)
@@ -455,6 +495,15 @@ async fn two_operators_with_disjoint_scopes_touch_only_their_own_namespaces() {
         assert!(denials.is_empty(), "{}:\n{}", op.name, denials.join("\n"));
     }
 }
+
+/// The kinds of a stack's objects (as the audit log names their resources) that the operator
+/// reads by name only to see whose an existing one is before it creates one.
+const READ_ONLY_TO_CREATE: [&str; 4] = [
+    "serviceaccounts",
+    "configmaps",
+    "networkpolicies",
+    "poddisruptionbudgets",
+];
 
 /// Sets (`Some`) or removes (`None`) label `key` of namespace `ns`, as the test user.
 async fn label_namespace(client: &kube::Client, ns: &str, key: &str, value: Option<&str>) {
