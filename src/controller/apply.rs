@@ -11,13 +11,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
-use super::compact::{Compact, Slim};
+use super::cache::Cache;
+use super::compact::Slim;
 use super::{Context, Request};
 use crate::build::Bundle;
 use crate::crd::PolicyMode;
@@ -54,30 +54,78 @@ pub struct Report {
 
 /// What the last apply of each object produced, so a lagging watch cache is not mistaken for
 /// drift and a field that never settles cannot cause a write loop.
+///
+/// One entry per managed object, so kept small: per namespace, the object's kind and name as a
+/// 64-bit hash (keyed per process), and of the last apply a hash of the resourceVersion it
+/// returned and 128 bits of the SHA-256 of what was applied; 32 bytes instead of the strings
+/// (about 250 bytes). A collision of two names' hashes in one namespace could only make one
+/// object's change be reported as an update rather than drift: whether an object is written
+/// at all is decided by the desired object's own hash, which names the object.
 #[derive(Default)]
 pub struct AppliedLog {
-    entries: Mutex<HashMap<ObjectKey, (String, [u8; 32])>>,
+    entries: Mutex<HashMap<Box<str>, HashMap<u64, Applied>>>,
+    keys: std::hash::RandomState,
+}
+
+/// The last apply of one object (see [`AppliedLog`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Applied {
+    resource_version: u64,
+    desired: [u8; 16],
 }
 
 /// (kind, namespace, name) of a managed object.
-type ObjectKey = (&'static str, String, String);
+type ObjectKey<'a> = (&'static str, &'a str, &'a str);
 
 impl AppliedLog {
-    fn get(&self, key: &ObjectKey) -> Option<(String, [u8; 32])> {
-        self.entries.lock().unwrap().get(key).cloned()
+    fn slot(&self, (kind, _, name): &ObjectKey) -> u64 {
+        use std::hash::BuildHasher;
+        self.keys.hash_one((kind, name))
     }
-    fn put(&self, key: ObjectKey, rv: String, hash: [u8; 32]) {
-        self.entries.lock().unwrap().insert(key, (rv, hash));
+    fn version(&self, resource_version: Option<&str>) -> u64 {
+        use std::hash::BuildHasher;
+        self.keys.hash_one(resource_version)
+    }
+    fn get(&self, key: &ObjectKey) -> Option<Applied> {
+        let entries = self.entries.lock().unwrap();
+        entries.get(key.1)?.get(&self.slot(key)).copied()
+    }
+    fn put(&self, key: &ObjectKey, resource_version: Option<&str>, desired: &[u8; 32]) {
+        let applied = Applied {
+            resource_version: self.version(resource_version),
+            desired: desired[..16].try_into().expect("16 of 32 bytes"),
+        };
+        let slot = self.slot(key);
+        let mut entries = self.entries.lock().unwrap();
+        match entries.get_mut(key.1) {
+            Some(objects) => {
+                objects.insert(slot, applied);
+            }
+            None => {
+                entries.insert(key.1.into(), HashMap::from([(slot, applied)]));
+            }
+        }
     }
     fn forget(&self, key: &ObjectKey) {
-        self.entries.lock().unwrap().remove(key);
+        let slot = self.slot(key);
+        let mut entries = self.entries.lock().unwrap();
+        if let Some(objects) = entries.get_mut(key.1) {
+            objects.remove(&slot);
+            if objects.is_empty() {
+                entries.remove(key.1);
+            }
+        }
+    }
+    /// Whether the last apply of `key` was of `desired`.
+    fn applied_exactly(last: Option<Applied>, desired: &[u8; 32]) -> bool {
+        last.is_some_and(|a| a.desired[..] == desired[..16])
     }
     /// Keeps only the entries of objects in `namespaces` (those that still hold a stack).
     pub fn retain_namespaces(&self, namespaces: &std::collections::BTreeSet<&str>) {
         self.entries
             .lock()
             .unwrap()
-            .retain(|(_, namespace, _), _| namespaces.contains(namespace.as_str()));
+            .retain(|namespace, _| namespaces.contains(&**namespace));
     }
 }
 
@@ -267,7 +315,7 @@ fn holds(exact: bool, actual: &serde_json::Value, desired: &serde_json::Value) -
 async fn apply_kind<K: Child>(
     ctx: &Context,
     target: &Target<'_>,
-    store: &Store<Compact<K>>,
+    store: &Cache<K>,
     desired: &[K],
     exact: bool,
     report: &mut Report,
@@ -280,11 +328,11 @@ async fn apply_kind<K: Child>(
     let mut listed: Option<BTreeSet<String>> = None;
     for object in desired {
         let name = object.name_any();
-        let key = (kind, target.namespace.to_string(), name.clone());
+        let key = (kind, target.namespace, name.as_str());
         let desired_json = serde_json::to_value(object)?;
         let hash: [u8; 32] = Sha256::digest(desired_json.to_string().as_bytes()).into();
         let last = ctx.applied.get(&key);
-        let cached = store.get(&ObjectRef::new(&name).within(target.namespace));
+        let cached = store.get(Some(target.namespace), &name);
         let uid = (!target.stack_uid.is_empty()).then_some(target.stack_uid);
         let claim_of =
             |meta: &kube::api::ObjectMeta| ownership::claim(meta, target.stack_name, uid);
@@ -334,7 +382,7 @@ async fn apply_kind<K: Child>(
             }
             // We applied exactly this before: the cache may simply not have seen our write
             // yet. A read (never a write) settles it.
-            if last.as_ref().is_some_and(|(_, h)| *h == hash) {
+            if AppliedLog::applied_exactly(last, &hash) {
                 let fresh = match read.take() {
                     Some(r) => Some(r),
                     None => api.get_opt(&name).await?,
@@ -350,7 +398,10 @@ async fn apply_kind<K: Child>(
                     }
                     // Our own last write, unchanged since: a field that never reads back as
                     // sent. Writing again would loop; leave it.
-                    if fresh.resource_version() == last.as_ref().map(|(rv, _)| rv.clone()) {
+                    let fresh_version = ctx
+                        .applied
+                        .version(fresh.meta().resource_version.as_deref());
+                    if last.is_some_and(|a| a.resource_version == fresh_version) {
                         continue;
                     }
                 }
@@ -364,7 +415,9 @@ async fn apply_kind<K: Child>(
             _ if adopting => Cause::Adopted,
             (false, false) => Cause::Created,
             (true, false) => Cause::Updated,
-            (_, true) if last.as_ref().is_some_and(|(_, h)| *h != hash) => Cause::Updated,
+            (_, true) if last.is_some() && !AppliedLog::applied_exactly(last, &hash) => {
+                Cause::Updated
+            }
             (_, true) => Cause::Drift,
         };
         if cause == Cause::Drift && target.mode == PolicyMode::Audit && !unchanged {
@@ -426,7 +479,7 @@ async fn apply_kind<K: Child>(
                 .await?;
         }
         ctx.applied
-            .put(key, applied.resource_version().unwrap_or_default(), hash);
+            .put(&key, applied.meta().resource_version.as_deref(), &hash);
         let cause_label = match cause {
             _ if unchanged => "unchanged",
             Cause::Created => "created",
@@ -445,16 +498,15 @@ async fn apply_kind<K: Child>(
 async fn prune_kind<K: Child>(
     ctx: &Context,
     target: &Target<'_>,
-    store: &Store<Compact<K>>,
+    store: &Cache<K>,
     desired: &[K],
     report: &mut Report,
 ) -> Result<(), Request> {
     let kind = K::KIND;
     let wanted: BTreeSet<String> = desired.iter().map(ResourceExt::name_any).collect();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), target.namespace);
-    for object in store.state() {
-        let ours = object.namespace().as_deref() == Some(target.namespace)
-            && object.label(names::STACK_LABEL) == Some(target.stack_name)
+    for object in store.in_namespace(Some(target.namespace)) {
+        let ours = object.label(names::STACK_LABEL) == Some(target.stack_name)
             // Labels can be copied; only an owner reference to this very stack makes it ours.
             && object.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == target.stack_uid);
         let name = object.name_any();
@@ -466,8 +518,7 @@ async fn prune_kind<K: Child>(
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
-        ctx.applied
-            .forget(&(kind, target.namespace.to_string(), name.clone()));
+        ctx.applied.forget(&(kind, target.namespace, name.as_str()));
         ctx.metrics.pruned(kind);
         report.pruned.push((kind, name));
     }
@@ -477,6 +528,31 @@ async fn prune_kind<K: Child>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_applied_log_tells_objects_apart_by_kind_namespace_and_name() {
+        let log = AppliedLog::default();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        log.put(&("Service", "shop", "web"), Some("10"), &a);
+        log.put(&("Deployment", "shop", "web"), Some("11"), &b);
+        log.put(&("Service", "other", "web"), Some("12"), &b);
+        let last = log.get(&("Service", "shop", "web"));
+        assert!(AppliedLog::applied_exactly(last, &a));
+        assert!(!AppliedLog::applied_exactly(last, &b));
+        assert_eq!(last.unwrap().resource_version, log.version(Some("10")));
+        assert_ne!(last.unwrap().resource_version, log.version(Some("11")));
+        assert!(AppliedLog::applied_exactly(
+            log.get(&("Deployment", "shop", "web")),
+            &b
+        ));
+        assert!(log.get(&("ConfigMap", "shop", "web")).is_none());
+        log.forget(&("Service", "shop", "web"));
+        assert!(log.get(&("Service", "shop", "web")).is_none());
+        assert!(log.get(&("Deployment", "shop", "web")).is_some());
+        log.retain_namespaces(&["other"].into());
+        assert!(log.get(&("Deployment", "shop", "web")).is_none());
+        assert!(log.get(&("Service", "other", "web")).is_some());
+    }
 
     fn service_deployment(identity: bool) -> Deployment {
         let extra = if identity {

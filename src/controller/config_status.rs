@@ -185,13 +185,12 @@ pub async fn check(ctx: &Context, model: &Stack, want: &str) -> (Verdict, Option
         .stores
         .audit
         .pods
-        .state()
+        .in_namespace(Some(&model.namespace))
         .iter()
-        // What the cache keeps decoded first (namespace, deletion, the stack label): only
-        // this stack's pods are decoded.
+        // What the cache keeps decoded first (deletion, the stack label): only this stack's
+        // pods are decoded.
         .filter(|p| {
-            p.meta().namespace.as_deref() == Some(model.namespace.as_str())
-                && p.meta().deletion_timestamp.is_none()
+            p.meta().deletion_timestamp.is_none()
                 && p.label(names::STACK_LABEL) == Some(model.name.as_str())
         })
         .map(|p| p.decode())

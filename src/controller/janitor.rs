@@ -122,8 +122,7 @@ async fn pass(ctx: &Context, retries: &mut HashMap<String, Retry>) {
     // Namespaces that hold a stack or carry the marker, with the marker as last known.
     let with_stacks: BTreeSet<&str> = facts.iter().map(|f| f.namespace.as_str()).collect();
     let mut namespaces = BTreeMap::new();
-    for ns in ctx.stores.audit.namespaces.state() {
-        let name = ns.name_any();
+    for name in ctx.stores.audit.namespaces.names_in(None) {
         let current = super::marker::current_marker(ctx, &name);
         if current.is_some() || with_stacks.contains(name.as_str()) {
             namespaces.insert(name, current);

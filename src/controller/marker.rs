@@ -2,7 +2,6 @@
 //! namespaces hold stacks, and in which policy mode.
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::{Context, Error};
@@ -29,7 +28,7 @@ pub async fn sync_namespace_marker(
 /// newer than what the cache holds yet (a lagging cache must not hide our own write, or the
 /// label set a moment ago looks absent and is never removed).
 pub(super) fn current_marker(ctx: &Context, namespace: &str) -> Option<String> {
-    let cached = ctx.stores.audit.namespaces.get(&ObjectRef::new(namespace));
+    let cached = ctx.stores.audit.namespaces.get(None, namespace);
     // The marker is an `opsconductor.io/` label: readable without decoding.
     let from_cache = cached.as_ref().and_then(|ns| {
         ns.label(crate::admission::PROTECTED_LABEL)

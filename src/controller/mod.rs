@@ -18,7 +18,7 @@
 //! - [`janitor`]: what follows from the caches, not from single events.
 
 mod apply;
-mod changes;
+pub mod cache;
 pub mod compact;
 pub mod config_status;
 mod dereference;

@@ -25,12 +25,12 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use tracing::Instrument;
 
 use super::apply::{self, Report, Target};
-use super::compact::{Compact, Slim};
+use super::cache::Cache;
+use super::compact::Slim;
 use super::dereference::{self, Certificate};
 use super::events::Events;
 use super::status::{self, Observed, PolicyFindings};
@@ -240,7 +240,7 @@ async fn build(
         let cached = ctx
             .stores
             .deployments
-            .get(&ObjectRef::new(&name).within(&model.namespace))
+            .get(Some(&model.namespace), &name)
             .is_some();
         let exists = cached
             || Api::<Deployment>::namespaced(ctx.client.clone(), &model.namespace)
@@ -452,7 +452,7 @@ fn cluster_ips(
                 .stores
                 .audit
                 .services
-                .get(&ObjectRef::new(svc.name.as_str()).within(&model.namespace))?
+                .get(Some(&model.namespace), svc.name.as_str())?
                 .decode();
             Some((svc.name.to_string(), our_cluster_ip(&service, model)?))
         })
@@ -504,14 +504,13 @@ fn violations(
     bundle: &build::Bundle,
     report: &Report,
 ) -> Vec<crate::crd::Violation> {
-    fn in_ns<K>(store: &kube::runtime::reflector::Store<Compact<K>>, ns: &str) -> Vec<K>
+    fn in_ns<K>(cache: &Cache<K>, ns: &str) -> Vec<K>
     where
         K: Resource<DynamicType = ()> + serde::Serialize + serde::de::DeserializeOwned + Slim,
     {
-        store
-            .state()
+        cache
+            .in_namespace(Some(ns))
             .iter()
-            .filter(|o| o.meta().namespace.as_deref() == Some(ns))
             .map(|o| o.decode())
             .collect()
     }
@@ -561,7 +560,7 @@ fn observe(
         let Some(d) = ctx
             .stores
             .deployments
-            .get(&ObjectRef::new(name).within(ns))
+            .get(Some(ns), name)
             .map(|d| d.decode())
         else {
             return (false, 0);
@@ -584,7 +583,7 @@ fn observe(
         .stores
         .audit
         .services
-        .get(&ObjectRef::new(&gateway_name).within(ns))
+        .get(Some(ns), &gateway_name)
         .and_then(|s| {
             let ingress = s
                 .decode()

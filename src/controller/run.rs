@@ -22,7 +22,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::changes::Changes;
+use super::cache;
 use super::compact::Compact;
 use super::stores::{AuditStores, GuardrailStores, Stores};
 use super::{Context, Error, RunOptions, apply, identity, janitor, reconcile, scope, stack_key};
@@ -138,33 +138,35 @@ pub async fn run(
             ))
         };
         ($kind:ty, $config:expr, $watch:expr) => {
-            child_watch!($kind, $config, $watch, |_| |_: &_| ())
+            child_watch!($kind, $config, $watch, |_| |_: bool| ())
         };
         ($kind:ty, $config:expr, $watch:expr, $after_cache:expr) => {{
-            // Cached compactly: see `compact` (managedFields and what `Slim` drops are gone
-            // before an object is kept).
-            let (reader, writer) = reflector::store::<Compact<$kind>>();
+            // Cached compactly: see `compact` and `cache` (managedFields and what `Slim` drops
+            // are gone before an object is kept).
+            let (reader, mut writer) = cache::cache::<$kind>();
+            // Sees each event after the cache has taken it in (true: the end of a list).
+            #[allow(unused_mut)] // Mutable for the Namespace cache's, not for the others.
+            let mut after_cache = ($after_cache)(reader.clone());
             // Over the scope: cluster-wide, or one watch per namespace merged (see `scope`).
             let stream = ($watch)(reader.clone())
-                .reflect(writer)
-                // Sees each event after the cache has taken it in.
-                .inspect(($after_cache)(reader.clone()))
-                // Only changes of what the cache keeps trigger a reconcile (see `Changes`).
-                .filter_map({
-                    let mut changes = Changes::default();
-                    move |event| {
-                        let out = match event {
-                            Ok(event) => changes.triggers(event).map(Ok),
-                            // A failing watch retries on its own backoff; its errors must not
-                            // reach the controller, whose trigger backoff would otherwise
-                            // pause every watch.
-                            Err(error) => {
-                                tracing::warn!(kind = stringify!($kind), %error, "watch failed; retrying");
-                                None
-                            }
-                        };
-                        std::future::ready(out)
-                    }
+                // Only changes of what the cache keeps trigger a reconcile (see `cache`).
+                .flat_map(move |event| {
+                    let triggers = match event {
+                        Ok(event) => {
+                            let listed = matches!(event, watcher::Event::InitDone);
+                            let triggers = writer.apply(event);
+                            after_cache(listed);
+                            triggers
+                        }
+                        // A failing watch retries on its own backoff; its errors must not
+                        // reach the controller, whose trigger backoff would otherwise
+                        // pause every watch.
+                        Err(error) => {
+                            tracing::warn!(kind = stringify!($kind), %error, "watch failed; retrying");
+                            Vec::new()
+                        }
+                    };
+                    futures::stream::iter(triggers.into_iter().map(Ok))
                 });
             (reader, stream)
         }};
@@ -230,14 +232,14 @@ pub async fn run(
         },
         // Once the cache has its first list, every change of it may change the selection
         // (only the watches of a selector scope follow it).
-        |reader: reflector::Store<Compact<Namespace>>| {
+        |reader: cache::Cache<Namespace>| {
             let follow = matches!(options.scope, scope::Scope::Selector(_));
             let mut synced = false;
-            move |event: &watcher::Result<watcher::Event<Compact<Namespace>>>| {
-                synced |= matches!(event, Ok(watcher::Event::InitDone));
+            move |listed: bool| {
+                synced |= listed;
                 if synced && follow {
                     let names: std::collections::BTreeSet<String> =
-                        reader.state().iter().map(|n| n.name_any()).collect();
+                        reader.names_in(None).into_iter().collect();
                     selected_tx.send_if_modified(|current| {
                         let changed = current.as_ref() != Some(&names);
                         if changed {

@@ -32,6 +32,8 @@ use kube::{Api, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use super::WatchBackoff;
+use super::cache::Cache;
+use super::compact::Compact;
 
 /// The namespaces the operator serves.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -68,7 +70,7 @@ pub fn watch_in<K: Watched>(
     api: impl Fn(&str) -> Api<K> + Send + 'static,
     config: watcher::Config,
     dynamic: &Dynamic,
-    store: Store<K>,
+    store: impl Holds<K>,
 ) -> BoxStream<'static, watcher::Result<watcher::Event<K>>> {
     self::dynamic(kind.to_string(), api, config, dynamic.clone(), store)
 }
@@ -179,7 +181,7 @@ impl Scope {
         kind: &str,
         api: impl Fn(Option<&str>) -> Api<K> + Send + 'static,
         config: watcher::Config,
-        store: Store<K>,
+        store: impl Holds<K>,
         dynamic: &Dynamic,
     ) -> BoxStream<'static, watcher::Result<watcher::Event<K>>> {
         match self {
@@ -207,7 +209,7 @@ impl Scope {
         &self,
         api: Api<K>,
         config: watcher::Config,
-        store: Store<K>,
+        store: impl Holds<K>,
     ) -> BoxStream<'static, watcher::Result<watcher::Event<K>>> {
         match self {
             Scope::Cluster => one_watch(api, config).boxed(),
@@ -378,7 +380,7 @@ fn check_namespace_name(s: &str) -> Result<(), String> {
 
 /// How an object is told to belong to one of the merged watches.
 #[derive(Clone, Copy, Debug)]
-enum Owner {
+pub enum Owner {
     /// Its namespace (watches of a namespaced kind, one per namespace).
     Namespace,
     /// Its name (watches of Namespaces, one per name).
@@ -420,7 +422,7 @@ fn one_watch<K: Watched>(
 fn merged<K: Watched>(
     watches: Vec<(String, Api<K>, watcher::Config)>,
     owner: Owner,
-    store: Store<K>,
+    store: impl Holds<K>,
 ) -> BoxStream<'static, watcher::Result<watcher::Event<K>>> {
     let tags: Vec<String> = watches.iter().map(|(t, _, _)| t.clone()).collect();
     let streams = watches.into_iter().map(|(tag, api, config)| {
@@ -449,15 +451,15 @@ fn dynamic<K: Watched>(
     api: impl Fn(&str) -> Api<K> + Send + 'static,
     config: watcher::Config,
     dynamic: Dynamic,
-    store: Store<K>,
+    store: impl Holds<K>,
 ) -> BoxStream<'static, watcher::Result<watcher::Event<K>>> {
     type Tagged<K> = BoxStream<'static, (String, watcher::Result<watcher::Event<K>>)>;
-    struct State<K: Watched, A> {
+    struct State<K: Watched, A, S> {
         kind: String,
         api: A,
         config: watcher::Config,
         dynamic: Dynamic,
-        store: Store<K>,
+        store: S,
         /// `None` until the selection's first value.
         merge: Option<Merge<K>>,
         /// The running watches, each stopped by its token.
@@ -467,7 +469,7 @@ fn dynamic<K: Watched>(
         /// The selection's sender is gone (shutting down): no more changes.
         closed: bool,
     }
-    impl<K: Watched, A: Fn(&str) -> Api<K>> State<K, A> {
+    impl<K: Watched, A: Fn(&str) -> Api<K>, S> State<K, A, S> {
         fn start(&mut self, ns: &str) {
             let token = CancellationToken::new();
             let tag = ns.to_string();
@@ -596,22 +598,53 @@ enum Out<K> {
     Listed(String),
 }
 
-impl<K> Out<K>
-where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    fn resolve(self, store: &Store<K>, owner: Owner) -> Vec<watcher::Result<watcher::Event<K>>> {
+impl<K> Out<K> {
+    fn resolve(
+        self,
+        store: &impl Holds<K>,
+        owner: Owner,
+    ) -> Vec<watcher::Result<watcher::Event<K>>> {
         match self {
             Out::Event(e) => vec![e],
             Out::Listed(_) => Vec::new(),
             Out::Prune { tag, seen } => store
-                .state()
+                .held(owner, &tag)
                 .into_iter()
-                .filter(|o| owner.owns(&**o, &tag) && !seen.contains(&o.name_any()))
-                .map(|o| Ok(watcher::Event::Delete((*o).clone())))
+                .filter(|(name, _)| !seen.contains(name))
+                .map(|(_, o)| Ok(watcher::Event::Delete(o)))
                 .collect(),
         }
+    }
+}
+
+/// A cache that a merged stream of watches feeds: what it holds of one of the watches, by name,
+/// for the deletions a re-list implies.
+pub trait Holds<K>: Send + Sync + 'static {
+    /// The objects of namespace `tag` ([`Owner::Namespace`]) or the object named `tag`
+    /// ([`Owner::Name`]), with their names.
+    fn held(&self, owner: Owner, tag: &str) -> Vec<(String, K)>;
+}
+
+impl<K: Watched> Holds<K> for Store<K> {
+    fn held(&self, owner: Owner, tag: &str) -> Vec<(String, K)> {
+        self.state()
+            .into_iter()
+            .filter(|o| owner.owns(&**o, tag))
+            .map(|o| (o.name_any(), (*o).clone()))
+            .collect()
+    }
+}
+
+impl<K: 'static> Holds<Compact<K>> for Cache<K> {
+    fn held(&self, owner: Owner, tag: &str) -> Vec<(String, Compact<K>)> {
+        let objects = match owner {
+            Owner::Namespace => self.in_namespace(Some(tag)),
+            Owner::Name => self.get(None, tag).into_iter().collect(),
+        };
+        objects
+            .into_iter()
+            .map(|o| (o.key().1.to_string(), o))
+            .collect()
     }
 }
 

@@ -11,7 +11,7 @@ use kube::Resource;
 use kube::api::DynamicObject;
 use kube::runtime::reflector::Store;
 
-use super::compact::{self, Compact};
+use super::cache::{Cache, WriterDropped};
 use crate::metrics::Metrics;
 
 /// Caches of the objects the operator manages, filled by label-filtered watches. Services and
@@ -19,10 +19,10 @@ use crate::metrics::Metrics;
 /// watch and one copy per object; apply and prune look objects up by name and check the
 /// stack label and owner reference themselves).
 pub struct Stores {
-    pub service_accounts: Store<Compact<ServiceAccount>>,
-    pub config_maps: Store<Compact<ConfigMap>>,
-    pub deployments: Store<Compact<Deployment>>,
-    pub pod_disruption_budgets: Store<Compact<PodDisruptionBudget>>,
+    pub service_accounts: Cache<ServiceAccount>,
+    pub config_maps: Cache<ConfigMap>,
+    pub deployments: Cache<Deployment>,
+    pub pod_disruption_budgets: Cache<PodDisruptionBudget>,
     /// Everything in stack namespaces that the violation audit looks at, managed or not:
     /// also the caches of the managed Services and NetworkPolicies.
     pub audit: AuditStores,
@@ -52,11 +52,11 @@ impl GuardrailStores {
 
 /// Caches of every Service, Pod, Ingress and NetworkPolicy, for the violation audit.
 pub struct AuditStores {
-    pub services: Store<Compact<Service>>,
-    pub pods: Store<Compact<Pod>>,
-    pub ingresses: Store<Compact<Ingress>>,
-    pub network_policies: Store<Compact<NetworkPolicy>>,
-    pub namespaces: Store<Compact<Namespace>>,
+    pub services: Cache<Service>,
+    pub pods: Cache<Pod>,
+    pub ingresses: Cache<Ingress>,
+    pub network_policies: Cache<NetworkPolicy>,
+    pub namespaces: Cache<Namespace>,
     /// Gateway API routes, one cache per route kind the API server served at startup.
     pub routes: Vec<(String, Store<DynamicObject>)>,
 }
@@ -82,9 +82,9 @@ impl Stores {
     /// too, since nothing will fill the caches any more.
     pub(super) async fn open_when_synced(&self) -> bool {
         let mut synced = true;
-        let mut note = |r: Result<(), kube::runtime::reflector::store::WriterDropped>| {
-            synced &= r.is_ok();
-        };
+        let mut note = |r: Result<(), WriterDropped>| synced &= r.is_ok();
+        // kube-runtime's stores (routes, guardrails): the same, in its own error type.
+        let dropped = |_| WriterDropped;
         note(self.service_accounts.wait_until_ready().await);
         note(self.config_maps.wait_until_ready().await);
         note(self.deployments.wait_until_ready().await);
@@ -95,11 +95,11 @@ impl Stores {
         note(self.audit.network_policies.wait_until_ready().await);
         note(self.audit.namespaces.wait_until_ready().await);
         for (_, store) in &self.audit.routes {
-            note(store.wait_until_ready().await);
+            note(store.wait_until_ready().await.map_err(dropped));
         }
         if let Some(g) = &self.guardrails {
-            note(g.policies.wait_until_ready().await);
-            note(g.bindings.wait_until_ready().await);
+            note(g.policies.wait_until_ready().await.map_err(dropped));
+            note(g.bindings.wait_until_ready().await.map_err(dropped));
         }
         self.ready.send_replace(true);
         synced
@@ -109,17 +109,9 @@ impl Stores {
 impl Stores {
     /// Sets the cache gauges: objects and JSON bytes per kind.
     pub(super) fn export_sizes(&self, metrics: &Metrics) {
-        fn one<K>(metrics: &Metrics, kind: &'static str, store: &Store<Compact<K>>)
-        where
-            K: Resource<DynamicType = ()>
-                + serde::Serialize
-                + serde::de::DeserializeOwned
-                + compact::Slim,
-        {
-            let state = store.state();
-            let json: usize = state.iter().map(|o| o.json_len()).sum();
-            let packed: usize = state.iter().map(|o| o.packed_len()).sum();
-            metrics.cache(kind, state.len(), json, packed);
+        fn one<K>(metrics: &Metrics, kind: &'static str, cache: &Cache<K>) {
+            let (objects, json, packed) = cache.sizes();
+            metrics.cache(kind, objects, json, packed);
         }
         // Services and NetworkPolicies: one cache serves the managed objects and the audit.
         one(metrics, "ServiceAccount", &self.service_accounts);
@@ -139,7 +131,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use kube::runtime::{reflector, watcher};
+    use kube::runtime::watcher;
 
     use super::*;
 
@@ -152,10 +144,10 @@ mod tests {
         let mut syncs: Vec<Box<dyn FnMut()>> = Vec::new();
         macro_rules! store {
             ($kind:ty) => {{
-                let (reader, mut writer) = reflector::store::<Compact<$kind>>();
+                let (reader, mut writer) = super::super::cache::cache::<$kind>();
                 syncs.push(Box::new(move || {
-                    writer.apply_watcher_event(&watcher::Event::Init);
-                    writer.apply_watcher_event(&watcher::Event::InitDone);
+                    writer.apply(watcher::Event::Init);
+                    writer.apply(watcher::Event::InitDone);
                 }));
                 reader
             }};
