@@ -50,7 +50,9 @@ where
 
 /// What someone else's object holds, as JSON without what others than its writer change
 /// (resourceVersion, managedFields, status: controllers update a Deployment's or a
-/// PodDisruptionBudget's status on their own). Any write by the operator shows here.
+/// PodDisruptionBudget's status on their own; the Deployment controller's revision annotation,
+/// which it adds a moment after the Deployment is created). Any write by the operator shows
+/// here.
 async fn content<K>(ns: &TestNamespace, name: &str) -> Option<String>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -64,6 +66,12 @@ where
     let meta = v["metadata"].as_object_mut().unwrap();
     meta.remove("resourceVersion");
     meta.remove("managedFields");
+    if let Some(annotations) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+        annotations.remove("deployment.kubernetes.io/revision");
+        if annotations.is_empty() {
+            meta.remove("annotations");
+        }
+    }
     v.as_object_mut().unwrap().remove("status");
     Some(v.to_string())
 }

@@ -11,7 +11,9 @@
 //! controller's triggers, the deletion timestamp, and the operator's own `opsconductor.io/`
 //! labels for pruning and the namespace marker), and the rest as the JSON the API server sent,
 //! minus managedFields and minus what [`Slim`] drops. A reconcile decodes the few objects of
-//! its own namespace when it reads them.
+//! its own namespace when it reads them. A watch delivers a [`Compact`] (those fields in an
+//! `ObjectMeta`, as kube-runtime's triggers need them); the cache keeps a [`Kept`] (the same
+//! without the `ObjectMeta`, in one allocation; see `super::cache`).
 //!
 //! That JSON is kept LZ4-compressed against a dictionary per kind ([`Dictionary`]): the first
 //! objects of the kind the process cached. Objects of one kind repeat most of each other's

@@ -1,14 +1,15 @@
 //! The controller: watches stacks and every kind of object it creates for them, and
 //! reconciles each stack as a pipeline (see [`reconcile`]).
 //!
-//! Child objects are watched through label-filtered reflectors whose caches are shared with
-//! the reconciler, so "is this object already as we want it?" is answered from memory and an
+//! Child objects are watched through label-filtered watches that fill caches of the operator's
+//! own ([`cache`]), shared with the reconciler, so "is this object already as we want it?" is answered from memory and an
 //! unchanged stack causes no write request at all.
 //!
 //! The files, in the order a reconcile meets them:
 //! - [`run`]: the watches and the controller that turns their events into reconciles;
 //! - [`stores`]: the watch caches the reconciler reads, and their readiness;
-//! - [`changes`]: which watch events are worth a reconcile;
+//! - [`cache`]: one kind's cache, and which watch events are worth a reconcile; [`compact`]:
+//!   how it holds an object;
 //! - [`reconcile`]: one reconcile of one stack, stage by stage (gather, validate,
 //!   dereference, build, apply, status), each failing with its own [`Error`];
 //! - beside it, the stages' helpers: [`dereference`] (the certificate), [`apply`] (the only
