@@ -9,6 +9,9 @@ use opsconductor_operator::controller::cache::cache;
 use opsconductor_operator::controller::compact::Compact;
 use opsconductor_operator::{build, memory, render};
 
+#[path = "support/measured.rs"]
+mod measured;
+
 /// The point of the cache: what it takes per object, measured with the C allocator's count
 /// against kube-runtime's `Store` with the same objects (the operator's Deployments of 200
 /// stacks). Printed, and checked only to be well under the `Store`'s.
@@ -82,9 +85,10 @@ fn the_cache_takes_a_fraction_of_a_stores_memory_per_object() {
         writer.apply_watcher_event(&watcher::Event::InitDone);
         Box::new((reader, writer))
     });
-    println!(
-        "{} Deployments: {ours} bytes per object in the cache, {store} in a kube-runtime Store",
+    measured::measured(format!(
+        "{} Deployments: {ours} bytes per object in the operator's cache, {store} in a \
+         kube-runtime Store",
         objects.len()
-    );
+    ));
     assert!(ours * 2 < store, "{ours} against {store} bytes per object");
 }
