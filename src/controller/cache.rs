@@ -80,17 +80,14 @@ impl<K> Names<K> {
     /// A list's objects in the order they came: sorted, the last of a name kept (a list that
     /// started over after an error repeats names), without spare room.
     fn from_list(mut listed: Vec<Named<K>>) -> Self {
-        // Stable: of equal names, the later stays later.
+        // In place: stable, so of equal names the later stays later; reversed, the later
+        // comes first and is the one `dedup_by` keeps.
         listed.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut names: Vec<Named<K>> = Vec::with_capacity(listed.len());
-        for entry in listed {
-            match names.last_mut() {
-                Some(last) if last.0 == entry.0 => *last = entry,
-                _ => names.push(entry),
-            }
-        }
-        names.shrink_to_fit();
-        Self(names)
+        listed.reverse();
+        listed.dedup_by(|later_in_vec, kept| later_in_vec.0 == kept.0);
+        listed.reverse();
+        listed.shrink_to_fit();
+        Self(listed)
     }
 }
 
@@ -356,6 +353,8 @@ mod tests {
         assert_eq!(names(&writer.apply(InitDone)), ["a", "b", "c"]);
         writer.apply(Init);
         writer.apply(InitApply(pod("shop", "a", "7", "Running", false)));
+        // A list that started over after an error repeats names: the later one counts.
+        writer.apply(InitApply(pod("shop", "b", "6", "Running", false)));
         writer.apply(InitApply(pod("shop", "b", "8", "Running", true)));
         writer.apply(InitApply(pod("other", "d", "9", "Running", false)));
         assert_eq!(cache.names_in(Some("shop")), ["a", "b", "c"], "not yet");
@@ -363,6 +362,8 @@ mod tests {
         // b changed, c vanished, d is new; a only changed its status.
         assert_eq!(names(&writer.apply(InitDone)), ["b", "c", "d"]);
         assert_eq!(cache.names_in(Some("shop")), ["a", "b"]);
+        let b = cache.get(Some("shop"), "b").unwrap();
+        assert_eq!(b.resource_version().as_deref(), Some("8"));
         assert_eq!(cache.names_in(Some("other")), ["d"]);
         assert_eq!(cache.sizes().0, 3);
     }
