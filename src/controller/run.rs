@@ -471,6 +471,11 @@ pub async fn run(
             loop {
                 ctx.stores.export_sizes(&ctx.metrics);
                 tokio::time::sleep(Duration::from_secs(15)).await;
+                // What bursts of reconciles (a restart with many stacks, many stacks applied
+                // at once) freed stays with the allocator as holes in the heap; a walk over
+                // its free lists every 15 s hands those pages back (after a restart with 900
+                // stacks present, 82 MiB resident without it).
+                crate::memory::release_free_memory();
             }
         });
     }
