@@ -474,7 +474,8 @@ pub async fn run(
                 // What bursts of reconciles (a restart with many stacks, many stacks applied
                 // at once) freed stays with the allocator as holes in the heap; a walk over
                 // its free lists every 15 s hands those pages back (after a restart with 900
-                // stacks present, 82 MiB resident without it).
+                // stacks present: 82 MiB resident without it, 63 MiB with it, for a heap of
+                // 47 MiB in use).
                 crate::memory::release_free_memory();
             }
         });
