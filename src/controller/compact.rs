@@ -204,8 +204,9 @@ impl Body {
     }
 
     /// The owner references to stacks, as a cache keeps them: per reference its apiVersion,
-    /// name, uid and controller flag (`1`, `0`, or empty when unset) separated by NUL, the
-    /// references separated by U+0001 (neither can occur in an apiVersion, a name or a uid).
+    /// name, uid, controller flag and blockOwnerDeletion flag (each flag `1`, `0`, or empty
+    /// when unset) separated by NUL, the references separated by U+0001 (neither can occur in
+    /// an apiVersion, a name or a uid the API server set).
     fn stacks(refs: &[OwnerReference]) -> String {
         let flag = |b: Option<bool>| match b {
             Some(true) => "1",
